@@ -1,0 +1,302 @@
+//! Types shared by the XDP datapath (`lb-ebpf`) and the agent (`lb-userspace`).
+//!
+//! Everything here is part of the map ABI: `#[repr(C)]`, explicit padding, no
+//! `bool` or `usize`, and sizes asserted at compile time so that the kernel and
+//! user sides cannot silently disagree. Addresses are stored as 16 bytes; an
+//! IPv4 address occupies the first 4 bytes and the rest is zero. Ports and
+//! addresses are kept in network byte order, exactly as they appear on the wire.
+#![no_std]
+
+/// Address family tags used in keys.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_IPIP: u8 = 4;
+pub const PROTO_IPV6: u8 = 41;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Default size of a VIP's Maglev table (prime).
+pub const DEFAULT_MAGLEV_SIZE: u32 = 65537;
+
+/// Backend flag: the backend may take new flows (it is in Maglev tables).
+pub const BACKEND_AVAILABLE: u32 = 1 << 0;
+/// Backend flag: established flows may keep using the backend (active or draining).
+/// A backend without it (down, removed) loses even its established flows, which
+/// are re-balanced through Maglev.
+pub const BACKEND_USABLE: u32 = 1 << 1;
+
+/// Key of the VIP table: (address, port, protocol). Port 0 matches every port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    /// Network byte order; 0 means every port.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Value of the VIP table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Stable index of the VIP for per-VIP counters.
+    pub vip_id: u32,
+    /// Which Maglev ring in `MAGLEV` the VIP uses (ring * table size is the base).
+    pub ring: u32,
+    pub flags: u32,
+}
+
+/// Value of the backend table, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendInfo {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// `BACKEND_AVAILABLE` | `BACKEND_USABLE`.
+    pub flags: u32,
+    /// Interface the next hop is reached through.
+    pub ifindex: u32,
+    /// MAC of that interface and of the next hop toward the backend.
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+/// Key of the connection table: the flow's 5-tuple as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    pub backend_id: u32,
+    pub vip_id: u32,
+}
+
+/// Key of the decapsulation address table: an address of the backend host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HostAddr {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Backend id stored in Maglev slots that have no backend (a VIP with none available).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Global datapath settings, a single entry written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Size of every Maglev ring (M).
+    pub maglev_size: u32,
+    pub _pad: u32,
+    /// IPv4 encapsulation source prefix and the host bits that vary with the
+    /// flow hash, both in network byte order.
+    pub src_v4: u32,
+    pub src_v4_hostmask: u32,
+    /// IPv6 encapsulation source prefix; the low 32 bits vary under
+    /// `src_v6_hostmask` (network byte order).
+    pub src_v6: [u8; 16],
+    pub src_v6_hostmask: u32,
+    pub _pad2: u32,
+}
+
+/// Per-VIP and per-backend traffic counters (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// What `lb_ingress` did with a packet; the index into `OUTCOMES`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Encapsulated and sent back out of the receiving interface (`XDP_TX`).
+    Forwarded = 0,
+    /// Encapsulated and redirected to another interface through the DevMap.
+    Redirected = 1,
+    /// ICMP too-big about a VIP flow, encapsulated to that flow's backend.
+    IcmpForwarded = 2,
+    /// Not IPv4 or IPv6.
+    PassNotIp = 3,
+    /// IP traffic not addressed to a VIP.
+    PassNotVip = 4,
+    /// An IP header too short or inconsistent to tell where it goes; the stack decides.
+    PassMalformed = 5,
+    /// VIP traffic whose transport header is truncated or inconsistent.
+    DropMalformed = 6,
+    /// An IPv4 fragment addressed to a VIP (see the README: fragments are dropped).
+    DropFragment = 7,
+    /// The VIP has no available backend.
+    DropNoBackend = 8,
+    /// The backend has no resolved next hop yet.
+    DropNoNextHop = 9,
+    /// Making room for the outer header failed.
+    DropEncapFailed = 10,
+    /// `bpf_redirect_map` refused the target interface.
+    DropRedirectFailed = 11,
+}
+
+pub const OUTCOME_COUNT: u32 = 12;
+
+impl Outcome {
+    pub const ALL: [Outcome; OUTCOME_COUNT as usize] = [
+        Outcome::Forwarded,
+        Outcome::Redirected,
+        Outcome::IcmpForwarded,
+        Outcome::PassNotIp,
+        Outcome::PassNotVip,
+        Outcome::PassMalformed,
+        Outcome::DropMalformed,
+        Outcome::DropFragment,
+        Outcome::DropNoBackend,
+        Outcome::DropNoNextHop,
+        Outcome::DropEncapFailed,
+        Outcome::DropRedirectFailed,
+    ];
+
+    /// Operator-facing name, also used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Redirected => "redirected",
+            Outcome::IcmpForwarded => "icmp_forwarded",
+            Outcome::PassNotIp => "passed_not_ip",
+            Outcome::PassNotVip => "passed_not_vip",
+            Outcome::PassMalformed => "passed_malformed",
+            Outcome::DropMalformed => "dropped_malformed",
+            Outcome::DropFragment => "dropped_fragment",
+            Outcome::DropNoBackend => "dropped_no_backend",
+            Outcome::DropNoNextHop => "dropped_no_next_hop",
+            Outcome::DropEncapFailed => "dropped_encap_failed",
+            Outcome::DropRedirectFailed => "dropped_redirect_failed",
+        }
+    }
+}
+
+/// What `lb_decap` did with a packet; the index into `DECAP_OUTCOMES`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapOutcome {
+    /// Outer header removed, inner packet passed to the stack.
+    Decapsulated = 0,
+    /// Not an encapsulated packet for this host: passed untouched.
+    Passed = 1,
+    /// Encapsulated to this host but the inner packet is truncated or inconsistent.
+    DroppedMalformed = 2,
+    /// Removing the outer header failed.
+    DroppedAdjustFailed = 3,
+}
+
+pub const DECAP_OUTCOME_COUNT: u32 = 4;
+
+impl DecapOutcome {
+    pub const ALL: [DecapOutcome; DECAP_OUTCOME_COUNT as usize] = [
+        DecapOutcome::Decapsulated,
+        DecapOutcome::Passed,
+        DecapOutcome::DroppedMalformed,
+        DecapOutcome::DroppedAdjustFailed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecapOutcome::Decapsulated => "decapsulated",
+            DecapOutcome::Passed => "passed",
+            DecapOutcome::DroppedMalformed => "dropped_malformed",
+            DecapOutcome::DroppedAdjustFailed => "dropped_adjust_failed",
+        }
+    }
+}
+
+/// Per-CPU decapsulation counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[inline(always)]
+const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+#[inline(always)]
+const fn mix(h: u32, word: u32) -> u32 {
+    let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn word(b: &[u8; 16], i: usize) -> u32 {
+    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// The flow hash: picks the Maglev slot and the varying bits of the outer
+/// source address. It depends only on the 5-tuple (a fixed seed, no per-node
+/// state), so every LB node picks the same backend for the same flow.
+#[inline(always)]
+pub const fn flow_hash(k: &FlowKey) -> u32 {
+    let mut h: u32 = 0x4c42_5f31;
+    h = mix(h, word(&k.src, 0));
+    h = mix(h, word(&k.src, 4));
+    h = mix(h, word(&k.src, 8));
+    h = mix(h, word(&k.src, 12));
+    h = mix(h, word(&k.dst, 0));
+    h = mix(h, word(&k.dst, 4));
+    h = mix(h, word(&k.dst, 8));
+    h = mix(h, word(&k.dst, 12));
+    h = mix(h, ((k.sport as u32) << 16) | k.dport as u32);
+    h = mix(h, k.proto as u32);
+    fmix32(h ^ 40)
+}
+
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 12);
+const _: () = assert!(core::mem::size_of::<BackendInfo>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 8);
+const _: () = assert!(core::mem::size_of::<Settings>() == 40);
+const _: () = assert!(core::mem::size_of::<HostAddr>() == 20);
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 24);
+const _: () = assert!(core::mem::size_of::<PacketCounter>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] with explicit padding and only
+    // integer fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for BackendInfo {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for HostAddr {}
+    unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for PacketCounter {}
+}

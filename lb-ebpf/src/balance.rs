@@ -1,0 +1,90 @@
+//! Backend choice: VIP lookup, the connection table, then the VIP's Maglev ring.
+use lb_common::{
+    BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE, NO_BACKEND,
+};
+
+use crate::maps::{BACKENDS, FLOWS, MAGLEV, SETTINGS, VIPS};
+
+/// The VIP a flow is addressed to: exact port first, then the every-port VIP.
+#[inline(always)]
+pub fn lookup_vip(key: &FlowKey) -> Option<VipInfo> {
+    let mut vk = VipKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        family: key.family,
+    };
+    // SAFETY: VipInfo is plain data; a concurrent agent update can at worst give
+    // a stale copy, which is what RCU readers see anyway.
+    if let Some(v) = unsafe { VIPS.get(&vk) } {
+        return Some(*v);
+    }
+    vk.port = 0;
+    unsafe { VIPS.get(&vk) }.copied()
+}
+
+/// Whether `addr` is the address of any VIP (the agent keeps a port-0,
+/// protocol-0 marker per VIP address).
+#[inline(always)]
+pub fn is_vip_address(addr: &[u8; 16], family: u8) -> bool {
+    let vk = VipKey {
+        addr: *addr,
+        port: 0,
+        proto: 0,
+        family,
+    };
+    VIPS.get_ptr(&vk).is_some()
+}
+
+pub struct Choice {
+    pub backend_id: u32,
+    pub backend: BackendInfo,
+    pub new_flow: bool,
+}
+
+/// Picks the flow's backend. An entry in the connection table whose backend is
+/// still usable wins, so established flows survive Maglev changes; otherwise the
+/// VIP's Maglev ring decides and, if `record`, the flow is remembered.
+#[inline(always)]
+pub fn choose_backend(key: &FlowKey, vip: &VipInfo, hash: u32, record: bool) -> Option<Choice> {
+    // SAFETY: FlowState is plain data (see lookup_vip).
+    if let Some(state) = unsafe { FLOWS.get(key) } {
+        let id = state.backend_id;
+        if let Some(b) = BACKENDS.get(id) {
+            if b.flags & BACKEND_USABLE != 0 {
+                return Some(Choice {
+                    backend_id: id,
+                    backend: *b,
+                    new_flow: false,
+                });
+            }
+        }
+    }
+    let size = SETTINGS.get(0)?.maglev_size;
+    if size == 0 {
+        return None;
+    }
+    let slot = vip.ring.wrapping_mul(size).wrapping_add(hash % size);
+    let id = *MAGLEV.get(slot)?;
+    if id == NO_BACKEND {
+        return None;
+    }
+    let backend = *BACKENDS.get(id)?;
+    if backend.flags & BACKEND_USABLE == 0 {
+        return None;
+    }
+    if record {
+        let state = FlowState {
+            backend_id: id,
+            vip_id: vip.vip_id,
+        };
+        // A full LRU evicts its oldest entry; an error here only means the flow
+        // is re-hashed next packet, which Maglev answers the same way.
+        let _ = FLOWS.insert(key, &state, 0);
+    }
+    Some(Choice {
+        backend_id: id,
+        backend,
+        new_flow: record,
+    })
+}

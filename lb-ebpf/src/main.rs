@@ -1,0 +1,32 @@
+//! XDP programs of the load balancer.
+//!
+//! Layout (one module per stage of the packet path):
+//! - `maps`: every BPF map, what it is keyed by and who writes it.
+//! - `headers`: wire header layouts and the bounds-checked `ptr_at` accessor.
+//! - `counters`: per-CPU counters, updated in one place per packet.
+//! - `balance`: VIP lookup, connection table and Maglev backend choice.
+//! - `encap`: IPIP / IPv6 encapsulation toward a backend and the send decision.
+//! - `icmp`: ICMP "fragmentation needed" / ICMPv6 "packet too big" about VIP flows.
+//! - `ingress`: the `lb_ingress` entry point (parse, balance, encapsulate, send).
+//! - `decap`: the `lb_decap` entry point for backend hosts.
+#![no_std]
+#![no_main]
+
+mod balance;
+mod counters;
+mod decap;
+mod encap;
+mod headers;
+mod icmp;
+mod ingress;
+mod maps;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

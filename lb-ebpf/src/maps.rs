@@ -1,0 +1,59 @@
+//! Every map of the datapath. Sizes here are defaults; the agent sets the real
+//! ones from its configuration before loading.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    BackendInfo, FlowKey, FlowState, HostAddr, PacketCounter, Settings, TrafficCounters, VipInfo,
+    VipKey, DECAP_OUTCOME_COUNT, OUTCOME_COUNT,
+};
+
+/// VIPs keyed by (address, port, protocol); also one marker per VIP address
+/// (port 0, protocol 0) so fragments can be recognised. Written by the agent.
+#[map]
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(128, 0);
+
+/// Maglev rings, `ring * maglev_size + slot` -> backend id. Written by the agent
+/// into a free ring before the VIP is switched to it.
+#[map]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(2 * 64 * 65537, 0);
+
+/// Backends by backend id. Written by the agent (flags, next-hop MACs).
+#[map]
+pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(4096, 0);
+
+/// Connection table keyed by the client's 5-tuple. Written by the datapath.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(1_000_000, 0);
+
+/// Global settings, index 0. Written by the agent.
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Interfaces a backend can be reached through other than the receiving one,
+/// keyed by ifindex. Written by the agent.
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+
+/// Per-VIP traffic by vip id. Written by the datapath.
+#[map]
+pub static VIP_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(64, 0);
+
+/// Per-backend traffic by backend id. Written by the datapath.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(4096, 0);
+
+/// `lb_ingress` outcomes by `Outcome`. Written by the datapath.
+#[map]
+pub static OUTCOMES: PerCpuArray<PacketCounter> = PerCpuArray::with_max_entries(OUTCOME_COUNT, 0);
+
+/// Addresses of this backend host that encapsulated packets arrive at. Written
+/// by the agent running on the backend.
+#[map]
+pub static DECAP_ADDRS: HashMap<HostAddr, u32> = HashMap::with_max_entries(64, 0);
+
+/// `lb_decap` outcomes by `DecapOutcome`. Written by the datapath.
+#[map]
+pub static DECAP_OUTCOMES: PerCpuArray<PacketCounter> =
+    PerCpuArray::with_max_entries(DECAP_OUTCOME_COUNT, 0);
