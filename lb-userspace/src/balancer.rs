@@ -1,0 +1,743 @@
+//! The balancer's control state: which VIPs, backends, ids and Maglev rings
+//! are live, and how a new configuration is switched in.
+//!
+//! An apply is planned in full (capacity included) before the first write, so
+//! a configuration that does not fit changes nothing. Writes then go in an
+//! order where no packet sees half a change:
+//! 1. new backends are written (nothing points at them yet);
+//! 2. changed or new Maglev tables are written into free rings;
+//! 3. each VIP entry is switched to its new ring in one map update;
+//! 4. removed VIPs are deleted, then removed backends lose their usable bit
+//!    (their established flows are re-balanced through Maglev).
+//!
+//! Rings and ids given up by an apply rest until the next apply before they
+//! are reused, so a packet that read the old VIP entry never reads a ring that
+//! is being rewritten.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use anyhow::{bail, Result};
+use lb_common::{
+    BackendInfo, Settings, VipInfo, VipKey, BACKEND_AVAILABLE, BACKEND_USABLE, FAMILY_V4,
+    FAMILY_V6, NO_BACKEND,
+};
+
+use crate::{
+    api::{ApplySummary, BackendStatus, Counters, NextHopStatus, VipStatus},
+    config::{BalancerConfig, EncapConfig, Protocol, VipConfig},
+    datapath::{Datapath, MapSizes},
+    maglev,
+    nexthop::NextHop,
+};
+
+/// 16-byte address as the maps store it, and its family tag.
+pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            out[..4].copy_from_slice(&a.octets());
+            (out, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+/// The datapath key of a VIP.
+pub fn vip_key(address: IpAddr, port: u16, protocol: Protocol) -> VipKey {
+    let (addr, family) = addr_bytes(address);
+    VipKey {
+        addr,
+        port: port.to_be(),
+        proto: protocol.number(),
+        family,
+    }
+}
+
+/// The marker entry that makes an address known as a VIP address.
+fn marker_key(address: IpAddr) -> VipKey {
+    let (addr, family) = addr_bytes(address);
+    VipKey {
+        addr,
+        port: 0,
+        proto: 0,
+        family,
+    }
+}
+
+/// Datapath settings for the encapsulation source prefixes.
+pub fn settings(maglev_size: u32, encap: &EncapConfig) -> Settings {
+    let mut s = Settings {
+        maglev_size,
+        ..Settings::default()
+    };
+    if let Some(v4) = encap.source_v4 {
+        s.src_v4 = u32::from(v4.network()).to_be();
+        s.src_v4_hostmask = u32::from(v4.hostmask()).to_be();
+    }
+    if let Some(v6) = encap.source_v6 {
+        s.src_v6 = v6.network().octets();
+        let host_bits = 128 - u32::from(v6.prefix_len());
+        let mask = if host_bits >= 32 { u32::MAX } else { (1u32 << host_bits) - 1 };
+        s.src_v6_hostmask = mask.to_be();
+    }
+    s
+}
+
+/// Hands out ids from a fixed range, oldest-freed last, so a freed id is
+/// reused as late as possible.
+#[derive(Debug)]
+struct IdPool {
+    free: BTreeSet<u32>,
+    resting: Vec<u32>,
+    cursor: u32,
+    size: u32,
+}
+
+impl IdPool {
+    fn new(size: u32) -> Self {
+        Self {
+            free: (0..size).collect(),
+            resting: Vec::new(),
+            cursor: 0,
+            size,
+        }
+    }
+
+    fn available(&self) -> usize {
+        self.free.len()
+    }
+
+    /// The next free id at or after the cursor, wrapping around.
+    fn take(&mut self) -> Option<u32> {
+        let id = self
+            .free
+            .range(self.cursor..)
+            .next()
+            .or_else(|| self.free.iter().next())
+            .copied()?;
+        self.free.remove(&id);
+        self.cursor = (id + 1) % self.size.max(1);
+        Some(id)
+    }
+
+    fn rest(&mut self, id: u32) {
+        self.resting.push(id);
+    }
+
+    /// Ids given up by the previous apply become usable again.
+    fn wake(&mut self) {
+        self.free.extend(self.resting.drain(..));
+    }
+}
+
+#[derive(Debug, Clone)]
+struct VipState {
+    config: VipConfig,
+    vip_id: u32,
+    ring: u32,
+    /// Slots each backend holds in the ring, by address.
+    slots: BTreeMap<IpAddr, u32>,
+}
+
+#[derive(Debug, Clone)]
+struct BackendState {
+    id: u32,
+    next_hop: Option<NextHop>,
+}
+
+impl BackendState {
+    fn info(&self, address: IpAddr) -> BackendInfo {
+        let (addr, family) = addr_bytes(address);
+        let mut info = BackendInfo {
+            addr,
+            family,
+            flags: BACKEND_USABLE | BACKEND_AVAILABLE,
+            ..BackendInfo::default()
+        };
+        if let Some(nh) = self.next_hop {
+            info.ifindex = nh.ifindex;
+            info.src_mac = nh.src_mac;
+            info.dst_mac = nh.dst_mac;
+        }
+        info
+    }
+}
+
+type VipIdent = (IpAddr, u16, Protocol);
+
+fn ident(v: &VipConfig) -> VipIdent {
+    (v.address, v.port, v.protocol)
+}
+
+/// Live balancer state over a datapath.
+pub struct Balancer<D: Datapath> {
+    dp: D,
+    sizes: MapSizes,
+    encap: EncapConfig,
+    vips: BTreeMap<VipIdent, VipState>,
+    backends: BTreeMap<IpAddr, BackendState>,
+    vip_ids: IdPool,
+    rings: IdPool,
+    backend_ids: IdPool,
+    tx_ports: BTreeSet<u32>,
+    /// Receiving interfaces: frames leave them with XDP_TX, no DevMap entry needed.
+    local_ports: BTreeSet<u32>,
+}
+
+impl<D: Datapath> Balancer<D> {
+    pub fn new(dp: D, sizes: MapSizes, local_ports: BTreeSet<u32>) -> Self {
+        Self {
+            dp,
+            sizes,
+            encap: EncapConfig::default(),
+            vips: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            vip_ids: IdPool::new(sizes.max_vips),
+            rings: IdPool::new(sizes.rings()),
+            backend_ids: IdPool::new(sizes.max_backends),
+            tx_ports: BTreeSet::new(),
+            local_ports,
+        }
+    }
+
+    pub fn datapath(&self) -> &D {
+        &self.dp
+    }
+
+    /// Switches the datapath to `config`. On error nothing has been written,
+    /// except when the kernel itself refuses a write midway.
+    pub fn apply(&mut self, config: &BalancerConfig) -> Result<ApplySummary> {
+        self.vip_ids.wake();
+        self.rings.wake();
+        self.backend_ids.wake();
+        let m = self.sizes.maglev_size;
+        if config.datapath.maglev_table_size != m {
+            bail!("datapath.maglev_table_size cannot change while running");
+        }
+
+        // Plan: what is new, what changes, and does it fit.
+        let wanted: BTreeSet<IpAddr> = config
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|b| b.address))
+            .collect();
+        let new_backends: Vec<IpAddr> = wanted
+            .iter()
+            .filter(|a| !self.backends.contains_key(a))
+            .copied()
+            .collect();
+        let gone_backends: Vec<IpAddr> = self
+            .backends
+            .keys()
+            .filter(|a| !wanted.contains(a))
+            .copied()
+            .collect();
+        let new_idents: BTreeSet<VipIdent> = config.vips.iter().map(ident).collect();
+        let gone_vips: Vec<VipIdent> = self
+            .vips
+            .keys()
+            .filter(|k| !new_idents.contains(k))
+            .copied()
+            .collect();
+        // VIPs whose Maglev table must be (re)built: new ones and changed backends or weights.
+        let rebuild: BTreeSet<VipIdent> = config
+            .vips
+            .iter()
+            .filter(|v| match self.vips.get(&ident(v)) {
+                Some(old) => old.config.backends != v.backends,
+                None => true,
+            })
+            .map(ident)
+            .collect();
+        let rings_needed = rebuild.len();
+        let vips_new = config.vips.iter().filter(|v| !self.vips.contains_key(&ident(v))).count();
+        if vips_new > self.vip_ids.available() + gone_vips.len() {
+            bail!("not enough VIP slots (datapath.max_vips = {})", self.sizes.max_vips);
+        }
+        if rings_needed > self.rings.available() {
+            bail!("not enough free Maglev rings; retry the apply");
+        }
+        if new_backends.len() > self.backend_ids.available() {
+            bail!(
+                "not enough backend slots (datapath.max_backends = {})",
+                self.sizes.max_backends
+            );
+        }
+
+        let mut summary = ApplySummary::default();
+        self.encap = config.encap;
+        self.dp.set_settings(&settings(m, &config.encap))?;
+
+        // 1. New backends.
+        for address in new_backends {
+            let id = self.backend_ids.take().expect("capacity checked above");
+            let state = BackendState { id, next_hop: None };
+            self.dp.clear_backend_counters(id)?;
+            self.dp.set_backend(id, &state.info(address))?;
+            self.backends.insert(address, state);
+            summary.backends_added += 1;
+        }
+
+        // 2 and 3. Tables into free rings, then the VIP entries switch over.
+        // Ids of removed VIPs may be reused right away: they only index counters.
+        let mut gone_vip_states = Vec::new();
+        for k in &gone_vips {
+            if let Some(old) = self.vips.remove(k) {
+                gone_vip_states.push((*k, old));
+            }
+        }
+        let mut reusable_vip_ids: Vec<u32> = gone_vip_states.iter().map(|(_, s)| s.vip_id).collect();
+        for vip in &config.vips {
+            let key = ident(vip);
+            if !rebuild.contains(&key) {
+                // Same backends and weights: keep the ring; the name may change.
+                if let Some(state) = self.vips.get_mut(&key) {
+                    state.config = vip.clone();
+                }
+                summary.vips_unchanged += 1;
+                continue;
+            }
+            let old = self.vips.get(&key).cloned();
+            let entries: Vec<maglev::Entry> = vip
+                .backends
+                .iter()
+                .map(|b| maglev::Entry {
+                    id: self.backends[&b.address].id,
+                    identity: addr_bytes(b.address).0.to_vec(),
+                    weight: b.weight,
+                })
+                .collect();
+            let table = maglev::build(&entries, m);
+            let ring = self.rings.take().expect("capacity checked above");
+            self.dp.set_ring(ring, &table)?;
+            let mut slots: BTreeMap<IpAddr, u32> = BTreeMap::new();
+            let by_id: BTreeMap<u32, IpAddr> = vip
+                .backends
+                .iter()
+                .map(|b| (self.backends[&b.address].id, b.address))
+                .collect();
+            for id in &table {
+                if *id != NO_BACKEND {
+                    *slots.entry(by_id[id]).or_default() += 1;
+                }
+            }
+            let vip_id = match &old {
+                Some(o) => o.vip_id,
+                None => {
+                    let id = match reusable_vip_ids.pop() {
+                        Some(id) => id,
+                        None => self.vip_ids.take().expect("capacity checked above"),
+                    };
+                    self.dp.clear_vip_counters(id)?;
+                    id
+                }
+            };
+            let info = VipInfo {
+                vip_id,
+                ring,
+                flags: 0,
+            };
+            self.dp.set_vip(&vip_key(vip.address, vip.port, vip.protocol), &info)?;
+            self.dp.set_vip(&marker_key(vip.address), &VipInfo::default())?;
+            match old {
+                Some(o) => {
+                    self.rings.rest(o.ring);
+                    summary.vips_changed += 1;
+                }
+                None => summary.vips_added += 1,
+            }
+            self.vips.insert(
+                key,
+                VipState {
+                    config: vip.clone(),
+                    vip_id,
+                    ring,
+                    slots,
+                },
+            );
+        }
+
+        // 4. Removed VIPs, their address markers, then removed backends.
+        let live_addresses: BTreeSet<IpAddr> = self.vips.values().map(|v| v.config.address).collect();
+        for (k, old) in gone_vip_states {
+            self.dp.remove_vip(&vip_key(k.0, k.1, k.2))?;
+            if !live_addresses.contains(&k.0) {
+                // Several removed VIPs may share the address; remove the marker once.
+                let _ = self.dp.remove_vip(&marker_key(k.0));
+            }
+            self.rings.rest(old.ring);
+            summary.vips_removed += 1;
+        }
+        for id in reusable_vip_ids {
+            self.vip_ids.rest(id);
+        }
+        for address in gone_backends {
+            if let Some(state) = self.backends.remove(&address) {
+                let mut info = state.info(address);
+                info.flags = 0;
+                self.dp.set_backend(state.id, &info)?;
+                self.backend_ids.rest(state.id);
+                summary.backends_removed += 1;
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Backend addresses whose next hop the agent should keep resolved.
+    pub fn backend_addresses(&self) -> Vec<IpAddr> {
+        self.backends.keys().copied().collect()
+    }
+
+    /// Records a backend's next hop; rewrites its entry only when it changed.
+    pub fn set_next_hop(&mut self, address: IpAddr, next_hop: Option<NextHop>) -> Result<bool> {
+        let Some(state) = self.backends.get_mut(&address) else {
+            return Ok(false);
+        };
+        if state.next_hop == next_hop {
+            return Ok(false);
+        }
+        if let Some(nh) = next_hop {
+            if !self.local_ports.contains(&nh.ifindex) && self.tx_ports.insert(nh.ifindex) {
+                self.dp.add_tx_port(nh.ifindex)?;
+            }
+        }
+        state.next_hop = next_hop;
+        let info = state.info(address);
+        self.dp.set_backend(state.id, &info)?;
+        Ok(true)
+    }
+
+    pub fn vip_status(&self) -> Result<Vec<VipStatus>> {
+        let mut out = Vec::new();
+        for v in self.vips.values() {
+            let c = self.dp.vip_counters(v.vip_id)?;
+            let mut backends = Vec::new();
+            for b in &v.config.backends {
+                let state = &self.backends[&b.address];
+                let bc = self.dp.backend_counters(state.id)?;
+                backends.push(BackendStatus {
+                    address: b.address,
+                    weight: b.weight,
+                    backend_id: state.id,
+                    maglev_slots: v.slots.get(&b.address).copied().unwrap_or(0),
+                    next_hop: state.next_hop.map(|nh| NextHopStatus {
+                        ifindex: nh.ifindex,
+                        mac: mac_text(nh.dst_mac),
+                    }),
+                    counters: Counters {
+                        packets: bc.packets,
+                        bytes: bc.bytes,
+                        new_flows: bc.new_flows,
+                    },
+                });
+            }
+            out.push(VipStatus {
+                name: v.config.name.clone(),
+                address: v.config.address,
+                port: v.config.port,
+                protocol: v.config.protocol,
+                vip_id: v.vip_id,
+                counters: Counters {
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_flows: c.new_flows,
+                },
+                backends,
+            });
+        }
+        Ok(out)
+    }
+}
+
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! An in-memory datapath for tests: map contents plus a log of writes.
+    use super::*;
+    use lb_common::{PacketCounter, TrafficCounters, OUTCOME_COUNT};
+    use std::collections::HashMap;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Op {
+        Backend(u32, u32),
+        Ring(u32),
+        Vip(VipKey, VipInfo),
+        RemoveVip(VipKey),
+    }
+
+    #[derive(Default)]
+    pub struct FakeDatapath {
+        pub maglev_size: u32,
+        pub settings: Settings,
+        pub backends: HashMap<u32, BackendInfo>,
+        pub rings: HashMap<u32, Vec<u32>>,
+        pub vips: HashMap<VipKey, VipInfo>,
+        pub tx_ports: BTreeSet<u32>,
+        pub log: Vec<Op>,
+    }
+
+    impl FakeDatapath {
+        /// The backend a new flow with this hash would get, as the datapath decides.
+        pub fn pick(&self, key: &VipKey, hash: u32) -> Option<u32> {
+            let vip = self.vips.get(key)?;
+            let ring = self.rings.get(&vip.ring)?;
+            let id = ring[(hash % self.maglev_size) as usize];
+            (id != NO_BACKEND).then_some(id)
+        }
+    }
+
+    impl Datapath for FakeDatapath {
+        fn set_settings(&mut self, settings: &Settings) -> Result<()> {
+            self.settings = *settings;
+            Ok(())
+        }
+        fn set_backend(&mut self, id: u32, backend: &BackendInfo) -> Result<()> {
+            self.backends.insert(id, *backend);
+            self.log.push(Op::Backend(id, backend.flags));
+            Ok(())
+        }
+        fn set_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()> {
+            assert_eq!(slots.len() as u32, self.maglev_size);
+            self.rings.insert(ring, slots.to_vec());
+            self.log.push(Op::Ring(ring));
+            Ok(())
+        }
+        fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+            self.vips.insert(*key, *info);
+            self.log.push(Op::Vip(*key, *info));
+            Ok(())
+        }
+        fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+            if self.vips.remove(key).is_none() {
+                bail!("no such VIP");
+            }
+            self.log.push(Op::RemoveVip(*key));
+            Ok(())
+        }
+        fn clear_vip_counters(&mut self, _: u32) -> Result<()> {
+            Ok(())
+        }
+        fn clear_backend_counters(&mut self, _: u32) -> Result<()> {
+            Ok(())
+        }
+        fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+            self.tx_ports.insert(ifindex);
+            Ok(())
+        }
+        fn vip_counters(&self, _: u32) -> Result<TrafficCounters> {
+            Ok(TrafficCounters::default())
+        }
+        fn backend_counters(&self, _: u32) -> Result<TrafficCounters> {
+            Ok(TrafficCounters::default())
+        }
+        fn outcomes(&self) -> Result<Vec<PacketCounter>> {
+            Ok(vec![PacketCounter::default(); OUTCOME_COUNT as usize])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fake::*, *};
+    use crate::config::Config;
+
+    const SIZES: MapSizes = MapSizes {
+        maglev_size: 257,
+        max_vips: 4,
+        max_backends: 8,
+        flow_table_size: 1024,
+    };
+
+    fn config(vips: &str) -> BalancerConfig {
+        let text = format!(
+            "[datapath]\ninterfaces=[\"eth0\"]\nmaglev_table_size=257\nmax_vips=4\nmax_backends=8\n\
+             [encap]\nsource_v4=\"198.18.200.0/24\"\nsource_v6=\"fd00:200::/64\"\n{vips}"
+        );
+        Config::from_toml(&text).unwrap().balancer.unwrap()
+    }
+
+    fn vip(addr: &str, port: u16, backends: &[(&str, u32)]) -> String {
+        let list: Vec<String> = backends
+            .iter()
+            .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
+            .collect();
+        format!(
+            "[[vips]]\naddress=\"{addr}\"\nport={port}\nprotocol=\"tcp\"\nbackends=[{}]\n",
+            list.join(", ")
+        )
+    }
+
+    fn balancer() -> Balancer<FakeDatapath> {
+        let dp = FakeDatapath {
+            maglev_size: 257,
+            ..FakeDatapath::default()
+        };
+        Balancer::new(dp, SIZES, BTreeSet::from([2]))
+    }
+
+    fn key(addr: &str, port: u16) -> VipKey {
+        vip_key(addr.parse().unwrap(), port, Protocol::Tcp)
+    }
+
+    #[test]
+    fn first_apply_writes_backends_rings_vips_and_markers() {
+        let mut b = balancer();
+        let s = b
+            .apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
+            .unwrap();
+        assert_eq!((s.vips_added, s.backends_added), (1, 2));
+        let dp = b.datapath();
+        assert_eq!(dp.backends.len(), 2);
+        assert!(dp.backends.values().all(|i| i.flags == BACKEND_USABLE | BACKEND_AVAILABLE));
+        assert!(dp.vips.contains_key(&key("198.18.10.1", 80)));
+        assert!(dp.vips.contains_key(&marker_key("198.18.10.1".parse().unwrap())));
+        assert_eq!(dp.settings.maglev_size, 257);
+        assert_eq!(u32::from_be(dp.settings.src_v4_hostmask), 0xff);
+        assert_eq!(u32::from_be(dp.settings.src_v6_hostmask), u32::MAX);
+        // The ring holds both backends in about equal shares.
+        let ring = &dp.rings[&dp.vips[&key("198.18.10.1", 80)].ring];
+        let first = ring.iter().filter(|id| **id == ring[0]).count();
+        assert!((120..=137).contains(&first), "{first} of 257 slots");
+    }
+
+    #[test]
+    fn changed_weights_go_to_a_new_ring_written_before_the_switch() {
+        let mut b = balancer();
+        b.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
+            .unwrap();
+        let old_ring = b.datapath().vips[&key("198.18.10.1", 80)].ring;
+        let start = b.datapath().log.len();
+        let s = b
+            .apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 3), ("198.18.0.12", 1)])))
+            .unwrap();
+        assert_eq!((s.vips_changed, s.backends_added, s.backends_removed), (1, 0, 0));
+        let log = &b.datapath().log[start..];
+        let new_ring = b.datapath().vips[&key("198.18.10.1", 80)].ring;
+        assert_ne!(new_ring, old_ring);
+        let ring_at = log.iter().position(|o| *o == Op::Ring(new_ring)).unwrap();
+        let switch_at = log
+            .iter()
+            .position(|o| matches!(o, Op::Vip(k, i) if *k == key("198.18.10.1", 80) && i.ring == new_ring))
+            .unwrap();
+        assert!(ring_at < switch_at);
+        // The VIP keeps its id (and counters).
+        assert_eq!(b.datapath().vips[&key("198.18.10.1", 80)].vip_id, 0);
+    }
+
+    #[test]
+    fn unchanged_vips_keep_their_ring_and_write_nothing() {
+        let mut b = balancer();
+        let c = config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)]));
+        b.apply(&c).unwrap();
+        let start = b.datapath().log.len();
+        let s = b.apply(&c).unwrap();
+        assert_eq!(s.vips_unchanged, 1);
+        assert_eq!(b.datapath().log.len(), start);
+    }
+
+    #[test]
+    fn removed_backend_loses_usable_bit_after_vip_switch() {
+        let mut b = balancer();
+        b.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
+            .unwrap();
+        let gone_id = b.backends[&"198.18.0.12".parse().unwrap()].id;
+        let start = b.datapath().log.len();
+        let s = b
+            .apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)])))
+            .unwrap();
+        assert_eq!(s.backends_removed, 1);
+        let log = &b.datapath().log[start..];
+        let switch_at = log.iter().position(|o| matches!(o, Op::Vip(..))).unwrap();
+        let cleared_at = log.iter().position(|o| *o == Op::Backend(gone_id, 0)).unwrap();
+        assert!(switch_at < cleared_at);
+        let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring];
+        assert!(!ring.contains(&gone_id));
+    }
+
+    #[test]
+    fn removed_vip_and_its_marker_go() {
+        let mut b = balancer();
+        b.apply(&config(&format!(
+            "{}{}",
+            vip("198.18.10.1", 80, &[("198.18.0.11", 1)]),
+            vip("198.18.10.2", 80, &[("198.18.0.11", 1)])
+        )))
+        .unwrap();
+        b.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)]))).unwrap();
+        let dp = b.datapath();
+        assert!(!dp.vips.contains_key(&key("198.18.10.2", 80)));
+        assert!(!dp.vips.contains_key(&marker_key("198.18.10.2".parse().unwrap())));
+        assert!(dp.vips.contains_key(&marker_key("198.18.10.1".parse().unwrap())));
+    }
+
+    #[test]
+    fn many_applies_never_run_out_of_rings_or_reuse_a_live_ring() {
+        let mut b = balancer();
+        for round in 0..50u32 {
+            let vips: String = (0..4)
+                .map(|i| vip(&format!("198.18.10.{}", i + 1), 80, &[("198.18.0.11", round + 1), ("198.18.0.12", 1)]))
+                .collect();
+            b.apply(&config(&vips)).unwrap();
+            let live: BTreeSet<u32> = b.vips.values().map(|v| v.ring).collect();
+            assert_eq!(live.len(), 4, "round {round}: two VIPs share a ring");
+        }
+    }
+
+    #[test]
+    fn too_many_backends_changes_nothing() {
+        let mut b = balancer();
+        b.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)]))).unwrap();
+        let before = b.datapath().log.len();
+        let many: Vec<(String, u32)> = (0..9).map(|i| (format!("198.18.1.{i}"), 1)).collect();
+        let many: Vec<(&str, u32)> = many.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+        // The config itself is valid for max_backends=8 per... use a raw build to bypass validation.
+        let mut c = config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)]));
+        c.vips[0].backends = many
+            .iter()
+            .map(|(a, w)| crate::config::BackendConfig { address: a.parse().unwrap(), weight: *w })
+            .collect();
+        assert!(b.apply(&c).is_err());
+        assert_eq!(b.datapath().log.len(), before);
+    }
+
+    #[test]
+    fn next_hops_fill_backend_entries_and_tx_ports() {
+        let mut b = balancer();
+        b.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
+            .unwrap();
+        let nh = NextHop { ifindex: 7, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 0, 2] };
+        assert!(b.set_next_hop("198.18.0.11".parse().unwrap(), Some(nh)).unwrap());
+        assert!(!b.set_next_hop("198.18.0.11".parse().unwrap(), Some(nh)).unwrap());
+        let local = NextHop { ifindex: 2, ..nh };
+        assert!(b.set_next_hop("198.18.0.12".parse().unwrap(), Some(local)).unwrap());
+        let dp = b.datapath();
+        let id = b.backends[&"198.18.0.11".parse().unwrap()].id;
+        assert_eq!(dp.backends[&id].ifindex, 7);
+        assert_eq!(dp.backends[&id].dst_mac, [2, 0, 0, 0, 0, 2]);
+        assert_eq!(dp.tx_ports, BTreeSet::from([7]));
+    }
+
+    #[test]
+    fn two_agents_agree_whatever_the_order() {
+        let mut a = balancer();
+        let mut b = balancer();
+        a.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 2), ("198.18.0.12", 1), ("198.18.0.13", 1)])))
+            .unwrap();
+        b.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.13", 1), ("198.18.0.11", 2), ("198.18.0.12", 1)])))
+            .unwrap();
+        let addr_of = |bal: &Balancer<FakeDatapath>, id: u32| {
+            *bal.backends.iter().find(|(_, s)| s.id == id).unwrap().0
+        };
+        for hash in 0..257 {
+            let pa = a.datapath().pick(&key("198.18.10.1", 80), hash).unwrap();
+            let pb = b.datapath().pick(&key("198.18.10.1", 80), hash).unwrap();
+            assert_eq!(addr_of(&a, pa), addr_of(&b, pb));
+        }
+    }
+}

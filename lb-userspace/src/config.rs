@@ -1,0 +1,649 @@
+//! The agent's configuration: the TOML file as written (`RawConfig`) and the
+//! validated form (`Config`) everything downstream takes.
+//!
+//! Validation is complete before anything is loaded or attached: an invalid
+//! file is refused with a message naming the offending field.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+    str::FromStr,
+};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+use crate::maglev::is_prime;
+
+pub const DEFAULT_SOCKET: &str = "/run/lb-agent/lb.sock";
+const MAX_RING_ENTRIES: u64 = 1 << 28;
+
+/// A validation failure: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError {
+        field: field.into(),
+        message: message.into(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub socket: Option<String>,
+    pub datapath: Option<RawDatapath>,
+    pub encap: Option<RawEncap>,
+    #[serde(default)]
+    pub vips: Vec<RawVip>,
+    pub decap: Option<RawDecap>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatapath {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: Option<String>,
+    pub maglev_table_size: Option<u32>,
+    pub max_vips: Option<u32>,
+    pub max_backends: Option<u32>,
+    pub flow_table_size: Option<u32>,
+    pub next_hop_refresh_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEncap {
+    pub source_v4: Option<String>,
+    pub source_v6: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVip {
+    pub name: Option<String>,
+    pub address: String,
+    pub port: Option<u16>,
+    pub protocol: String,
+    #[serde(default)]
+    pub backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub address: String,
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDecap {
+    pub interfaces: Vec<String>,
+    pub addresses: Vec<String>,
+    pub xdp_mode: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// The validated form.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub balancer: Option<BalancerConfig>,
+    pub decap: Option<DecapConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalancerConfig {
+    pub datapath: DatapathConfig,
+    pub encap: EncapConfig,
+    pub vips: Vec<VipConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatapathConfig {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub maglev_table_size: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub flow_table_size: u32,
+    pub next_hop_refresh_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EncapConfig {
+    pub source_v4: Option<Ipv4Net>,
+    pub source_v6: Option<Ipv6Net>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipConfig {
+    pub name: String,
+    pub address: IpAddr,
+    /// 0 means every port.
+    pub port: u16,
+    pub protocol: Protocol,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: IpAddr,
+    /// Relative weight; 0 keeps established flows but takes no new ones.
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecapConfig {
+    pub interfaces: Vec<String>,
+    pub addresses: Vec<IpAddr>,
+    pub xdp_mode: XdpModeSetting,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// How XDP programs are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpModeSetting {
+    /// Driver mode only; attaching fails where the driver lacks it.
+    Native,
+    /// Generic (skb) mode only.
+    Generic,
+    /// Driver mode, falling back to generic where the driver lacks it.
+    NativeOrGeneric,
+}
+
+impl FromStr for XdpModeSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            "native-or-generic" => Ok(Self::NativeOrGeneric),
+            other => Err(format!(
+                "unknown XDP mode {other:?}; expected \"native\", \"generic\" or \"native-or-generic\""
+            )),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a configuration file's text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            field: "config".into(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        raw.validate()
+    }
+
+    /// Settings fixed at start-up (sizes, interfaces, socket) cannot change on a
+    /// reload; VIPs, backends, weights and the encapsulation prefixes can.
+    pub fn check_reload(&self, new: &Config) -> Result<(), ConfigError> {
+        if self.socket != new.socket {
+            return err("socket", "cannot change on reload; restart the agent");
+        }
+        let old_dp = self.balancer.as_ref().map(|b| &b.datapath);
+        let new_dp = new.balancer.as_ref().map(|b| &b.datapath);
+        if old_dp != new_dp {
+            return err("datapath", "cannot change on reload; restart the agent");
+        }
+        if self.decap != new.decap {
+            return err("decap", "cannot change on reload; restart the agent");
+        }
+        Ok(())
+    }
+}
+
+fn parse_addr(field: &str, text: &str) -> Result<IpAddr, ConfigError> {
+    let addr: IpAddr = text
+        .parse()
+        .or_else(|_| err(field, format!("{text:?} is not an IP address")))?;
+    if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+        return err(field, format!("{addr} cannot be used here"));
+    }
+    if let IpAddr::V4(v4) = addr {
+        if v4.is_broadcast() {
+            return err(field, format!("{addr} cannot be used here"));
+        }
+    }
+    Ok(addr)
+}
+
+fn check_interfaces(field: &str, names: &[String]) -> Result<(), ConfigError> {
+    if names.is_empty() {
+        return err(field, "at least one interface is needed");
+    }
+    let mut seen = HashSet::new();
+    for (i, name) in names.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+            return err(f, format!("{name:?} is not a valid interface name"));
+        }
+        if !seen.insert(name) {
+            return err(f, format!("{name:?} is listed twice"));
+        }
+    }
+    Ok(())
+}
+
+fn in_range(field: &str, value: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+    if value < lo || value > hi {
+        return err(field, format!("{value} is out of range {lo}..={hi}"));
+    }
+    Ok(())
+}
+
+impl RawConfig {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let socket = PathBuf::from(self.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()));
+        if !socket.is_absolute() {
+            return err("socket", "must be an absolute path");
+        }
+        if self.datapath.is_none() && !self.vips.is_empty() {
+            return err("vips", "VIPs need a [datapath] section");
+        }
+        if self.datapath.is_none() && self.encap.is_some() {
+            return err("encap", "[encap] needs a [datapath] section");
+        }
+        let balancer = match self.datapath {
+            Some(dp) => Some(validate_balancer(dp, self.encap, self.vips)?),
+            None => None,
+        };
+        let decap = self.decap.map(validate_decap).transpose()?;
+        if balancer.is_none() && decap.is_none() {
+            return err(
+                "config",
+                "nothing to run: give a [datapath] section with [[vips]], or a [decap] section",
+            );
+        }
+        if let (Some(b), Some(d)) = (&balancer, &decap) {
+            for (i, name) in d.interfaces.iter().enumerate() {
+                if b.datapath.interfaces.contains(name) {
+                    return err(
+                        format!("decap.interfaces[{i}]"),
+                        format!("{name:?} already runs the balancer"),
+                    );
+                }
+            }
+        }
+        Ok(Config {
+            socket,
+            balancer,
+            decap,
+        })
+    }
+}
+
+fn validate_balancer(
+    dp: RawDatapath,
+    encap: Option<RawEncap>,
+    raw_vips: Vec<RawVip>,
+) -> Result<BalancerConfig, ConfigError> {
+    check_interfaces("datapath.interfaces", &dp.interfaces)?;
+    let xdp_mode = match dp.xdp_mode.as_deref() {
+        None => XdpModeSetting::Native,
+        Some(s) => s.parse().or_else(|e| err("datapath.xdp_mode", e))?,
+    };
+    let maglev_table_size = dp.maglev_table_size.unwrap_or(lb_common::DEFAULT_MAGLEV_SIZE);
+    in_range(
+        "datapath.maglev_table_size",
+        maglev_table_size.into(),
+        7,
+        16_777_259,
+    )?;
+    if !is_prime(maglev_table_size) {
+        return err(
+            "datapath.maglev_table_size",
+            format!("{maglev_table_size} is not prime (65537 is the usual choice)"),
+        );
+    }
+    let max_vips = dp.max_vips.unwrap_or(64);
+    in_range("datapath.max_vips", max_vips.into(), 1, 65_536)?;
+    let ring_entries = 2 * u64::from(max_vips) * u64::from(maglev_table_size);
+    if ring_entries > MAX_RING_ENTRIES {
+        return err(
+            "datapath.max_vips",
+            format!(
+                "2 x max_vips x maglev_table_size = {ring_entries} Maglev slots, more than the {MAX_RING_ENTRIES} allowed; lower one of them"
+            ),
+        );
+    }
+    let max_backends = dp.max_backends.unwrap_or(4096);
+    in_range("datapath.max_backends", max_backends.into(), 1, 1 << 20)?;
+    let flow_table_size = dp.flow_table_size.unwrap_or(1_000_000);
+    in_range("datapath.flow_table_size", flow_table_size.into(), 1, 100_000_000)?;
+    let next_hop_refresh_ms = dp.next_hop_refresh_ms.unwrap_or(1000);
+    in_range("datapath.next_hop_refresh_ms", next_hop_refresh_ms, 100, 3_600_000)?;
+
+    let encap = match encap {
+        None => EncapConfig::default(),
+        Some(e) => EncapConfig {
+            source_v4: e
+                .source_v4
+                .map(|s| {
+                    s.parse::<Ipv4Net>()
+                        .or_else(|_| err("encap.source_v4", format!("{s:?} is not an IPv4 prefix")))
+                })
+                .transpose()?,
+            source_v6: e
+                .source_v6
+                .map(|s| {
+                    s.parse::<Ipv6Net>()
+                        .or_else(|_| err("encap.source_v6", format!("{s:?} is not an IPv6 prefix")))
+                })
+                .transpose()?,
+        },
+    };
+
+    if raw_vips.len() > max_vips as usize {
+        return err(
+            "vips",
+            format!("{} VIPs, more than datapath.max_vips = {max_vips}", raw_vips.len()),
+        );
+    }
+    let mut vips = Vec::with_capacity(raw_vips.len());
+    let mut keys = HashSet::new();
+    let mut names = HashSet::new();
+    let mut all_backends = BTreeSet::new();
+    for (i, rv) in raw_vips.into_iter().enumerate() {
+        let f = format!("vips[{i}]");
+        let address = parse_addr(&format!("{f}.address"), &rv.address)?;
+        let port = rv.port.unwrap_or(0);
+        let protocol = match rv.protocol.as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => {
+                return err(
+                    format!("{f}.protocol"),
+                    format!("{other:?} is not a protocol; expected \"tcp\" or \"udp\""),
+                )
+            }
+        };
+        if !keys.insert((address, port, protocol)) {
+            return err(
+                f,
+                format!("{address} port {port} {protocol} is defined twice"),
+            );
+        }
+        let name = rv
+            .name
+            .unwrap_or_else(|| format!("{protocol}/{}", socket_text(address, port)));
+        if name.is_empty() || name.len() > 64 || name.contains(char::is_whitespace) {
+            return err(format!("{f}.name"), "must be 1 to 64 characters without spaces");
+        }
+        if !names.insert(name.clone()) {
+            return err(format!("{f}.name"), format!("{name:?} is used by two VIPs"));
+        }
+        if rv.backends.is_empty() {
+            return err(format!("{f}.backends"), "a VIP needs at least one backend");
+        }
+        if rv.backends.len() > maglev_table_size as usize {
+            return err(
+                format!("{f}.backends"),
+                "more backends than datapath.maglev_table_size slots",
+            );
+        }
+        let mut backends = Vec::with_capacity(rv.backends.len());
+        let mut seen = HashSet::new();
+        for (j, rb) in rv.backends.into_iter().enumerate() {
+            let bf = format!("{f}.backends[{j}]");
+            let address = parse_addr(&format!("{bf}.address"), &rb.address)?;
+            if !seen.insert(address) {
+                return err(format!("{bf}.address"), format!("{address} is listed twice"));
+            }
+            let weight = rb.weight.unwrap_or(100);
+            in_range(&format!("{bf}.weight"), weight.into(), 0, 65_535)?;
+            match address {
+                IpAddr::V4(_) if encap.source_v4.is_none() => {
+                    return err(
+                        format!("{bf}.address"),
+                        "an IPv4 backend needs encap.source_v4",
+                    )
+                }
+                IpAddr::V6(_) if encap.source_v6.is_none() => {
+                    return err(
+                        format!("{bf}.address"),
+                        "an IPv6 backend needs encap.source_v6",
+                    )
+                }
+                _ => {}
+            }
+            all_backends.insert(address);
+            backends.push(BackendConfig { address, weight });
+        }
+        vips.push(VipConfig {
+            name,
+            address,
+            port,
+            protocol,
+            backends,
+        });
+    }
+    if all_backends.len() > max_backends as usize {
+        return err(
+            "vips",
+            format!(
+                "{} distinct backends, more than datapath.max_backends = {max_backends}",
+                all_backends.len()
+            ),
+        );
+    }
+    Ok(BalancerConfig {
+        datapath: DatapathConfig {
+            interfaces: dp.interfaces,
+            xdp_mode,
+            maglev_table_size,
+            max_vips,
+            max_backends,
+            flow_table_size,
+            next_hop_refresh_ms,
+        },
+        encap,
+        vips,
+    })
+}
+
+fn validate_decap(d: RawDecap) -> Result<DecapConfig, ConfigError> {
+    check_interfaces("decap.interfaces", &d.interfaces)?;
+    let xdp_mode = match d.xdp_mode.as_deref() {
+        None => XdpModeSetting::Native,
+        Some(s) => s.parse().or_else(|e| err("decap.xdp_mode", e))?,
+    };
+    if d.addresses.is_empty() {
+        return err("decap.addresses", "at least one address of this host is needed");
+    }
+    let mut addresses = Vec::new();
+    for (i, a) in d.addresses.iter().enumerate() {
+        let addr = parse_addr(&format!("decap.addresses[{i}]"), a)?;
+        if addresses.contains(&addr) {
+            return err(format!("decap.addresses[{i}]"), format!("{addr} is listed twice"));
+        }
+        addresses.push(addr);
+    }
+    Ok(DecapConfig {
+        interfaces: d.interfaces,
+        addresses,
+        xdp_mode,
+    })
+}
+
+/// `198.18.0.1:80` or `[fd00::1]:80`.
+pub fn socket_text(addr: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(addr, port).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+socket = "/run/lb-test/lb.sock"
+[datapath]
+interfaces = ["eth0"]
+xdp_mode = "native"
+maglev_table_size = 65537
+[encap]
+source_v4 = "198.18.200.0/24"
+source_v6 = "fd00:200::/96"
+[[vips]]
+name = "web"
+address = "198.18.10.1"
+port = 80
+protocol = "tcp"
+backends = [ { address = "198.18.0.11", weight = 100 }, { address = "fd00::12", weight = 50 } ]
+[[vips]]
+address = "fd00:10::1"
+protocol = "udp"
+backends = [ { address = "fd00::12" } ]
+"#;
+
+    fn with(replace: &str, by: &str) -> Result<Config, ConfigError> {
+        assert!(GOOD.contains(replace), "fixture lacks {replace:?}");
+        Config::from_toml(&GOOD.replacen(replace, by, 1))
+    }
+
+    fn field_of(replace: &str, by: &str) -> String {
+        match with(replace, by) {
+            Ok(_) => panic!("{replace:?} -> {by:?} was accepted"),
+            Err(e) => {
+                assert!(!e.message.is_empty());
+                e.field
+            }
+        }
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::from_toml(GOOD).unwrap();
+        let b = c.balancer.unwrap();
+        assert_eq!(b.vips.len(), 2);
+        assert_eq!(b.vips[1].name, "udp/[fd00:10::1]:0");
+        assert_eq!(b.vips[1].port, 0);
+        assert_eq!(b.vips[1].backends[0].weight, 100);
+        assert_eq!(b.datapath.max_vips, 64);
+        assert_eq!(b.datapath.flow_table_size, 1_000_000);
+        assert!(c.decap.is_none());
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("socket = \"/run/lb-test/lb.sock\"", "socket = \"relative.sock\"", "socket"),
+            ("interfaces = [\"eth0\"]", "interfaces = []", "datapath.interfaces"),
+            ("interfaces = [\"eth0\"]", "interfaces = [\"eth0\", \"eth0\"]", "datapath.interfaces[1]"),
+            ("interfaces = [\"eth0\"]", "interfaces = [\"a-very-long-interface-name\"]", "datapath.interfaces[0]"),
+            ("xdp_mode = \"native\"", "xdp_mode = \"turbo\"", "datapath.xdp_mode"),
+            ("maglev_table_size = 65537", "maglev_table_size = 65536", "datapath.maglev_table_size"),
+            ("maglev_table_size = 65537", "maglev_table_size = 5", "datapath.maglev_table_size"),
+            ("maglev_table_size = 65537", "maglev_table_size = 65537\nmax_vips = 0", "datapath.max_vips"),
+            ("maglev_table_size = 65537", "maglev_table_size = 65537\nmax_vips = 4096", "datapath.max_vips"),
+            ("maglev_table_size = 65537", "maglev_table_size = 65537\nmax_vips = 1", "vips"),
+            ("maglev_table_size = 65537", "maglev_table_size = 65537\nmax_backends = 1", "vips"),
+            ("maglev_table_size = 65537", "maglev_table_size = 65537\nflow_table_size = 0", "datapath.flow_table_size"),
+            ("maglev_table_size = 65537", "maglev_table_size = 65537\nnext_hop_refresh_ms = 1", "datapath.next_hop_refresh_ms"),
+            ("source_v4 = \"198.18.200.0/24\"", "source_v4 = \"198.18.200.0/33\"", "encap.source_v4"),
+            ("source_v6 = \"fd00:200::/96\"", "source_v6 = \"nope\"", "encap.source_v6"),
+            ("source_v6 = \"fd00:200::/96\"", "", "vips[0].backends[1].address"),
+            ("source_v4 = \"198.18.200.0/24\"", "", "vips[0].backends[0].address"),
+            ("address = \"198.18.10.1\"", "address = \"198.18.10\"", "vips[0].address"),
+            ("address = \"198.18.10.1\"", "address = \"0.0.0.0\"", "vips[0].address"),
+            ("address = \"198.18.10.1\"", "address = \"224.0.0.1\"", "vips[0].address"),
+            ("protocol = \"tcp\"", "protocol = \"sctp\"", "vips[0].protocol"),
+            ("name = \"web\"", "name = \"two words\"", "vips[0].name"),
+            ("name = \"web\"", "name = \"udp/[fd00:10::1]:0\"", "vips[1].name"),
+            ("{ address = \"198.18.0.11\", weight = 100 }", "{ address = \"198.18.0.11\", weight = 70000 }", "vips[0].backends[0].weight"),
+            ("{ address = \"198.18.0.11\", weight = 100 }", "{ address = \"fd00::12\", weight = 1 }", "vips[0].backends[1].address"),
+            ("{ address = \"198.18.0.11\", weight = 100 }", "{ address = \"127.0.0.1\" }", "vips[0].backends[0].address"),
+            ("backends = [ { address = \"fd00::12\" } ]", "backends = []", "vips[1].backends"),
+            ("address = \"fd00:10::1\"\nprotocol = \"udp\"", "address = \"198.18.10.1\"\nport = 80\nprotocol = \"tcp\"", "vips[1]"),
+            ("port = 80", "port = 80\ncolour = \"red\"", "config"),
+            ("port = 80", "port = 70000", "config"),
+            ("port = 80", "port = \"eighty\"", "config"),
+        ];
+        for (replace, by, field) in cases {
+            assert_eq!(&field_of(replace, by), field, "case {by:?}");
+        }
+    }
+
+    #[test]
+    fn structural_errors() {
+        let e = Config::from_toml("").unwrap_err();
+        assert_eq!(e.field, "config");
+        let e = Config::from_toml("[[vips]]\naddress=\"198.18.10.1\"\nprotocol=\"tcp\"\nbackends=[]").unwrap_err();
+        assert_eq!(e.field, "vips");
+        let e = Config::from_toml("this is not toml").unwrap_err();
+        assert_eq!(e.field, "config");
+        let e = Config::from_toml("[decap]\ninterfaces=[\"eth0\"]\naddresses=[]").unwrap_err();
+        assert_eq!(e.field, "decap.addresses");
+        let e = Config::from_toml("[decap]\ninterfaces=[\"eth0\"]\naddresses=[\"x\"]").unwrap_err();
+        assert_eq!(e.field, "decap.addresses[0]");
+        let both = format!("{GOOD}\n[decap]\ninterfaces=[\"eth0\"]\naddresses=[\"198.18.0.2\"]");
+        assert_eq!(Config::from_toml(&both).unwrap_err().field, "decap.interfaces[0]");
+    }
+
+    #[test]
+    fn decap_only_config() {
+        let c = Config::from_toml(
+            "[decap]\ninterfaces=[\"veth0\"]\naddresses=[\"198.18.0.11\", \"fd00::11\"]\nxdp_mode=\"generic\"",
+        )
+        .unwrap();
+        let d = c.decap.unwrap();
+        assert_eq!(d.addresses.len(), 2);
+        assert_eq!(d.xdp_mode, XdpModeSetting::Generic);
+        assert!(c.balancer.is_none());
+    }
+
+    #[test]
+    fn reload_may_change_vips_but_not_sizes() {
+        let old = Config::from_toml(GOOD).unwrap();
+        let weights = with("weight = 50", "weight = 10").unwrap();
+        old.check_reload(&weights).unwrap();
+        let resized = with("maglev_table_size = 65537", "maglev_table_size = 257").unwrap();
+        assert_eq!(old.check_reload(&resized).unwrap_err().field, "datapath");
+        let moved = with("/run/lb-test/lb.sock", "/run/other.sock").unwrap();
+        assert_eq!(old.check_reload(&moved).unwrap_err().field, "socket");
+    }
+}

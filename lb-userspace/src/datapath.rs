@@ -1,0 +1,233 @@
+//! The narrow interface between control logic and the kernel maps, and its
+//! implementation over the loaded eBPF object.
+//!
+//! Control logic (`balancer`) only talks to `Datapath`, so it is unit-tested
+//! with an in-memory fake and no kernel.
+
+use anyhow::{Context as _, Result};
+use aya::{
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+    Ebpf,
+};
+use lb_common::{
+    BackendInfo, HostAddr, PacketCounter, Settings, TrafficCounters, VipInfo, VipKey,
+    DECAP_OUTCOME_COUNT, OUTCOME_COUNT,
+};
+
+/// What the balancer logic needs from the datapath.
+pub trait Datapath {
+    fn set_settings(&mut self, settings: &Settings) -> Result<()>;
+    fn set_backend(&mut self, id: u32, backend: &BackendInfo) -> Result<()>;
+    /// Writes a whole Maglev ring (its `maglev_size` slots).
+    fn set_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()>;
+    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()>;
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
+    fn clear_vip_counters(&mut self, vip_id: u32) -> Result<()>;
+    fn clear_backend_counters(&mut self, id: u32) -> Result<()>;
+    /// Allows redirects to `ifindex` (an interface other than the receiving one).
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<()>;
+    fn vip_counters(&self, vip_id: u32) -> Result<TrafficCounters>;
+    fn backend_counters(&self, id: u32) -> Result<TrafficCounters>;
+    /// `lb_ingress` outcome counters, indexed by `Outcome`.
+    fn outcomes(&self) -> Result<Vec<PacketCounter>>;
+}
+
+/// Map sizes set before the object is loaded.
+#[derive(Debug, Clone, Copy)]
+pub struct MapSizes {
+    pub maglev_size: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub flow_table_size: u32,
+}
+
+impl MapSizes {
+    /// Smallest sizes, for an agent that only decapsulates.
+    pub const DECAP_ONLY: MapSizes = MapSizes {
+        maglev_size: 7,
+        max_vips: 1,
+        max_backends: 1,
+        flow_table_size: 1,
+    };
+
+    /// Maglev rings: two per VIP, so a changed table is written beside the
+    /// live one and switched in.
+    pub fn rings(&self) -> u32 {
+        2 * self.max_vips
+    }
+}
+
+/// The eBPF object, embedded at build time (`cargo xtask build-ebpf`).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
+
+/// Loads the embedded object with the given sizes. Programs are not attached.
+pub fn load(sizes: &MapSizes) -> Result<Ebpf> {
+    let rings = u64::from(sizes.rings()) * u64::from(sizes.maglev_size);
+    let rings = u32::try_from(rings).context("Maglev rings do not fit a BPF array")?;
+    aya::EbpfLoader::new()
+        // VIP entries of the old and the new configuration coexist during an
+        // apply, plus one address marker per VIP address.
+        .map_max_entries("VIPS", 4 * sizes.max_vips)
+        .map_max_entries("MAGLEV", rings)
+        .map_max_entries("BACKENDS", sizes.max_backends)
+        .map_max_entries("FLOWS", sizes.flow_table_size)
+        .map_max_entries("VIP_STATS", sizes.max_vips)
+        .map_max_entries("BACKEND_STATS", sizes.max_backends)
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF object")
+}
+
+/// The balancer's maps, taken out of a loaded object.
+pub struct KernelDatapath {
+    settings: Array<MapData, Settings>,
+    backends: Array<MapData, BackendInfo>,
+    maglev: Array<MapData, u32>,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    tx_ports: DevMapHash<MapData>,
+    vip_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    outcomes: PerCpuArray<MapData, PacketCounter>,
+    maglev_size: u32,
+    cpus: usize,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn sum_counters(values: PerCpuValues<TrafficCounters>) -> TrafficCounters {
+    values.iter().fold(TrafficCounters::default(), |acc, v| TrafficCounters {
+        packets: acc.packets + v.packets,
+        bytes: acc.bytes + v.bytes,
+        new_flows: acc.new_flows + v.new_flows,
+    })
+}
+
+pub fn sum_packets(values: &PerCpuValues<PacketCounter>) -> PacketCounter {
+    values.iter().fold(PacketCounter::default(), |acc, v| PacketCounter {
+        packets: acc.packets + v.packets,
+        bytes: acc.bytes + v.bytes,
+    })
+}
+
+impl KernelDatapath {
+    pub fn new(ebpf: &mut Ebpf, maglev_size: u32) -> Result<Self> {
+        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        Ok(Self {
+            settings: take(ebpf, "SETTINGS")?,
+            backends: take(ebpf, "BACKENDS")?,
+            maglev: take(ebpf, "MAGLEV")?,
+            vips: take(ebpf, "VIPS")?,
+            tx_ports: take(ebpf, "TX_PORTS")?,
+            vip_stats: take(ebpf, "VIP_STATS")?,
+            backend_stats: take(ebpf, "BACKEND_STATS")?,
+            outcomes: take(ebpf, "OUTCOMES")?,
+            maglev_size,
+            cpus,
+        })
+    }
+
+    fn zeros<T: aya::Pod + Default>(&self) -> Result<PerCpuValues<T>> {
+        PerCpuValues::try_from(vec![T::default(); self.cpus]).context("building per-CPU values")
+    }
+}
+
+impl Datapath for KernelDatapath {
+    fn set_settings(&mut self, settings: &Settings) -> Result<()> {
+        self.settings.set(0, settings, 0).context("writing SETTINGS")
+    }
+
+    fn set_backend(&mut self, id: u32, backend: &BackendInfo) -> Result<()> {
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing backend {id}"))
+    }
+
+    fn set_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()> {
+        let base = ring * self.maglev_size;
+        for (i, id) in slots.iter().enumerate() {
+            self.maglev
+                .set(base + i as u32, id, 0)
+                .with_context(|| format!("writing Maglev ring {ring}"))?;
+        }
+        Ok(())
+    }
+
+    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        self.vips.insert(key, info, 0).context("writing a VIP")
+    }
+
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.vips.remove(key).context("removing a VIP")
+    }
+
+    fn clear_vip_counters(&mut self, vip_id: u32) -> Result<()> {
+        let zeros = self.zeros()?;
+        self.vip_stats.set(vip_id, zeros, 0).context("clearing VIP counters")
+    }
+
+    fn clear_backend_counters(&mut self, id: u32) -> Result<()> {
+        let zeros = self.zeros()?;
+        self.backend_stats
+            .set(id, zeros, 0)
+            .context("clearing backend counters")
+    }
+
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("adding interface {ifindex} to TX_PORTS"))
+    }
+
+    fn vip_counters(&self, vip_id: u32) -> Result<TrafficCounters> {
+        Ok(sum_counters(self.vip_stats.get(&vip_id, 0)?))
+    }
+
+    fn backend_counters(&self, id: u32) -> Result<TrafficCounters> {
+        Ok(sum_counters(self.backend_stats.get(&id, 0)?))
+    }
+
+    fn outcomes(&self) -> Result<Vec<PacketCounter>> {
+        (0..OUTCOME_COUNT)
+            .map(|i| Ok(sum_packets(&self.outcomes.get(&i, 0)?)))
+            .collect()
+    }
+}
+
+/// The decapsulator's maps.
+pub struct DecapMaps {
+    addrs: HashMap<MapData, HostAddr, u32>,
+    outcomes: PerCpuArray<MapData, PacketCounter>,
+}
+
+impl DecapMaps {
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            addrs: take(ebpf, "DECAP_ADDRS")?,
+            outcomes: take(ebpf, "DECAP_OUTCOMES")?,
+        })
+    }
+
+    pub fn add_address(&mut self, addr: std::net::IpAddr) -> Result<()> {
+        let (addr, family) = crate::balancer::addr_bytes(addr);
+        let key = HostAddr {
+            addr,
+            family,
+            _pad: [0; 3],
+        };
+        self.addrs.insert(key, 1, 0).context("writing DECAP_ADDRS")
+    }
+
+    pub fn outcomes(&self) -> Result<Vec<PacketCounter>> {
+        (0..DECAP_OUTCOME_COUNT)
+            .map(|i| Ok(sum_packets(&self.outcomes.get(&i, 0)?)))
+            .collect()
+    }
+}

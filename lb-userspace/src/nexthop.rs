@@ -1,0 +1,451 @@
+//! Next-hop resolution for backends: output interface and the MAC pair to write into forwarded frames, looked up with rtnetlink.
+
+use std::fmt::Display;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::pin::pin;
+
+use anyhow::{anyhow, bail, Context};
+use futures::{Stream, StreamExt, TryStreamExt};
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+use rtnetlink::packet_route::{
+    link::LinkAttribute,
+    neighbour::{NeighbourAttribute, NeighbourMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
+    AddressFamily, RouteNetlinkMessage,
+};
+
+/// Where packets toward a backend leave this host and to which MAC they go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    /// Output interface (from the route lookup).
+    pub ifindex: u32,
+    /// MAC address of that interface.
+    pub src_mac: [u8; 6],
+    /// MAC of the gateway (if the route has one) or of the destination itself.
+    pub dst_mac: [u8; 6],
+}
+
+/// Resolves next hops with rtnetlink in the current network namespace.
+pub struct Resolver {
+    handle: rtnetlink::Handle,
+}
+
+/// Neighbour states whose link-layer address may be used (the kernel's `NUD_VALID`).
+const NUD_VALID: u16 = libc::NUD_PERMANENT
+    | libc::NUD_NOARP
+    | libc::NUD_REACHABLE
+    | libc::NUD_PROBE
+    | libc::NUD_STALE
+    | libc::NUD_DELAY;
+
+/// Port of the datagram that triggers neighbour resolution: "discard", so a backend that receives it does nothing.
+const DISCARD_PORT: u16 = 9;
+
+impl Resolver {
+    /// Opens the rtnetlink socket (bound to the calling thread's network namespace) and spawns its connection task.
+    /// Must be called inside a tokio runtime.
+    pub fn new() -> anyhow::Result<Self> {
+        // Checked up front because both the socket registration and the spawn would panic outside a runtime.
+        let runtime = tokio::runtime::Handle::try_current()
+            .context("nexthop::Resolver::new must be called inside a tokio runtime")?;
+        let (connection, handle, _) =
+            rtnetlink::new_connection().context("cannot open rtnetlink socket")?;
+        runtime.spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// Resolves the next hop toward `dst`.
+    ///
+    /// Returns `Ok(None)` while the neighbour (the gateway, or `dst` if it is on-link) has no usable link-layer
+    /// address yet; resolution has then been triggered and the caller should retry later.
+    /// Returns `Err` if there is no unicast route to `dst`.
+    pub async fn resolve(&self, dst: IpAddr) -> anyhow::Result<Option<NextHop>> {
+        let (ifindex, gateway) = self.route(dst).await?;
+        // The interface is checked before the neighbour so that a non-Ethernet output fails at once
+        // instead of reporting "not resolved yet" forever.
+        let src_mac = self.link_mac(ifindex).await?;
+        match self.neighbour(ifindex, gateway.unwrap_or(dst)).await? {
+            Some(dst_mac) => Ok(Some(NextHop {
+                ifindex,
+                src_mac,
+                dst_mac,
+            })),
+            None => {
+                trigger_resolution(dst, ifindex).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Returns the ifindex of the interface called `name`.
+    pub async fn ifindex(&self, name: &str) -> anyhow::Result<u32> {
+        let link = first(self.handle.link().get().match_name(name).execute())
+            .await
+            .map_err(|e| refused(e, format_args!("no interface named {name:?}")))?
+            .ok_or_else(|| anyhow!("no interface named {name:?}"))?;
+        Ok(link.header.index)
+    }
+
+    /// Asks the kernel for the route it would use for `dst` (`ip route get`): output interface and gateway.
+    async fn route(&self, dst: IpAddr) -> anyhow::Result<(u32, Option<IpAddr>)> {
+        let mut request = RouteMessage::default();
+        request.header.address_family = family(dst);
+        request.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
+        request
+            .attributes
+            .push(RouteAttribute::Destination(dst.into()));
+        // A Destination attribute makes rtnetlink send a single lookup rather than a table dump.
+        let route = first(self.handle.route().get(request).execute())
+            .await
+            .map_err(|e| refused(e, format_args!("no route to {dst}")))?
+            .ok_or_else(|| anyhow!("no route to {dst}: empty reply from the kernel"))?;
+        if route.header.kind != RouteType::Unicast {
+            bail!(
+                "no unicast route to {dst} (the kernel returned a {:?} route)",
+                route.header.kind
+            );
+        }
+        let (mut oif, mut gateway) = (None, None);
+        for attribute in route.attributes {
+            match attribute {
+                RouteAttribute::Oif(index) => oif = Some(index),
+                RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(a.into()),
+                RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(a.into()),
+                // IPv4 routes with an IPv6 next hop (RFC 5549) carry it in RTA_VIA.
+                RouteAttribute::Via(RouteVia::Inet(a)) => gateway = Some(a.into()),
+                RouteAttribute::Via(RouteVia::Inet6(a)) => gateway = Some(a.into()),
+                _ => {}
+            }
+        }
+        let oif = oif.ok_or_else(|| anyhow!("route to {dst} has no output interface"))?;
+        Ok((oif, gateway))
+    }
+
+    /// MAC address of interface `ifindex`.
+    async fn link_mac(&self, ifindex: u32) -> anyhow::Result<[u8; 6]> {
+        let link = first(self.handle.link().get().match_index(ifindex).execute())
+            .await
+            .map_err(|e| refused(e, format_args!("no interface with index {ifindex}")))?
+            .ok_or_else(|| anyhow!("no interface with index {ifindex}"))?;
+        link.attributes
+            .into_iter()
+            .find_map(|attribute| match attribute {
+                LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac).ok(),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("interface {ifindex} has no Ethernet address"))
+    }
+
+    /// Link-layer address of neighbour `addr` on `ifindex`, if the entry exists and is usable.
+    async fn neighbour(&self, ifindex: u32, addr: IpAddr) -> anyhow::Result<Option<[u8; 6]>> {
+        // rtnetlink's NeighbourGetRequest always dumps the whole table; the kernel can look up one entry
+        // (neigh_get) when given the device and NDA_DST, so the request is built by hand.
+        let mut query = NeighbourMessage::default();
+        query.header.family = family(addr);
+        query.header.ifindex = ifindex;
+        query
+            .attributes
+            .push(NeighbourAttribute::Destination(addr.into()));
+        let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetNeighbour(query));
+        request.header.flags = NLM_F_REQUEST;
+        let replies = self
+            .handle
+            .clone()
+            .request(request)
+            .context("rtnetlink connection is closed")?;
+        let reply = pin!(replies)
+            .next()
+            .await
+            .ok_or_else(|| anyhow!("no reply to neighbour lookup for {addr}"))?;
+        let entry = match reply.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(entry)) => entry,
+            NetlinkPayload::Error(e) if e.raw_code() == -libc::ENOENT => return Ok(None),
+            NetlinkPayload::Error(e) => {
+                bail!("neighbour lookup for {addr} on interface {ifindex} failed: {e}")
+            }
+            other => bail!("unexpected reply to neighbour lookup for {addr}: {other:?}"),
+        };
+        if u16::from(entry.header.state) & NUD_VALID == 0 {
+            return Ok(None);
+        }
+        Ok(entry
+            .attributes
+            .into_iter()
+            .find_map(|attribute| match attribute {
+                NeighbourAttribute::LinkLayerAddress(mac) => <[u8; 6]>::try_from(mac).ok(),
+                _ => None,
+            }))
+    }
+}
+
+/// Makes the kernel start ARP / neighbour discovery, which it only does when it has a packet to send.
+/// Sent to `dst` rather than the gateway so it takes exactly the route that was looked up (also for `onlink`
+/// gateways that no connected route covers). Failures are ignored: the caller retries anyway.
+async fn trigger_resolution(dst: IpAddr, ifindex: u32) {
+    let (bind, target): (SocketAddr, SocketAddr) = match dst {
+        IpAddr::V4(a) => ((Ipv4Addr::UNSPECIFIED, 0).into(), (a, DISCARD_PORT).into()),
+        // The scope id is needed for a link-local `dst` and ignored by the kernel otherwise.
+        IpAddr::V6(a) => (
+            (Ipv6Addr::UNSPECIFIED, 0).into(),
+            SocketAddrV6::new(a, DISCARD_PORT, 0, ifindex).into(),
+        ),
+    };
+    if let Ok(socket) = tokio::net::UdpSocket::bind(bind).await {
+        let _ = socket.send_to(&[], target).await;
+    }
+}
+
+/// First message of a reply stream.
+async fn first<T>(
+    replies: impl Stream<Item = Result<T, rtnetlink::Error>>,
+) -> Result<Option<T>, rtnetlink::Error> {
+    pin!(replies).try_next().await
+}
+
+/// Reports a kernel error reply as `what` plus the errno text, and any other failure (a broken connection,
+/// an undecodable reply) as what it is, so that those are not mistaken for "not found".
+fn refused(error: rtnetlink::Error, what: impl Display) -> anyhow::Error {
+    match error {
+        rtnetlink::Error::NetlinkError(e) => anyhow!("{what} ({e})"),
+        other => anyhow::Error::new(other).context("rtnetlink request failed"),
+    }
+}
+
+fn family(addr: IpAddr) -> AddressFamily {
+    match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    fn run(args: &[&str]) -> String {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect("spawn command");
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Two namespaces joined by a veth pair; deleted on drop, also when the test panics.
+    struct NetnsPair {
+        local: String,
+        peer: String,
+    }
+
+    impl NetnsPair {
+        const LOCAL_IF: &str = "lbnh-a";
+        const PEER_IF: &str = "lbnh-b";
+
+        fn new() -> Self {
+            let pid = std::process::id();
+            let pair = Self {
+                local: format!("lbnh-test-{pid}-a"),
+                peer: format!("lbnh-test-{pid}-b"),
+            };
+            for ns in [&pair.local, &pair.peer] {
+                run(&["ip", "netns", "add", ns]);
+                // DAD would leave the kernel-made link-local addresses tentative (unanswered) for a while.
+                run(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                ]);
+            }
+            let (l, p) = (pair.local.as_str(), pair.peer.as_str());
+            run(&[
+                "ip",
+                "-n",
+                l,
+                "link",
+                "add",
+                Self::LOCAL_IF,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                Self::PEER_IF,
+                "netns",
+                p,
+            ]);
+            for (ns, dev, v4, v6) in [
+                (l, Self::LOCAL_IF, "198.18.0.1/24", "fd00:18::1/64"),
+                (p, Self::PEER_IF, "198.18.0.2/24", "fd00:18::2/64"),
+            ] {
+                run(&["ip", "-n", ns, "addr", "add", v4, "dev", dev]);
+                run(&["ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
+                run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+                run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            }
+            let peer_ll = pair.peer_link_local();
+            run(&[
+                "ip",
+                "-n",
+                l,
+                "route",
+                "add",
+                "198.19.0.0/24",
+                "via",
+                "198.18.0.2",
+            ]);
+            run(&[
+                "ip",
+                "-n",
+                l,
+                "route",
+                "add",
+                "fd00:19::/64",
+                "via",
+                &peer_ll,
+                "dev",
+                Self::LOCAL_IF,
+            ]);
+            pair
+        }
+
+        fn sys(&self, ns: &str, dev: &str, file: &str) -> String {
+            // `ip netns exec` mounts the namespace's own sysfs.
+            let path = format!("/sys/class/net/{dev}/{file}");
+            run(&["ip", "netns", "exec", ns, "cat", &path])
+                .trim()
+                .to_owned()
+        }
+
+        fn mac(&self, ns: &str, dev: &str) -> [u8; 6] {
+            let text = self.sys(ns, dev, "address");
+            let bytes: Vec<u8> = text
+                .split(':')
+                .map(|b| u8::from_str_radix(b, 16).expect("hex MAC byte"))
+                .collect();
+            bytes.try_into().expect("6-byte MAC")
+        }
+
+        fn peer_link_local(&self) -> String {
+            let out = run(&[
+                "ip",
+                "-n",
+                &self.peer,
+                "-6",
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                Self::PEER_IF,
+                "scope",
+                "link",
+            ]);
+            let mut words = out.split_whitespace().skip_while(|w| *w != "inet6");
+            let cidr = words.nth(1).expect("peer has a link-local address");
+            cidr.split('/').next().unwrap_or(cidr).to_owned()
+        }
+    }
+
+    impl Drop for NetnsPair {
+        fn drop(&mut self) {
+            for ns in [&self.local, &self.peer] {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+    }
+
+    /// Retries `resolve` like the agent does until the neighbour answers.
+    async fn resolve_eventually(resolver: &Resolver, dst: IpAddr) -> NextHop {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match resolver.resolve(dst).await {
+                Ok(Some(hop)) => return hop,
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                other => panic!("resolve({dst}) did not converge: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn new_outside_runtime_fails() {
+        assert!(Resolver::new().is_err());
+    }
+
+    #[test]
+    fn resolves_in_namespace_pair() {
+        let pair = NetnsPair::new();
+        let expected = NextHop {
+            ifindex: pair
+                .sys(&pair.local, NetnsPair::LOCAL_IF, "ifindex")
+                .parse()
+                .expect("ifindex"),
+            src_mac: pair.mac(&pair.local, NetnsPair::LOCAL_IF),
+            dst_mac: pair.mac(&pair.peer, NetnsPair::PEER_IF),
+        };
+        let netns = format!("/var/run/netns/{}", pair.local);
+        let worker = std::thread::spawn(move || {
+            let ns = File::open(&netns).expect("open netns file");
+            // SAFETY: plain syscall on a valid fd; it only affects this thread, which owns no sockets yet.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            runtime.block_on(async {
+                let resolver = Resolver::new().expect("resolver");
+                assert_eq!(
+                    resolver
+                        .ifindex(NetnsPair::LOCAL_IF)
+                        .await
+                        .expect("ifindex"),
+                    expected.ifindex
+                );
+                let err = resolver
+                    .ifindex("nonexistent0")
+                    .await
+                    .expect_err("no such interface");
+                assert!(err.to_string().contains("nonexistent0"), "{err}");
+
+                for dst in ["198.18.0.2", "fd00:18::2", "198.19.0.5", "fd00:19::5"] {
+                    let dst: IpAddr = dst.parse().expect("address");
+                    // The first lookup may well find no neighbour entry yet; it must not fail.
+                    let first = resolver.resolve(dst).await;
+                    assert!(first.is_ok(), "{dst}: {first:?}");
+                    assert_eq!(resolve_eventually(&resolver, dst).await, expected, "{dst}");
+                }
+
+                for dst in ["198.19.255.1", "fd00:ffff::1"] {
+                    let err = resolver
+                        .resolve(dst.parse().expect("address"))
+                        .await
+                        .expect_err(dst);
+                    assert!(
+                        err.to_string().contains(&format!("no route to {dst}")),
+                        "{err}"
+                    );
+                }
+                let local = resolver
+                    .resolve("198.18.0.1".parse().expect("address"))
+                    .await;
+                assert!(local.is_err(), "local address: {local:?}");
+            });
+        });
+        if let Err(panic) = worker.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Project tasks: `cargo xtask build-ebpf | build | test | demo`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and demo tasks for the load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the XDP programs (bpfel-unknown-none, nightly, bpf-linker).
+    BuildEbpf,
+    /// Build the eBPF object, then lb-agent and lbctl.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit tests, datapath fixtures and end-to-end tests in
+    /// network namespaces (needs root).
+    Test {
+        /// Extra arguments for `cargo test` after `--` (a test name filter, ...).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build a namespace topology (client, LB, three backends), run the agent,
+    /// send real traffic, print `lbctl status`, and remove everything.
+    Demo,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Path of the built eBPF object.
+fn ebpf_object() -> PathBuf {
+    root().join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
+}
+
+fn build_ebpf() -> Result<()> {
+    let dir = root().join("lb-ebpf");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&dir)
+        // The nightly toolchain comes from lb-ebpf/rust-toolchain.toml; clear
+        // what the outer (stable) cargo exported so it does not leak in.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO")
+        .env("CARGO_TARGET_DIR", root().join("target/ebpf"))
+        .args(["build", "--release", "--locked"]);
+    run(&mut cmd).context("building the eBPF programs (did scripts/bootstrap.sh run?)")?;
+    println!("eBPF object: {}", ebpf_object().display());
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root()).args(args);
+    cmd
+}
+
+fn build(release: bool) -> Result<()> {
+    build_ebpf()?;
+    let mut args = vec!["build", "--locked", "-p", "lb-userspace", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    run(&mut cargo(&args))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::BuildEbpf => build_ebpf(),
+        Task::Build { release } => build(release),
+        Task::Test { args } => {
+            build(false)?;
+            let mut cmd = cargo(&["test", "--locked", "--workspace"]);
+            // The namespace tests share one kernel: run test binaries' cases one
+            // at a time so their topologies and timing do not interfere.
+            cmd.arg("--").arg("--test-threads=1").args(&args);
+            cmd.env("LB_BIN_DIR", root().join("target/debug"));
+            run(&mut cmd)
+        }
+        Task::Demo => {
+            build(false)?;
+            run(cargo(&["run", "--locked", "-q", "-p", "lb-tests", "--bin", "lb-demo"])
+                .env("LB_BIN_DIR", root().join("target/debug")))
+        }
+    }
+}
