@@ -45,6 +45,15 @@ pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
     }
 }
 
+/// The inverse of `addr_bytes`.
+pub fn addr_from_bytes(addr: [u8; 16], family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        IpAddr::from(addr)
+    }
+}
+
 /// The datapath key of a VIP.
 pub fn vip_key(address: IpAddr, port: u16, protocol: Protocol) -> VipKey {
     let (addr, family) = addr_bytes(address);

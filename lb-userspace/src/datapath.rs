@@ -225,6 +225,17 @@ impl DecapMaps {
         self.addrs.insert(key, 1, 0).context("writing DECAP_ADDRS")
     }
 
+    /// The addresses decapsulated for, as the map holds them.
+    pub fn addresses(&self) -> Result<Vec<std::net::IpAddr>> {
+        self.addrs
+            .keys()
+            .map(|k| {
+                let k = k.context("reading DECAP_ADDRS")?;
+                Ok(crate::balancer::addr_from_bytes(k.addr, k.family))
+            })
+            .collect()
+    }
+
     pub fn outcomes(&self) -> Result<Vec<PacketCounter>> {
         (0..DECAP_OUTCOME_COUNT)
             .map(|i| Ok(sum_packets(&self.outcomes.get(&i, 0)?)))

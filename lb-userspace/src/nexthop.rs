@@ -1,4 +1,5 @@
-//! Next-hop resolution for backends: output interface and the MAC pair to write into forwarded frames, looked up with rtnetlink.
+//! Next-hop resolution for backends: the output interface and the MAC pair to write into
+//! forwarded frames, looked up with rtnetlink (route, neighbour and link tables).
 
 use std::fmt::Display;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
@@ -38,14 +39,17 @@ const NUD_VALID: u16 = libc::NUD_PERMANENT
     | libc::NUD_STALE
     | libc::NUD_DELAY;
 
-/// Port of the datagram that triggers neighbour resolution: "discard", so a backend that receives it does nothing.
+/// Port of the datagram that triggers neighbour resolution: "discard", so a backend that
+/// receives it does nothing.
 const DISCARD_PORT: u16 = 9;
 
 impl Resolver {
-    /// Opens the rtnetlink socket (bound to the calling thread's network namespace) and spawns its connection task.
+    /// Opens the rtnetlink socket (bound to the calling thread's network namespace) and spawns
+    /// its connection task.
     /// Must be called inside a tokio runtime.
     pub fn new() -> anyhow::Result<Self> {
-        // Checked up front because both the socket registration and the spawn would panic outside a runtime.
+        // Checked up front because both the socket registration and the spawn would panic
+        // outside a runtime.
         let runtime = tokio::runtime::Handle::try_current()
             .context("nexthop::Resolver::new must be called inside a tokio runtime")?;
         let (connection, handle, _) =
@@ -56,8 +60,9 @@ impl Resolver {
 
     /// Resolves the next hop toward `dst`.
     ///
-    /// Returns `Ok(None)` while the neighbour (the gateway, or `dst` if it is on-link) has no usable link-layer
-    /// address yet; resolution has then been triggered and the caller should retry later.
+    /// Returns `Ok(None)` while the neighbour (the gateway, or `dst` if it is on-link) has no
+    /// usable link-layer address yet; resolution has then been triggered and the caller should
+    /// retry later.
     /// Returns `Err` if there is no unicast route to `dst`.
     pub async fn resolve(&self, dst: IpAddr) -> anyhow::Result<Option<NextHop>> {
         let (ifindex, gateway) = self.route(dst).await?;
@@ -86,7 +91,8 @@ impl Resolver {
         Ok(link.header.index)
     }
 
-    /// Asks the kernel for the route it would use for `dst` (`ip route get`): output interface and gateway.
+    /// Asks the kernel for the route it would use for `dst` (`ip route get`): output interface
+    /// and gateway.
     async fn route(&self, dst: IpAddr) -> anyhow::Result<(u32, Option<IpAddr>)> {
         let mut request = RouteMessage::default();
         request.header.address_family = family(dst);
@@ -138,8 +144,8 @@ impl Resolver {
 
     /// Link-layer address of neighbour `addr` on `ifindex`, if the entry exists and is usable.
     async fn neighbour(&self, ifindex: u32, addr: IpAddr) -> anyhow::Result<Option<[u8; 6]>> {
-        // rtnetlink's NeighbourGetRequest always dumps the whole table; the kernel can look up one entry
-        // (neigh_get) when given the device and NDA_DST, so the request is built by hand.
+        // rtnetlink's NeighbourGetRequest always dumps the whole table; the kernel can look up one
+        // entry (neigh_get) when given the device and NDA_DST, so the request is built by hand.
         let mut query = NeighbourMessage::default();
         query.header.family = family(addr);
         query.header.ifindex = ifindex;
@@ -178,9 +184,10 @@ impl Resolver {
     }
 }
 
-/// Makes the kernel start ARP / neighbour discovery, which it only does when it has a packet to send.
-/// Sent to `dst` rather than the gateway so it takes exactly the route that was looked up (also for `onlink`
-/// gateways that no connected route covers). Failures are ignored: the caller retries anyway.
+/// Makes the kernel start ARP / neighbour discovery, which it only does when it has a packet to
+/// send. Sent to `dst` rather than the gateway so it takes exactly the route that was looked up
+/// (also for `onlink` gateways that no connected route covers). Failures are ignored: the caller
+/// retries anyway.
 async fn trigger_resolution(dst: IpAddr, ifindex: u32) {
     let (bind, target): (SocketAddr, SocketAddr) = match dst {
         IpAddr::V4(a) => ((Ipv4Addr::UNSPECIFIED, 0).into(), (a, DISCARD_PORT).into()),
@@ -202,8 +209,9 @@ async fn first<T>(
     pin!(replies).try_next().await
 }
 
-/// Reports a kernel error reply as `what` plus the errno text, and any other failure (a broken connection,
-/// an undecodable reply) as what it is, so that those are not mistaken for "not found".
+/// Reports a kernel error reply as `what` plus the errno text, and any other failure (a broken
+/// connection, an undecodable reply) as what it is, so that those are not mistaken for "not
+/// found".
 fn refused(error: rtnetlink::Error, what: impl Display) -> anyhow::Error {
     match error {
         rtnetlink::Error::NetlinkError(e) => anyhow!("{what} ({e})"),
@@ -226,17 +234,32 @@ mod tests {
     use std::process::Command;
     use std::time::{Duration, Instant};
 
-    fn run(args: &[&str]) -> String {
-        let out = Command::new(args[0])
-            .args(&args[1..])
+    const LOCAL_IF: &str = "lbnh-a";
+    const PEER_IF: &str = "lbnh-b";
+
+    /// Runs a command given as one whitespace-separated string and returns its stdout.
+    fn sh(command: &str) -> String {
+        let mut words = command.split_whitespace();
+        let program = words.next().expect("empty command");
+        let out = Command::new(program)
+            .args(words)
             .output()
             .expect("spawn command");
         assert!(
             out.status.success(),
-            "{args:?} failed: {}",
+            "`{command}` failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn parse_mac(text: &str) -> [u8; 6] {
+        let bytes: Vec<u8> = text
+            .trim()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).expect("hex MAC byte"))
+            .collect();
+        bytes.try_into().expect("6-byte MAC")
     }
 
     /// Two namespaces joined by a veth pair; deleted on drop, also when the test panics.
@@ -246,111 +269,56 @@ mod tests {
     }
 
     impl NetnsPair {
-        const LOCAL_IF: &str = "lbnh-a";
-        const PEER_IF: &str = "lbnh-b";
-
         fn new() -> Self {
             let pid = std::process::id();
             let pair = Self {
                 local: format!("lbnh-test-{pid}-a"),
                 peer: format!("lbnh-test-{pid}-b"),
             };
-            for ns in [&pair.local, &pair.peer] {
-                run(&["ip", "netns", "add", ns]);
-                // DAD would leave the kernel-made link-local addresses tentative (unanswered) for a while.
-                run(&[
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv6.conf.all.accept_dad=0",
-                    "net.ipv6.conf.default.accept_dad=0",
-                ]);
+            let (l, p) = (&pair.local, &pair.peer);
+            for ns in [l, p] {
+                sh(&format!("ip netns add {ns}"));
+                // DAD would keep the kernel-made link-local addresses tentative (unanswered)
+                // for a while.
+                sh(&format!(
+                    "ip netns exec {ns} sysctl -qw net.ipv6.conf.all.accept_dad=0 \
+                     net.ipv6.conf.default.accept_dad=0"
+                ));
             }
-            let (l, p) = (pair.local.as_str(), pair.peer.as_str());
-            run(&[
-                "ip",
-                "-n",
-                l,
-                "link",
-                "add",
-                Self::LOCAL_IF,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                Self::PEER_IF,
-                "netns",
-                p,
-            ]);
+            sh(&format!(
+                "ip -n {l} link add {LOCAL_IF} type veth peer name {PEER_IF} netns {p}"
+            ));
             for (ns, dev, v4, v6) in [
-                (l, Self::LOCAL_IF, "198.18.0.1/24", "fd00:18::1/64"),
-                (p, Self::PEER_IF, "198.18.0.2/24", "fd00:18::2/64"),
+                (l, LOCAL_IF, "198.18.0.1/24", "fd00:18::1/64"),
+                (p, PEER_IF, "198.18.0.2/24", "fd00:18::2/64"),
             ] {
-                run(&["ip", "-n", ns, "addr", "add", v4, "dev", dev]);
-                run(&["ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
-                run(&["ip", "-n", ns, "link", "set", dev, "up"]);
-                run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+                sh(&format!("ip -n {ns} addr add {v4} dev {dev}"));
+                sh(&format!("ip -n {ns} addr add {v6} dev {dev} nodad"));
+                sh(&format!("ip -n {ns} link set {dev} up"));
+                sh(&format!("ip -n {ns} link set lo up"));
             }
             let peer_ll = pair.peer_link_local();
-            run(&[
-                "ip",
-                "-n",
-                l,
-                "route",
-                "add",
-                "198.19.0.0/24",
-                "via",
-                "198.18.0.2",
-            ]);
-            run(&[
-                "ip",
-                "-n",
-                l,
-                "route",
-                "add",
-                "fd00:19::/64",
-                "via",
-                &peer_ll,
-                "dev",
-                Self::LOCAL_IF,
-            ]);
+            sh(&format!("ip -n {l} route add 198.19.0.0/24 via 198.18.0.2"));
+            sh(&format!(
+                "ip -n {l} route add fd00:19::/64 via {peer_ll} dev {LOCAL_IF}"
+            ));
             pair
         }
 
-        fn sys(&self, ns: &str, dev: &str, file: &str) -> String {
-            // `ip netns exec` mounts the namespace's own sysfs.
-            let path = format!("/sys/class/net/{dev}/{file}");
-            run(&["ip", "netns", "exec", ns, "cat", &path])
-                .trim()
-                .to_owned()
-        }
-
-        fn mac(&self, ns: &str, dev: &str) -> [u8; 6] {
-            let text = self.sys(ns, dev, "address");
-            let bytes: Vec<u8> = text
-                .split(':')
-                .map(|b| u8::from_str_radix(b, 16).expect("hex MAC byte"))
-                .collect();
-            bytes.try_into().expect("6-byte MAC")
+        /// Reads /sys/class/net/DEV/FILE inside namespace `ns` (`ip netns exec` mounts its sysfs).
+        fn sys(ns: &str, dev: &str, file: &str) -> String {
+            sh(&format!(
+                "ip netns exec {ns} cat /sys/class/net/{dev}/{file}"
+            ))
+            .trim()
+            .to_owned()
         }
 
         fn peer_link_local(&self) -> String {
-            let out = run(&[
-                "ip",
-                "-n",
-                &self.peer,
-                "-6",
-                "-o",
-                "addr",
-                "show",
-                "dev",
-                Self::PEER_IF,
-                "scope",
-                "link",
-            ]);
+            let out = sh(&format!(
+                "ip -n {} -6 -o addr show dev {PEER_IF} scope link",
+                self.peer
+            ));
             let mut words = out.split_whitespace().skip_while(|w| *w != "inet6");
             let cidr = words.nth(1).expect("peer has a link-local address");
             cidr.split('/').next().unwrap_or(cidr).to_owned()
@@ -379,6 +347,10 @@ mod tests {
         }
     }
 
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("IP address literal")
+    }
+
     #[test]
     fn new_outside_runtime_fails() {
         assert!(Resolver::new().is_err());
@@ -387,18 +359,18 @@ mod tests {
     #[test]
     fn resolves_in_namespace_pair() {
         let pair = NetnsPair::new();
+        let local = pair.local.clone();
         let expected = NextHop {
-            ifindex: pair
-                .sys(&pair.local, NetnsPair::LOCAL_IF, "ifindex")
+            ifindex: NetnsPair::sys(&local, LOCAL_IF, "ifindex")
                 .parse()
                 .expect("ifindex"),
-            src_mac: pair.mac(&pair.local, NetnsPair::LOCAL_IF),
-            dst_mac: pair.mac(&pair.peer, NetnsPair::PEER_IF),
+            src_mac: parse_mac(&NetnsPair::sys(&local, LOCAL_IF, "address")),
+            dst_mac: parse_mac(&NetnsPair::sys(&pair.peer, PEER_IF, "address")),
         };
-        let netns = format!("/var/run/netns/{}", pair.local);
         let worker = std::thread::spawn(move || {
-            let ns = File::open(&netns).expect("open netns file");
-            // SAFETY: plain syscall on a valid fd; it only affects this thread, which owns no sockets yet.
+            let ns = File::open(format!("/var/run/netns/{local}")).expect("open netns file");
+            // SAFETY: plain syscall on a valid fd; it switches only this thread, which has no
+            // sockets yet.
             let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -407,41 +379,52 @@ mod tests {
                 .expect("tokio runtime");
             runtime.block_on(async {
                 let resolver = Resolver::new().expect("resolver");
-                assert_eq!(
-                    resolver
-                        .ifindex(NetnsPair::LOCAL_IF)
-                        .await
-                        .expect("ifindex"),
-                    expected.ifindex
-                );
+                let index = resolver.ifindex(LOCAL_IF).await.expect("ifindex");
+                assert_eq!(index, expected.ifindex);
                 let err = resolver
                     .ifindex("nonexistent0")
                     .await
-                    .expect_err("no such interface");
+                    .expect_err("nonexistent0 must not resolve");
                 assert!(err.to_string().contains("nonexistent0"), "{err}");
 
+                // Direct and via-gateway (IPv4 and IPv6 link-local) destinations, each starting
+                // from an empty neighbour table so that resolution has to be triggered.
                 for dst in ["198.18.0.2", "fd00:18::2", "198.19.0.5", "fd00:19::5"] {
-                    let dst: IpAddr = dst.parse().expect("address");
-                    // The first lookup may well find no neighbour entry yet; it must not fail.
-                    let first = resolver.resolve(dst).await;
+                    sh(&format!("ip -n {local} neigh flush dev {LOCAL_IF}"));
+                    let first = resolver.resolve(ip(dst)).await;
                     assert!(first.is_ok(), "{dst}: {first:?}");
-                    assert_eq!(resolve_eventually(&resolver, dst).await, expected, "{dst}");
+                    let hop = resolve_eventually(&resolver, ip(dst)).await;
+                    assert_eq!(hop, expected, "{dst}");
                 }
 
-                for dst in ["198.19.255.1", "fd00:ffff::1"] {
-                    let err = resolver
-                        .resolve(dst.parse().expect("address"))
-                        .await
-                        .expect_err(dst);
-                    assert!(
-                        err.to_string().contains(&format!("no route to {dst}")),
-                        "{err}"
-                    );
+                // Nobody answers for .99: the entry stays INCOMPLETE (then FAILED), never resolved.
+                for _ in 0..2 {
+                    let silent = resolver.resolve(ip("198.18.0.99")).await;
+                    assert!(matches!(silent, Ok(None)), "{silent:?}");
                 }
-                let local = resolver
-                    .resolve("198.18.0.1".parse().expect("address"))
-                    .await;
-                assert!(local.is_err(), "local address: {local:?}");
+                let entry = sh(&format!("ip -n {local} neigh show 198.18.0.99"));
+                assert!(
+                    entry.contains("INCOMPLETE") || entry.contains("FAILED"),
+                    "{entry}"
+                );
+
+                sh(&format!(
+                    "ip -n {local} neigh add 198.18.0.77 lladdr 02:00:00:00:00:77 \
+                     dev {LOCAL_IF} nud permanent"
+                ));
+                let fixed = resolver.resolve(ip("198.18.0.77")).await.expect("resolve");
+                assert_eq!(
+                    fixed.map(|h| h.dst_mac),
+                    Some(parse_mac("02:00:00:00:00:77"))
+                );
+
+                for dst in ["198.19.255.1", "fd00:ffff::1"] {
+                    let err = resolver.resolve(ip(dst)).await.expect_err(dst);
+                    let text = err.to_string();
+                    assert!(text.contains(&format!("no route to {dst}")), "{text}");
+                }
+                let own = resolver.resolve(ip("198.18.0.1")).await;
+                assert!(own.is_err(), "local address: {own:?}");
             });
         });
         if let Err(panic) = worker.join() {

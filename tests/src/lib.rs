@@ -1,1 +1,4 @@
-
+//! Test support: packet builders, the `BPF_PROG_TEST_RUN` fixture harness, and
+//! network-namespace topologies for end-to-end tests and the demo.
+pub mod fixture;
+pub mod packet;

@@ -1,0 +1,143 @@
+//! Loads the real XDP programs and runs packets through them with
+//! `BPF_PROG_TEST_RUN`, with map state set by the agent's own balancer logic.
+use std::{collections::BTreeSet, net::IpAddr};
+
+use aya::{
+    maps::{HashMap, MapData},
+    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+use lb_common::{FlowKey, FlowState, Outcome, PacketCounter};
+use lb_userspace::{
+    balancer::{addr_bytes, Balancer},
+    config::{BalancerConfig, Config},
+    datapath::{load, Datapath as _, DecapMaps, KernelDatapath, MapSizes},
+    nexthop::NextHop,
+};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// The Maglev table size fixtures use: small, so tests can enumerate slots.
+pub const M: u32 = 13;
+/// In `BPF_PROG_TEST_RUN` the packet arrives on the loopback device.
+pub const TEST_RUN_IFINDEX: u32 = 1;
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
+
+pub struct Fixture {
+    pub ebpf: Ebpf,
+    pub balancer: Balancer<KernelDatapath>,
+    pub config: BalancerConfig,
+    decap: DecapMaps,
+}
+
+pub struct Run {
+    pub action: u32,
+    pub output: Vec<u8>,
+}
+
+pub fn config(vips: &str) -> BalancerConfig {
+    let text = format!(
+        "[datapath]\ninterfaces=[\"lo\"]\nmaglev_table_size={M}\nmax_vips=4\nmax_backends=16\nflow_table_size=1024\n\
+         [encap]\nsource_v4=\"198.18.200.0/24\"\nsource_v6=\"fd00:200::/64\"\n{vips}"
+    );
+    Config::from_toml(&text).expect("fixture config is valid").balancer.expect("has a balancer")
+}
+
+impl Fixture {
+    /// Loads both programs and applies `vips` (TOML `[[vips]]` tables); every
+    /// backend's next hop is the test-run interface, so forwarding is `XDP_TX`.
+    pub fn new(vips: &str) -> Fixture {
+        let sizes = MapSizes { maglev_size: M, max_vips: 4, max_backends: 16, flow_table_size: 1024 };
+        let mut ebpf = load(&sizes).expect("the eBPF object loads");
+        for name in ["lb_ingress", "lb_decap"] {
+            let prog: &mut Xdp = ebpf.program_mut(name).expect("program exists").try_into().expect("is XDP");
+            prog.load().unwrap_or_else(|e| panic!("the verifier accepts {name}: {e:?}"));
+        }
+        let dp = KernelDatapath::new(&mut ebpf, M).expect("maps");
+        let decap = DecapMaps::new(&mut ebpf).expect("decap maps");
+        let mut balancer = Balancer::new(dp, sizes, BTreeSet::from([TEST_RUN_IFINDEX]));
+        let config = config(vips);
+        balancer.apply(&config).expect("apply");
+        let mut f = Fixture { ebpf, balancer, config, decap };
+        f.resolve_all();
+        f
+    }
+
+    pub fn resolve_all(&mut self) {
+        for a in self.balancer.backend_addresses() {
+            let nh = NextHop { ifindex: TEST_RUN_IFINDEX, src_mac: LB_MAC, dst_mac: NEXT_HOP_MAC };
+            self.balancer.set_next_hop(a, Some(nh)).expect("next hop");
+        }
+    }
+
+    pub fn apply(&mut self, vips: &str) {
+        self.config = config(vips);
+        self.balancer.apply(&self.config).expect("apply");
+        self.resolve_all();
+    }
+
+    pub fn add_decap_address(&mut self, addr: IpAddr) {
+        self.decap.add_address(addr).expect("decap address");
+    }
+
+    fn run(&self, program: &str, input: &[u8]) -> Run {
+        let prog: &Xdp = self.ebpf.program(program).expect("program").try_into().expect("XDP");
+        let mut out = vec![0u8; input.len() + 256];
+        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
+        let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        Run { action: r.return_value, output: out }
+    }
+
+    pub fn ingress(&self, input: &[u8]) -> Run {
+        self.run("lb_ingress", input)
+    }
+
+    pub fn decap(&self, input: &[u8]) -> Run {
+        self.run("lb_decap", input)
+    }
+
+    /// Backend id of an address, as the balancer allocated it.
+    pub fn backend_id(&self, addr: &str) -> u32 {
+        let addr: IpAddr = addr.parse().expect("address");
+        self.balancer
+            .vip_status()
+            .expect("status")
+            .iter()
+            .flat_map(|v| v.backends.clone())
+            .find(|b| b.address == addr)
+            .expect("backend present")
+            .backend_id
+    }
+
+    pub fn outcome(&self, o: Outcome) -> u64 {
+        self.balancer.datapath().outcomes().expect("outcomes")[o as usize].packets
+    }
+
+    pub fn decap_outcomes(&self) -> Vec<PacketCounter> {
+        self.decap.outcomes().expect("decap outcomes")
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowState> {
+        let map: HashMap<&MapData, FlowKey, FlowState> =
+            HashMap::try_from(self.ebpf.map("FLOWS").expect("FLOWS")).expect("LRU map");
+        map.get(key, 0).ok()
+    }
+
+    pub fn decap_addresses(&self) -> usize {
+        self.decap.addresses().expect("decap addresses").len()
+    }
+}
+
+/// The flow key as the datapath builds it (ports in network byte order).
+pub fn flow_key(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> FlowKey {
+    let (s, family) = addr_bytes(src);
+    let (d, _) = addr_bytes(dst);
+    FlowKey { src: s, dst: d, sport: sport.to_be(), dport: dport.to_be(), proto, family, _pad: [0; 2] }
+}
