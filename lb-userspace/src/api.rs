@@ -41,15 +41,21 @@ pub struct NextHopStatus {
     pub mac: String,
 }
 
+/// A backend as one VIP uses it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VipBackendStatus {
+    pub address: IpAddr,
+    pub weight: u32,
+    /// Slots this backend holds in the VIP's Maglev table.
+    pub maglev_slots: u32,
+}
+
+/// A backend host, with the traffic it received over all VIPs it serves.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub address: IpAddr,
-    pub weight: u32,
     pub backend_id: u32,
-    /// Slots this backend holds in the VIP's Maglev table.
-    pub maglev_slots: u32,
     pub next_hop: Option<NextHopStatus>,
-    /// Traffic the backend received, over all VIPs it serves.
     pub counters: Counters,
 }
 
@@ -61,7 +67,7 @@ pub struct VipStatus {
     pub protocol: Protocol,
     pub vip_id: u32,
     pub counters: Counters,
-    pub backends: Vec<BackendStatus>,
+    pub backends: Vec<VipBackendStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,6 +95,7 @@ pub struct Status {
     pub interfaces: Vec<InterfaceStatus>,
     pub maglev_table_size: u32,
     pub vips: Vec<VipStatus>,
+    pub backends: Vec<BackendStatus>,
     pub outcomes: Vec<OutcomeStatus>,
     pub decap: Option<DecapStatus>,
 }

@@ -21,12 +21,12 @@ use std::{
 
 use anyhow::{bail, Result};
 use lb_common::{
-    BackendInfo, Settings, VipInfo, VipKey, BACKEND_AVAILABLE, BACKEND_USABLE, FAMILY_V4,
+    BackendInfo, Settings, TrafficCounters, VipInfo, VipKey, BACKEND_AVAILABLE, BACKEND_USABLE, FAMILY_V4,
     FAMILY_V6, NO_BACKEND,
 };
 
 use crate::{
-    api::{ApplySummary, BackendStatus, Counters, NextHopStatus, VipStatus},
+    api::{ApplySummary, BackendStatus, Counters, NextHopStatus, VipBackendStatus, VipStatus},
     config::{BalancerConfig, EncapConfig, Protocol, VipConfig},
     datapath::{Datapath, MapSizes},
     maglev,
@@ -217,8 +217,14 @@ impl<D: Datapath> Balancer<D> {
     }
 
     /// Switches the datapath to `config`. On error nothing has been written,
-    /// except when the kernel itself refuses a write midway.
-    pub fn apply(&mut self, config: &BalancerConfig) -> Result<ApplySummary> {
+    /// except when the kernel itself refuses a write midway. `next_hops` holds
+    /// what is already resolved for new backends, so their entries are complete
+    /// before any Maglev ring points at them.
+    pub fn apply(
+        &mut self,
+        config: &BalancerConfig,
+        next_hops: &BTreeMap<IpAddr, NextHop>,
+    ) -> Result<ApplySummary> {
         self.vip_ids.wake();
         self.rings.wake();
         self.backend_ids.wake();
@@ -283,7 +289,11 @@ impl<D: Datapath> Balancer<D> {
         // 1. New backends.
         for address in new_backends {
             let id = self.backend_ids.take().expect("capacity checked above");
-            let state = BackendState { id, next_hop: None };
+            let next_hop = next_hops.get(&address).copied();
+            if let Some(nh) = next_hop {
+                self.allow_tx_port(nh.ifindex)?;
+            }
+            let state = BackendState { id, next_hop };
             self.dp.clear_backend_counters(id)?;
             self.dp.set_backend(id, &state.info(address))?;
             self.backends.insert(address, state);
@@ -408,56 +418,71 @@ impl<D: Datapath> Balancer<D> {
         if state.next_hop == next_hop {
             return Ok(false);
         }
-        if let Some(nh) = next_hop {
-            if !self.local_ports.contains(&nh.ifindex) && self.tx_ports.insert(nh.ifindex) {
-                self.dp.add_tx_port(nh.ifindex)?;
-            }
-        }
         state.next_hop = next_hop;
-        let info = state.info(address);
-        self.dp.set_backend(state.id, &info)?;
+        let (id, info) = (state.id, state.info(address));
+        if let Some(nh) = next_hop {
+            self.allow_tx_port(nh.ifindex)?;
+        }
+        self.dp.set_backend(id, &info)?;
         Ok(true)
+    }
+
+    fn allow_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        if !self.local_ports.contains(&ifindex) && self.tx_ports.insert(ifindex) {
+            self.dp.add_tx_port(ifindex)?;
+        }
+        Ok(())
     }
 
     pub fn vip_status(&self) -> Result<Vec<VipStatus>> {
         let mut out = Vec::new();
         for v in self.vips.values() {
             let c = self.dp.vip_counters(v.vip_id)?;
-            let mut backends = Vec::new();
-            for b in &v.config.backends {
-                let state = &self.backends[&b.address];
-                let bc = self.dp.backend_counters(state.id)?;
-                backends.push(BackendStatus {
-                    address: b.address,
-                    weight: b.weight,
-                    backend_id: state.id,
-                    maglev_slots: v.slots.get(&b.address).copied().unwrap_or(0),
-                    next_hop: state.next_hop.map(|nh| NextHopStatus {
-                        ifindex: nh.ifindex,
-                        mac: mac_text(nh.dst_mac),
-                    }),
-                    counters: Counters {
-                        packets: bc.packets,
-                        bytes: bc.bytes,
-                        new_flows: bc.new_flows,
-                    },
-                });
-            }
             out.push(VipStatus {
                 name: v.config.name.clone(),
                 address: v.config.address,
                 port: v.config.port,
                 protocol: v.config.protocol,
                 vip_id: v.vip_id,
-                counters: Counters {
-                    packets: c.packets,
-                    bytes: c.bytes,
-                    new_flows: c.new_flows,
-                },
-                backends,
+                counters: counters(c),
+                backends: v
+                    .config
+                    .backends
+                    .iter()
+                    .map(|b| VipBackendStatus {
+                        address: b.address,
+                        weight: b.weight,
+                        maglev_slots: v.slots.get(&b.address).copied().unwrap_or(0),
+                    })
+                    .collect(),
             });
         }
         Ok(out)
+    }
+
+    pub fn backend_status(&self) -> Result<Vec<BackendStatus>> {
+        self.backends
+            .iter()
+            .map(|(address, state)| {
+                Ok(BackendStatus {
+                    address: *address,
+                    backend_id: state.id,
+                    next_hop: state.next_hop.map(|nh| NextHopStatus {
+                        ifindex: nh.ifindex,
+                        mac: mac_text(nh.dst_mac),
+                    }),
+                    counters: counters(self.dp.backend_counters(state.id)?),
+                })
+            })
+            .collect()
+    }
+}
+
+fn counters(c: TrafficCounters) -> Counters {
+    Counters {
+        packets: c.packets,
+        bytes: c.bytes,
+        new_flows: c.new_flows,
     }
 }
 
@@ -590,6 +615,12 @@ mod tests {
         Balancer::new(dp, SIZES, BTreeSet::from([2]))
     }
 
+    impl Balancer<FakeDatapath> {
+        fn apply_cfg(&mut self, c: &BalancerConfig) -> Result<ApplySummary> {
+            self.apply(c, &BTreeMap::new())
+        }
+    }
+
     fn key(addr: &str, port: u16) -> VipKey {
         vip_key(addr.parse().unwrap(), port, Protocol::Tcp)
     }
@@ -598,7 +629,7 @@ mod tests {
     fn first_apply_writes_backends_rings_vips_and_markers() {
         let mut b = balancer();
         let s = b
-            .apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
+            .apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
             .unwrap();
         assert_eq!((s.vips_added, s.backends_added), (1, 2));
         let dp = b.datapath();
@@ -618,12 +649,12 @@ mod tests {
     #[test]
     fn changed_weights_go_to_a_new_ring_written_before_the_switch() {
         let mut b = balancer();
-        b.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
+        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
             .unwrap();
         let old_ring = b.datapath().vips[&key("198.18.10.1", 80)].ring;
         let start = b.datapath().log.len();
         let s = b
-            .apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 3), ("198.18.0.12", 1)])))
+            .apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 3), ("198.18.0.12", 1)])))
             .unwrap();
         assert_eq!((s.vips_changed, s.backends_added, s.backends_removed), (1, 0, 0));
         let log = &b.datapath().log[start..];
@@ -643,9 +674,9 @@ mod tests {
     fn unchanged_vips_keep_their_ring_and_write_nothing() {
         let mut b = balancer();
         let c = config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)]));
-        b.apply(&c).unwrap();
+        b.apply(&c, &BTreeMap::new()).unwrap();
         let start = b.datapath().log.len();
-        let s = b.apply(&c).unwrap();
+        let s = b.apply(&c, &BTreeMap::new()).unwrap();
         assert_eq!(s.vips_unchanged, 1);
         assert_eq!(b.datapath().log.len(), start);
     }
@@ -653,12 +684,12 @@ mod tests {
     #[test]
     fn removed_backend_loses_usable_bit_after_vip_switch() {
         let mut b = balancer();
-        b.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
+        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
             .unwrap();
         let gone_id = b.backends[&"198.18.0.12".parse().unwrap()].id;
         let start = b.datapath().log.len();
         let s = b
-            .apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)])))
+            .apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)])))
             .unwrap();
         assert_eq!(s.backends_removed, 1);
         let log = &b.datapath().log[start..];
@@ -672,13 +703,13 @@ mod tests {
     #[test]
     fn removed_vip_and_its_marker_go() {
         let mut b = balancer();
-        b.apply(&config(&format!(
+        b.apply_cfg(&config(&format!(
             "{}{}",
             vip("198.18.10.1", 80, &[("198.18.0.11", 1)]),
             vip("198.18.10.2", 80, &[("198.18.0.11", 1)])
         )))
         .unwrap();
-        b.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)]))).unwrap();
+        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)]))).unwrap();
         let dp = b.datapath();
         assert!(!dp.vips.contains_key(&key("198.18.10.2", 80)));
         assert!(!dp.vips.contains_key(&marker_key("198.18.10.2".parse().unwrap())));
@@ -692,7 +723,7 @@ mod tests {
             let vips: String = (0..4)
                 .map(|i| vip(&format!("198.18.10.{}", i + 1), 80, &[("198.18.0.11", round + 1), ("198.18.0.12", 1)]))
                 .collect();
-            b.apply(&config(&vips)).unwrap();
+            b.apply_cfg(&config(&vips)).unwrap();
             let live: BTreeSet<u32> = b.vips.values().map(|v| v.ring).collect();
             assert_eq!(live.len(), 4, "round {round}: two VIPs share a ring");
         }
@@ -701,7 +732,7 @@ mod tests {
     #[test]
     fn too_many_backends_changes_nothing() {
         let mut b = balancer();
-        b.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)]))).unwrap();
+        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)]))).unwrap();
         let before = b.datapath().log.len();
         let many: Vec<(String, u32)> = (0..9).map(|i| (format!("198.18.1.{i}"), 1)).collect();
         let many: Vec<(&str, u32)> = many.iter().map(|(a, w)| (a.as_str(), *w)).collect();
@@ -711,14 +742,14 @@ mod tests {
             .iter()
             .map(|(a, w)| crate::config::BackendConfig { address: a.parse().unwrap(), weight: *w })
             .collect();
-        assert!(b.apply(&c).is_err());
+        assert!(b.apply(&c, &BTreeMap::new()).is_err());
         assert_eq!(b.datapath().log.len(), before);
     }
 
     #[test]
     fn next_hops_fill_backend_entries_and_tx_ports() {
         let mut b = balancer();
-        b.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
+        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
             .unwrap();
         let nh = NextHop { ifindex: 7, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 0, 2] };
         assert!(b.set_next_hop("198.18.0.11".parse().unwrap(), Some(nh)).unwrap());
@@ -736,9 +767,9 @@ mod tests {
     fn two_agents_agree_whatever_the_order() {
         let mut a = balancer();
         let mut b = balancer();
-        a.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 2), ("198.18.0.12", 1), ("198.18.0.13", 1)])))
+        a.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 2), ("198.18.0.12", 1), ("198.18.0.13", 1)])))
             .unwrap();
-        b.apply(&config(&vip("198.18.10.1", 80, &[("198.18.0.13", 1), ("198.18.0.11", 2), ("198.18.0.12", 1)])))
+        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.13", 1), ("198.18.0.11", 2), ("198.18.0.12", 1)])))
             .unwrap();
         let addr_of = |bal: &Balancer<FakeDatapath>, id: u32| {
             *bal.backends.iter().find(|(_, s)| s.id == id).unwrap().0

@@ -61,11 +61,13 @@ pub struct RawConfig {
 pub struct RawDatapath {
     pub interfaces: Vec<String>,
     pub xdp_mode: Option<String>,
-    pub maglev_table_size: Option<u32>,
-    pub max_vips: Option<u32>,
-    pub max_backends: Option<u32>,
-    pub flow_table_size: Option<u32>,
-    pub next_hop_refresh_ms: Option<u64>,
+    // Numbers are read as i64 and range-checked here, so a bad value gets a
+    // message naming its field rather than a type error.
+    pub maglev_table_size: Option<i64>,
+    pub max_vips: Option<i64>,
+    pub max_backends: Option<i64>,
+    pub flow_table_size: Option<i64>,
+    pub next_hop_refresh_ms: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,7 +82,7 @@ pub struct RawEncap {
 pub struct RawVip {
     pub name: Option<String>,
     pub address: String,
-    pub port: Option<u16>,
+    pub port: Option<i64>,
     pub protocol: String,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
@@ -90,7 +92,7 @@ pub struct RawVip {
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
     pub address: String,
-    pub weight: Option<u32>,
+    pub weight: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,11 +271,13 @@ fn check_interfaces(field: &str, names: &[String]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn in_range(field: &str, value: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
-    if value < lo || value > hi {
-        return err(field, format!("{value} is out of range {lo}..={hi}"));
+/// `value` (or `default` when absent) if it lies in `lo..=hi`.
+fn in_range<T: TryFrom<i64>>(field: &str, value: Option<i64>, default: i64, lo: i64, hi: i64) -> Result<T, ConfigError> {
+    let v = value.unwrap_or(default);
+    if v < lo || v > hi {
+        return err(field, format!("{v} is out of range {lo}..={hi}"));
     }
-    Ok(())
+    T::try_from(v).or_else(|_| err(field, format!("{v} is out of range")))
 }
 
 impl RawConfig {
@@ -327,10 +331,10 @@ fn validate_balancer(
         None => XdpModeSetting::Native,
         Some(s) => s.parse().or_else(|e| err("datapath.xdp_mode", e))?,
     };
-    let maglev_table_size = dp.maglev_table_size.unwrap_or(lb_common::DEFAULT_MAGLEV_SIZE);
-    in_range(
+    let maglev_table_size: u32 = in_range(
         "datapath.maglev_table_size",
-        maglev_table_size.into(),
+        dp.maglev_table_size,
+        lb_common::DEFAULT_MAGLEV_SIZE.into(),
         7,
         16_777_259,
     )?;
@@ -340,8 +344,7 @@ fn validate_balancer(
             format!("{maglev_table_size} is not prime (65537 is the usual choice)"),
         );
     }
-    let max_vips = dp.max_vips.unwrap_or(64);
-    in_range("datapath.max_vips", max_vips.into(), 1, 65_536)?;
+    let max_vips: u32 = in_range("datapath.max_vips", dp.max_vips, 64, 1, 65_536)?;
     let ring_entries = 2 * u64::from(max_vips) * u64::from(maglev_table_size);
     if ring_entries > MAX_RING_ENTRIES {
         return err(
@@ -351,12 +354,16 @@ fn validate_balancer(
             ),
         );
     }
-    let max_backends = dp.max_backends.unwrap_or(4096);
-    in_range("datapath.max_backends", max_backends.into(), 1, 1 << 20)?;
-    let flow_table_size = dp.flow_table_size.unwrap_or(1_000_000);
-    in_range("datapath.flow_table_size", flow_table_size.into(), 1, 100_000_000)?;
-    let next_hop_refresh_ms = dp.next_hop_refresh_ms.unwrap_or(1000);
-    in_range("datapath.next_hop_refresh_ms", next_hop_refresh_ms, 100, 3_600_000)?;
+    let max_backends: u32 = in_range("datapath.max_backends", dp.max_backends, 4096, 1, 1 << 20)?;
+    let flow_table_size: u32 =
+        in_range("datapath.flow_table_size", dp.flow_table_size, 1_000_000, 1, 100_000_000)?;
+    let next_hop_refresh_ms: u64 = in_range(
+        "datapath.next_hop_refresh_ms",
+        dp.next_hop_refresh_ms,
+        1000,
+        100,
+        3_600_000,
+    )?;
 
     let encap = match encap {
         None => EncapConfig::default(),
@@ -391,7 +398,7 @@ fn validate_balancer(
     for (i, rv) in raw_vips.into_iter().enumerate() {
         let f = format!("vips[{i}]");
         let address = parse_addr(&format!("{f}.address"), &rv.address)?;
-        let port = rv.port.unwrap_or(0);
+        let port: u16 = in_range(&format!("{f}.port"), rv.port, 0, 0, 65_535)?;
         let protocol = match rv.protocol.as_str() {
             "tcp" => Protocol::Tcp,
             "udp" => Protocol::Udp,
@@ -434,8 +441,7 @@ fn validate_balancer(
             if !seen.insert(address) {
                 return err(format!("{bf}.address"), format!("{address} is listed twice"));
             }
-            let weight = rb.weight.unwrap_or(100);
-            in_range(&format!("{bf}.weight"), weight.into(), 0, 65_535)?;
+            let weight: u32 = in_range(&format!("{bf}.weight"), rb.weight, 100, 0, 65_535)?;
             match address {
                 IpAddr::V4(_) if encap.source_v4.is_none() => {
                     return err(
@@ -600,7 +606,9 @@ backends = [ { address = "fd00::12" } ]
             ("backends = [ { address = \"fd00::12\" } ]", "backends = []", "vips[1].backends"),
             ("address = \"fd00:10::1\"\nprotocol = \"udp\"", "address = \"198.18.10.1\"\nport = 80\nprotocol = \"tcp\"", "vips[1]"),
             ("port = 80", "port = 80\ncolour = \"red\"", "config"),
-            ("port = 80", "port = 70000", "config"),
+            ("port = 80", "port = 70000", "vips[0].port"),
+            ("port = 80", "port = -1", "vips[0].port"),
+            ("{ address = \"198.18.0.11\", weight = 100 }", "{ address = \"198.18.0.11\", weight = -1 }", "vips[0].backends[0].weight"),
             ("port = 80", "port = \"eighty\"", "config"),
         ];
         for (replace, by, field) in cases {

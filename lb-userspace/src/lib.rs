@@ -9,6 +9,7 @@
 //! - `nexthop`: interface indexes and next-hop MACs through rtnetlink.
 //! - `api`: requests and responses between `lbctl` and the agent.
 //! - `agent`: the daemon: attach, serve the API, refresh next hops, shut down.
+pub mod agent;
 pub mod api;
 pub mod balancer;
 pub mod config;

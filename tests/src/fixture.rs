@@ -63,7 +63,7 @@ impl Fixture {
         let decap = DecapMaps::new(&mut ebpf).expect("decap maps");
         let mut balancer = Balancer::new(dp, sizes, BTreeSet::from([TEST_RUN_IFINDEX]));
         let config = config(vips);
-        balancer.apply(&config).expect("apply");
+        balancer.apply(&config, &Default::default()).expect("apply");
         let mut f = Fixture { ebpf, balancer, config, decap };
         f.resolve_all();
         f
@@ -78,7 +78,7 @@ impl Fixture {
 
     pub fn apply(&mut self, vips: &str) {
         self.config = config(vips);
-        self.balancer.apply(&self.config).expect("apply");
+        self.balancer.apply(&self.config, &Default::default()).expect("apply");
         self.resolve_all();
     }
 
@@ -107,10 +107,9 @@ impl Fixture {
     pub fn backend_id(&self, addr: &str) -> u32 {
         let addr: IpAddr = addr.parse().expect("address");
         self.balancer
-            .vip_status()
+            .backend_status()
             .expect("status")
-            .iter()
-            .flat_map(|v| v.backends.clone())
+            .into_iter()
             .find(|b| b.address == addr)
             .expect("backend present")
             .backend_id

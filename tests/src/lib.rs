@@ -2,3 +2,4 @@
 //! network-namespace topologies for end-to-end tests and the demo.
 pub mod fixture;
 pub mod packet;
+pub mod topology;

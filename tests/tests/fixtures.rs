@@ -87,7 +87,7 @@ fn ipv4_tcp_syn_is_encapsulated_to_the_maglev_backend() {
     let web = status.iter().find(|v| v.port == 80 && v.address == IpAddr::V4(VIP4)).unwrap();
     assert_eq!(web.counters.new_flows, 20);
     assert_eq!(web.counters.packets, 20);
-    let per_backend: u64 = web.backends.iter().map(|b| b.counters.new_flows).sum();
+    let per_backend: u64 = f.balancer.backend_status().unwrap().iter().map(|b| b.counters.new_flows).sum();
     assert_eq!(per_backend, 20);
 }
 

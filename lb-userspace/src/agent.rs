@@ -1,0 +1,385 @@
+//! The agent: loads the datapath, fills its maps, attaches the programs, serves
+//! the control API, keeps next hops fresh, and detaches on shutdown.
+//!
+//! Start-up order is validation, load, maps, and only then attach, so a bad
+//! configuration or a failed load leaves every interface as it was.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    net::IpAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    programs::{Xdp, XdpMode},
+    Ebpf,
+};
+use lb_common::{DecapOutcome, Outcome};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::Mutex,
+};
+use tracing::{info, warn};
+
+use crate::{
+    api::{
+        ApplySummary, DecapStatus, InterfaceStatus, OutcomeStatus, Request, Response, Status,
+    },
+    balancer::Balancer,
+    config::{Config, XdpModeSetting},
+    datapath::{self, DecapMaps, KernelDatapath, MapSizes},
+    nexthop::{NextHop, Resolver},
+};
+
+/// Largest request the API accepts (a configuration file, JSON-encoded).
+const MAX_REQUEST: u64 = 16 << 20;
+
+struct State {
+    config: Config,
+    balancer: Option<Balancer<KernelDatapath>>,
+    decap: Option<DecapMaps>,
+    interfaces: Vec<InterfaceStatus>,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn sizes(config: &Config) -> MapSizes {
+    match &config.balancer {
+        Some(b) => MapSizes {
+            maglev_size: b.datapath.maglev_table_size,
+            max_vips: b.datapath.max_vips,
+            max_backends: b.datapath.max_backends,
+            flow_table_size: b.datapath.flow_table_size,
+        },
+        None => MapSizes::DECAP_ONLY,
+    }
+}
+
+/// Resolves next hops for `addresses`, retrying briefly while neighbours are
+/// being discovered. Unresolved ones are left to the refresh loop.
+async fn resolve_all(
+    resolver: &Resolver,
+    addresses: &[IpAddr],
+    patience: Duration,
+) -> BTreeMap<IpAddr, NextHop> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut found = BTreeMap::new();
+    loop {
+        for a in addresses {
+            if found.contains_key(a) {
+                continue;
+            }
+            match resolver.resolve(*a).await {
+                Ok(Some(nh)) => {
+                    found.insert(*a, nh);
+                }
+                Ok(None) => {}
+                Err(e) => warn!(backend = %a, "next hop: {e:#}"),
+            }
+        }
+        if found.len() == addresses.len() || tokio::time::Instant::now() >= deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    program: &str,
+    interface: &str,
+    mode: XdpModeSetting,
+) -> Result<InterfaceStatus> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(program)
+        .with_context(|| format!("the eBPF object has no program {program}"))?
+        .try_into()?;
+    let attached = match mode {
+        XdpModeSetting::Native => prog.attach(interface, XdpMode::Driver).map(|_| "native"),
+        XdpModeSetting::Generic => prog.attach(interface, XdpMode::Skb).map(|_| "generic"),
+        XdpModeSetting::NativeOrGeneric => match prog.attach(interface, XdpMode::Driver) {
+            Ok(_) => Ok("native"),
+            Err(e) => {
+                warn!(interface, "native XDP unavailable ({e}); falling back to generic");
+                prog.attach(interface, XdpMode::Skb).map(|_| "generic")
+            }
+        },
+    }
+    .with_context(|| format!("attaching {program} to {interface}"))?;
+    info!(interface, program, mode = attached, "attached");
+    Ok(InterfaceStatus {
+        name: interface.to_string(),
+        program: program.to_string(),
+        mode: attached.to_string(),
+    })
+}
+
+/// Runs the agent until `shutdown` completes. `config` is already validated.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let resolver = Arc::new(Resolver::new().context("opening rtnetlink")?);
+    let sizes = sizes(&config);
+    let mut ebpf = datapath::load(&sizes)?;
+    for name in ["lb_ingress", "lb_decap"] {
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object has no program {name}"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading {name} (verifier)"))?;
+    }
+
+    let mut balancer = None;
+    if let Some(b) = &config.balancer {
+        let mut local = BTreeSet::new();
+        for name in &b.datapath.interfaces {
+            local.insert(resolver.ifindex(name).await?);
+        }
+        let dp = KernelDatapath::new(&mut ebpf, sizes.maglev_size)?;
+        let mut bal = Balancer::new(dp, sizes, local);
+        let addresses: Vec<IpAddr> = b
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|x| x.address))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let next_hops = resolve_all(&resolver, &addresses, Duration::from_secs(2)).await;
+        let summary = bal.apply(b, &next_hops)?;
+        info!(?summary, resolved = next_hops.len(), backends = addresses.len(), "configuration applied");
+        balancer = Some(bal);
+    }
+    let mut decap = None;
+    if let Some(d) = &config.decap {
+        for name in &d.interfaces {
+            resolver.ifindex(name).await?;
+        }
+        let mut maps = DecapMaps::new(&mut ebpf)?;
+        for a in &d.addresses {
+            maps.add_address(*a)?;
+        }
+        decap = Some(maps);
+    }
+
+    let listener = bind_socket(&config.socket).await?;
+
+    // Attach last: everything the programs read is in place.
+    let mut interfaces = Vec::new();
+    if let Some(b) = &config.balancer {
+        for name in &b.datapath.interfaces {
+            interfaces.push(attach(&mut ebpf, "lb_ingress", name, b.datapath.xdp_mode)?);
+        }
+    }
+    if let Some(d) = &config.decap {
+        for name in &d.interfaces {
+            interfaces.push(attach(&mut ebpf, "lb_decap", name, d.xdp_mode)?);
+        }
+    }
+
+    let socket = config.socket.clone();
+    let refresh = config
+        .balancer
+        .as_ref()
+        .map(|b| Duration::from_millis(b.datapath.next_hop_refresh_ms));
+    let state: Shared = Arc::new(Mutex::new(State {
+        config,
+        balancer,
+        decap,
+        interfaces,
+    }));
+    info!(socket = %socket.display(), "serving the control API");
+
+    let refresher = refresh.map(|every| tokio::spawn(refresh_next_hops(state.clone(), resolver.clone(), every)));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (state, resolver) = (state.clone(), resolver.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(stream, state, resolver).await {
+                            warn!("control connection: {e:#}");
+                        }
+                    });
+                }
+                Err(e) => warn!("accept: {e}"),
+            },
+        }
+    }
+    info!("shutting down: detaching programs");
+    if let Some(r) = refresher {
+        r.abort();
+    }
+    let _ = std::fs::remove_file(&socket);
+    // Dropping the object detaches every program and frees the maps.
+    drop(state);
+    drop(ebpf);
+    Ok(())
+}
+
+async fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            bail!("another agent is serving {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Re-resolves every backend's next hop periodically and rewrites the backend
+/// entries whose next hop changed (a neighbour's new MAC, a route moved).
+async fn refresh_next_hops(state: Shared, resolver: Arc<Resolver>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let addresses = match &state.lock().await.balancer {
+            Some(b) => b.backend_addresses(),
+            None => return,
+        };
+        let mut results = Vec::with_capacity(addresses.len());
+        for a in addresses {
+            match resolver.resolve(a).await {
+                Ok(nh) => results.push((a, nh)),
+                Err(e) => {
+                    warn!(backend = %a, "next hop: {e:#}");
+                    results.push((a, None));
+                }
+            }
+        }
+        let mut st = state.lock().await;
+        let Some(b) = st.balancer.as_mut() else { return };
+        for (a, nh) in results {
+            match b.set_next_hop(a, nh) {
+                Ok(true) => info!(backend = %a, next_hop = ?nh, "next hop changed"),
+                Ok(false) => {}
+                Err(e) => warn!(backend = %a, "writing next hop: {e:#}"),
+            }
+        }
+    }
+}
+
+async fn serve(stream: UnixStream, state: Shared, resolver: Arc<Resolver>) -> Result<()> {
+    let cred = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    let response = if cred.uid() != 0 {
+        Response::Error {
+            message: "the control API is for root only".into(),
+        }
+    } else {
+        let mut line = String::new();
+        BufReader::new(read.take(MAX_REQUEST)).read_line(&mut line).await?;
+        match serde_json::from_str::<Request>(&line) {
+            Ok(req) => handle(req, &state, &resolver).await,
+            Err(e) => Response::Error {
+                message: format!("malformed request: {e}"),
+            },
+        }
+    };
+    let mut out = serde_json::to_string(&response)?;
+    out.push('\n');
+    write.write_all(out.as_bytes()).await?;
+    Ok(())
+}
+
+async fn handle(req: Request, state: &Shared, resolver: &Resolver) -> Response {
+    let result = match req {
+        Request::Status => status(state).await.map(|s| Response::Status(Box::new(s))),
+        Request::Apply { config } => apply(&config, state, resolver).await.map(Response::Applied),
+    };
+    result.unwrap_or_else(|e| Response::Error {
+        message: format!("{e:#}"),
+    })
+}
+
+async fn apply(text: &str, state: &Shared, resolver: &Resolver) -> Result<ApplySummary> {
+    let new = Config::from_toml(text)?;
+    state.lock().await.config.check_reload(&new)?;
+    let Some(b) = &new.balancer else {
+        // A decap-only agent: check_reload allowed only an identical config.
+        return Ok(ApplySummary::default());
+    };
+    // Resolve next hops of new backends before the switch, outside the lock.
+    let known: BTreeSet<IpAddr> = match &state.lock().await.balancer {
+        Some(bal) => bal.backend_addresses().into_iter().collect(),
+        None => BTreeSet::new(),
+    };
+    let fresh: Vec<IpAddr> = b
+        .vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(|x| x.address))
+        .filter(|a| !known.contains(a))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let next_hops = resolve_all(resolver, &fresh, Duration::from_secs(1)).await;
+    let mut st = state.lock().await;
+    st.config.check_reload(&new)?;
+    let bal = st.balancer.as_mut().context("this agent runs no balancer")?;
+    let summary = bal.apply(b, &next_hops)?;
+    info!(?summary, "configuration applied");
+    st.config = new;
+    Ok(summary)
+}
+
+fn outcome_list(names: impl Iterator<Item = &'static str>, counters: &[lb_common::PacketCounter]) -> Vec<OutcomeStatus> {
+    names
+        .zip(counters)
+        .map(|(name, c)| OutcomeStatus {
+            outcome: name.to_string(),
+            packets: c.packets,
+            bytes: c.bytes,
+        })
+        .collect()
+}
+
+async fn status(state: &Shared) -> Result<Status> {
+    use crate::datapath::Datapath as _;
+    let st = state.lock().await;
+    let mut status = Status {
+        interfaces: st.interfaces.clone(),
+        ..Status::default()
+    };
+    if let (Some(bal), Some(cfg)) = (&st.balancer, &st.config.balancer) {
+        status.maglev_table_size = cfg.datapath.maglev_table_size;
+        status.vips = bal.vip_status()?;
+        status.backends = bal.backend_status()?;
+        let counters = bal.datapath().outcomes()?;
+        status.outcomes = outcome_list(Outcome::ALL.iter().map(|o| o.name()), &counters);
+    }
+    if let Some(d) = &st.decap {
+        status.decap = Some(DecapStatus {
+            addresses: d.addresses()?,
+            outcomes: outcome_list(DecapOutcome::ALL.iter().map(|o| o.name()), &d.outcomes()?),
+        });
+    }
+    Ok(status)
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+        _ = term.recv() => info!("SIGTERM"),
+    }
+}

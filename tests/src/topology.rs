@@ -1,0 +1,467 @@
+//! A test network in namespaces: a client, a load balancer and backends on one
+//! Ethernet segment (a bridge in a "switch" namespace, joined by veth pairs).
+//!
+//! The LB runs `lb-agent` with `lb_ingress` in native XDP mode; each backend
+//! runs `lb-agent` with `lb_decap`, holds the VIPs on its loopback and answers
+//! the client directly (direct server return). Only 198.18.0.0/15 and fd00::/8
+//! are used and no namespace has a route out. Dropping the `Topology` stops
+//! agents and servers and deletes every namespace, also when a test panics.
+
+use std::{
+    fs::File,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+pub const CLIENT_V4: &str = "198.18.0.1";
+pub const CLIENT_V6: &str = "fd00::1";
+pub const LB_V4: &str = "198.18.0.2";
+pub const LB_V6: &str = "fd00::2";
+pub const VIP_V4: &str = "198.18.10.1";
+pub const VIP_V6: &str = "fd00:10::1";
+/// An IPv4 VIP served by the backends' IPv6 addresses.
+pub const VIP_V4_TO_V6: &str = "198.18.10.2";
+
+pub fn backend_v4(i: usize) -> String {
+    format!("198.18.0.{}", 11 + i)
+}
+
+pub fn backend_v6(i: usize) -> String {
+    format!("fd00::{}", 11 + i)
+}
+
+/// Where `lb-agent` and `lbctl` are (set by `cargo xtask`).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("LB_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run the tests through `cargo xtask test`", path.display());
+    path
+}
+
+fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+/// Runs a command and panics with its stderr if it fails.
+pub fn must(args: &[&str]) {
+    let out = sh(args);
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Runs `f` in a new thread that has entered network namespace `ns`; sockets
+/// it creates belong to that namespace.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A backend's TCP and UDP servers; each answers with the backend's name.
+struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+pub struct Topology {
+    pub id: String,
+    pub backends: usize,
+    pub dir: PathBuf,
+    namespaces: Vec<String>,
+    agents: Vec<(String, Child)>,
+    servers: Vec<Servers>,
+    pass_through: Option<aya::Ebpf>,
+}
+
+impl Topology {
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.id)
+    }
+
+    pub fn lb_socket(&self) -> PathBuf {
+        self.dir.join("lb.sock")
+    }
+
+    /// Builds the namespaces and links; nothing runs yet.
+    pub fn new(backends: usize) -> Topology {
+        let n = NEXT_ID.fetch_add(1, Ordering::SeqCst);
+        let id = format!("lbt{}x{n}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(&id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut t = Topology { id, backends, dir, namespaces: Vec::new(), agents: Vec::new(), servers: Vec::new(), pass_through: None };
+        let sw = t.ns("sw");
+        t.add_ns(&sw);
+        must(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        must(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
+        let mut hosts = vec![("cl".to_string(), CLIENT_V4.to_string(), CLIENT_V6.to_string()), ("lb".into(), LB_V4.into(), LB_V6.into())];
+        for i in 0..backends {
+            hosts.push((format!("b{i}"), backend_v4(i), backend_v6(i)));
+        }
+        for (role, v4, v6) in &hosts {
+            let ns = t.ns(role);
+            t.add_ns(&ns);
+            // The client keeps the usual 1500; the rest of the segment carries
+            // encapsulated frames, up to 40 bytes longer.
+            let mtu = if role == "cl" { "1500" } else { "1600" };
+            must(&["ip", "-n", &sw, "link", "add", role, "mtu", "1600", "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            must(&["ip", "-n", &sw, "link", "set", role, "master", "br0", "up"]);
+            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            must(&["ip", "-n", &ns, "link", "set", "eth0", "mtu", mtu, "up"]);
+            // veth would leave TCP/UDP checksums to a "device" that never
+            // computes them; real NICs do. Compute them in software.
+            must(&["ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"]);
+            must(&["ip", "-n", &ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+            must(&["ip", "-n", &ns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+            for s in ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0", "net.ipv4.conf.eth0.rp_filter=0"] {
+                must(&["ip", "netns", "exec", &ns, "sysctl", "-qw", s]);
+            }
+        }
+        // On veth, frames the LB sends with XDP_TX land in the peer's ring, and
+        // on this kernel NAPI is kicked for them only when the peer itself runs
+        // an XDP program (GRO alone leaves them waiting for the next ordinary
+        // packet). A physical NIC has no such peer. The switch port facing the
+        // LB therefore runs lb_decap, which passes everything not addressed to
+        // its (here: no) addresses.
+        t.pass_through = Some(attach_pass_through(&sw, "lb"));
+        let cl = t.ns("cl");
+        must(&["ip", "-n", &cl, "route", "add", "198.18.10.0/24", "via", LB_V4]);
+        must(&["ip", "-n", &cl, "-6", "route", "add", "fd00:10::/64", "via", LB_V6]);
+        for i in 0..backends {
+            let ns = t.ns(&format!("b{i}"));
+            for vip in [format!("{VIP_V4}/32"), format!("{VIP_V4_TO_V6}/32"), format!("{VIP_V6}/128")] {
+                must(&["ip", "-n", &ns, "addr", "add", &vip, "dev", "lo"]);
+            }
+            // Direct server return: never answer ARP for the VIPs on the
+            // segment, and never use a VIP as the sender of an ARP request.
+            for s in ["net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"] {
+                must(&["ip", "netns", "exec", &ns, "sysctl", "-qw", s]);
+            }
+        }
+        t
+    }
+
+    fn add_ns(&mut self, ns: &str) {
+        let _ = sh(&["ip", "netns", "del", ns]);
+        must(&["ip", "netns", "add", ns]);
+        self.namespaces.push(ns.to_string());
+    }
+
+    /// The LB agent's configuration, with one weight per backend for the
+    /// IPv4 TCP VIP (IPv6 and UDP VIPs use equal weights).
+    pub fn lb_config(&self, weights: &[u32]) -> String {
+        let list = |addr: &dyn Fn(usize) -> String, w: &dyn Fn(usize) -> u32| -> String {
+            (0..self.backends)
+                .map(|i| format!("{{ address = \"{}\", weight = {} }}", addr(i), w(i)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let tcp4 = list(&backend_v4, &|i| weights[i]);
+        let equal4 = list(&backend_v4, &|_| 100);
+        let equal6 = list(&backend_v6, &|_| 100);
+        format!(
+            r#"socket = "{socket}"
+[datapath]
+interfaces = ["eth0"]
+xdp_mode = "native"
+maglev_table_size = 65537
+max_vips = 8
+flow_table_size = 65536
+next_hop_refresh_ms = 500
+
+[encap]
+source_v4 = "198.18.200.0/24"
+source_v6 = "fd00:200::/64"
+
+[[vips]]
+name = "web"
+address = "{VIP_V4}"
+port = 80
+protocol = "tcp"
+backends = [{tcp4}]
+
+[[vips]]
+name = "dns"
+address = "{VIP_V4}"
+port = 53
+protocol = "udp"
+backends = [{equal4}]
+
+[[vips]]
+name = "web6"
+address = "{VIP_V6}"
+port = 80
+protocol = "tcp"
+backends = [{equal6}]
+
+[[vips]]
+name = "web-4to6"
+address = "{VIP_V4_TO_V6}"
+port = 80
+protocol = "tcp"
+backends = [{equal6}]
+"#,
+            socket = self.lb_socket().display()
+        )
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).expect("write config");
+        p
+    }
+
+    fn spawn_agent(&mut self, role: &str, config: &str) {
+        let ns = self.ns(role);
+        let path = self.write(&format!("{role}.toml"), config);
+        let log = File::create(self.dir.join(format!("{role}.log"))).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(bin("lb-agent"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn lb-agent");
+        self.agents.push((role.to_string(), child));
+    }
+
+    /// The agent log of `role`, for failure messages.
+    pub fn log(&self, role: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{role}.log"))).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self, role: &str, socket: &PathBuf) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if self.lbctl_at(socket, &["status", "--json"]).status.success() {
+                return;
+            }
+            if let Some((_, child)) = self.agents.iter_mut().find(|(r, _)| r == role) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("lb-agent for {role} exited with {status}:\n{}", self.log(role));
+                }
+            }
+            assert!(Instant::now() < deadline, "lb-agent for {role} not ready:\n{}", self.log(role));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts `lb_decap` agents and servers on every backend, then the LB agent.
+    pub fn start(&mut self, weights: &[u32]) {
+        for i in 0..self.backends {
+            let role = format!("b{i}");
+            let socket = self.dir.join(format!("{role}.sock"));
+            let config = format!(
+                "socket = \"{}\"\n[decap]\ninterfaces = [\"eth0\"]\naddresses = [\"{}\", \"{}\"]\nxdp_mode = \"native\"\n",
+                socket.display(),
+                backend_v4(i),
+                backend_v6(i)
+            );
+            self.spawn_agent(&role, &config);
+            self.wait_ready(&role, &socket);
+            self.start_servers(i);
+        }
+        let config = self.lb_config(weights);
+        self.spawn_agent("lb", &config);
+        let socket = self.lb_socket();
+        self.wait_ready("lb", &socket);
+    }
+
+    fn start_servers(&mut self, i: usize) {
+        let ns = self.ns(&format!("b{i}"));
+        let name = format!("b{i}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        // TCP: the first line back is the backend's name, then an echo.
+        let (n, s) = (name.clone(), stop.clone());
+        threads.push(in_netns(&ns, move || {
+            let listener = TcpListener::bind("[::]:80").expect("bind TCP [::]:80");
+            listener.set_nonblocking(true).expect("nonblocking");
+            let mut conns: Vec<JoinHandle<()>> = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (n, s) = (n.clone(), s.clone());
+                        conns.push(std::thread::spawn(move || serve_tcp(stream, &n, &s)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+                conns.retain(|c| !c.is_finished());
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        }));
+        // UDP: bound to the VIPs so replies leave from the VIP address.
+        for vip in [SocketAddr::new(VIP_V4.parse().unwrap(), 53), SocketAddr::new(VIP_V6.parse().unwrap(), 53)] {
+            let (n, s) = (name.clone(), stop.clone());
+            threads.push(in_netns(&ns, move || {
+                let sock = UdpSocket::bind(vip).unwrap_or_else(|e| panic!("bind UDP {vip}: {e}"));
+                sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+                let mut buf = [0u8; 2048];
+                while !s.load(Ordering::Relaxed) {
+                    if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                        let _ = sock.send_to(n.as_bytes(), from);
+                    }
+                }
+            }));
+        }
+        self.servers.push(Servers { stop, threads });
+    }
+
+    /// Stops backend `i`'s servers (its host and decapsulator stay up).
+    pub fn stop_servers(&mut self, i: usize) {
+        let s = &mut self.servers[i];
+        s.stop.store(true, Ordering::Relaxed);
+        for t in s.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    pub fn lbctl_at(&self, socket: &PathBuf, args: &[&str]) -> std::process::Output {
+        Command::new(bin("lbctl"))
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .output()
+            .expect("run lbctl")
+    }
+
+    pub fn lbctl(&self, args: &[&str]) -> std::process::Output {
+        self.lbctl_at(&self.lb_socket(), args)
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.lbctl(&["status", "--json"]);
+        assert!(out.status.success(), "lbctl status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Runs `f` in the client's namespace and returns its result.
+    pub fn from_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_netns(&self.ns("cl"), f).join().expect("client thread panicked")
+    }
+
+    /// Stops the LB agent with SIGTERM and waits for it.
+    pub fn stop_lb(&mut self) -> std::process::ExitStatus {
+        let pos = self.agents.iter().position(|(r, _)| r == "lb").expect("lb agent running");
+        let (_, mut child) = self.agents.remove(pos);
+        terminate(&mut child)
+    }
+}
+
+/// Attaches `lb_decap` (with no decapsulation address, so it passes every
+/// frame) to `iface` in namespace `ns`; detached when the object is dropped.
+fn attach_pass_through(ns: &str, iface: &str) -> aya::Ebpf {
+    let iface = iface.to_string();
+    in_netns(ns, move || {
+        let mut ebpf = lb_userspace::datapath::load(&lb_userspace::datapath::MapSizes::DECAP_ONLY).expect("load eBPF object");
+        let prog: &mut aya::programs::Xdp = ebpf.program_mut("lb_decap").expect("lb_decap").try_into().expect("XDP");
+        prog.load().expect("verifier");
+        prog.attach(&iface, aya::programs::XdpMode::Driver).expect("attach pass-through");
+        ebpf
+    })
+    .join()
+    .expect("pass-through thread")
+}
+
+fn serve_tcp(mut stream: TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+    if stream.write_all(format!("{name}\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    // `ip netns exec` execs the agent, so the child's pid is the agent's.
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for (_, child) in self.agents.iter_mut() {
+            terminate(child);
+        }
+        drop(self.pass_through.take());
+        for i in 0..self.servers.len() {
+            self.stop_servers(i);
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("agent logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// One TCP connection to `vip`: returns the name of the backend that answered.
+pub fn connect_once(vip: SocketAddr) -> std::io::Result<String> {
+    let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::other("connection closed before the backend answered"));
+    }
+    Ok(line.trim().to_string())
+}
+
+/// One UDP request to `vip`: returns the name of the backend that answered.
+pub fn udp_once(vip: SocketAddr) -> std::io::Result<String> {
+    let local: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0) };
+    let sock = UdpSocket::bind(local)?;
+    sock.connect(vip)?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sock.send(b"who?")?;
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
