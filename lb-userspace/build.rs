@@ -3,10 +3,11 @@
 use std::path::PathBuf;
 
 fn main() {
-    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let object = std::env::var_os("LB_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        manifest.join("../target/ebpf/bpfel-unknown-none/release/lb-ebpf")
-    });
+    let manifest =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let object = std::env::var_os("LB_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../target/ebpf/bpfel-unknown-none/release/lb-ebpf"));
     println!("cargo:rerun-if-env-changed=LB_EBPF_OBJECT");
     println!("cargo:rerun-if-changed={}", object.display());
     if !object.exists() {

@@ -13,7 +13,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 ethtool bpftool xdp-tools tcpdump curl)
+packages=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 procps ethtool bpftool xdp-tools tcpdump curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

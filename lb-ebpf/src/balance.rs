@@ -1,7 +1,5 @@
 //! Backend choice: VIP lookup, the connection table, then the VIP's Maglev ring.
-use lb_common::{
-    BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE, NO_BACKEND,
-};
+use lb_common::{BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE, NO_BACKEND};
 
 use crate::maps::{BACKENDS, FLOWS, MAGLEV, SETTINGS, VIPS};
 

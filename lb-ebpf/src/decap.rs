@@ -125,7 +125,12 @@ fn try_decap(ctx: &XdpContext) -> (u32, DecapOutcome) {
     };
     // SAFETY: ptr_at checked bounds.
     let mut eth_hdr = unsafe { *eth };
-    eth_hdr.ether_type = (if outer.inner_v4 { ETH_P_IPV4 } else { ETH_P_IPV6 }).to_be();
+    eth_hdr.ether_type = (if outer.inner_v4 {
+        ETH_P_IPV4
+    } else {
+        ETH_P_IPV6
+    })
+    .to_be();
     // SAFETY: the helper only moves ctx->data; pointers are derived again below.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
         return (xdp_action::XDP_DROP, DecapOutcome::DroppedAdjustFailed);

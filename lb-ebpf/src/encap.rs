@@ -1,14 +1,12 @@
 //! Encapsulation toward a backend (IPIP / 6in4 to IPv4 backends, IPv4- or
 //! IPv6-in-IPv6 to IPv6 backends) and the send decision (XDP_TX or DevMap).
-use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::bpf_xdp_adjust_head,
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{BackendInfo, Settings, FAMILY_V4, PROTO_IPIP, PROTO_IPV6};
 
 use crate::{
-    headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN, IPV6_LEN},
+    headers::{
+        ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN, IPV6_LEN,
+    },
     maps::{SETTINGS, TX_PORTS},
 };
 
@@ -77,7 +75,12 @@ pub fn encapsulate(
             proto: inner_proto,
             check: 0,
             src: src.to_be_bytes(),
-            dst: [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]],
+            dst: [
+                backend.addr[0],
+                backend.addr[1],
+                backend.addr[2],
+                backend.addr[3],
+            ],
         };
         hdr.check = ipv4_checksum(&hdr);
         // SAFETY: ptr_at checked that the header fits in the packet.

@@ -130,7 +130,13 @@ fn ipv6(ctx: &XdpContext) -> Verdict {
 
 /// TCP or UDP: read the ports, then balance if the flow is for a VIP.
 #[inline(always)]
-fn forward_l4(ctx: &XdpContext, mut key: FlowKey, l4: usize, ip_len: u16, truncated: bool) -> Verdict {
+fn forward_l4(
+    ctx: &XdpContext,
+    mut key: FlowKey,
+    l4: usize,
+    ip_len: u16,
+    truncated: bool,
+) -> Verdict {
     let Some(ports) = ptr_at::<Ports>(ctx, l4) else {
         if is_vip_address(&key.dst, key.family) {
             return drop(Outcome::DropMalformed);

@@ -28,9 +28,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    api::{
-        ApplySummary, DecapStatus, InterfaceStatus, OutcomeStatus, Request, Response, Status,
-    },
+    api::{ApplySummary, DecapStatus, InterfaceStatus, OutcomeStatus, Request, Response, Status},
     balancer::Balancer,
     config::{Config, XdpModeSetting},
     datapath::{self, DecapMaps, KernelDatapath, MapSizes},
@@ -106,7 +104,10 @@ fn attach(
         XdpModeSetting::NativeOrGeneric => match prog.attach(interface, XdpMode::Driver) {
             Ok(_) => Ok("native"),
             Err(e) => {
-                warn!(interface, "native XDP unavailable ({e}); falling back to generic");
+                warn!(
+                    interface,
+                    "native XDP unavailable ({e}); falling back to generic"
+                );
                 prog.attach(interface, XdpMode::Skb).map(|_| "generic")
             }
         },
@@ -130,7 +131,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .program_mut(name)
             .with_context(|| format!("the eBPF object has no program {name}"))?
             .try_into()?;
-        prog.load().with_context(|| format!("loading {name} (verifier)"))?;
+        prog.load()
+            .with_context(|| format!("loading {name} (verifier)"))?;
     }
 
     let mut balancer = None;
@@ -150,7 +152,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .collect();
         let next_hops = resolve_all(&resolver, &addresses, Duration::from_secs(2)).await;
         let summary = bal.apply(b, &next_hops)?;
-        info!(?summary, resolved = next_hops.len(), backends = addresses.len(), "configuration applied");
+        info!(
+            ?summary,
+            resolved = next_hops.len(),
+            backends = addresses.len(),
+            "configuration applied"
+        );
         balancer = Some(bal);
     }
     let mut decap = None;
@@ -193,7 +200,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }));
     info!(socket = %socket.display(), "serving the control API");
 
-    let refresher = refresh.map(|every| tokio::spawn(refresh_next_hops(state.clone(), resolver.clone(), every)));
+    let refresher = refresh
+        .map(|every| tokio::spawn(refresh_next_hops(state.clone(), resolver.clone(), every)));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -232,7 +240,8 @@ async fn bind_socket(path: &Path) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
@@ -259,7 +268,9 @@ async fn refresh_next_hops(state: Shared, resolver: Arc<Resolver>, every: Durati
             }
         }
         let mut st = state.lock().await;
-        let Some(b) = st.balancer.as_mut() else { return };
+        let Some(b) = st.balancer.as_mut() else {
+            return;
+        };
         for (a, nh) in results {
             match b.set_next_hop(a, nh) {
                 Ok(true) => info!(backend = %a, next_hop = ?nh, "next hop changed"),
@@ -279,7 +290,9 @@ async fn serve(stream: UnixStream, state: Shared, resolver: Arc<Resolver>) -> Re
         }
     } else {
         let mut line = String::new();
-        BufReader::new(read.take(MAX_REQUEST)).read_line(&mut line).await?;
+        BufReader::new(read.take(MAX_REQUEST))
+            .read_line(&mut line)
+            .await?;
         match serde_json::from_str::<Request>(&line) {
             Ok(req) => handle(req, &state, &resolver).await,
             Err(e) => Response::Error {
@@ -326,14 +339,20 @@ async fn apply(text: &str, state: &Shared, resolver: &Resolver) -> Result<ApplyS
     let next_hops = resolve_all(resolver, &fresh, Duration::from_secs(1)).await;
     let mut st = state.lock().await;
     st.config.check_reload(&new)?;
-    let bal = st.balancer.as_mut().context("this agent runs no balancer")?;
+    let bal = st
+        .balancer
+        .as_mut()
+        .context("this agent runs no balancer")?;
     let summary = bal.apply(b, &next_hops)?;
     info!(?summary, "configuration applied");
     st.config = new;
     Ok(summary)
 }
 
-fn outcome_list(names: impl Iterator<Item = &'static str>, counters: &[lb_common::PacketCounter]) -> Vec<OutcomeStatus> {
+fn outcome_list(
+    names: impl Iterator<Item = &'static str>,
+    counters: &[lb_common::PacketCounter],
+) -> Vec<OutcomeStatus> {
     names
         .zip(counters)
         .map(|(name, c)| OutcomeStatus {

@@ -17,7 +17,9 @@ use crate::config::Protocol;
 pub enum Request {
     Status,
     /// Apply a whole new configuration (the TOML text of the file).
-    Apply { config: String },
+    Apply {
+        config: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -21,8 +21,8 @@ use std::{
 
 use anyhow::{bail, Result};
 use lb_common::{
-    BackendInfo, Settings, TrafficCounters, VipInfo, VipKey, BACKEND_AVAILABLE, BACKEND_USABLE, FAMILY_V4,
-    FAMILY_V6, NO_BACKEND,
+    BackendInfo, Settings, TrafficCounters, VipInfo, VipKey, BACKEND_AVAILABLE, BACKEND_USABLE,
+    FAMILY_V4, FAMILY_V6, NO_BACKEND,
 };
 
 use crate::{
@@ -89,7 +89,11 @@ pub fn settings(maglev_size: u32, encap: &EncapConfig) -> Settings {
     if let Some(v6) = encap.source_v6 {
         s.src_v6 = v6.network().octets();
         let host_bits = 128 - u32::from(v6.prefix_len());
-        let mask = if host_bits >= 32 { u32::MAX } else { (1u32 << host_bits) - 1 };
+        let mask = if host_bits >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << host_bits) - 1
+        };
         s.src_v6_hostmask = mask.to_be();
     }
     s
@@ -268,9 +272,16 @@ impl<D: Datapath> Balancer<D> {
             .map(ident)
             .collect();
         let rings_needed = rebuild.len();
-        let vips_new = config.vips.iter().filter(|v| !self.vips.contains_key(&ident(v))).count();
+        let vips_new = config
+            .vips
+            .iter()
+            .filter(|v| !self.vips.contains_key(&ident(v)))
+            .count();
         if vips_new > self.vip_ids.available() + gone_vips.len() {
-            bail!("not enough VIP slots (datapath.max_vips = {})", self.sizes.max_vips);
+            bail!(
+                "not enough VIP slots (datapath.max_vips = {})",
+                self.sizes.max_vips
+            );
         }
         if rings_needed > self.rings.available() {
             bail!("not enough free Maglev rings; retry the apply");
@@ -308,7 +319,8 @@ impl<D: Datapath> Balancer<D> {
                 gone_vip_states.push((*k, old));
             }
         }
-        let mut reusable_vip_ids: Vec<u32> = gone_vip_states.iter().map(|(_, s)| s.vip_id).collect();
+        let mut reusable_vip_ids: Vec<u32> =
+            gone_vip_states.iter().map(|(_, s)| s.vip_id).collect();
         for vip in &config.vips {
             let key = ident(vip);
             if !rebuild.contains(&key) {
@@ -359,8 +371,10 @@ impl<D: Datapath> Balancer<D> {
                 ring,
                 flags: 0,
             };
-            self.dp.set_vip(&vip_key(vip.address, vip.port, vip.protocol), &info)?;
-            self.dp.set_vip(&marker_key(vip.address), &VipInfo::default())?;
+            self.dp
+                .set_vip(&vip_key(vip.address, vip.port, vip.protocol), &info)?;
+            self.dp
+                .set_vip(&marker_key(vip.address), &VipInfo::default())?;
             match old {
                 Some(o) => {
                     self.rings.rest(o.ring);
@@ -380,7 +394,8 @@ impl<D: Datapath> Balancer<D> {
         }
 
         // 4. Removed VIPs, their address markers, then removed backends.
-        let live_addresses: BTreeSet<IpAddr> = self.vips.values().map(|v| v.config.address).collect();
+        let live_addresses: BTreeSet<IpAddr> =
+            self.vips.values().map(|v| v.config.address).collect();
         for (k, old) in gone_vip_states {
             self.dp.remove_vip(&vip_key(k.0, k.1, k.2))?;
             if !live_addresses.contains(&k.0) {
@@ -487,7 +502,10 @@ fn counters(c: TrafficCounters) -> Counters {
 }
 
 pub fn mac_text(mac: [u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]
@@ -629,14 +647,23 @@ mod tests {
     fn first_apply_writes_backends_rings_vips_and_markers() {
         let mut b = balancer();
         let s = b
-            .apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
+            .apply_cfg(&config(&vip(
+                "198.18.10.1",
+                80,
+                &[("198.18.0.11", 1), ("198.18.0.12", 1)],
+            )))
             .unwrap();
         assert_eq!((s.vips_added, s.backends_added), (1, 2));
         let dp = b.datapath();
         assert_eq!(dp.backends.len(), 2);
-        assert!(dp.backends.values().all(|i| i.flags == BACKEND_USABLE | BACKEND_AVAILABLE));
+        assert!(dp
+            .backends
+            .values()
+            .all(|i| i.flags == BACKEND_USABLE | BACKEND_AVAILABLE));
         assert!(dp.vips.contains_key(&key("198.18.10.1", 80)));
-        assert!(dp.vips.contains_key(&marker_key("198.18.10.1".parse().unwrap())));
+        assert!(dp
+            .vips
+            .contains_key(&marker_key("198.18.10.1".parse().unwrap())));
         assert_eq!(dp.settings.maglev_size, 257);
         assert_eq!(u32::from_be(dp.settings.src_v4_hostmask), 0xff);
         assert_eq!(u32::from_be(dp.settings.src_v6_hostmask), u32::MAX);
@@ -649,14 +676,25 @@ mod tests {
     #[test]
     fn changed_weights_go_to_a_new_ring_written_before_the_switch() {
         let mut b = balancer();
-        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
-            .unwrap();
+        b.apply_cfg(&config(&vip(
+            "198.18.10.1",
+            80,
+            &[("198.18.0.11", 1), ("198.18.0.12", 1)],
+        )))
+        .unwrap();
         let old_ring = b.datapath().vips[&key("198.18.10.1", 80)].ring;
         let start = b.datapath().log.len();
         let s = b
-            .apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 3), ("198.18.0.12", 1)])))
+            .apply_cfg(&config(&vip(
+                "198.18.10.1",
+                80,
+                &[("198.18.0.11", 3), ("198.18.0.12", 1)],
+            )))
             .unwrap();
-        assert_eq!((s.vips_changed, s.backends_added, s.backends_removed), (1, 0, 0));
+        assert_eq!(
+            (s.vips_changed, s.backends_added, s.backends_removed),
+            (1, 0, 0)
+        );
         let log = &b.datapath().log[start..];
         let new_ring = b.datapath().vips[&key("198.18.10.1", 80)].ring;
         assert_ne!(new_ring, old_ring);
@@ -684,8 +722,12 @@ mod tests {
     #[test]
     fn removed_backend_loses_usable_bit_after_vip_switch() {
         let mut b = balancer();
-        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
-            .unwrap();
+        b.apply_cfg(&config(&vip(
+            "198.18.10.1",
+            80,
+            &[("198.18.0.11", 1), ("198.18.0.12", 1)],
+        )))
+        .unwrap();
         let gone_id = b.backends[&"198.18.0.12".parse().unwrap()].id;
         let start = b.datapath().log.len();
         let s = b
@@ -694,7 +736,10 @@ mod tests {
         assert_eq!(s.backends_removed, 1);
         let log = &b.datapath().log[start..];
         let switch_at = log.iter().position(|o| matches!(o, Op::Vip(..))).unwrap();
-        let cleared_at = log.iter().position(|o| *o == Op::Backend(gone_id, 0)).unwrap();
+        let cleared_at = log
+            .iter()
+            .position(|o| *o == Op::Backend(gone_id, 0))
+            .unwrap();
         assert!(switch_at < cleared_at);
         let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring];
         assert!(!ring.contains(&gone_id));
@@ -709,11 +754,16 @@ mod tests {
             vip("198.18.10.2", 80, &[("198.18.0.11", 1)])
         )))
         .unwrap();
-        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)]))).unwrap();
+        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)])))
+            .unwrap();
         let dp = b.datapath();
         assert!(!dp.vips.contains_key(&key("198.18.10.2", 80)));
-        assert!(!dp.vips.contains_key(&marker_key("198.18.10.2".parse().unwrap())));
-        assert!(dp.vips.contains_key(&marker_key("198.18.10.1".parse().unwrap())));
+        assert!(!dp
+            .vips
+            .contains_key(&marker_key("198.18.10.2".parse().unwrap())));
+        assert!(dp
+            .vips
+            .contains_key(&marker_key("198.18.10.1".parse().unwrap())));
     }
 
     #[test]
@@ -721,7 +771,13 @@ mod tests {
         let mut b = balancer();
         for round in 0..50u32 {
             let vips: String = (0..4)
-                .map(|i| vip(&format!("198.18.10.{}", i + 1), 80, &[("198.18.0.11", round + 1), ("198.18.0.12", 1)]))
+                .map(|i| {
+                    vip(
+                        &format!("198.18.10.{}", i + 1),
+                        80,
+                        &[("198.18.0.11", round + 1), ("198.18.0.12", 1)],
+                    )
+                })
                 .collect();
             b.apply_cfg(&config(&vips)).unwrap();
             let live: BTreeSet<u32> = b.vips.values().map(|v| v.ring).collect();
@@ -732,7 +788,8 @@ mod tests {
     #[test]
     fn too_many_backends_changes_nothing() {
         let mut b = balancer();
-        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)]))).unwrap();
+        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)])))
+            .unwrap();
         let before = b.datapath().log.len();
         let many: Vec<(String, u32)> = (0..9).map(|i| (format!("198.18.1.{i}"), 1)).collect();
         let many: Vec<(&str, u32)> = many.iter().map(|(a, w)| (a.as_str(), *w)).collect();
@@ -740,7 +797,10 @@ mod tests {
         let mut c = config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1)]));
         c.vips[0].backends = many
             .iter()
-            .map(|(a, w)| crate::config::BackendConfig { address: a.parse().unwrap(), weight: *w })
+            .map(|(a, w)| crate::config::BackendConfig {
+                address: a.parse().unwrap(),
+                weight: *w,
+            })
             .collect();
         assert!(b.apply(&c, &BTreeMap::new()).is_err());
         assert_eq!(b.datapath().log.len(), before);
@@ -749,13 +809,27 @@ mod tests {
     #[test]
     fn next_hops_fill_backend_entries_and_tx_ports() {
         let mut b = balancer();
-        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 1), ("198.18.0.12", 1)])))
-            .unwrap();
-        let nh = NextHop { ifindex: 7, src_mac: [2, 0, 0, 0, 0, 1], dst_mac: [2, 0, 0, 0, 0, 2] };
-        assert!(b.set_next_hop("198.18.0.11".parse().unwrap(), Some(nh)).unwrap());
-        assert!(!b.set_next_hop("198.18.0.11".parse().unwrap(), Some(nh)).unwrap());
+        b.apply_cfg(&config(&vip(
+            "198.18.10.1",
+            80,
+            &[("198.18.0.11", 1), ("198.18.0.12", 1)],
+        )))
+        .unwrap();
+        let nh = NextHop {
+            ifindex: 7,
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+        };
+        assert!(b
+            .set_next_hop("198.18.0.11".parse().unwrap(), Some(nh))
+            .unwrap());
+        assert!(!b
+            .set_next_hop("198.18.0.11".parse().unwrap(), Some(nh))
+            .unwrap());
         let local = NextHop { ifindex: 2, ..nh };
-        assert!(b.set_next_hop("198.18.0.12".parse().unwrap(), Some(local)).unwrap());
+        assert!(b
+            .set_next_hop("198.18.0.12".parse().unwrap(), Some(local))
+            .unwrap());
         let dp = b.datapath();
         let id = b.backends[&"198.18.0.11".parse().unwrap()].id;
         assert_eq!(dp.backends[&id].ifindex, 7);
@@ -767,10 +841,18 @@ mod tests {
     fn two_agents_agree_whatever_the_order() {
         let mut a = balancer();
         let mut b = balancer();
-        a.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.11", 2), ("198.18.0.12", 1), ("198.18.0.13", 1)])))
-            .unwrap();
-        b.apply_cfg(&config(&vip("198.18.10.1", 80, &[("198.18.0.13", 1), ("198.18.0.11", 2), ("198.18.0.12", 1)])))
-            .unwrap();
+        a.apply_cfg(&config(&vip(
+            "198.18.10.1",
+            80,
+            &[("198.18.0.11", 2), ("198.18.0.12", 1), ("198.18.0.13", 1)],
+        )))
+        .unwrap();
+        b.apply_cfg(&config(&vip(
+            "198.18.10.1",
+            80,
+            &[("198.18.0.13", 1), ("198.18.0.11", 2), ("198.18.0.12", 1)],
+        )))
+        .unwrap();
         let addr_of = |bal: &Balancer<FakeDatapath>, id: u32| {
             *bal.backends.iter().find(|(_, s)| s.id == id).unwrap().0
         };

@@ -272,7 +272,13 @@ fn check_interfaces(field: &str, names: &[String]) -> Result<(), ConfigError> {
 }
 
 /// `value` (or `default` when absent) if it lies in `lo..=hi`.
-fn in_range<T: TryFrom<i64>>(field: &str, value: Option<i64>, default: i64, lo: i64, hi: i64) -> Result<T, ConfigError> {
+fn in_range<T: TryFrom<i64>>(
+    field: &str,
+    value: Option<i64>,
+    default: i64,
+    lo: i64,
+    hi: i64,
+) -> Result<T, ConfigError> {
     let v = value.unwrap_or(default);
     if v < lo || v > hi {
         return err(field, format!("{v} is out of range {lo}..={hi}"));
@@ -355,8 +361,13 @@ fn validate_balancer(
         );
     }
     let max_backends: u32 = in_range("datapath.max_backends", dp.max_backends, 4096, 1, 1 << 20)?;
-    let flow_table_size: u32 =
-        in_range("datapath.flow_table_size", dp.flow_table_size, 1_000_000, 1, 100_000_000)?;
+    let flow_table_size: u32 = in_range(
+        "datapath.flow_table_size",
+        dp.flow_table_size,
+        1_000_000,
+        1,
+        100_000_000,
+    )?;
     let next_hop_refresh_ms: u64 = in_range(
         "datapath.next_hop_refresh_ms",
         dp.next_hop_refresh_ms,
@@ -388,7 +399,10 @@ fn validate_balancer(
     if raw_vips.len() > max_vips as usize {
         return err(
             "vips",
-            format!("{} VIPs, more than datapath.max_vips = {max_vips}", raw_vips.len()),
+            format!(
+                "{} VIPs, more than datapath.max_vips = {max_vips}",
+                raw_vips.len()
+            ),
         );
     }
     let mut vips = Vec::with_capacity(raw_vips.len());
@@ -419,7 +433,10 @@ fn validate_balancer(
             .name
             .unwrap_or_else(|| format!("{protocol}/{}", socket_text(address, port)));
         if name.is_empty() || name.len() > 64 || name.contains(char::is_whitespace) {
-            return err(format!("{f}.name"), "must be 1 to 64 characters without spaces");
+            return err(
+                format!("{f}.name"),
+                "must be 1 to 64 characters without spaces",
+            );
         }
         if !names.insert(name.clone()) {
             return err(format!("{f}.name"), format!("{name:?} is used by two VIPs"));
@@ -439,7 +456,10 @@ fn validate_balancer(
             let bf = format!("{f}.backends[{j}]");
             let address = parse_addr(&format!("{bf}.address"), &rb.address)?;
             if !seen.insert(address) {
-                return err(format!("{bf}.address"), format!("{address} is listed twice"));
+                return err(
+                    format!("{bf}.address"),
+                    format!("{address} is listed twice"),
+                );
             }
             let weight: u32 = in_range(&format!("{bf}.weight"), rb.weight, 100, 0, 65_535)?;
             match address {
@@ -499,13 +519,19 @@ fn validate_decap(d: RawDecap) -> Result<DecapConfig, ConfigError> {
         Some(s) => s.parse().or_else(|e| err("decap.xdp_mode", e))?,
     };
     if d.addresses.is_empty() {
-        return err("decap.addresses", "at least one address of this host is needed");
+        return err(
+            "decap.addresses",
+            "at least one address of this host is needed",
+        );
     }
     let mut addresses = Vec::new();
     for (i, a) in d.addresses.iter().enumerate() {
         let addr = parse_addr(&format!("decap.addresses[{i}]"), a)?;
         if addresses.contains(&addr) {
-            return err(format!("decap.addresses[{i}]"), format!("{addr} is listed twice"));
+            return err(
+                format!("decap.addresses[{i}]"),
+                format!("{addr} is listed twice"),
+            );
         }
         addresses.push(addr);
     }
@@ -577,38 +603,150 @@ backends = [ { address = "fd00::12" } ]
     #[test]
     fn every_bad_field_is_named() {
         let cases: &[(&str, &str, &str)] = &[
-            ("socket = \"/run/lb-test/lb.sock\"", "socket = \"relative.sock\"", "socket"),
-            ("interfaces = [\"eth0\"]", "interfaces = []", "datapath.interfaces"),
-            ("interfaces = [\"eth0\"]", "interfaces = [\"eth0\", \"eth0\"]", "datapath.interfaces[1]"),
-            ("interfaces = [\"eth0\"]", "interfaces = [\"a-very-long-interface-name\"]", "datapath.interfaces[0]"),
-            ("xdp_mode = \"native\"", "xdp_mode = \"turbo\"", "datapath.xdp_mode"),
-            ("maglev_table_size = 65537", "maglev_table_size = 65536", "datapath.maglev_table_size"),
-            ("maglev_table_size = 65537", "maglev_table_size = 5", "datapath.maglev_table_size"),
-            ("maglev_table_size = 65537", "maglev_table_size = 65537\nmax_vips = 0", "datapath.max_vips"),
-            ("maglev_table_size = 65537", "maglev_table_size = 65537\nmax_vips = 4096", "datapath.max_vips"),
-            ("maglev_table_size = 65537", "maglev_table_size = 65537\nmax_vips = 1", "vips"),
-            ("maglev_table_size = 65537", "maglev_table_size = 65537\nmax_backends = 1", "vips"),
-            ("maglev_table_size = 65537", "maglev_table_size = 65537\nflow_table_size = 0", "datapath.flow_table_size"),
-            ("maglev_table_size = 65537", "maglev_table_size = 65537\nnext_hop_refresh_ms = 1", "datapath.next_hop_refresh_ms"),
-            ("source_v4 = \"198.18.200.0/24\"", "source_v4 = \"198.18.200.0/33\"", "encap.source_v4"),
-            ("source_v6 = \"fd00:200::/96\"", "source_v6 = \"nope\"", "encap.source_v6"),
-            ("source_v6 = \"fd00:200::/96\"", "", "vips[0].backends[1].address"),
-            ("source_v4 = \"198.18.200.0/24\"", "", "vips[0].backends[0].address"),
-            ("address = \"198.18.10.1\"", "address = \"198.18.10\"", "vips[0].address"),
-            ("address = \"198.18.10.1\"", "address = \"0.0.0.0\"", "vips[0].address"),
-            ("address = \"198.18.10.1\"", "address = \"224.0.0.1\"", "vips[0].address"),
-            ("protocol = \"tcp\"", "protocol = \"sctp\"", "vips[0].protocol"),
+            (
+                "socket = \"/run/lb-test/lb.sock\"",
+                "socket = \"relative.sock\"",
+                "socket",
+            ),
+            (
+                "interfaces = [\"eth0\"]",
+                "interfaces = []",
+                "datapath.interfaces",
+            ),
+            (
+                "interfaces = [\"eth0\"]",
+                "interfaces = [\"eth0\", \"eth0\"]",
+                "datapath.interfaces[1]",
+            ),
+            (
+                "interfaces = [\"eth0\"]",
+                "interfaces = [\"a-very-long-interface-name\"]",
+                "datapath.interfaces[0]",
+            ),
+            (
+                "xdp_mode = \"native\"",
+                "xdp_mode = \"turbo\"",
+                "datapath.xdp_mode",
+            ),
+            (
+                "maglev_table_size = 65537",
+                "maglev_table_size = 65536",
+                "datapath.maglev_table_size",
+            ),
+            (
+                "maglev_table_size = 65537",
+                "maglev_table_size = 5",
+                "datapath.maglev_table_size",
+            ),
+            (
+                "maglev_table_size = 65537",
+                "maglev_table_size = 65537\nmax_vips = 0",
+                "datapath.max_vips",
+            ),
+            (
+                "maglev_table_size = 65537",
+                "maglev_table_size = 65537\nmax_vips = 4096",
+                "datapath.max_vips",
+            ),
+            (
+                "maglev_table_size = 65537",
+                "maglev_table_size = 65537\nmax_vips = 1",
+                "vips",
+            ),
+            (
+                "maglev_table_size = 65537",
+                "maglev_table_size = 65537\nmax_backends = 1",
+                "vips",
+            ),
+            (
+                "maglev_table_size = 65537",
+                "maglev_table_size = 65537\nflow_table_size = 0",
+                "datapath.flow_table_size",
+            ),
+            (
+                "maglev_table_size = 65537",
+                "maglev_table_size = 65537\nnext_hop_refresh_ms = 1",
+                "datapath.next_hop_refresh_ms",
+            ),
+            (
+                "source_v4 = \"198.18.200.0/24\"",
+                "source_v4 = \"198.18.200.0/33\"",
+                "encap.source_v4",
+            ),
+            (
+                "source_v6 = \"fd00:200::/96\"",
+                "source_v6 = \"nope\"",
+                "encap.source_v6",
+            ),
+            (
+                "source_v6 = \"fd00:200::/96\"",
+                "",
+                "vips[0].backends[1].address",
+            ),
+            (
+                "source_v4 = \"198.18.200.0/24\"",
+                "",
+                "vips[0].backends[0].address",
+            ),
+            (
+                "address = \"198.18.10.1\"",
+                "address = \"198.18.10\"",
+                "vips[0].address",
+            ),
+            (
+                "address = \"198.18.10.1\"",
+                "address = \"0.0.0.0\"",
+                "vips[0].address",
+            ),
+            (
+                "address = \"198.18.10.1\"",
+                "address = \"224.0.0.1\"",
+                "vips[0].address",
+            ),
+            (
+                "protocol = \"tcp\"",
+                "protocol = \"sctp\"",
+                "vips[0].protocol",
+            ),
             ("name = \"web\"", "name = \"two words\"", "vips[0].name"),
-            ("name = \"web\"", "name = \"udp/[fd00:10::1]:0\"", "vips[1].name"),
-            ("{ address = \"198.18.0.11\", weight = 100 }", "{ address = \"198.18.0.11\", weight = 70000 }", "vips[0].backends[0].weight"),
-            ("{ address = \"198.18.0.11\", weight = 100 }", "{ address = \"fd00::12\", weight = 1 }", "vips[0].backends[1].address"),
-            ("{ address = \"198.18.0.11\", weight = 100 }", "{ address = \"127.0.0.1\" }", "vips[0].backends[0].address"),
-            ("backends = [ { address = \"fd00::12\" } ]", "backends = []", "vips[1].backends"),
-            ("address = \"fd00:10::1\"\nprotocol = \"udp\"", "address = \"198.18.10.1\"\nport = 80\nprotocol = \"tcp\"", "vips[1]"),
+            (
+                "name = \"web\"",
+                "name = \"udp/[fd00:10::1]:0\"",
+                "vips[1].name",
+            ),
+            (
+                "{ address = \"198.18.0.11\", weight = 100 }",
+                "{ address = \"198.18.0.11\", weight = 70000 }",
+                "vips[0].backends[0].weight",
+            ),
+            (
+                "{ address = \"198.18.0.11\", weight = 100 }",
+                "{ address = \"fd00::12\", weight = 1 }",
+                "vips[0].backends[1].address",
+            ),
+            (
+                "{ address = \"198.18.0.11\", weight = 100 }",
+                "{ address = \"127.0.0.1\" }",
+                "vips[0].backends[0].address",
+            ),
+            (
+                "backends = [ { address = \"fd00::12\" } ]",
+                "backends = []",
+                "vips[1].backends",
+            ),
+            (
+                "address = \"fd00:10::1\"\nprotocol = \"udp\"",
+                "address = \"198.18.10.1\"\nport = 80\nprotocol = \"tcp\"",
+                "vips[1]",
+            ),
             ("port = 80", "port = 80\ncolour = \"red\"", "config"),
             ("port = 80", "port = 70000", "vips[0].port"),
             ("port = 80", "port = -1", "vips[0].port"),
-            ("{ address = \"198.18.0.11\", weight = 100 }", "{ address = \"198.18.0.11\", weight = -1 }", "vips[0].backends[0].weight"),
+            (
+                "{ address = \"198.18.0.11\", weight = 100 }",
+                "{ address = \"198.18.0.11\", weight = -1 }",
+                "vips[0].backends[0].weight",
+            ),
             ("port = 80", "port = \"eighty\"", "config"),
         ];
         for (replace, by, field) in cases {
@@ -620,7 +758,9 @@ backends = [ { address = "fd00::12" } ]
     fn structural_errors() {
         let e = Config::from_toml("").unwrap_err();
         assert_eq!(e.field, "config");
-        let e = Config::from_toml("[[vips]]\naddress=\"198.18.10.1\"\nprotocol=\"tcp\"\nbackends=[]").unwrap_err();
+        let e =
+            Config::from_toml("[[vips]]\naddress=\"198.18.10.1\"\nprotocol=\"tcp\"\nbackends=[]")
+                .unwrap_err();
         assert_eq!(e.field, "vips");
         let e = Config::from_toml("this is not toml").unwrap_err();
         assert_eq!(e.field, "config");
@@ -629,7 +769,18 @@ backends = [ { address = "fd00::12" } ]
         let e = Config::from_toml("[decap]\ninterfaces=[\"eth0\"]\naddresses=[\"x\"]").unwrap_err();
         assert_eq!(e.field, "decap.addresses[0]");
         let both = format!("{GOOD}\n[decap]\ninterfaces=[\"eth0\"]\naddresses=[\"198.18.0.2\"]");
-        assert_eq!(Config::from_toml(&both).unwrap_err().field, "decap.interfaces[0]");
+        assert_eq!(
+            Config::from_toml(&both).unwrap_err().field,
+            "decap.interfaces[0]"
+        );
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        let lb = Config::from_toml(include_str!("../../examples/lb.toml")).unwrap();
+        assert_eq!(lb.balancer.unwrap().vips.len(), 2);
+        let backend = Config::from_toml(include_str!("../../examples/backend.toml")).unwrap();
+        assert!(backend.decap.is_some());
     }
 
     #[test]

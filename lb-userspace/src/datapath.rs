@@ -103,18 +103,22 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 }
 
 fn sum_counters(values: PerCpuValues<TrafficCounters>) -> TrafficCounters {
-    values.iter().fold(TrafficCounters::default(), |acc, v| TrafficCounters {
-        packets: acc.packets + v.packets,
-        bytes: acc.bytes + v.bytes,
-        new_flows: acc.new_flows + v.new_flows,
-    })
+    values
+        .iter()
+        .fold(TrafficCounters::default(), |acc, v| TrafficCounters {
+            packets: acc.packets + v.packets,
+            bytes: acc.bytes + v.bytes,
+            new_flows: acc.new_flows + v.new_flows,
+        })
 }
 
 pub fn sum_packets(values: &PerCpuValues<PacketCounter>) -> PacketCounter {
-    values.iter().fold(PacketCounter::default(), |acc, v| PacketCounter {
-        packets: acc.packets + v.packets,
-        bytes: acc.bytes + v.bytes,
-    })
+    values
+        .iter()
+        .fold(PacketCounter::default(), |acc, v| PacketCounter {
+            packets: acc.packets + v.packets,
+            bytes: acc.bytes + v.bytes,
+        })
 }
 
 impl KernelDatapath {
@@ -141,7 +145,9 @@ impl KernelDatapath {
 
 impl Datapath for KernelDatapath {
     fn set_settings(&mut self, settings: &Settings) -> Result<()> {
-        self.settings.set(0, settings, 0).context("writing SETTINGS")
+        self.settings
+            .set(0, settings, 0)
+            .context("writing SETTINGS")
     }
 
     fn set_backend(&mut self, id: u32, backend: &BackendInfo) -> Result<()> {
@@ -170,7 +176,9 @@ impl Datapath for KernelDatapath {
 
     fn clear_vip_counters(&mut self, vip_id: u32) -> Result<()> {
         let zeros = self.zeros()?;
-        self.vip_stats.set(vip_id, zeros, 0).context("clearing VIP counters")
+        self.vip_stats
+            .set(vip_id, zeros, 0)
+            .context("clearing VIP counters")
     }
 
     fn clear_backend_counters(&mut self, id: u32) -> Result<()> {

@@ -65,7 +65,11 @@ pub fn build(entries: &[Entry], size: u32) -> Vec<u32> {
             id: e.id,
             weight: u64::from(e.weight),
             offset: fnv1a(0x6c62_6f66_6673_6574, &e.identity) % m,
-            skip: if m > 1 { fnv1a(0x6c62_736b_6970_0000, &e.identity) % (m - 1) + 1 } else { 1 },
+            skip: if m > 1 {
+                fnv1a(0x6c62_736b_6970_0000, &e.identity) % (m - 1) + 1
+            } else {
+                1
+            },
             next: 0,
             credit: 0,
         })
@@ -100,12 +104,12 @@ pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
     }
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         return n == 2;
     }
     let mut d = 3u32;
     while u64::from(d) * u64::from(d) <= u64::from(n) {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 2;
@@ -157,7 +161,10 @@ mod tests {
             let table = build(&entries, 65537);
             assert!(table.iter().all(|id| *id < n));
             let worst = imbalance(&entries, &table);
-            assert!(worst <= 1.02, "n={n}: largest share is {worst:.4}x the ideal");
+            assert!(
+                worst <= 1.02,
+                "n={n}: largest share is {worst:.4}x the ideal"
+            );
         }
     }
 
@@ -166,10 +173,16 @@ mod tests {
         let entries = backends(4, |i| [100, 200, 300, 400][i as usize]);
         let table = build(&entries, 65537);
         let worst = imbalance(&entries, &table);
-        assert!(worst <= 1.02, "largest share is {worst:.4}x its weighted ideal");
+        assert!(
+            worst <= 1.02,
+            "largest share is {worst:.4}x its weighted ideal"
+        );
         let s = shares(&table);
         let ratio = s[&3] as f64 / s[&0] as f64;
-        assert!((3.9..=4.1).contains(&ratio), "weight 400 vs 100 gave {ratio:.3}x the slots");
+        assert!(
+            (3.9..=4.1).contains(&ratio),
+            "weight 400 vs 100 gave {ratio:.3}x the slots"
+        );
     }
 
     #[test]
@@ -177,7 +190,9 @@ mod tests {
         let entries = backends(3, |i| if i == 1 { 0 } else { 10 });
         let table = build(&entries, 101);
         assert!(!table.contains(&1));
-        assert!(build(&backends(3, |_| 0), 101).iter().all(|id| *id == NO_BACKEND));
+        assert!(build(&backends(3, |_| 0), 101)
+            .iter()
+            .all(|id| *id == NO_BACKEND));
         assert!(build(&[], 101).iter().all(|id| *id == NO_BACKEND));
     }
 
@@ -202,8 +217,14 @@ mod tests {
             // Every slot of the removed backend must move. Maglev trades some extra
             // movement for its near-perfect balance: measured here 1.003x at N=5,
             // 1.02x at N=10 and 1.52x at N=100 with M=65537.
-            assert!(ratio >= 1.0, "n={n}: moved fewer slots than the removed backend held");
-            assert!(ratio <= 1.6, "n={n}: moved {ratio:.3}x the ideal 1/N of the table");
+            assert!(
+                ratio >= 1.0,
+                "n={n}: moved fewer slots than the removed backend held"
+            );
+            assert!(
+                ratio <= 1.6,
+                "n={n}: moved {ratio:.3}x the ideal 1/N of the table"
+            );
         }
     }
 

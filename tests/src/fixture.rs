@@ -46,39 +46,63 @@ pub fn config(vips: &str) -> BalancerConfig {
         "[datapath]\ninterfaces=[\"lo\"]\nmaglev_table_size={M}\nmax_vips=4\nmax_backends=16\nflow_table_size=1024\n\
          [encap]\nsource_v4=\"198.18.200.0/24\"\nsource_v6=\"fd00:200::/64\"\n{vips}"
     );
-    Config::from_toml(&text).expect("fixture config is valid").balancer.expect("has a balancer")
+    Config::from_toml(&text)
+        .expect("fixture config is valid")
+        .balancer
+        .expect("has a balancer")
 }
 
 impl Fixture {
     /// Loads both programs and applies `vips` (TOML `[[vips]]` tables); every
     /// backend's next hop is the test-run interface, so forwarding is `XDP_TX`.
     pub fn new(vips: &str) -> Fixture {
-        let sizes = MapSizes { maglev_size: M, max_vips: 4, max_backends: 16, flow_table_size: 1024 };
+        let sizes = MapSizes {
+            maglev_size: M,
+            max_vips: 4,
+            max_backends: 16,
+            flow_table_size: 1024,
+        };
         let mut ebpf = load(&sizes).expect("the eBPF object loads");
         for name in ["lb_ingress", "lb_decap"] {
-            let prog: &mut Xdp = ebpf.program_mut(name).expect("program exists").try_into().expect("is XDP");
-            prog.load().unwrap_or_else(|e| panic!("the verifier accepts {name}: {e:?}"));
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .expect("program exists")
+                .try_into()
+                .expect("is XDP");
+            prog.load()
+                .unwrap_or_else(|e| panic!("the verifier accepts {name}: {e:?}"));
         }
         let dp = KernelDatapath::new(&mut ebpf, M).expect("maps");
         let decap = DecapMaps::new(&mut ebpf).expect("decap maps");
         let mut balancer = Balancer::new(dp, sizes, BTreeSet::from([TEST_RUN_IFINDEX]));
         let config = config(vips);
         balancer.apply(&config, &Default::default()).expect("apply");
-        let mut f = Fixture { ebpf, balancer, config, decap };
+        let mut f = Fixture {
+            ebpf,
+            balancer,
+            config,
+            decap,
+        };
         f.resolve_all();
         f
     }
 
     pub fn resolve_all(&mut self) {
         for a in self.balancer.backend_addresses() {
-            let nh = NextHop { ifindex: TEST_RUN_IFINDEX, src_mac: LB_MAC, dst_mac: NEXT_HOP_MAC };
+            let nh = NextHop {
+                ifindex: TEST_RUN_IFINDEX,
+                src_mac: LB_MAC,
+                dst_mac: NEXT_HOP_MAC,
+            };
             self.balancer.set_next_hop(a, Some(nh)).expect("next hop");
         }
     }
 
     pub fn apply(&mut self, vips: &str) {
         self.config = config(vips);
-        self.balancer.apply(&self.config, &Default::default()).expect("apply");
+        self.balancer
+            .apply(&self.config, &Default::default())
+            .expect("apply");
         self.resolve_all();
     }
 
@@ -87,12 +111,24 @@ impl Fixture {
     }
 
     fn run(&self, program: &str, input: &[u8]) -> Run {
-        let prog: &Xdp = self.ebpf.program(program).expect("program").try_into().expect("XDP");
+        let prog: &Xdp = self
+            .ebpf
+            .program(program)
+            .expect("program")
+            .try_into()
+            .expect("XDP");
         let mut out = vec![0u8; input.len() + 256];
-        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
+        let opts = TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
         let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
-        Run { action: r.return_value, output: out }
+        Run {
+            action: r.return_value,
+            output: out,
+        }
     }
 
     pub fn ingress(&self, input: &[u8]) -> Run {
@@ -138,5 +174,13 @@ impl Fixture {
 pub fn flow_key(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> FlowKey {
     let (s, family) = addr_bytes(src);
     let (d, _) = addr_bytes(dst);
-    FlowKey { src: s, dst: d, sport: sport.to_be(), dport: dport.to_be(), proto, family, _pad: [0; 2] }
+    FlowKey {
+        src: s,
+        dst: d,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        family,
+        _pad: [0; 2],
+    }
 }

@@ -19,7 +19,11 @@ pub fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u
 pub fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for chunk in data.chunks(2) {
-        let word = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from_be_bytes([chunk[0], 0]) };
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
         sum += u32::from(word);
     }
     while sum > 0xffff {
@@ -28,8 +32,39 @@ pub fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// An IPv4 packet; `options` must be a multiple of 4 bytes.
-pub fn ipv4_full(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, id: u16, frag_off: u16, ttl: u8, options: &[u8], payload: &[u8]) -> Vec<u8> {
+/// IPv4 header fields fixtures vary; `options` must be a multiple of 4 bytes.
+#[derive(Clone, Copy)]
+pub struct V4Fields<'a> {
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub options: &'a [u8],
+}
+
+impl Default for V4Fields<'_> {
+    fn default() -> Self {
+        V4Fields {
+            id: 1,
+            frag_off: 0,
+            ttl: 64,
+            options: &[],
+        }
+    }
+}
+
+pub fn ipv4_full(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    fields: V4Fields<'_>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let V4Fields {
+        id,
+        frag_off,
+        ttl,
+        options,
+    } = fields;
     assert_eq!(options.len() % 4, 0);
     let ihl = 5 + options.len() / 4;
     let tot = (ihl * 4 + payload.len()) as u16;
@@ -48,11 +83,20 @@ pub fn ipv4_full(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, id: u16, frag_off: u16
 }
 
 pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
-    ipv4_full(src, dst, proto, 1, 0, 64, &[], payload)
+    ipv4_full(src, dst, proto, V4Fields::default(), payload)
 }
 
-pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, flow_label: u32, hop_limit: u8, payload: &[u8]) -> Vec<u8> {
-    let mut h = (0x6000_0000u32 | (flow_label & 0xfffff)).to_be_bytes().to_vec();
+pub fn ipv6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next: u8,
+    flow_label: u32,
+    hop_limit: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut h = (0x6000_0000u32 | (flow_label & 0xfffff))
+        .to_be_bytes()
+        .to_vec();
     h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
     h.extend_from_slice(&[next, hop_limit]);
     h.extend_from_slice(&src.octets());
@@ -106,5 +150,15 @@ pub fn icmp6_too_big(mtu: u32, original: &[u8]) -> Vec<u8> {
 /// The outer IPv4 header the balancer puts in front of `inner` (RFC 2003):
 /// DF set, id 0, TTL 64.
 pub fn encap_ipv4(src: Ipv4Addr, dst: Ipv4Addr, inner_proto: u8, inner: &[u8]) -> Vec<u8> {
-    ipv4_full(src, dst, inner_proto, 0, 0x4000, 64, &[], inner)
+    ipv4_full(
+        src,
+        dst,
+        inner_proto,
+        V4Fields {
+            id: 0,
+            frag_off: 0x4000,
+            ..V4Fields::default()
+        },
+        inner,
+    )
 }

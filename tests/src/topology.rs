@@ -45,23 +45,37 @@ pub fn bin(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run the tests through `cargo xtask test`", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests through `cargo xtask test`",
+        path.display()
+    );
     path
 }
 
 fn sh(args: &[&str]) -> std::process::Output {
-    Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
 /// Runs a command and panics with its stderr if it fails.
 pub fn must(args: &[&str]) {
     let out = sh(args);
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs `f` in a new thread that has entered network namespace `ns`; sockets
 /// it creates belong to that namespace.
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
     let path = format!("/var/run/netns/{ns}");
     std::thread::spawn(move || {
         let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -106,12 +120,27 @@ impl Topology {
         let dir = std::env::temp_dir().join(&id);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut t = Topology { id, backends, dir, namespaces: Vec::new(), agents: Vec::new(), servers: Vec::new(), pass_through: None };
+        let mut t = Topology {
+            id,
+            backends,
+            dir,
+            namespaces: Vec::new(),
+            agents: Vec::new(),
+            servers: Vec::new(),
+            pass_through: None,
+        };
         let sw = t.ns("sw");
         t.add_ns(&sw);
         must(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
         must(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
-        let mut hosts = vec![("cl".to_string(), CLIENT_V4.to_string(), CLIENT_V6.to_string()), ("lb".into(), LB_V4.into(), LB_V6.into())];
+        let mut hosts = vec![
+            (
+                "cl".to_string(),
+                CLIENT_V4.to_string(),
+                CLIENT_V6.to_string(),
+            ),
+            ("lb".into(), LB_V4.into(), LB_V6.into()),
+        ];
         for i in 0..backends {
             hosts.push((format!("b{i}"), backend_v4(i), backend_v6(i)));
         }
@@ -121,16 +150,44 @@ impl Topology {
             // The client keeps the usual 1500; the rest of the segment carries
             // encapsulated frames, up to 40 bytes longer.
             let mtu = if role == "cl" { "1500" } else { "1600" };
-            must(&["ip", "-n", &sw, "link", "add", role, "mtu", "1600", "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            must(&[
+                "ip", "-n", &sw, "link", "add", role, "mtu", "1600", "type", "veth", "peer",
+                "name", "eth0", "netns", &ns,
+            ]);
             must(&["ip", "-n", &sw, "link", "set", role, "master", "br0", "up"]);
             must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
             must(&["ip", "-n", &ns, "link", "set", "eth0", "mtu", mtu, "up"]);
             // veth would leave TCP/UDP checksums to a "device" that never
             // computes them; real NICs do. Compute them in software.
-            must(&["ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"]);
-            must(&["ip", "-n", &ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
-            must(&["ip", "-n", &ns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
-            for s in ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0", "net.ipv4.conf.eth0.rp_filter=0"] {
+            must(&[
+                "ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off",
+            ]);
+            must(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{v4}/24"),
+                "dev",
+                "eth0",
+            ]);
+            must(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            for s in [
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+                "net.ipv4.conf.eth0.rp_filter=0",
+            ] {
                 must(&["ip", "netns", "exec", &ns, "sysctl", "-qw", s]);
             }
         }
@@ -142,16 +199,42 @@ impl Topology {
         // its (here: no) addresses.
         t.pass_through = Some(attach_pass_through(&sw, "lb"));
         let cl = t.ns("cl");
-        must(&["ip", "-n", &cl, "route", "add", "198.18.10.0/24", "via", LB_V4]);
-        must(&["ip", "-n", &cl, "-6", "route", "add", "fd00:10::/64", "via", LB_V6]);
+        must(&[
+            "ip",
+            "-n",
+            &cl,
+            "route",
+            "add",
+            "198.18.10.0/24",
+            "via",
+            LB_V4,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &cl,
+            "-6",
+            "route",
+            "add",
+            "fd00:10::/64",
+            "via",
+            LB_V6,
+        ]);
         for i in 0..backends {
             let ns = t.ns(&format!("b{i}"));
-            for vip in [format!("{VIP_V4}/32"), format!("{VIP_V4_TO_V6}/32"), format!("{VIP_V6}/128")] {
+            for vip in [
+                format!("{VIP_V4}/32"),
+                format!("{VIP_V4_TO_V6}/32"),
+                format!("{VIP_V6}/128"),
+            ] {
                 must(&["ip", "-n", &ns, "addr", "add", &vip, "dev", "lo"]);
             }
             // Direct server return: never answer ARP for the VIPs on the
             // segment, and never use a VIP as the sender of an ARP request.
-            for s in ["net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"] {
+            for s in [
+                "net.ipv4.conf.all.arp_ignore=1",
+                "net.ipv4.conf.all.arp_announce=2",
+            ] {
                 must(&["ip", "netns", "exec", &ns, "sysctl", "-qw", s]);
             }
         }
@@ -252,15 +335,26 @@ backends = [{equal6}]
     fn wait_ready(&mut self, role: &str, socket: &PathBuf) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if self.lbctl_at(socket, &["status", "--json"]).status.success() {
+            if self
+                .lbctl_at(socket, &["status", "--json"])
+                .status
+                .success()
+            {
                 return;
             }
             if let Some((_, child)) = self.agents.iter_mut().find(|(r, _)| r == role) {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("lb-agent for {role} exited with {status}:\n{}", self.log(role));
+                    panic!(
+                        "lb-agent for {role} exited with {status}:\n{}",
+                        self.log(role)
+                    );
                 }
             }
-            assert!(Instant::now() < deadline, "lb-agent for {role} not ready:\n{}", self.log(role));
+            assert!(
+                Instant::now() < deadline,
+                "lb-agent for {role} not ready:\n{}",
+                self.log(role)
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -312,11 +406,15 @@ backends = [{equal6}]
             }
         }));
         // UDP: bound to the VIPs so replies leave from the VIP address.
-        for vip in [SocketAddr::new(VIP_V4.parse().unwrap(), 53), SocketAddr::new(VIP_V6.parse().unwrap(), 53)] {
+        for vip in [
+            SocketAddr::new(VIP_V4.parse().unwrap(), 53),
+            SocketAddr::new(VIP_V6.parse().unwrap(), 53),
+        ] {
             let (n, s) = (name.clone(), stop.clone());
             threads.push(in_netns(&ns, move || {
                 let sock = UdpSocket::bind(vip).unwrap_or_else(|e| panic!("bind UDP {vip}: {e}"));
-                sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+                sock.set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("timeout");
                 let mut buf = [0u8; 2048];
                 while !s.load(Ordering::Relaxed) {
                     if let Ok((_, from)) = sock.recv_from(&mut buf) {
@@ -352,18 +450,28 @@ backends = [{equal6}]
 
     pub fn status_json(&self) -> serde_json::Value {
         let out = self.lbctl(&["status", "--json"]);
-        assert!(out.status.success(), "lbctl status: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "lbctl status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
     /// Runs `f` in the client's namespace and returns its result.
     pub fn from_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        in_netns(&self.ns("cl"), f).join().expect("client thread panicked")
+        in_netns(&self.ns("cl"), f)
+            .join()
+            .expect("client thread panicked")
     }
 
     /// Stops the LB agent with SIGTERM and waits for it.
     pub fn stop_lb(&mut self) -> std::process::ExitStatus {
-        let pos = self.agents.iter().position(|(r, _)| r == "lb").expect("lb agent running");
+        let pos = self
+            .agents
+            .iter()
+            .position(|(r, _)| r == "lb")
+            .expect("lb agent running");
         let (_, mut child) = self.agents.remove(pos);
         terminate(&mut child)
     }
@@ -374,10 +482,16 @@ backends = [{equal6}]
 fn attach_pass_through(ns: &str, iface: &str) -> aya::Ebpf {
     let iface = iface.to_string();
     in_netns(ns, move || {
-        let mut ebpf = lb_userspace::datapath::load(&lb_userspace::datapath::MapSizes::DECAP_ONLY).expect("load eBPF object");
-        let prog: &mut aya::programs::Xdp = ebpf.program_mut("lb_decap").expect("lb_decap").try_into().expect("XDP");
+        let mut ebpf = lb_userspace::datapath::load(&lb_userspace::datapath::MapSizes::DECAP_ONLY)
+            .expect("load eBPF object");
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut("lb_decap")
+            .expect("lb_decap")
+            .try_into()
+            .expect("XDP");
         prog.load().expect("verifier");
-        prog.attach(&iface, aya::programs::XdpMode::Driver).expect("attach pass-through");
+        prog.attach(&iface, aya::programs::XdpMode::Driver)
+            .expect("attach pass-through");
         ebpf
     })
     .join()
@@ -399,7 +513,11 @@ fn serve_tcp(mut stream: TcpStream, name: &str, stop: &AtomicBool) {
                     return;
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return,
         }
     }
@@ -449,14 +567,20 @@ pub fn connect_once(vip: SocketAddr) -> std::io::Result<String> {
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
     if line.is_empty() {
-        return Err(std::io::Error::other("connection closed before the backend answered"));
+        return Err(std::io::Error::other(
+            "connection closed before the backend answered",
+        ));
     }
     Ok(line.trim().to_string())
 }
 
 /// One UDP request to `vip`: returns the name of the backend that answered.
 pub fn udp_once(vip: SocketAddr) -> std::io::Result<String> {
-    let local: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0) };
+    let local: SocketAddr = if vip.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)
+    };
     let sock = UdpSocket::bind(local)?;
     sock.connect(vip)?;
     sock.set_read_timeout(Some(Duration::from_secs(2)))?;

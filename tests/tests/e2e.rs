@@ -47,23 +47,45 @@ fn tcp_connections_all_succeed_and_spread_by_weight() {
     let mut t = Topology::new(3);
     t.start(&weights);
     let status = t.status_json();
-    assert_eq!(status["interfaces"][0]["mode"], "native", "the LB must run native XDP");
+    assert_eq!(
+        status["interfaces"][0]["mode"], "native",
+        "the LB must run native XDP"
+    );
 
     let results = many_connections(&t, vip(VIP_V4, 80), 1000);
     let failures: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(failures.is_empty(), "{} of 1000 connections failed, first: {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} of 1000 connections failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
     let names: Vec<String> = results.into_iter().map(Result::unwrap).collect();
     assert_spread(&names, &weights);
 
     // The datapath saw the same: new flows per backend match what the client saw.
     let status = t.status_json();
-    let web = status["vips"].as_array().unwrap().iter().find(|v| v["name"] == "web").unwrap();
+    let web = status["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "web")
+        .unwrap();
     assert_eq!(web["counters"]["new_flows"], 1000);
     let c = counts(&names);
     // Backends are listed by address: the three IPv4 ones first.
-    for (i, b) in status["backends"].as_array().unwrap().iter().take(3).enumerate() {
+    for (i, b) in status["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(3)
+        .enumerate()
+    {
         assert_eq!(b["address"], backend_v4(i));
-        assert_eq!(b["counters"]["new_flows"].as_u64().unwrap() as usize, c[&format!("b{i}")]);
+        assert_eq!(
+            b["counters"]["new_flows"].as_u64().unwrap() as usize,
+            c[&format!("b{i}")]
+        );
     }
     let text = t.lbctl(&["status"]);
     assert!(text.status.success());
@@ -76,14 +98,25 @@ fn udp_ipv6_and_ipv4_to_ipv6_backends_work() {
     t.start(&[100, 100, 100]);
     let udp: Vec<_> = t.from_client(|| (0..60).map(|_| udp_once(vip(VIP_V4, 53))).collect());
     let udp_ok: Vec<String> = udp.into_iter().map(|r| r.expect("UDP answered")).collect();
-    assert_eq!(counts(&udp_ok).len(), 3, "UDP flows reach every backend: {:?}", counts(&udp_ok));
+    assert_eq!(
+        counts(&udp_ok).len(),
+        3,
+        "UDP flows reach every backend: {:?}",
+        counts(&udp_ok)
+    );
 
     let v6 = many_connections(&t, vip(VIP_V6, 80), 60);
-    let v6: Vec<String> = v6.into_iter().map(|r| r.expect("IPv6 connection")).collect();
+    let v6: Vec<String> = v6
+        .into_iter()
+        .map(|r| r.expect("IPv6 connection"))
+        .collect();
     assert_eq!(counts(&v6).len(), 3);
 
     let mixed = many_connections(&t, vip(VIP_V4_TO_V6, 80), 60);
-    let mixed: Vec<String> = mixed.into_iter().map(|r| r.expect("IPv4 VIP to IPv6 backends")).collect();
+    let mixed: Vec<String> = mixed
+        .into_iter()
+        .map(|r| r.expect("IPv4 VIP to IPv6 backends"))
+        .collect();
     assert_eq!(counts(&mixed).len(), 3);
 
     // Every backend decapsulated, and no packet was malformed.
@@ -105,7 +138,8 @@ fn reload_keeps_open_connections_and_applies_new_weights() {
     let client = lb_tests::topology::in_netns(&t.ns("cl"), move || {
         let mut conns = Vec::new();
         for _ in 0..30 {
-            let s = TcpStream::connect_timeout(&vip(VIP_V4, 80), Duration::from_secs(3)).expect("connect");
+            let s = TcpStream::connect_timeout(&vip(VIP_V4, 80), Duration::from_secs(3))
+                .expect("connect");
             s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
             let mut r = BufReader::new(s.try_clone().unwrap());
             let mut name = String::new();
@@ -131,33 +165,67 @@ fn reload_keeps_open_connections_and_applies_new_weights() {
 
     // A bad configuration is refused and changes nothing.
     let before = t.status_json();
-    let bad = t.write("bad.toml", &t.lb_config(&[100, 100, 100]).replace("weight = 100", "weight = -1"));
+    let bad = t.write(
+        "bad.toml",
+        &t.lb_config(&[100, 100, 100])
+            .replace("weight = 100", "weight = -1"),
+    );
     let out = t.lbctl(&["apply", "-f", bad.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("vips[0].backends[0].weight"), "{}", String::from_utf8_lossy(&out.stderr));
-    let resized = t.write("resized.toml", &t.lb_config(&[100, 100, 100]).replace("maglev_table_size = 65537", "maglev_table_size = 257"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vips[0].backends[0].weight"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resized = t.write(
+        "resized.toml",
+        &t.lb_config(&[100, 100, 100])
+            .replace("maglev_table_size = 65537", "maglev_table_size = 257"),
+    );
     let out = t.lbctl(&["apply", "-f", resized.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("datapath"));
     let after = t.status_json();
     // Counters move with traffic; the configuration part must not.
-    for (b, a) in before["vips"].as_array().unwrap().iter().zip(after["vips"].as_array().unwrap()) {
-        let weights = |v: &serde_json::Value| v["backends"].as_array().unwrap().iter().map(|b| b["weight"].clone()).collect::<Vec<_>>();
+    for (b, a) in before["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(after["vips"].as_array().unwrap())
+    {
+        let weights = |v: &serde_json::Value| {
+            v["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["weight"].clone())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(weights(b), weights(a));
     }
 
     // New weights: b0 gets 4 times the others.
     let good = t.write("good.toml", &t.lb_config(&[400, 100, 100]));
     let out = t.lbctl(&["apply", "-f", good.to_str().unwrap()]);
-    assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 changed"));
 
     tx.send(()).unwrap();
-    let ok = done_rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
+    let ok = done_rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap()
+        .unwrap();
     client.join().unwrap();
     assert_eq!(ok, 30, "open connections broken by the reload");
 
-    let names: Vec<String> = many_connections(&t, vip(VIP_V4, 80), 900).into_iter().map(|r| r.expect("connection after reload")).collect();
+    let names: Vec<String> = many_connections(&t, vip(VIP_V4, 80), 900)
+        .into_iter()
+        .map(|r| r.expect("connection after reload"))
+        .collect();
     assert_spread(&names, &[400, 100, 100]);
 }
 
@@ -166,11 +234,18 @@ fn bad_config_attaches_nothing_and_shutdown_detaches() {
     let mut t = Topology::new(1);
     let lb = t.ns("lb");
     let xdp_on_lb = || {
-        let out = std::process::Command::new("ip").args(["-n", &lb, "link", "show", "eth0"]).output().unwrap();
+        let out = std::process::Command::new("ip")
+            .args(["-n", &lb, "link", "show", "eth0"])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).contains("xdp")
     };
     // Invalid: exit code 2, the field named, nothing attached.
-    let bad = t.write("bad.toml", &t.lb_config(&[100]).replace("protocol = \"tcp\"", "protocol = \"sctp\""));
+    let bad = t.write(
+        "bad.toml",
+        &t.lb_config(&[100])
+            .replace("protocol = \"tcp\"", "protocol = \"sctp\""),
+    );
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", &lb])
         .arg(bin("lb-agent"))

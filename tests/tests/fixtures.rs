@@ -14,13 +14,24 @@ const B4: [&str; 3] = ["198.18.0.11", "198.18.0.12", "198.18.0.13"];
 const B6: [&str; 2] = ["fd00::11", "fd00::12"];
 
 fn vip(addr: &str, port: u16, proto: &str, backends: &[(&str, u32)]) -> String {
-    let list: Vec<String> = backends.iter().map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}")).collect();
-    format!("[[vips]]\naddress=\"{addr}\"\nport={port}\nprotocol=\"{proto}\"\nbackends=[{}]\n", list.join(", "))
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
+        .collect();
+    format!(
+        "[[vips]]\naddress=\"{addr}\"\nport={port}\nprotocol=\"{proto}\"\nbackends=[{}]\n",
+        list.join(", ")
+    )
 }
 
 fn standard() -> String {
     [
-        vip("198.18.10.1", 80, "tcp", &[(B4[0], 1), (B4[1], 1), (B4[2], 1)]),
+        vip(
+            "198.18.10.1",
+            80,
+            "tcp",
+            &[(B4[0], 1), (B4[1], 1), (B4[2], 1)],
+        ),
         vip("198.18.10.1", 0, "udp", &[(B4[0], 1), (B4[1], 2)]),
         vip("fd00:10::1", 443, "tcp", &[(B6[0], 1), (B6[1], 1)]),
         vip("198.18.10.2", 80, "tcp", &[(B6[0], 1), (B6[1], 1)]),
@@ -34,13 +45,20 @@ fn maglev_pick(f: &Fixture, backends: &[(&str, u32)], key: &lb_common::FlowKey) 
         .iter()
         .map(|(a, w)| maglev::Entry {
             id: f.backend_id(a),
-            identity: lb_userspace::balancer::addr_bytes(a.parse().unwrap()).0.to_vec(),
+            identity: lb_userspace::balancer::addr_bytes(a.parse().unwrap())
+                .0
+                .to_vec(),
             weight: *w,
         })
         .collect();
     let table = maglev::build(&entries, M);
     let id = table[(flow_hash(key) % M) as usize];
-    backends.iter().find(|(a, _)| f.backend_id(a) == id).unwrap().0.to_string()
+    backends
+        .iter()
+        .find(|(a, _)| f.backend_id(a) == id)
+        .unwrap()
+        .0
+        .to_string()
 }
 
 fn src_v4(hash: u32) -> Ipv4Addr {
@@ -53,12 +71,24 @@ fn src_v6(hash: u32) -> Ipv6Addr {
 }
 
 fn expect_v4_encap(inner_ip: &[u8], backend: &str, hash: u32, inner_proto: u8) -> Vec<u8> {
-    let outer = encap_ipv4(src_v4(hash), backend.parse().unwrap(), inner_proto, inner_ip);
+    let outer = encap_ipv4(
+        src_v4(hash),
+        backend.parse().unwrap(),
+        inner_proto,
+        inner_ip,
+    );
     eth(NEXT_HOP_MAC, LB_MAC, ETH_IPV4, &outer)
 }
 
 fn expect_v6_encap(inner_ip: &[u8], backend: &str, hash: u32, inner_proto: u8) -> Vec<u8> {
-    let outer = ipv6(src_v6(hash), backend.parse().unwrap(), inner_proto, hash & 0xfffff, 64, inner_ip);
+    let outer = ipv6(
+        src_v6(hash),
+        backend.parse().unwrap(),
+        inner_proto,
+        hash & 0xfffff,
+        64,
+        inner_ip,
+    );
     eth(NEXT_HOP_MAC, LB_MAC, ETH_IPV6, &outer)
 }
 
@@ -79,27 +109,53 @@ fn ipv4_tcp_syn_is_encapsulated_to_the_maglev_backend() {
         let key = key4(sport, 80, PROTO_TCP);
         let backend = maglev_pick(&f, &[(B4[0], 1), (B4[1], 1), (B4[2], 1)], &key);
         assert_eq!(r.action, XDP_TX, "sport {sport}");
-        assert_eq!(r.output, expect_v4_encap(&ip, &backend, flow_hash(&key), PROTO_IPIP), "sport {sport}");
+        assert_eq!(
+            r.output,
+            expect_v4_encap(&ip, &backend, flow_hash(&key), PROTO_IPIP),
+            "sport {sport}"
+        );
         assert_eq!(f.flow(&key).unwrap().backend_id, f.backend_id(&backend));
     }
     assert_eq!(f.outcome(Outcome::Forwarded), 20);
     let status = f.balancer.vip_status().unwrap();
-    let web = status.iter().find(|v| v.port == 80 && v.address == IpAddr::V4(VIP4)).unwrap();
+    let web = status
+        .iter()
+        .find(|v| v.port == 80 && v.address == IpAddr::V4(VIP4))
+        .unwrap();
     assert_eq!(web.counters.new_flows, 20);
     assert_eq!(web.counters.packets, 20);
-    let per_backend: u64 = f.balancer.backend_status().unwrap().iter().map(|b| b.counters.new_flows).sum();
+    let per_backend: u64 = f
+        .balancer
+        .backend_status()
+        .unwrap()
+        .iter()
+        .map(|b| b.counters.new_flows)
+        .sum();
     assert_eq!(per_backend, 20);
 }
 
 #[test]
 fn ipv4_options_are_parsed() {
     let f = Fixture::new(&standard());
-    let ip = ipv4_full(CLIENT4, VIP4, PROTO_TCP, 7, 0, 64, &[1, 1, 1, 0], &tcp(40000, 80, TCP_SYN, b""));
+    let ip = ipv4_full(
+        CLIENT4,
+        VIP4,
+        PROTO_TCP,
+        V4Fields {
+            id: 7,
+            options: &[1, 1, 1, 0],
+            ..V4Fields::default()
+        },
+        &tcp(40000, 80, TCP_SYN, b""),
+    );
     let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ip));
     let key = key4(40000, 80, PROTO_TCP);
     let backend = maglev_pick(&f, &[(B4[0], 1), (B4[1], 1), (B4[2], 1)], &key);
     assert_eq!(r.action, XDP_TX);
-    assert_eq!(r.output, expect_v4_encap(&ip, &backend, flow_hash(&key), PROTO_IPIP));
+    assert_eq!(
+        r.output,
+        expect_v4_encap(&ip, &backend, flow_hash(&key), PROTO_IPIP)
+    );
 }
 
 #[test]
@@ -115,18 +171,31 @@ fn established_flow_keeps_its_backend_after_the_table_changes() {
             (a != b).then_some((p, a))
         })
         .expect("some slot moves");
-    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(sport, 80, TCP_SYN)));
+    let r = f.ingress(&eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV4,
+        &tcp4(sport, 80, TCP_SYN),
+    ));
     assert_eq!(r.action, XDP_TX);
 
     let mut changed = standard();
-    changed = changed.replacen(&vip("198.18.10.1", 80, "tcp", &three), &vip("198.18.10.1", 80, "tcp", &skewed), 1);
+    changed = changed.replacen(
+        &vip("198.18.10.1", 80, "tcp", &three),
+        &vip("198.18.10.1", 80, "tcp", &skewed),
+        1,
+    );
     f.apply(&changed);
 
     let key = key4(sport, 80, PROTO_TCP);
     let ip = tcp4(sport, 80, TCP_ACK);
     let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ip));
     assert_eq!(r.action, XDP_TX);
-    assert_eq!(r.output, expect_v4_encap(&ip, &before, flow_hash(&key), PROTO_IPIP), "established flow moved");
+    assert_eq!(
+        r.output,
+        expect_v4_encap(&ip, &before, flow_hash(&key), PROTO_IPIP),
+        "established flow moved"
+    );
 
     // The same slot for a flow the table has not seen goes to the new choice.
     let newcomer = (41000..50000u16)
@@ -137,7 +206,10 @@ fn established_flow_keeps_its_backend_after_the_table_changes() {
     let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &nip));
     let after = maglev_pick(&f, &skewed, &nkey);
     assert_ne!(after, before);
-    assert_eq!(r.output, expect_v4_encap(&nip, &after, flow_hash(&nkey), PROTO_IPIP));
+    assert_eq!(
+        r.output,
+        expect_v4_encap(&nip, &after, flow_hash(&nkey), PROTO_IPIP)
+    );
 }
 
 #[test]
@@ -148,9 +220,19 @@ fn flows_of_a_removed_backend_are_rebalanced() {
         .find(|k| maglev_pick(&f, &[(B4[0], 1), (B4[1], 1), (B4[2], 1)], k) == B4[2])
         .unwrap();
     let sport = u16::from_be(key.sport);
-    f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(sport, 80, TCP_SYN)));
+    f.ingress(&eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV4,
+        &tcp4(sport, 80, TCP_SYN),
+    ));
     f.apply(&standard().replacen(
-        &vip("198.18.10.1", 80, "tcp", &[(B4[0], 1), (B4[1], 1), (B4[2], 1)]),
+        &vip(
+            "198.18.10.1",
+            80,
+            "tcp",
+            &[(B4[0], 1), (B4[1], 1), (B4[2], 1)],
+        ),
         &vip("198.18.10.1", 80, "tcp", &[(B4[0], 1), (B4[1], 1)]),
         1,
     ));
@@ -158,7 +240,10 @@ fn flows_of_a_removed_backend_are_rebalanced() {
     let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ip));
     let now = maglev_pick(&f, &[(B4[0], 1), (B4[1], 1)], &key);
     assert_eq!(r.action, XDP_TX);
-    assert_eq!(r.output, expect_v4_encap(&ip, &now, flow_hash(&key), PROTO_IPIP));
+    assert_eq!(
+        r.output,
+        expect_v4_encap(&ip, &now, flow_hash(&key), PROTO_IPIP)
+    );
 }
 
 #[test]
@@ -170,19 +255,32 @@ fn udp_to_an_every_port_vip() {
         let backend = maglev_pick(&f, &[(B4[0], 1), (B4[1], 2)], &key);
         let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ip));
         assert_eq!(r.action, XDP_TX);
-        assert_eq!(r.output, expect_v4_encap(&ip, &backend, flow_hash(&key), PROTO_IPIP));
+        assert_eq!(
+            r.output,
+            expect_v4_encap(&ip, &backend, flow_hash(&key), PROTO_IPIP)
+        );
     }
 }
 
 #[test]
 fn ipv6_client_to_ipv6_backend() {
     let f = Fixture::new(&standard());
-    let ip = ipv6(CLIENT6, VIP6, PROTO_TCP, 0, 64, &tcp(40000, 443, TCP_SYN, b""));
+    let ip = ipv6(
+        CLIENT6,
+        VIP6,
+        PROTO_TCP,
+        0,
+        64,
+        &tcp(40000, 443, TCP_SYN, b""),
+    );
     let key = flow_key(IpAddr::V6(CLIENT6), IpAddr::V6(VIP6), 40000, 443, PROTO_TCP);
     let backend = maglev_pick(&f, &[(B6[0], 1), (B6[1], 1)], &key);
     let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ip));
     assert_eq!(r.action, XDP_TX);
-    assert_eq!(r.output, expect_v6_encap(&ip, &backend, flow_hash(&key), PROTO_IPV6));
+    assert_eq!(
+        r.output,
+        expect_v6_encap(&ip, &backend, flow_hash(&key), PROTO_IPV6)
+    );
 }
 
 #[test]
@@ -194,7 +292,10 @@ fn ipv4_client_to_ipv6_backend() {
     let backend = maglev_pick(&f, &[(B6[0], 1), (B6[1], 1)], &key);
     let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ip));
     assert_eq!(r.action, XDP_TX);
-    assert_eq!(r.output, expect_v6_encap(&ip, &backend, flow_hash(&key), PROTO_IPIP));
+    assert_eq!(
+        r.output,
+        expect_v6_encap(&ip, &backend, flow_hash(&key), PROTO_IPIP)
+    );
 }
 
 #[test]
@@ -203,14 +304,54 @@ fn non_vip_traffic_passes_byte_for_byte() {
     let other4 = Ipv4Addr::new(198, 18, 0, 99);
     let frames = [
         // Another address, the VIP address on a port it does not serve, another protocol.
-        eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ipv4(CLIENT4, other4, PROTO_TCP, &tcp(1, 80, TCP_SYN, b""))),
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV4,
+            &ipv4(CLIENT4, other4, PROTO_TCP, &tcp(1, 80, TCP_SYN, b"")),
+        ),
         eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(40000, 81, TCP_SYN)),
-        eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ipv4(CLIENT4, VIP4, 47, b"gre-ish payload")),
-        eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ipv4(CLIENT4, VIP4, 1, &[8, 0, 0, 0, 0, 1, 0, 1])),
-        eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ipv6(CLIENT6, "fd00::99".parse().unwrap(), PROTO_UDP, 0, 64, &udp(1, 2, b""))),
-        eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ipv6(CLIENT6, VIP6, 0, 0, 64, &[6, 0, 0, 0, 0, 0, 0, 0])),
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV4,
+            &ipv4(CLIENT4, VIP4, 47, b"gre-ish payload"),
+        ),
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV4,
+            &ipv4(CLIENT4, VIP4, 1, &[8, 0, 0, 0, 0, 1, 0, 1]),
+        ),
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV6,
+            &ipv6(
+                CLIENT6,
+                "fd00::99".parse().unwrap(),
+                PROTO_UDP,
+                0,
+                64,
+                &udp(1, 2, b""),
+            ),
+        ),
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV6,
+            &ipv6(CLIENT6, VIP6, 0, 0, 64, &[6, 0, 0, 0, 0, 0, 0, 0]),
+        ),
         // ARP.
-        eth([0xff; 6], CLIENT_MAC, 0x0806, &[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 3, 198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 198, 18, 0, 2]),
+        eth(
+            [0xff; 6],
+            CLIENT_MAC,
+            0x0806,
+            &[
+                0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 3, 198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 198, 18,
+                0, 2,
+            ],
+        ),
     ];
     for (i, frame) in frames.iter().enumerate() {
         let r = f.ingress(frame);
@@ -233,7 +374,12 @@ fn truncated_and_garbage_packets_are_neither_aborted_nor_forwarded() {
     long_total[16..18].copy_from_slice(&1500u16.to_be_bytes());
     let mut short_total = syn.clone();
     short_total[16..18].copy_from_slice(&24u16.to_be_bytes());
-    let v6 = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ipv6(CLIENT6, VIP6, PROTO_TCP, 0, 64, &tcp(1, 443, TCP_SYN, b"")));
+    let v6 = eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV6,
+        &ipv6(CLIENT6, VIP6, PROTO_TCP, 0, 64, &tcp(1, 443, TCP_SYN, b"")),
+    );
     let mut garbage = vec![0u8; 200];
     let mut x: u32 = 12345;
     for b in garbage.iter_mut() {
@@ -253,12 +399,34 @@ fn truncated_and_garbage_packets_are_neither_aborted_nor_forwarded() {
         ("ipv6 header cut", v6[..40].to_vec(), None),
         ("vip ipv6 tcp cut", v6[..60].to_vec(), Some(XDP_DROP)),
         ("random bytes", garbage.clone(), None),
-        ("random bytes as ipv4", { let mut g = garbage.clone(); g[12] = 8; g[13] = 0; g }, None),
-        ("random bytes as ipv6", { let mut g = garbage; g[12] = 0x86; g[13] = 0xdd; g }, None),
+        (
+            "random bytes as ipv4",
+            {
+                let mut g = garbage.clone();
+                g[12] = 8;
+                g[13] = 0;
+                g
+            },
+            None,
+        ),
+        (
+            "random bytes as ipv6",
+            {
+                let mut g = garbage;
+                g[12] = 0x86;
+                g[13] = 0xdd;
+                g
+            },
+            None,
+        ),
     ];
     for (name, frame, want) in cases {
         let r = f.ingress(&frame);
-        assert!(r.action == XDP_PASS || r.action == XDP_DROP, "{name}: action {}", r.action);
+        assert!(
+            r.action == XDP_PASS || r.action == XDP_DROP,
+            "{name}: action {}",
+            r.action
+        );
         if let Some(w) = want {
             assert_eq!(r.action, w, "{name}");
         }
@@ -273,11 +441,47 @@ fn truncated_and_garbage_packets_are_neither_aborted_nor_forwarded() {
 #[test]
 fn vip_fragments_are_dropped_and_counted() {
     let f = Fixture::new(&standard());
-    let first = ipv4_full(CLIENT4, VIP4, PROTO_UDP, 9, 0x2000, 64, &[], &udp(5000, 53, &[0u8; 32]));
-    let later = ipv4_full(CLIENT4, VIP4, PROTO_UDP, 9, 5, 64, &[], &[0u8; 32]);
-    let elsewhere = ipv4_full(CLIENT4, Ipv4Addr::new(198, 18, 0, 99), PROTO_UDP, 9, 5, 64, &[], &[0u8; 32]);
-    assert_eq!(f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &first)).action, XDP_DROP);
-    assert_eq!(f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &later)).action, XDP_DROP);
+    let first = ipv4_full(
+        CLIENT4,
+        VIP4,
+        PROTO_UDP,
+        V4Fields {
+            id: 9,
+            frag_off: 0x2000,
+            ..V4Fields::default()
+        },
+        &udp(5000, 53, &[0u8; 32]),
+    );
+    let later = ipv4_full(
+        CLIENT4,
+        VIP4,
+        PROTO_UDP,
+        V4Fields {
+            id: 9,
+            frag_off: 5,
+            ..V4Fields::default()
+        },
+        &[0u8; 32],
+    );
+    let elsewhere = ipv4_full(
+        CLIENT4,
+        Ipv4Addr::new(198, 18, 0, 99),
+        PROTO_UDP,
+        V4Fields {
+            id: 9,
+            frag_off: 5,
+            ..V4Fields::default()
+        },
+        &[0u8; 32],
+    );
+    assert_eq!(
+        f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &first)).action,
+        XDP_DROP
+    );
+    assert_eq!(
+        f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &later)).action,
+        XDP_DROP
+    );
     let frame = eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &elsewhere);
     let r = f.ingress(&frame);
     assert_eq!((r.action, r.output), (XDP_PASS, frame));
@@ -289,29 +493,86 @@ fn icmp_too_big_goes_to_the_flows_backend() {
     let f = Fixture::new(&standard());
     // IPv4: establish, then a router reports the backend's reply as too big.
     let key = key4(40000, 80, PROTO_TCP);
-    f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(40000, 80, TCP_SYN)));
+    f.ingress(&eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV4,
+        &tcp4(40000, 80, TCP_SYN),
+    ));
     let backend = maglev_pick(&f, &[(B4[0], 1), (B4[1], 1), (B4[2], 1)], &key);
-    let reply = ipv4(VIP4, CLIENT4, PROTO_TCP, &tcp(80, 40000, TCP_ACK, &[0u8; 8]));
+    let reply = ipv4(
+        VIP4,
+        CLIENT4,
+        PROTO_TCP,
+        &tcp(80, 40000, TCP_ACK, &[0u8; 8]),
+    );
     let router = Ipv4Addr::new(198, 18, 0, 254);
     let icmp = ipv4(router, VIP4, 1, &icmp_frag_needed(1400, &reply[..28]));
     let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &icmp));
     assert_eq!(r.action, XDP_TX);
-    assert_eq!(r.output, expect_v4_encap(&icmp, &backend, flow_hash(&key), PROTO_IPIP));
+    assert_eq!(
+        r.output,
+        expect_v4_encap(&icmp, &backend, flow_hash(&key), PROTO_IPIP)
+    );
 
     // IPv6.
     let key6 = flow_key(IpAddr::V6(CLIENT6), IpAddr::V6(VIP6), 40001, 443, PROTO_TCP);
-    f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ipv6(CLIENT6, VIP6, PROTO_TCP, 0, 64, &tcp(40001, 443, TCP_SYN, b""))));
+    f.ingress(&eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV6,
+        &ipv6(
+            CLIENT6,
+            VIP6,
+            PROTO_TCP,
+            0,
+            64,
+            &tcp(40001, 443, TCP_SYN, b""),
+        ),
+    ));
     let backend6 = maglev_pick(&f, &[(B6[0], 1), (B6[1], 1)], &key6);
-    let reply6 = ipv6(VIP6, CLIENT6, PROTO_TCP, 0, 64, &tcp(443, 40001, TCP_ACK, b""));
-    let icmp6 = ipv6("fd00::fe".parse().unwrap(), VIP6, 58, 0, 64, &icmp6_too_big(1280, &reply6[..48]));
+    let reply6 = ipv6(
+        VIP6,
+        CLIENT6,
+        PROTO_TCP,
+        0,
+        64,
+        &tcp(443, 40001, TCP_ACK, b""),
+    );
+    let icmp6 = ipv6(
+        "fd00::fe".parse().unwrap(),
+        VIP6,
+        58,
+        0,
+        64,
+        &icmp6_too_big(1280, &reply6[..48]),
+    );
     let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &icmp6));
     assert_eq!(r.action, XDP_TX);
-    assert_eq!(r.output, expect_v6_encap(&icmp6, &backend6, flow_hash(&key6), PROTO_IPV6));
+    assert_eq!(
+        r.output,
+        expect_v6_encap(&icmp6, &backend6, flow_hash(&key6), PROTO_IPV6)
+    );
     assert_eq!(f.outcome(Outcome::IcmpForwarded), 2);
 
     // An error about a flow to no VIP passes untouched.
-    let stranger = ipv4(Ipv4Addr::new(198, 18, 0, 50), CLIENT4, PROTO_TCP, &tcp(80, 40000, TCP_ACK, b""));
-    let icmp = eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ipv4(router, Ipv4Addr::new(198, 18, 0, 50), 1, &icmp_frag_needed(1400, &stranger[..28])));
+    let stranger = ipv4(
+        Ipv4Addr::new(198, 18, 0, 50),
+        CLIENT4,
+        PROTO_TCP,
+        &tcp(80, 40000, TCP_ACK, b""),
+    );
+    let icmp = eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV4,
+        &ipv4(
+            router,
+            Ipv4Addr::new(198, 18, 0, 50),
+            1,
+            &icmp_frag_needed(1400, &stranger[..28]),
+        ),
+    );
     let r = f.ingress(&icmp);
     assert_eq!((r.action, r.output), (XDP_PASS, icmp));
 }
@@ -322,7 +583,12 @@ fn backend_without_next_hop_drops_and_counts() {
     for b in B4 {
         f.balancer.set_next_hop(b.parse().unwrap(), None).unwrap();
     }
-    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(40000, 80, TCP_SYN)));
+    let r = f.ingress(&eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV4,
+        &tcp4(40000, 80, TCP_SYN),
+    ));
     assert_eq!(r.action, XDP_DROP);
     assert_eq!(f.outcome(Outcome::DropNoNextHop), 1);
 }
@@ -337,17 +603,44 @@ fn decap_restores_the_inner_packet_exactly() {
     assert_eq!(f.decap_addresses(), 2);
 
     let inner4 = tcp4(40000, 80, TCP_ACK);
-    let inner6 = ipv6(CLIENT6, VIP6, PROTO_TCP, 0, 64, &tcp(40000, 443, TCP_ACK, b"payload"));
+    let inner6 = ipv6(
+        CLIENT6,
+        VIP6,
+        PROTO_TCP,
+        0,
+        64,
+        &tcp(40000, 443, TCP_ACK, b"payload"),
+    );
     let cases = [
-        (expect_v4_encap(&inner4, backend4, 77, PROTO_IPIP), inner4.clone(), ETH_IPV4),
-        (expect_v6_encap(&inner6, backend6, 77, PROTO_IPV6), inner6.clone(), ETH_IPV6),
-        (expect_v6_encap(&inner4, backend6, 77, PROTO_IPIP), inner4.clone(), ETH_IPV4),
-        (expect_v4_encap(&inner6, backend4, 77, PROTO_IPV6), inner6.clone(), ETH_IPV6),
+        (
+            expect_v4_encap(&inner4, backend4, 77, PROTO_IPIP),
+            inner4.clone(),
+            ETH_IPV4,
+        ),
+        (
+            expect_v6_encap(&inner6, backend6, 77, PROTO_IPV6),
+            inner6.clone(),
+            ETH_IPV6,
+        ),
+        (
+            expect_v6_encap(&inner4, backend6, 77, PROTO_IPIP),
+            inner4.clone(),
+            ETH_IPV4,
+        ),
+        (
+            expect_v4_encap(&inner6, backend4, 77, PROTO_IPV6),
+            inner6.clone(),
+            ETH_IPV6,
+        ),
     ];
     for (i, (frame, inner, ether_type)) in cases.iter().enumerate() {
         let r = f.decap(frame);
         assert_eq!(r.action, XDP_PASS, "case {i}");
-        assert_eq!(r.output, eth(NEXT_HOP_MAC, LB_MAC, *ether_type, inner), "case {i}");
+        assert_eq!(
+            r.output,
+            eth(NEXT_HOP_MAC, LB_MAC, *ether_type, inner),
+            "case {i}"
+        );
     }
     // The balancer's own output, decapsulated, is the client's packet again.
     let key = key4(40000, 80, PROTO_TCP);

@@ -44,9 +44,7 @@ fn root() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -105,8 +103,10 @@ fn main() -> Result<()> {
         }
         Task::Demo => {
             build(false)?;
-            run(cargo(&["run", "--locked", "-q", "-p", "lb-tests", "--bin", "lb-demo"])
-                .env("LB_BIN_DIR", root().join("target/debug")))
+            run(cargo(&[
+                "run", "--locked", "-q", "-p", "lb-tests", "--bin", "lb-demo",
+            ])
+            .env("LB_BIN_DIR", root().join("target/debug")))
         }
     }
 }

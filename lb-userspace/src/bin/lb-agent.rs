@@ -35,7 +35,10 @@ fn main() -> ExitCode {
     let config = match Config::from_toml(&text) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("lb-agent: invalid configuration {}: {e}", args.config.display());
+            eprintln!(
+                "lb-agent: invalid configuration {}: {e}",
+                args.config.display()
+            );
             return ExitCode::from(2);
         }
     };

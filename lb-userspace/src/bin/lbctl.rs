@@ -45,7 +45,11 @@ fn human_bytes(b: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn print_status(s: &Status) {
@@ -70,7 +74,12 @@ fn print_status(s: &Status) {
             } else {
                 0.0
             };
-            println!("  {:<40} {:>6} {:>6.1}%", b.address.to_string(), b.weight, share);
+            println!(
+                "  {:<40} {:>6} {:>6.1}%",
+                b.address.to_string(),
+                b.weight,
+                share
+            );
         }
     }
     if !s.backends.is_empty() {
@@ -81,7 +90,11 @@ fn print_status(s: &Status) {
             "backend", "next hop", "packets", "bytes", "new flows"
         );
         for b in &s.backends {
-            let nh = b.next_hop.as_ref().map(|n| n.mac.clone()).unwrap_or_else(|| "unresolved".into());
+            let nh = b
+                .next_hop
+                .as_ref()
+                .map(|n| n.mac.clone())
+                .unwrap_or_else(|| "unresolved".into());
             println!(
                 "  {:<40} {:>19} {:>10} {:>11} {:>10}",
                 b.address.to_string(),
@@ -96,7 +109,12 @@ fn print_status(s: &Status) {
         println!();
         println!("datapath outcomes:");
         for o in s.outcomes.iter().filter(|o| o.packets > 0) {
-            println!("  {:<24} {:>12} packets {:>12}", o.outcome, o.packets, human_bytes(o.bytes));
+            println!(
+                "  {:<24} {:>12} packets {:>12}",
+                o.outcome,
+                o.packets,
+                human_bytes(o.bytes)
+            );
         }
     }
     if let Some(d) = &s.decap {
@@ -104,7 +122,12 @@ fn print_status(s: &Status) {
         let addrs: Vec<String> = d.addresses.iter().map(|a| a.to_string()).collect();
         println!("decapsulating for {}:", addrs.join(", "));
         for o in &d.outcomes {
-            println!("  {:<24} {:>12} packets {:>12}", o.outcome, o.packets, human_bytes(o.bytes));
+            println!(
+                "  {:<24} {:>12} packets {:>12}",
+                o.outcome,
+                o.packets,
+                human_bytes(o.bytes)
+            );
         }
     }
 }
@@ -118,9 +141,11 @@ async fn run(cli: Cli) -> Result<()> {
             other => bail!("unexpected response: {other:?}"),
         },
         Command::Apply { file, json } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             // Same validation the agent does, so mistakes show before anything is sent.
-            Config::from_toml(&text).with_context(|| format!("invalid configuration {}", file.display()))?;
+            Config::from_toml(&text)
+                .with_context(|| format!("invalid configuration {}", file.display()))?;
             match call(&cli.socket, &Request::Apply { config: text }).await? {
                 Response::Applied(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
                 Response::Applied(s) => println!(
@@ -140,7 +165,10 @@ fn main() -> ExitCode {
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lbctl: {e}");

@@ -9,7 +9,9 @@ fn main() {
     let weights = [100, 100, 200];
     println!("== building the topology: client, LB and 3 backends on one segment");
     let mut t = Topology::new(3);
-    println!("== starting lb_decap agents and servers on the backends, then the LB agent (native XDP)");
+    println!(
+        "== starting lb_decap agents and servers on the backends, then the LB agent (native XDP)"
+    );
     t.start(&weights);
 
     let web: SocketAddr = SocketAddr::new(VIP_V4.parse().unwrap(), 80);
@@ -31,7 +33,9 @@ fn main() {
         ok == r.len()
     };
     println!("== traffic from the client namespace (weights b0:b1:b2 = 100:100:200)");
-    let all_ok = report("TCP  198.18.10.1:80   ", &tcp) & report("UDP  198.18.10.1:53   ", &udp) & report("TCP  [fd00:10::1]:80  ", &tcp6);
+    let all_ok = report("TCP  198.18.10.1:80   ", &tcp)
+        & report("UDP  198.18.10.1:53   ", &udp)
+        & report("TCP  [fd00:10::1]:80  ", &tcp6);
 
     println!("== lbctl status");
     let out = t.lbctl(&["status"]);
