@@ -31,6 +31,7 @@ pub const VIP_V6: &str = "fd00:10::1";
 /// An IPv4 VIP served by the backends' IPv6 addresses.
 pub const VIP_V4_TO_V6: &str = "198.18.10.2";
 
+/// Address of backend `i` on the shared segment (one-armed topology).
 pub fn backend_v4(i: usize) -> String {
     format!("198.18.0.{}", 11 + i)
 }
@@ -97,11 +98,14 @@ struct Servers {
 pub struct Topology {
     pub id: String,
     pub backends: usize,
+    /// The LB has a second interface (eth1) on a backend-only segment and
+    /// routes the backends' replies; forwarding leaves through the DevMap.
+    pub two_armed: bool,
     pub dir: PathBuf,
     namespaces: Vec<String>,
     agents: Vec<(String, Child)>,
     servers: Vec<Servers>,
-    pass_through: Option<aya::Ebpf>,
+    pass_through: Vec<aya::Ebpf>,
 }
 
 impl Topology {
@@ -109,12 +113,38 @@ impl Topology {
         format!("{}-{role}", self.id)
     }
 
+    /// Backend `i`'s IPv4 address in this topology.
+    pub fn backend_v4(&self, i: usize) -> String {
+        if self.two_armed {
+            format!("198.18.1.{}", 11 + i)
+        } else {
+            backend_v4(i)
+        }
+    }
+
+    pub fn backend_v6(&self, i: usize) -> String {
+        if self.two_armed {
+            format!("fd00:1::{}", 11 + i)
+        } else {
+            backend_v6(i)
+        }
+    }
+
     pub fn lb_socket(&self) -> PathBuf {
         self.dir.join("lb.sock")
     }
 
-    /// Builds the namespaces and links; nothing runs yet.
+    /// Builds the namespaces and links of a one-armed LB; nothing runs yet.
     pub fn new(backends: usize) -> Topology {
+        Topology::build(backends, false)
+    }
+
+    /// Like `new`, with the backends on a second segment behind the LB.
+    pub fn two_armed(backends: usize) -> Topology {
+        Topology::build(backends, true)
+    }
+
+    fn build(backends: usize, two_armed: bool) -> Topology {
         let n = NEXT_ID.fetch_add(1, Ordering::SeqCst);
         let id = format!("lbt{}x{n}", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(&id);
@@ -123,44 +153,84 @@ impl Topology {
         let mut t = Topology {
             id,
             backends,
+            two_armed,
             dir,
             namespaces: Vec::new(),
             agents: Vec::new(),
             servers: Vec::new(),
-            pass_through: None,
+            pass_through: Vec::new(),
         };
         let sw = t.ns("sw");
         t.add_ns(&sw);
-        must(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
-        must(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
-        let mut hosts = vec![
-            (
-                "cl".to_string(),
-                CLIENT_V4.to_string(),
-                CLIENT_V6.to_string(),
-            ),
-            ("lb".into(), LB_V4.into(), LB_V6.into()),
-        ];
-        for i in 0..backends {
-            hosts.push((format!("b{i}"), backend_v4(i), backend_v6(i)));
+        for br in ["br0", "br1"] {
+            must(&["ip", "-n", &sw, "link", "add", br, "type", "bridge"]);
+            must(&["ip", "-n", &sw, "link", "set", br, "up"]);
         }
-        for (role, v4, v6) in &hosts {
+        // (role, switch port, bridge, interface in the host, IPv4, IPv6)
+        let mut links: Vec<(String, String, &str, &str, String, String)> = vec![
+            (
+                "cl".into(),
+                "cl".into(),
+                "br0",
+                "eth0",
+                CLIENT_V4.into(),
+                CLIENT_V6.into(),
+            ),
+            (
+                "lb".into(),
+                "lb".into(),
+                "br0",
+                "eth0",
+                LB_V4.into(),
+                LB_V6.into(),
+            ),
+        ];
+        if two_armed {
+            links.push((
+                "lb".into(),
+                "lbb".into(),
+                "br1",
+                "eth1",
+                "198.18.1.1".into(),
+                "fd00:1::1".into(),
+            ));
+        }
+        for i in 0..backends {
+            let bridge = if two_armed { "br1" } else { "br0" };
+            links.push((
+                format!("b{i}"),
+                format!("b{i}"),
+                bridge,
+                "eth0",
+                t.backend_v4(i),
+                t.backend_v6(i),
+            ));
+        }
+        for (role, port, bridge, dev, v4, v6) in &links {
             let ns = t.ns(role);
-            t.add_ns(&ns);
-            // The client keeps the usual 1500; the rest of the segment carries
+            if !t.namespaces.contains(&ns) {
+                t.add_ns(&ns);
+                must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+                for s in [
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                ] {
+                    must(&["ip", "netns", "exec", &ns, "sysctl", "-qw", s]);
+                }
+            }
+            // The client keeps the usual 1500; the rest of the network carries
             // encapsulated frames, up to 40 bytes longer.
             let mtu = if role == "cl" { "1500" } else { "1600" };
             must(&[
-                "ip", "-n", &sw, "link", "add", role, "mtu", "1600", "type", "veth", "peer",
-                "name", "eth0", "netns", &ns,
+                "ip", "-n", &sw, "link", "add", port, "mtu", "1600", "type", "veth", "peer",
+                "name", dev, "netns", &ns,
             ]);
-            must(&["ip", "-n", &sw, "link", "set", role, "master", "br0", "up"]);
-            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            must(&["ip", "-n", &ns, "link", "set", "eth0", "mtu", mtu, "up"]);
+            must(&["ip", "-n", &sw, "link", "set", port, "master", bridge, "up"]);
+            must(&["ip", "-n", &ns, "link", "set", dev, "mtu", mtu, "up"]);
             // veth would leave TCP/UDP checksums to a "device" that never
             // computes them; real NICs do. Compute them in software.
             must(&[
-                "ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off",
+                "ip", "netns", "exec", &ns, "ethtool", "-K", dev, "tx", "off",
             ]);
             must(&[
                 "ip",
@@ -170,7 +240,7 @@ impl Topology {
                 "add",
                 &format!("{v4}/24"),
                 "dev",
-                "eth0",
+                dev,
             ]);
             must(&[
                 "ip",
@@ -180,15 +250,48 @@ impl Topology {
                 "add",
                 &format!("{v6}/64"),
                 "dev",
-                "eth0",
+                dev,
                 "nodad",
             ]);
-            for s in [
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-                "net.ipv4.conf.eth0.rp_filter=0",
-            ] {
-                must(&["ip", "netns", "exec", &ns, "sysctl", "-qw", s]);
+            must(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.{dev}.rp_filter=0"),
+            ]);
+        }
+        if two_armed {
+            // The LB routes the backends' direct replies to the client.
+            let lb = t.ns("lb");
+            for s in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+                must(&["ip", "netns", "exec", &lb, "sysctl", "-qw", s]);
+            }
+            for i in 0..backends {
+                let ns = t.ns(&format!("b{i}"));
+                must(&[
+                    "ip",
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    "198.18.1.1",
+                ]);
+                must(&[
+                    "ip",
+                    "-n",
+                    &ns,
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    "fd00:1::1",
+                ]);
             }
         }
         // On veth, frames the LB sends with XDP_TX land in the peer's ring, and
@@ -197,7 +300,10 @@ impl Topology {
         // packet). A physical NIC has no such peer. The switch port facing the
         // LB therefore runs lb_decap, which passes everything not addressed to
         // its (here: no) addresses.
-        t.pass_through = Some(attach_pass_through(&sw, "lb"));
+        t.pass_through.push(attach_pass_through(&sw, "lb"));
+        if two_armed {
+            t.pass_through.push(attach_pass_through(&sw, "lbb"));
+        }
         let cl = t.ns("cl");
         must(&[
             "ip",
@@ -256,9 +362,11 @@ impl Topology {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let tcp4 = list(&backend_v4, &|i| weights[i]);
-        let equal4 = list(&backend_v4, &|_| 100);
-        let equal6 = list(&backend_v6, &|_| 100);
+        let v4 = |i: usize| self.backend_v4(i);
+        let v6 = |i: usize| self.backend_v6(i);
+        let tcp4 = list(&v4, &|i| weights[i]);
+        let equal4 = list(&v4, &|_| 100);
+        let equal6 = list(&v6, &|_| 100);
         format!(
             r#"socket = "{socket}"
 [datapath]
@@ -367,8 +475,8 @@ backends = [{equal6}]
             let config = format!(
                 "socket = \"{}\"\n[decap]\ninterfaces = [\"eth0\"]\naddresses = [\"{}\", \"{}\"]\nxdp_mode = \"native\"\n",
                 socket.display(),
-                backend_v4(i),
-                backend_v6(i)
+                self.backend_v4(i),
+                self.backend_v6(i)
             );
             self.spawn_agent(&role, &config);
             self.wait_ready(&role, &socket);
@@ -545,7 +653,7 @@ impl Drop for Topology {
         for (_, child) in self.agents.iter_mut() {
             terminate(child);
         }
-        drop(self.pass_through.take());
+        self.pass_through.clear();
         for i in 0..self.servers.len() {
             self.stop_servers(i);
         }
