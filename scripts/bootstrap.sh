@@ -40,7 +40,7 @@ fi
 if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/bpf-linker" ]; then
   log "building bpf-linker against LLVM 22 (about 75 s)"
   PATH=/usr/lib/llvm-22/bin:$PATH LLVM_PREFIX=/usr/lib/llvm-22 LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 \
-    cargo install --locked bpf-linker \
+    cargo install --locked bpf-linker --version 0.13.0 \
     --no-default-features --features llvm-22
 else
   log "bpf-linker present"

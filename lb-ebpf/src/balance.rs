@@ -1,7 +1,7 @@
 //! Backend choice: VIP lookup, the connection table, then the VIP's Maglev ring.
 use lb_common::{BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE, NO_BACKEND};
 
-use crate::maps::{BACKENDS, FLOWS, MAGLEV, SETTINGS, VIPS};
+use crate::maps::{BACKENDS, FLOWS, MAGLEV, VIPS};
 
 /// The VIP a flow is addressed to: exact port first, then the every-port VIP.
 #[inline(always)]
@@ -44,7 +44,13 @@ pub struct Choice {
 /// still usable wins, so established flows survive Maglev changes; otherwise the
 /// VIP's Maglev ring decides and, if `record`, the flow is remembered.
 #[inline(always)]
-pub fn choose_backend(key: &FlowKey, vip: &VipInfo, hash: u32, record: bool) -> Option<Choice> {
+pub fn choose_backend(
+    key: &FlowKey,
+    vip: &VipInfo,
+    maglev_size: u32,
+    hash: u32,
+    record: bool,
+) -> Option<Choice> {
     // SAFETY: FlowState is plain data (see lookup_vip).
     if let Some(state) = unsafe { FLOWS.get(key) } {
         let id = state.backend_id;
@@ -58,11 +64,13 @@ pub fn choose_backend(key: &FlowKey, vip: &VipInfo, hash: u32, record: bool) -> 
             }
         }
     }
-    let size = SETTINGS.get(0)?.maglev_size;
-    if size == 0 {
+    if maglev_size == 0 {
         return None;
     }
-    let slot = vip.ring.wrapping_mul(size).wrapping_add(hash % size);
+    let slot = vip
+        .ring
+        .wrapping_mul(maglev_size)
+        .wrapping_add(hash % maglev_size);
     let id = *MAGLEV.get(slot)?;
     if id == NO_BACKEND {
         return None;

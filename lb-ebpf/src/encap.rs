@@ -7,11 +7,10 @@ use crate::{
     headers::{
         ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN, IPV6_LEN,
     },
-    maps::{SETTINGS, TX_PORTS},
+    maps::TX_PORTS,
 };
 
 pub enum EncapError {
-    NoSettings,
     AdjustFailed,
 }
 
@@ -39,11 +38,11 @@ fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
 pub fn encapsulate(
     ctx: &XdpContext,
     backend: &BackendInfo,
+    settings: &Settings,
     hash: u32,
     inner_v4: bool,
     inner_len: u16,
 ) -> Result<(), EncapError> {
-    let settings: Settings = *SETTINGS.get(0).ok_or(EncapError::NoSettings)?;
     let inner_proto = if inner_v4 { PROTO_IPIP } else { PROTO_IPV6 };
     let outer_v4 = backend.family == FAMILY_V4;
     let outer_len = if outer_v4 { IPV4_LEN } else { IPV6_LEN };

@@ -7,6 +7,7 @@
 use lb_common::{FlowKey, Outcome, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
+    balance::lookup_vip,
     headers::{ptr_at, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, IPV6_LEN},
     ingress::{forward, pass, Verdict},
 };
@@ -55,7 +56,7 @@ pub fn icmp4(ctx: &aya_ebpf::programs::XdpContext, ihl: usize, tot_len: u16) -> 
     };
     key.src[..4].copy_from_slice(&inner.dst);
     key.dst[..4].copy_from_slice(&inner.src);
-    forward(ctx, &key, tot_len, true)
+    forward_icmp(ctx, &key, tot_len)
 }
 
 pub fn icmp6(ctx: &aya_ebpf::programs::XdpContext, payload_len: u16) -> Verdict {
@@ -91,5 +92,14 @@ pub fn icmp6(ctx: &aya_ebpf::programs::XdpContext, payload_len: u16) -> Verdict 
         family: FAMILY_V6,
         ..FlowKey::default()
     };
-    forward(ctx, &key, payload_len.wrapping_add(IPV6_LEN as u16), true)
+    forward_icmp(ctx, &key, payload_len.wrapping_add(IPV6_LEN as u16))
+}
+
+/// The error goes where the flow it quotes goes, if that flow is a VIP's.
+#[inline(always)]
+fn forward_icmp(ctx: &aya_ebpf::programs::XdpContext, key: &FlowKey, ip_len: u16) -> Verdict {
+    match lookup_vip(key) {
+        Some(vip) => forward(ctx, key, &vip, ip_len, true),
+        None => pass(Outcome::PassNotVip),
+    }
 }

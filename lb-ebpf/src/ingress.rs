@@ -1,8 +1,8 @@
 //! `lb_ingress`: parse, find the VIP and the backend, encapsulate, send.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    flow_hash, FlowKey, Outcome, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    PROTO_UDP,
+    flow_hash, FlowKey, Outcome, VipInfo, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -14,6 +14,7 @@ use crate::{
         IPV6_LEN,
     },
     icmp,
+    maps::SETTINGS,
 };
 
 /// The verdict for a packet and the outcome it is counted under.
@@ -147,46 +148,54 @@ fn forward_l4(
     let ports = unsafe { *ports };
     key.sport = ports.src;
     key.dport = ports.dst;
-    let Some(_) = lookup_vip(&key) else {
+    let Some(vip) = lookup_vip(&key) else {
         return pass(Outcome::PassNotVip);
     };
     if truncated {
         return drop(Outcome::DropMalformed);
     }
-    forward(ctx, &key, ip_len, false)
+    forward(ctx, &key, &vip, ip_len, false)
 }
 
 /// Sends the IP packet after the Ethernet header to the backend of the flow
-/// `key` (which must be a VIP flow). `icmp` marks an ICMP error about the flow:
-/// it follows the flow but does not create a connection-table entry.
+/// `key` of `vip`. `icmp` marks an ICMP error about the flow: it follows the
+/// flow but does not create a connection-table entry.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, key: &FlowKey, ip_len: u16, icmp: bool) -> Verdict {
-    let Some(vip) = lookup_vip(key) else {
-        return pass(Outcome::PassNotVip);
+pub fn forward(ctx: &XdpContext, key: &FlowKey, vip: &VipInfo, ip_len: u16, icmp: bool) -> Verdict {
+    let Some(settings) = SETTINGS.get(0) else {
+        return drop(Outcome::DropNoBackend);
     };
     let hash = flow_hash(key);
-    let Some(choice) = choose_backend(key, &vip, hash, !icmp) else {
+    let Some(choice) = choose_backend(key, vip, settings.maglev_size, hash, !icmp) else {
         return drop(Outcome::DropNoBackend);
     };
     if choice.backend.ifindex == 0 {
         return drop(Outcome::DropNoNextHop);
     }
+    // Counted as received, before the outer header is added.
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    counters::forwarded(vip.vip_id, choice.backend_id, bytes, choice.new_flow);
-    if encapsulate(ctx, &choice.backend, hash, key.family == FAMILY_V4, ip_len).is_err() {
+    if encapsulate(
+        ctx,
+        &choice.backend,
+        settings,
+        hash,
+        key.family == FAMILY_V4,
+        ip_len,
+    )
+    .is_err()
+    {
         return drop(Outcome::DropEncapFailed);
     }
-    match send(ctx, &choice.backend) {
-        Some((action, redirected)) => {
-            let outcome = if icmp {
-                Outcome::IcmpForwarded
-            } else if redirected {
-                Outcome::Redirected
-            } else {
-                Outcome::Forwarded
-            };
-            (action, outcome)
-        }
-        None => drop(Outcome::DropRedirectFailed),
-    }
+    let Some((action, redirected)) = send(ctx, &choice.backend) else {
+        return drop(Outcome::DropRedirectFailed);
+    };
+    counters::forwarded(vip.vip_id, choice.backend_id, bytes, choice.new_flow);
+    let outcome = if icmp {
+        Outcome::IcmpForwarded
+    } else if redirected {
+        Outcome::Redirected
+    } else {
+        Outcome::Forwarded
+    };
+    (action, outcome)
 }

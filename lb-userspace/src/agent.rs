@@ -32,7 +32,7 @@ use crate::{
     balancer::Balancer,
     config::{Config, XdpModeSetting},
     datapath::{self, DecapMaps, KernelDatapath, MapSizes},
-    nexthop::{NextHop, Resolver},
+    nexthop::{ChangeWatcher, NextHop, Resolver},
 };
 
 /// Largest request the API accepts (a configuration file, JSON-encoded).
@@ -246,13 +246,44 @@ async fn bind_socket(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Re-resolves every backend's next hop periodically and rewrites the backend
-/// entries whose next hop changed (a neighbour's new MAC, a route moved).
+/// Re-resolves every backend's next hop when the kernel reports a neighbour,
+/// route or link change, and periodically as a safety net, and rewrites the
+/// backend entries whose next hop changed (a neighbour's new MAC, a moved route).
 async fn refresh_next_hops(state: Shared, resolver: Arc<Resolver>, every: Duration) {
+    let mut watcher = match ChangeWatcher::new() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(
+                "cannot watch rtnetlink changes ({e:#}); refreshing next hops every {every:?} only"
+            );
+            None
+        }
+    };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        let changed = async {
+            match watcher.as_mut() {
+                Some(w) => w.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tick.tick() => {}
+            alive = changed => {
+                tracing::debug!(alive, "rtnetlink change");
+                if !alive {
+                    warn!("rtnetlink change watch ended; refreshing every {every:?} only");
+                    watcher = None;
+                }
+                // Changes come in bursts (and resolving probes neighbours,
+                // which makes more): settle, then refresh once for all of them.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Some(w) = watcher.as_mut() {
+                    w.drain();
+                }
+            }
+        }
         let addresses = match &state.lock().await.balancer {
             Some(b) => b.backend_addresses(),
             None => return,

@@ -31,6 +31,57 @@ pub struct Resolver {
     handle: rtnetlink::Handle,
 }
 
+/// Reports kernel changes that can move a next hop: neighbour entries, IPv4
+/// and IPv6 routes, and links. The agent re-resolves when one arrives instead
+/// of waiting for its next periodic refresh.
+pub struct ChangeWatcher {
+    // Kept so the connection task stays alive.
+    _handle: rtnetlink::Handle,
+    messages: futures::channel::mpsc::UnboundedReceiver<(
+        NetlinkMessage<RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+}
+
+impl ChangeWatcher {
+    /// Must be called inside a tokio runtime.
+    pub fn new() -> anyhow::Result<Self> {
+        use rtnetlink::sys::AsyncSocket as _;
+        let runtime = tokio::runtime::Handle::try_current()
+            .context("nexthop::ChangeWatcher::new must be called inside a tokio runtime")?;
+        let (mut connection, handle, messages) =
+            rtnetlink::new_connection().context("cannot open rtnetlink socket")?;
+        let socket = connection.socket_mut().socket_mut();
+        // An unbound netlink socket has no port id and receives no multicast.
+        socket.bind_auto().context("binding the rtnetlink socket")?;
+        for group in [
+            libc::RTNLGRP_LINK,
+            libc::RTNLGRP_NEIGH,
+            libc::RTNLGRP_IPV4_ROUTE,
+            libc::RTNLGRP_IPV6_ROUTE,
+        ] {
+            socket
+                .add_membership(group)
+                .with_context(|| format!("joining rtnetlink group {group}"))?;
+        }
+        runtime.spawn(connection);
+        Ok(Self {
+            _handle: handle,
+            messages,
+        })
+    }
+
+    /// Waits for the next change; `false` if the watch ended.
+    pub async fn changed(&mut self) -> bool {
+        self.messages.next().await.is_some()
+    }
+
+    /// Discards changes already queued (one refresh covers them all).
+    pub fn drain(&mut self) {
+        while self.messages.try_recv().is_ok() {}
+    }
+}
+
 /// Neighbour states whose link-layer address may be used (the kernel's `NUD_VALID`).
 const NUD_VALID: u16 = libc::NUD_PERMANENT
     | libc::NUD_NOARP
@@ -354,6 +405,34 @@ mod tests {
     #[test]
     fn new_outside_runtime_fails() {
         assert!(Resolver::new().is_err());
+    }
+
+    #[test]
+    fn watcher_reports_neighbour_changes() {
+        let pair = NetnsPair::new();
+        let local = pair.local.clone();
+        let worker = std::thread::spawn(move || {
+            let ns = File::open(format!("/var/run/netns/{local}")).expect("open netns file");
+            // SAFETY: plain syscall on a valid fd; it switches only this thread.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            runtime.block_on(async {
+                let mut watcher = ChangeWatcher::new().expect("watcher");
+                sh(&format!(
+                    "ip -n {local} neigh replace 198.18.0.77 lladdr 02:00:00:00:00:77 dev {LOCAL_IF}"
+                ));
+                let changed = tokio::time::timeout(Duration::from_secs(2), watcher.changed()).await;
+                assert_eq!(changed.ok(), Some(true), "no change reported for a new neighbour");
+                watcher.drain();
+            });
+        });
+        let result = worker.join();
+        drop(pair);
+        result.expect("watcher test thread panicked");
     }
 
     #[test]

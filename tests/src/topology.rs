@@ -375,7 +375,8 @@ xdp_mode = "native"
 maglev_table_size = 65537
 max_vips = 8
 flow_table_size = 65536
-next_hop_refresh_ms = 500
+# Long, so that tests see next hops follow rtnetlink change events.
+next_hop_refresh_ms = 60000
 
 [encap]
 source_v4 = "198.18.200.0/24"

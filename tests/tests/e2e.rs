@@ -309,6 +309,70 @@ fn two_armed_lb_redirects_through_the_devmap() {
     assert_eq!(outcome("dropped_redirect_failed"), 0);
 }
 
+#[test]
+fn next_hop_follows_a_backend_mac_change() {
+    let mut t = Topology::new(3);
+    t.start(&[100, 100, 100]);
+    let before: Vec<String> = many_connections(&t, vip(VIP_V4, 80), 60)
+        .into_iter()
+        .map(|r| r.expect("connection"))
+        .collect();
+    assert!(counts(&before).contains_key("b0"));
+    // The backend announces its new MAC (gratuitous ARP); the LB's neighbour
+    // entry changes, and the agent must follow it long before its 60 s poll.
+    let b0 = t.ns("b0");
+    must(&[
+        "ip",
+        "netns",
+        "exec",
+        &b0,
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.eth0.arp_notify=1",
+    ]);
+    must(&[
+        "ip",
+        "-n",
+        &b0,
+        "link",
+        "set",
+        "eth0",
+        "address",
+        "02:00:00:00:0b:00",
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = t.status_json();
+        let b = status["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == backend_v4(0))
+            .unwrap()
+            .clone();
+        if b["next_hop"]["mac"] == "02:00:00:00:0b:00" {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let neigh = std::process::Command::new("ip")
+                .args(["-n", &t.ns("lb"), "neigh"])
+                .output()
+                .unwrap();
+            panic!(
+                "next hop not refreshed: {b}\nLB neighbours:\n{}\n{}",
+                String::from_utf8_lossy(&neigh.stdout),
+                t.log("lb")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after: Vec<String> = many_connections(&t, vip(VIP_V4, 80), 60)
+        .into_iter()
+        .map(|r| r.expect("connection after the MAC change"))
+        .collect();
+    assert!(counts(&after).contains_key("b0"));
+}
+
 fn connect_once_from(t: &Topology, to: SocketAddr) -> std::io::Result<String> {
     t.from_client(move || connect_once(to))
 }
