@@ -14,11 +14,11 @@ pub fn lookup_vip(key: &FlowKey) -> Option<VipInfo> {
     };
     // SAFETY: VipInfo is plain data; a concurrent agent update can at worst give
     // a stale copy, which is what RCU readers see anyway.
-    if let Some(v) = unsafe { VIPS.get(&vk) } {
+    if let Some(v) = unsafe { VIPS.get(vk) } {
         return Some(*v);
     }
     vk.port = 0;
-    unsafe { VIPS.get(&vk) }.copied()
+    unsafe { VIPS.get(vk) }.copied()
 }
 
 /// Whether `addr` is the address of any VIP (the agent keeps a port-0,
@@ -31,7 +31,7 @@ pub fn is_vip_address(addr: &[u8; 16], family: u8) -> bool {
         proto: 0,
         family,
     };
-    VIPS.get_ptr(&vk).is_some()
+    VIPS.get_ptr(vk).is_some()
 }
 
 pub struct Choice {
@@ -86,7 +86,7 @@ pub fn choose_backend(
         };
         // A full LRU evicts its oldest entry; an error here only means the flow
         // is re-hashed next packet, which Maglev answers the same way.
-        let _ = FLOWS.insert(key, &state, 0);
+        let _ = FLOWS.insert(key, state, 0);
     }
     Some(Choice {
         backend_id: id,

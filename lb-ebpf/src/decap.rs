@@ -36,7 +36,7 @@ fn is_local(addr: [u8; 16], family: u8) -> bool {
         family,
         _pad: [0; 3],
     };
-    DECAP_ADDRS.get_ptr(&key).is_some()
+    DECAP_ADDRS.get_ptr(key).is_some()
 }
 
 #[inline(always)]

@@ -89,6 +89,21 @@ pub fn in_netns<T: Send + 'static>(
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
+/// Deletes namespaces left by test processes that were killed before their
+/// guard ran (names are `lbt<pid>x<n>-<role>`).
+fn remove_stale_namespaces() {
+    let out = sh(&["ip", "netns", "list"]);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(pid) = name.strip_prefix("lbt").and_then(|r| r.split('x').next()) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = sh(&["ip", "netns", "del", name]);
+        }
+    }
+}
+
 /// A backend's TCP and UDP servers; each answers with the backend's name.
 struct Servers {
     stop: Arc<AtomicBool>,
@@ -146,7 +161,8 @@ impl Topology {
 
     fn build(backends: usize, two_armed: bool) -> Topology {
         let n = NEXT_ID.fetch_add(1, Ordering::SeqCst);
-        let id = format!("lbt{}x{n}", std::process::id() % 100_000);
+        remove_stale_namespaces();
+        let id = format!("lbt{}x{n}", std::process::id());
         let dir = std::env::temp_dir().join(&id);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");

@@ -266,6 +266,23 @@ fn bad_config_attaches_nothing_and_shutdown_detaches() {
 
     t.start(&[100]);
     assert!(xdp_on_lb());
+
+    // Malformed API requests get an error and change nothing.
+    for request in [
+        "not json\n",
+        "{\"command\":\"reboot\"}\n",
+        "{\"command\":\"apply\",\"config\":\"[datapath\"}\n",
+        "{\"command\":\"apply\",\"config\":\"socket = \\\"/elsewhere.sock\\\"\\n[decap]\\ninterfaces=[\\\"eth0\\\"]\\naddresses=[\\\"198.18.0.2\\\"]\"}\n",
+    ] {
+        let mut stream = std::os::unix::net::UnixStream::connect(t.lb_socket()).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut reply = String::new();
+        BufReader::new(stream).read_line(&mut reply).unwrap();
+        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(reply["result"], "error", "{request}: {reply}");
+        assert!(!reply["message"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(t.status_json()["vips"].as_array().unwrap().len(), 4);
     assert!(connect_once_from(&t, vip(VIP_V4, 80)).is_ok());
     let status = t.stop_lb();
     assert!(status.success(), "agent exit status {status}");

@@ -2,7 +2,9 @@
 //! expected output bytes, run through the real programs with BPF_PROG_TEST_RUN.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_common::{flow_hash, DecapOutcome, Outcome, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP};
+use lb_common::{
+    flow_hash, DecapOutcome, FlowKey, Outcome, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP,
+};
 use lb_tests::{fixture::*, packet::*};
 use lb_userspace::maglev;
 
@@ -92,6 +94,28 @@ fn expect_v6_encap(inner_ip: &[u8], backend: &str, hash: u32, inner_proto: u8) -
     eth(NEXT_HOP_MAC, LB_MAC, ETH_IPV6, &outer)
 }
 
+/// Sends the IP packet `ip` to the balancer and checks that it left with
+/// `XDP_TX`, encapsulated for the backend Maglev gives `key` among `backends`.
+/// Returns that backend.
+fn assert_balanced(f: &Fixture, ip: &[u8], key: &FlowKey, backends: &[(&str, u32)]) -> String {
+    let inner_v4 = ip[0] >> 4 == 4;
+    let (ether_type, inner_proto) = if inner_v4 {
+        (ETH_IPV4, PROTO_IPIP)
+    } else {
+        (ETH_IPV6, PROTO_IPV6)
+    };
+    let backend = maglev_pick(f, backends, key);
+    let expected = if backend.contains(':') {
+        expect_v6_encap(ip, &backend, flow_hash(key), inner_proto)
+    } else {
+        expect_v4_encap(ip, &backend, flow_hash(key), inner_proto)
+    };
+    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ether_type, ip));
+    assert_eq!(r.action, XDP_TX, "{key:?}");
+    assert_eq!(r.output, expected, "{key:?}");
+    backend
+}
+
 fn tcp4(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     ipv4(CLIENT4, VIP4, PROTO_TCP, &tcp(sport, dport, flags, b""))
 }
@@ -104,15 +128,12 @@ fn key4(sport: u16, dport: u16, proto: u8) -> lb_common::FlowKey {
 fn ipv4_tcp_syn_is_encapsulated_to_the_maglev_backend() {
     let f = Fixture::new(&standard());
     for sport in 40000..40020u16 {
-        let ip = tcp4(sport, 80, TCP_SYN);
-        let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ip));
         let key = key4(sport, 80, PROTO_TCP);
-        let backend = maglev_pick(&f, &[(B4[0], 1), (B4[1], 1), (B4[2], 1)], &key);
-        assert_eq!(r.action, XDP_TX, "sport {sport}");
-        assert_eq!(
-            r.output,
-            expect_v4_encap(&ip, &backend, flow_hash(&key), PROTO_IPIP),
-            "sport {sport}"
+        let backend = assert_balanced(
+            &f,
+            &tcp4(sport, 80, TCP_SYN),
+            &key,
+            &[(B4[0], 1), (B4[1], 1), (B4[2], 1)],
         );
         assert_eq!(f.flow(&key).unwrap().backend_id, f.backend_id(&backend));
     }
@@ -137,24 +158,23 @@ fn ipv4_tcp_syn_is_encapsulated_to_the_maglev_backend() {
 #[test]
 fn ipv4_options_are_parsed() {
     let f = Fixture::new(&standard());
+    let fields = V4Fields {
+        id: 7,
+        options: &[1, 1, 1, 0],
+        ..V4Fields::default()
+    };
     let ip = ipv4_full(
         CLIENT4,
         VIP4,
         PROTO_TCP,
-        V4Fields {
-            id: 7,
-            options: &[1, 1, 1, 0],
-            ..V4Fields::default()
-        },
+        fields,
         &tcp(40000, 80, TCP_SYN, b""),
     );
-    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ip));
-    let key = key4(40000, 80, PROTO_TCP);
-    let backend = maglev_pick(&f, &[(B4[0], 1), (B4[1], 1), (B4[2], 1)], &key);
-    assert_eq!(r.action, XDP_TX);
-    assert_eq!(
-        r.output,
-        expect_v4_encap(&ip, &backend, flow_hash(&key), PROTO_IPIP)
+    assert_balanced(
+        &f,
+        &ip,
+        &key4(40000, 80, PROTO_TCP),
+        &[(B4[0], 1), (B4[1], 1), (B4[2], 1)],
     );
 }
 
@@ -251,13 +271,11 @@ fn udp_to_an_every_port_vip() {
     let f = Fixture::new(&standard());
     for dport in [53u16, 9999, 65535] {
         let ip = ipv4(CLIENT4, VIP4, PROTO_UDP, &udp(5000, dport, b"hello"));
-        let key = key4(5000, dport, PROTO_UDP);
-        let backend = maglev_pick(&f, &[(B4[0], 1), (B4[1], 2)], &key);
-        let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ip));
-        assert_eq!(r.action, XDP_TX);
-        assert_eq!(
-            r.output,
-            expect_v4_encap(&ip, &backend, flow_hash(&key), PROTO_IPIP)
+        assert_balanced(
+            &f,
+            &ip,
+            &key4(5000, dport, PROTO_UDP),
+            &[(B4[0], 1), (B4[1], 2)],
         );
     }
 }
@@ -274,13 +292,7 @@ fn ipv6_client_to_ipv6_backend() {
         &tcp(40000, 443, TCP_SYN, b""),
     );
     let key = flow_key(IpAddr::V6(CLIENT6), IpAddr::V6(VIP6), 40000, 443, PROTO_TCP);
-    let backend = maglev_pick(&f, &[(B6[0], 1), (B6[1], 1)], &key);
-    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ip));
-    assert_eq!(r.action, XDP_TX);
-    assert_eq!(
-        r.output,
-        expect_v6_encap(&ip, &backend, flow_hash(&key), PROTO_IPV6)
-    );
+    assert_balanced(&f, &ip, &key, &[(B6[0], 1), (B6[1], 1)]);
 }
 
 #[test]
@@ -289,13 +301,7 @@ fn ipv4_client_to_ipv6_backend() {
     let vip2 = Ipv4Addr::new(198, 18, 10, 2);
     let ip = ipv4(CLIENT4, vip2, PROTO_TCP, &tcp(40000, 80, TCP_SYN, b"x"));
     let key = flow_key(IpAddr::V4(CLIENT4), IpAddr::V4(vip2), 40000, 80, PROTO_TCP);
-    let backend = maglev_pick(&f, &[(B6[0], 1), (B6[1], 1)], &key);
-    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ip));
-    assert_eq!(r.action, XDP_TX);
-    assert_eq!(
-        r.output,
-        expect_v6_encap(&ip, &backend, flow_hash(&key), PROTO_IPIP)
-    );
+    assert_balanced(&f, &ip, &key, &[(B6[0], 1), (B6[1], 1)]);
 }
 
 #[test]
