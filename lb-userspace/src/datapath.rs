@@ -6,7 +6,7 @@
 
 use anyhow::{Context as _, Result};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, DevMapHash, HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuValues},
     util::nr_cpus,
     Ebpf,
 };
@@ -158,12 +158,9 @@ impl Datapath for KernelDatapath {
 
     fn set_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()> {
         let base = ring * self.maglev_size;
-        for (i, id) in slots.iter().enumerate() {
-            self.maglev
-                .set(base + i as u32, id, 0)
-                .with_context(|| format!("writing Maglev ring {ring}"))?;
-        }
-        Ok(())
+        let keys: Vec<u32> = (base..base + slots.len() as u32).collect();
+        crate::batch::update(self.maglev.map(), &keys, slots)
+            .with_context(|| format!("writing Maglev ring {ring}"))
     }
 
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {

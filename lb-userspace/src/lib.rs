@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod api;
 pub mod balancer;
+pub mod batch;
 pub mod config;
 pub mod datapath;
 pub mod maglev;

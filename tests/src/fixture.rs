@@ -34,6 +34,7 @@ pub struct Fixture {
     pub balancer: Balancer<KernelDatapath>,
     pub config: BalancerConfig,
     decap: DecapMaps,
+    pub sizes: MapSizes,
 }
 
 pub struct Run {
@@ -41,10 +42,23 @@ pub struct Run {
     pub output: Vec<u8>,
 }
 
+/// Map sizes fixtures use: small, so tests can enumerate Maglev slots.
+pub const SIZES: MapSizes = MapSizes {
+    maglev_size: M,
+    max_vips: 4,
+    max_backends: 16,
+    flow_table_size: 1024,
+};
+
 pub fn config(vips: &str) -> BalancerConfig {
+    config_with(&SIZES, vips)
+}
+
+pub fn config_with(sizes: &MapSizes, vips: &str) -> BalancerConfig {
     let text = format!(
-        "[datapath]\ninterfaces=[\"lo\"]\nmaglev_table_size={M}\nmax_vips=4\nmax_backends=16\nflow_table_size=1024\n\
-         [encap]\nsource_v4=\"198.18.200.0/24\"\nsource_v6=\"fd00:200::/64\"\n{vips}"
+        "[datapath]\ninterfaces=[\"lo\"]\nmaglev_table_size={}\nmax_vips={}\nmax_backends={}\nflow_table_size={}\n\
+         [encap]\nsource_v4=\"198.18.200.0/24\"\nsource_v6=\"fd00:200::/64\"\n{vips}",
+        sizes.maglev_size, sizes.max_vips, sizes.max_backends, sizes.flow_table_size
     );
     Config::from_toml(&text)
         .expect("fixture config is valid")
@@ -56,12 +70,10 @@ impl Fixture {
     /// Loads both programs and applies `vips` (TOML `[[vips]]` tables); every
     /// backend's next hop is the test-run interface, so forwarding is `XDP_TX`.
     pub fn new(vips: &str) -> Fixture {
-        let sizes = MapSizes {
-            maglev_size: M,
-            max_vips: 4,
-            max_backends: 16,
-            flow_table_size: 1024,
-        };
+        Fixture::with_sizes(SIZES, vips)
+    }
+
+    pub fn with_sizes(sizes: MapSizes, vips: &str) -> Fixture {
         let mut ebpf = load(&sizes).expect("the eBPF object loads");
         for name in ["lb_ingress", "lb_decap"] {
             let prog: &mut Xdp = ebpf
@@ -72,16 +84,17 @@ impl Fixture {
             prog.load()
                 .unwrap_or_else(|e| panic!("the verifier accepts {name}: {e:?}"));
         }
-        let dp = KernelDatapath::new(&mut ebpf, M).expect("maps");
+        let dp = KernelDatapath::new(&mut ebpf, sizes.maglev_size).expect("maps");
         let decap = DecapMaps::new(&mut ebpf).expect("decap maps");
         let mut balancer = Balancer::new(dp, sizes, BTreeSet::from([TEST_RUN_IFINDEX]));
-        let config = config(vips);
+        let config = config_with(&sizes, vips);
         balancer.apply(&config, &Default::default()).expect("apply");
         let mut f = Fixture {
             ebpf,
             balancer,
             config,
             decap,
+            sizes,
         };
         f.resolve_all();
         f
@@ -99,7 +112,7 @@ impl Fixture {
     }
 
     pub fn apply(&mut self, vips: &str) {
-        self.config = config(vips);
+        self.config = config_with(&self.sizes, vips);
         self.balancer
             .apply(&self.config, &Default::default())
             .expect("apply");
@@ -159,6 +172,15 @@ impl Fixture {
         self.decap.outcomes().expect("decap outcomes")
     }
 
+    /// Every connection-table entry, read with batch lookups.
+    pub fn flows(&self) -> Vec<(FlowKey, FlowState)> {
+        let map = map_data(self.ebpf.map("FLOWS").expect("FLOWS"));
+        let mut out = Vec::new();
+        lb_userspace::batch::for_each(map, 4096, |k: &FlowKey, v: &FlowState| out.push((*k, *v)))
+            .expect("batch lookup");
+        out
+    }
+
     pub fn flow(&self, key: &FlowKey) -> Option<FlowState> {
         let map: HashMap<&MapData, FlowKey, FlowState> =
             HashMap::try_from(self.ebpf.map("FLOWS").expect("FLOWS")).expect("LRU map");
@@ -167,6 +189,20 @@ impl Fixture {
 
     pub fn decap_addresses(&self) -> usize {
         self.decap.addresses().expect("decap addresses").len()
+    }
+}
+
+/// The `MapData` behind a map of a loaded object.
+pub fn map_data(map: &aya::maps::Map) -> &MapData {
+    use aya::maps::Map;
+    match map {
+        Map::Array(m)
+        | Map::HashMap(m)
+        | Map::LruHashMap(m)
+        | Map::PerCpuArray(m)
+        | Map::ProgramArray(m)
+        | Map::DevMapHash(m) => m,
+        other => panic!("unexpected map type {other:?}"),
     }
 }
 

@@ -138,6 +138,10 @@ fn ipv4_tcp_syn_is_encapsulated_to_the_maglev_backend() {
         assert_eq!(f.flow(&key).unwrap().backend_id, f.backend_id(&backend));
     }
     assert_eq!(f.outcome(Outcome::Forwarded), 20);
+    // The batch scan sees exactly the 20 flows, each with its backend.
+    let flows = f.flows();
+    assert_eq!(flows.len(), 20);
+    assert!(flows.iter().all(|(k, v)| f.flow(k) == Some(*v)));
     let status = f.balancer.vip_status().unwrap();
     let web = status
         .iter()
