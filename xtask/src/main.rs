@@ -34,6 +34,9 @@ enum Task {
     /// Build a namespace topology (client, LB, three backends), run the agent,
     /// send real traffic, print `lbctl status`, and remove everything.
     Demo,
+    /// Run the benchmarks (release build); writes target/bench/results.json
+    /// and target/bench/results.md. Not part of `test`.
+    Bench,
 }
 
 fn root() -> PathBuf {
@@ -100,6 +103,20 @@ fn main() -> Result<()> {
             cmd.arg("--").arg("--test-threads=1").args(&args);
             cmd.env("LB_BIN_DIR", root().join("target/debug"));
             run(&mut cmd)
+        }
+        Task::Bench => {
+            build(true)?;
+            run(cargo(&[
+                "run",
+                "--locked",
+                "--release",
+                "-q",
+                "-p",
+                "lb-tests",
+                "--bin",
+                "lb-bench",
+            ])
+            .env("LB_BIN_DIR", root().join("target/release")))
         }
         Task::Demo => {
             build(false)?;

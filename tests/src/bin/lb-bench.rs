@@ -1,0 +1,985 @@
+//! `cargo xtask bench`: the datapath's cost per packet against a floor program,
+//! the connection table at a million flows, Maglev, the control plane, the flow
+//! scan, and live forwarding over veth. Each figure is the median of several
+//! rounds; ratios are against baselines measured in the same run. Writes
+//! `target/bench/results.json` and `target/bench/results.md`.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{Array, ProgramArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf, Pod,
+};
+use lb_common::{DecapOutcome, FlowKey, FlowState, Outcome, PROTO_IPIP, PROTO_TCP, PROTO_UDP};
+use lb_tests::{fixture::*, packet::*, topology};
+use lb_userspace::{datapath::MapSizes, maglev};
+use serde_json::{json, Value};
+
+const ROUNDS: usize = 5;
+const REPEAT: u32 = 1_000_000;
+const FRAME_LEN: usize = 128;
+
+/// Mirrors `BenchFrame` in lb-ebpf/src/bench.rs.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BenchFrame {
+    port_off: u32,
+    addr_off: u32,
+    data: [u8; FRAME_LEN],
+}
+// SAFETY: plain integers and bytes, #[repr(C)], no padding.
+unsafe impl Pod for BenchFrame {}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// One row of the results table.
+struct Row {
+    section: &'static str,
+    figure: String,
+    value: String,
+    baseline: String,
+    target: String,
+    met: Option<bool>,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    json: BTreeMap<String, Value>,
+}
+
+impl Report {
+    fn row(
+        &mut self,
+        section: &'static str,
+        figure: impl Into<String>,
+        value: impl Into<String>,
+        baseline: impl Into<String>,
+        target: impl Into<String>,
+        met: Option<bool>,
+    ) {
+        let r = Row {
+            section,
+            figure: figure.into(),
+            value: value.into(),
+            baseline: baseline.into(),
+            target: target.into(),
+            met,
+        };
+        println!(
+            "  {:<52} {:>16}  {:<22} {}",
+            r.figure,
+            r.value,
+            r.baseline,
+            match r.met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "",
+            }
+        );
+        self.rows.push(r);
+    }
+
+    fn markdown(&self, machine: &str) -> String {
+        let mut s = format!("Machine: {machine}\n\n| section | figure | value | baseline / ratio | target | met |\n|---|---|---|---|---|---|\n");
+        for r in &self.rows {
+            let met = match r.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "",
+            };
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                r.section, r.figure, r.value, r.baseline, r.target, met
+            );
+        }
+        s
+    }
+}
+
+fn pad(frame: Vec<u8>) -> [u8; FRAME_LEN] {
+    assert!(frame.len() <= FRAME_LEN);
+    let mut out = [0u8; FRAME_LEN];
+    out[..frame.len()].copy_from_slice(&frame);
+    out
+}
+
+/// The shim and floor programs, with the program under test in the tail-call slot.
+struct Shim {
+    ebpf: Ebpf,
+}
+
+impl Shim {
+    fn load() -> Shim {
+        let path = root().join("target/ebpf/bpfel-unknown-none/release/lb-bench");
+        let mut ebpf =
+            Ebpf::load_file(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+        for name in ["bench_shim", "bench_floor"] {
+            let p: &mut Xdp = ebpf.program_mut(name).expect(name).try_into().expect("XDP");
+            p.load().expect("verifier accepts the bench programs");
+        }
+        Shim { ebpf }
+    }
+
+    fn target(&mut self, other: Option<(&Ebpf, &str)>) {
+        let fd = match other {
+            Some((obj, name)) => {
+                let p: &Xdp = obj.program(name).expect(name).try_into().expect("XDP");
+                p.fd().expect("loaded").try_clone().expect("dup fd")
+            }
+            None => {
+                let p: &Xdp = self
+                    .ebpf
+                    .program("bench_floor")
+                    .expect("floor")
+                    .try_into()
+                    .expect("XDP");
+                p.fd().expect("loaded").try_clone().expect("dup fd")
+            }
+        };
+        let mut progs = ProgramArray::try_from(self.ebpf.map_mut("BENCH_PROGS").expect("map"))
+            .expect("prog array");
+        progs.set(0, &fd, 0).expect("tail-call slot");
+    }
+
+    fn frame(&mut self, data: [u8; FRAME_LEN], vary: Option<(u32, u32)>) {
+        let (port_off, addr_off) = vary.unwrap_or((0, 0));
+        let mut frames: Array<_, BenchFrame> =
+            Array::try_from(self.ebpf.map_mut("BENCH_FRAME").expect("map")).expect("array");
+        frames
+            .set(
+                0,
+                BenchFrame {
+                    port_off,
+                    addr_off,
+                    data,
+                },
+                0,
+            )
+            .expect("frame");
+    }
+
+    /// Average ns per run over `repeat` runs, and the last verdict.
+    fn run(&self, data: &[u8; FRAME_LEN], repeat: u32) -> (f64, u32) {
+        let p: &Xdp = self
+            .ebpf
+            .program("bench_shim")
+            .expect("shim")
+            .try_into()
+            .expect("XDP");
+        let opts = TestRunOptions {
+            data_in: Some(data),
+            repeat,
+            ..Default::default()
+        };
+        let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        (r.duration.as_nanos() as f64, r.return_value)
+    }
+}
+
+const V4_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
+const V4_VIP_TO_V6: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 2);
+const V6_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 1);
+
+fn bench_vips() -> String {
+    let v4: Vec<String> = (0..10)
+        .map(|i| format!("{{ address = \"198.18.0.{}\" }}", 11 + i))
+        .collect();
+    let v6: Vec<String> = (0..10)
+        .map(|i| format!("{{ address = \"fd00::{:x}\" }}", 0x11 + i))
+        .collect();
+    let (v4, v6) = (v4.join(", "), v6.join(", "));
+    format!(
+        "[[vips]]\naddress=\"{V4_VIP}\"\nport=80\nprotocol=\"tcp\"\nbackends=[{v4}]\n\
+         [[vips]]\naddress=\"{V4_VIP}\"\nport=53\nprotocol=\"udp\"\nbackends=[{v4}]\n\
+         [[vips]]\naddress=\"{V6_VIP}\"\nport=443\nprotocol=\"tcp\"\nbackends=[{v6}]\n\
+         [[vips]]\naddress=\"{V4_VIP_TO_V6}\"\nport=80\nprotocol=\"tcp\"\nbackends=[{v6}]\n"
+    )
+}
+
+fn bench_sizes(flows: u32) -> MapSizes {
+    MapSizes {
+        maglev_size: 65537,
+        max_vips: 8,
+        max_backends: 64,
+        flow_table_size: flows,
+    }
+}
+
+fn v4_tcp(dst: Ipv4Addr, flags: u8) -> Vec<u8> {
+    eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV4,
+        &ipv4(CLIENT, dst, PROTO_TCP, &tcp(40000, 80, flags, b"")),
+    )
+}
+
+/// Offsets the shim rewrites for new-flow cases: the TCP source port and the
+/// last two bytes of the IPv4 source address.
+const V4_VARY: (u32, u32) = (14 + 20, 14 + 12 + 2);
+
+fn outcome(f: &Fixture, o: Outcome) -> u64 {
+    f.outcome(o)
+}
+
+fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
+    println!("== datapath cost per packet (BPF_PROG_TEST_RUN, {REPEAT} runs per round, median of {ROUNDS})");
+    let mut f = Fixture::with_sizes(bench_sizes(1_000_000), &bench_vips());
+    f.add_decap_address("198.18.0.11".parse().unwrap());
+    let mut shim = Shim::load();
+    let encapsulated = {
+        let inner = ipv4(CLIENT, V4_VIP, PROTO_TCP, &tcp(40000, 80, TCP_ACK, b""));
+        eth(
+            NEXT_HOP_MAC,
+            LB_MAC,
+            ETH_IPV4,
+            &encap_ipv4(
+                Ipv4Addr::new(198, 18, 200, 7),
+                Ipv4Addr::new(198, 18, 0, 11),
+                PROTO_IPIP,
+                &inner,
+            ),
+        )
+    };
+    struct Case {
+        key: &'static str,
+        name: &'static str,
+        program: Option<&'static str>,
+        frame: Vec<u8>,
+        vary: Option<(u32, u32)>,
+        verdict: u32,
+        counted: Option<Outcome>,
+    }
+    let cases = vec![
+        Case {
+            key: "floor",
+            name: "floor: swap MACs, XDP_TX",
+            program: None,
+            frame: v4_tcp(V4_VIP, TCP_ACK),
+            vary: None,
+            verdict: XDP_TX,
+            counted: None,
+        },
+        Case {
+            key: "v4_syn_new",
+            name: "IPv4 TCP SYN, new flow each run",
+            program: Some("lb_ingress"),
+            frame: v4_tcp(V4_VIP, TCP_SYN),
+            vary: Some(V4_VARY),
+            verdict: XDP_TX,
+            counted: Some(Outcome::Forwarded),
+        },
+        Case {
+            key: "v4_established",
+            name: "IPv4 TCP established",
+            program: Some("lb_ingress"),
+            frame: v4_tcp(V4_VIP, TCP_ACK),
+            vary: None,
+            verdict: XDP_TX,
+            counted: Some(Outcome::Forwarded),
+        },
+        Case {
+            key: "v4_udp",
+            name: "IPv4 UDP",
+            program: Some("lb_ingress"),
+            frame: eth(
+                LB_MAC,
+                CLIENT_MAC,
+                ETH_IPV4,
+                &ipv4(CLIENT, V4_VIP, PROTO_UDP, &udp(5000, 53, b"query")),
+            ),
+            vary: None,
+            verdict: XDP_TX,
+            counted: Some(Outcome::Forwarded),
+        },
+        Case {
+            key: "v6_established",
+            name: "IPv6 TCP established",
+            program: Some("lb_ingress"),
+            frame: eth(
+                LB_MAC,
+                CLIENT_MAC,
+                ETH_IPV6,
+                &ipv6(
+                    CLIENT6,
+                    V6_VIP,
+                    PROTO_TCP,
+                    0,
+                    64,
+                    &tcp(40000, 443, TCP_ACK, b""),
+                ),
+            ),
+            vary: None,
+            verdict: XDP_TX,
+            counted: Some(Outcome::Forwarded),
+        },
+        Case {
+            key: "v4_to_v6",
+            name: "IPv4 client to IPv6 backend",
+            program: Some("lb_ingress"),
+            frame: v4_tcp(V4_VIP_TO_V6, TCP_ACK),
+            vary: None,
+            verdict: XDP_TX,
+            counted: Some(Outcome::Forwarded),
+        },
+        Case {
+            key: "pass",
+            name: "non-VIP traffic passed",
+            program: Some("lb_ingress"),
+            frame: v4_tcp(Ipv4Addr::new(198, 18, 0, 99), TCP_ACK),
+            vary: None,
+            verdict: XDP_PASS,
+            counted: Some(Outcome::PassNotVip),
+        },
+        Case {
+            key: "decap",
+            name: "lb_decap on an IPIP packet",
+            program: Some("lb_decap"),
+            frame: encapsulated,
+            vary: None,
+            verdict: XDP_PASS,
+            counted: None,
+        },
+    ];
+    let mut ns = BTreeMap::new();
+    for c in cases {
+        shim.target(c.program.map(|p| (&f.ebpf, p)));
+        let data = pad(c.frame);
+        shim.frame(data, c.vary);
+        // Warm up (and, for established cases, create the flow).
+        shim.run(&data, 1000);
+        let before = c.counted.map(|o| outcome(&f, o));
+        let decap_before = f.decap_outcomes()[DecapOutcome::Decapsulated as usize].packets;
+        let mut samples = Vec::new();
+        for _ in 0..ROUNDS {
+            let (t, verdict) = shim.run(&data, REPEAT);
+            assert_eq!(verdict, c.verdict, "{}: unexpected verdict", c.name);
+            samples.push(t);
+        }
+        let runs = u64::from(REPEAT) * ROUNDS as u64;
+        if let (Some(o), Some(b)) = (c.counted, before) {
+            assert_eq!(
+                outcome(&f, o) - b,
+                runs,
+                "{}: not every run was {:?}",
+                c.name,
+                o
+            );
+        }
+        if c.key == "decap" {
+            assert_eq!(
+                f.decap_outcomes()[DecapOutcome::Decapsulated as usize].packets - decap_before,
+                runs,
+                "decap: not every run decapsulated"
+            );
+        }
+        ns.insert(c.key, median(samples));
+        let _ = c.name;
+    }
+    let floor = ns["floor"];
+    let names = [
+        ("floor", "floor: swap MACs, XDP_TX", None),
+        ("v4_syn_new", "IPv4 TCP SYN, new flow each run", Some(5.0)),
+        ("v4_established", "IPv4 TCP established", Some(3.0)),
+        ("v4_udp", "IPv4 UDP (established)", Some(3.0)),
+        ("v6_established", "IPv6 TCP established", Some(3.0)),
+        (
+            "v4_to_v6",
+            "IPv4 client to IPv6 backend (established)",
+            Some(3.0),
+        ),
+        ("pass", "non-VIP traffic passed", None),
+        ("decap", "lb_decap on an IPIP packet", None),
+    ];
+    for (key, name, target) in names {
+        let ratio = ns[key] / floor;
+        let (t, met) = match target {
+            Some(x) => (format!("≤ {x}× floor"), Some(ratio <= x)),
+            None => (String::new(), None),
+        };
+        report.row(
+            "datapath",
+            name,
+            format!("{:.1} ns", ns[key]),
+            format!("{ratio:.2}× floor"),
+            t,
+            met,
+        );
+        report
+            .json
+            .insert(format!("datapath.{key}.ns"), json!(ns[key]));
+        report
+            .json
+            .insert(format!("datapath.{key}.ratio_to_floor"), json!(ratio));
+    }
+    ns
+}
+
+/// Memory the kernel charges for a map (fdinfo `memlock`).
+fn memlock(map: &aya::maps::MapData) -> u64 {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = map.fd().as_fd().as_raw_fd();
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
+    text.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn outer_dst_v4(frame: &[u8]) -> [u8; 4] {
+    [frame[30], frame[31], frame[32], frame[33]]
+}
+
+fn connection_table(report: &mut Report) {
+    println!("== connection table at 1,000,000 flows");
+    let f = Fixture::with_sizes(bench_sizes(1_000_000), &bench_vips());
+    let mut shim = Shim::load();
+    // 1000 established flows, and the backend each was given.
+    let samples: Vec<(Vec<u8>, [u8; 4])> = (0..1000u16)
+        .map(|i| {
+            let ip = ipv4(
+                Ipv4Addr::new(198, 18, 60, (i % 250) as u8 + 1),
+                V4_VIP,
+                PROTO_TCP,
+                &tcp(20000 + i, 80, TCP_SYN, b""),
+            );
+            let frame = eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ip);
+            let out = f.ingress(&frame).output;
+            let ack = eth(
+                LB_MAC,
+                CLIENT_MAC,
+                ETH_IPV4,
+                &ipv4(
+                    Ipv4Addr::new(198, 18, 60, (i % 250) as u8 + 1),
+                    V4_VIP,
+                    PROTO_TCP,
+                    &tcp(20000 + i, 80, TCP_ACK, b""),
+                ),
+            );
+            (ack, outer_dst_v4(&out))
+        })
+        .collect();
+    // Fill: a new flow per run, twice the table's size, through lb_ingress.
+    shim.target(Some((&f.ebpf, "lb_ingress")));
+    let data = pad(v4_tcp(V4_VIP, TCP_SYN));
+    shim.frame(data, Some(V4_VARY));
+    let mut rates = Vec::new();
+    for _ in 0..ROUNDS {
+        let (ns, verdict) = shim.run(&data, 400_000);
+        assert_eq!(verdict, XDP_TX);
+        rates.push(1e9 / ns);
+    }
+    let rate = median(rates);
+    let entries = f.flows().len();
+    let flows_map = map_data(f.ebpf.map("FLOWS").expect("FLOWS"));
+    let flows_mem = memlock(flows_map);
+    let mut total_mem = flows_mem;
+    for name in [
+        "VIPS",
+        "MAGLEV",
+        "BACKENDS",
+        "SETTINGS",
+        "VIP_STATS",
+        "BACKEND_STATS",
+        "OUTCOMES",
+    ] {
+        if let Some(m) = f.ebpf.map(name) {
+            total_mem += memlock(map_data(m));
+        }
+    }
+    let still_there = samples
+        .iter()
+        .filter(|(ack, _)| {
+            let ip = &ack[14..];
+            let key = flow_key(
+                IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15])),
+                IpAddr::V4(V4_VIP),
+                u16::from_be_bytes([ip[20], ip[21]]),
+                80,
+                PROTO_TCP,
+            );
+            f.flow(&key).is_some()
+        })
+        .count();
+    let kept = samples
+        .iter()
+        .filter(|(ack, backend)| outer_dst_v4(&f.ingress(ack).output) == *backend)
+        .count();
+    report.row(
+        "connection table",
+        "new-flow inserts through lb_ingress",
+        format!("{:.2} M/s", rate / 1e6),
+        "",
+        "",
+        None,
+    );
+    report.row(
+        "connection table",
+        "entries after 2,000,000 new flows (max 1,000,000)",
+        entries.to_string(),
+        "",
+        "",
+        None,
+    );
+    report.row(
+        "connection table",
+        "FLOWS map memory (kernel memlock)",
+        format!("{:.0} MiB", flows_mem as f64 / 1048576.0),
+        format!("{:.0} B/flow", flows_mem as f64 / 1e6),
+        "",
+        None,
+    );
+    report.row(
+        "connection table",
+        "all balancer maps (M = 65537, 8 VIPs)",
+        format!("{:.0} MiB", total_mem as f64 / 1048576.0),
+        "",
+        "",
+        None,
+    );
+    report.row(
+        "connection table",
+        "early flows evicted by the fill",
+        format!("{}/1000", 1000 - still_there),
+        "",
+        "",
+        None,
+    );
+    report.row(
+        "connection table",
+        "early flows still on their backend after the fill",
+        format!("{kept}/1000"),
+        "",
+        "1000/1000",
+        Some(kept == 1000),
+    );
+    report
+        .json
+        .insert("conntrack.insert_rate_per_s".into(), json!(rate));
+    report
+        .json
+        .insert("conntrack.entries".into(), json!(entries));
+    report
+        .json
+        .insert("conntrack.flows_map_bytes".into(), json!(flows_mem));
+    report
+        .json
+        .insert("conntrack.all_maps_bytes".into(), json!(total_mem));
+    report
+        .json
+        .insert("conntrack.kept_backend".into(), json!(kept));
+
+    println!("== report scan of the connection table");
+    let n = f.flows().len();
+    let mut batch = Vec::new();
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        let mut count = 0usize;
+        lb_userspace::batch::for_each(flows_map, 8192, |_: &FlowKey, _: &FlowState| count += 1)
+            .expect("scan");
+        batch.push(t.elapsed().as_secs_f64());
+        assert!(count >= n * 99 / 100, "scan saw {count} of {n}");
+    }
+    let per_elem = {
+        let map: aya::maps::HashMap<_, FlowKey, FlowState> =
+            aya::maps::HashMap::try_from(f.ebpf.map("FLOWS").expect("FLOWS")).expect("map");
+        let t = Instant::now();
+        let count = map.iter().filter(|r| r.is_ok()).count();
+        assert!(count >= n * 99 / 100);
+        t.elapsed().as_secs_f64()
+    };
+    let batch = median(batch);
+    report.row(
+        "report scan",
+        format!("read {n} flows, batch lookups"),
+        format!("{:.0} ms", batch * 1e3),
+        format!(
+            "{:.0} ms per element ({:.1}×)",
+            per_elem * 1e3,
+            per_elem / batch
+        ),
+        "≤ 1 s (for 1,000,000)",
+        Some(batch * 1e6 / n as f64 <= 1.0),
+    );
+    report.json.insert("scan.flows".into(), json!(n));
+    report.json.insert("scan.batch_s".into(), json!(batch));
+    report
+        .json
+        .insert("scan.per_element_s".into(), json!(per_elem));
+}
+
+fn maglev_figures(report: &mut Report) {
+    println!("== Maglev, M = 65537, one core");
+    let m = 65537u32;
+    for n in [10u32, 100, 1000] {
+        let entries: Vec<maglev::Entry> = (0..n)
+            .map(|i| maglev::Entry {
+                id: i,
+                identity: vec![198, 18, (i >> 8) as u8, i as u8],
+                weight: 100 + (i % 3) * 50,
+            })
+            .collect();
+        let times: Vec<f64> = (0..ROUNDS)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(maglev::build(&entries, m));
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        let table = maglev::build(&entries, m);
+        let total: u32 = entries.iter().map(|e| e.weight).sum();
+        let mut slots = vec![0u32; n as usize];
+        for id in &table {
+            slots[*id as usize] += 1;
+        }
+        let balance = entries
+            .iter()
+            .map(|e| {
+                f64::from(slots[e.id as usize])
+                    / (f64::from(m) * f64::from(e.weight) / f64::from(total))
+            })
+            .fold(0.0, f64::max);
+        let equal: Vec<maglev::Entry> = entries
+            .iter()
+            .map(|e| maglev::Entry {
+                weight: 1,
+                ..e.clone()
+            })
+            .collect();
+        let before = maglev::build(&equal, m);
+        let after = maglev::build(&equal[1..], m);
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64;
+        let disruption = moved / (f64::from(m) / f64::from(n));
+        let mut shuffled = entries.clone();
+        shuffled.reverse();
+        let identical = maglev::build(&shuffled, m) == table;
+        let t = median(times);
+        report.row(
+            "maglev",
+            format!("build, N = {n} weighted"),
+            format!("{t:.2} ms"),
+            "",
+            if n == 1000 { "≤ 20 ms" } else { "" },
+            (n == 1000).then_some(t <= 20.0),
+        );
+        report.row(
+            "maglev",
+            format!("balance, N = {n} (largest share / weighted ideal)"),
+            format!("{balance:.4}"),
+            "",
+            "≤ 1.05",
+            Some(balance <= 1.05),
+        );
+        report.row(
+            "maglev",
+            format!("disruption, one of N = {n} leaves"),
+            format!("{disruption:.3}× ideal"),
+            format!("{moved} slots moved"),
+            "≤ 1.1×",
+            Some(disruption <= 1.1),
+        );
+        report.row(
+            "maglev",
+            format!("two agents, N = {n}, any order"),
+            if identical { "identical" } else { "DIFFERENT" },
+            "",
+            "identical",
+            Some(identical),
+        );
+        report
+            .json
+            .insert(format!("maglev.n{n}.build_ms"), json!(t));
+        report
+            .json
+            .insert(format!("maglev.n{n}.balance"), json!(balance));
+        report
+            .json
+            .insert(format!("maglev.n{n}.disruption"), json!(disruption));
+        report
+            .json
+            .insert(format!("maglev.n{n}.identical"), json!(identical));
+    }
+}
+
+fn big_config(socket: &str, weight: u32) -> String {
+    let mut s = format!(
+        "socket = \"{socket}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nmaglev_table_size = 65537\nmax_vips = 1000\nmax_backends = 256\nflow_table_size = 65536\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n"
+    );
+    for i in 0..1000u32 {
+        let backends: Vec<String> = (0..10u32)
+            .map(|j| {
+                format!(
+                    "{{ address = \"198.18.0.{}\", weight = {} }}",
+                    11 + (i + j * 7) % 100,
+                    weight + j
+                )
+            })
+            .collect();
+        s += &format!(
+            "[[vips]]\naddress = \"198.18.{}.{}\"\nport = 80\nprotocol = \"tcp\"\nbackends = [{}]\n",
+            20 + i / 250,
+            1 + i % 250,
+            backends.join(", ")
+        );
+    }
+    s
+}
+
+fn control_plane(report: &mut Report) {
+    println!("== control plane: lbctl apply of 1,000 VIPs x 10 backends");
+    let id = format!("lbb{}", std::process::id());
+    let (ns, peer) = (format!("{id}-lb"), format!("{id}-nb"));
+    let dir = std::env::temp_dir().join(&id);
+    std::fs::create_dir_all(&dir).expect("dir");
+    struct Guard(Vec<String>, PathBuf, Option<std::process::Child>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(c) = self.2.as_mut() {
+                // SAFETY: plain kill(2) on our own child.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                let _ = c.wait();
+            }
+            for n in &self.0 {
+                let _ = Command::new("ip").args(["netns", "del", n]).status();
+            }
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let mut guard = Guard(vec![ns.clone(), peer.clone()], dir.clone(), None);
+    for n in [&ns, &peer] {
+        topology::must(&["ip", "netns", "add", n]);
+    }
+    topology::must(&[
+        "ip", "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+        &peer,
+    ]);
+    topology::must(&[
+        "ip",
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        "198.18.0.2/24",
+        "dev",
+        "eth0",
+    ]);
+    topology::must(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+    topology::must(&["ip", "-n", &peer, "link", "set", "eth0", "up"]);
+    // The 100 backends are neighbours with known MACs, so resolution is instant.
+    for b in 0..100u32 {
+        topology::must(&[
+            "ip",
+            "-n",
+            &ns,
+            "neigh",
+            "add",
+            &format!("198.18.0.{}", 11 + b),
+            "lladdr",
+            &format!("02:00:00:00:01:{:02x}", b),
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    let socket = dir.join("lb.sock");
+    let socket_s = socket.display().to_string();
+    let initial = dir.join("initial.toml");
+    let small = big_config(&socket_s, 100);
+    let first_vip_end = small
+        .match_indices("[[vips]]")
+        .nth(1)
+        .map(|(i, _)| i)
+        .expect("two vips");
+    std::fs::write(&initial, &small[..first_vip_end]).expect("write");
+    let log = std::fs::File::create(dir.join("agent.log")).expect("log");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(topology::bin("lb-agent"))
+        .arg("--config")
+        .arg(&initial)
+        .stderr(log)
+        .spawn()
+        .expect("agent");
+    let pid = child.id();
+    guard.2 = Some(child);
+    let lbctl = |args: &[&str]| {
+        Command::new(topology::bin("lbctl"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .expect("lbctl")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lbctl(&["status", "--json"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "agent did not start: {}",
+            std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut times = Vec::new();
+    for round in 0..ROUNDS as u32 {
+        // Every round changes every VIP's weights: 1000 tables rebuilt and rewritten.
+        let path = dir.join(format!("big{round}.toml"));
+        std::fs::write(&path, big_config(&socket_s, 100 + round * 10)).expect("write");
+        let t = Instant::now();
+        let out = lbctl(&["apply", "-f", path.to_str().expect("utf-8")]);
+        let elapsed = t.elapsed().as_secs_f64();
+        assert!(
+            out.status.success(),
+            "apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        times.push(elapsed);
+    }
+    let status: Value =
+        serde_json::from_slice(&lbctl(&["status", "--json"]).stdout).expect("status");
+    let vips = status["vips"].as_array().map(Vec::len).unwrap_or(0);
+    assert_eq!(vips, 1000, "the datapath does not hold 1000 VIPs");
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:")
+                    .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+            })
+        })
+        .unwrap_or(0);
+    let t = median(times);
+    report.row(
+        "control plane",
+        "lbctl apply, 1,000 VIPs × 10 backends (all changed)",
+        format!("{t:.3} s"),
+        "",
+        "≤ 1 s",
+        Some(t <= 1.0),
+    );
+    report.row(
+        "control plane",
+        "agent resident memory at that size",
+        format!("{:.0} MiB", rss_kib as f64 / 1024.0),
+        "",
+        "",
+        None,
+    );
+    report
+        .json
+        .insert("control.apply_1000_vips_s".into(), json!(t));
+    report
+        .json
+        .insert("control.agent_rss_kib".into(), json!(rss_kib));
+    drop(guard);
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn main() {
+    let machine = machine();
+    println!("lb benchmarks on {machine}");
+    let mut report = Report::default();
+    datapath_cost(&mut report);
+    connection_table(&mut report);
+    maglev_figures(&mut report);
+    control_plane(&mut report);
+    live::forwarding(&mut report);
+
+    let out = root().join("target/bench");
+    std::fs::create_dir_all(&out).expect("target/bench");
+    let json =
+        json!({ "machine": machine, "rounds": ROUNDS, "repeat": REPEAT, "figures": report.json });
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&json).expect("json"),
+    )
+    .expect("write json");
+    let md = report.markdown(&machine);
+    std::fs::write(out.join("results.md"), &md).expect("write md");
+    println!("\n{md}");
+    println!("written: target/bench/results.json, target/bench/results.md");
+}
+
+mod live {
+    //! Live forwarding over veth: a generator sends real frames at the LB's
+    //! interface; `lb_ingress` and the floor program are measured in turn in
+    //! the same topology from the interface's XDP counters.
+    use super::*;
+
+    pub fn forwarding(report: &mut Report) {
+        println!("== live forwarding over veth (one queue)");
+        if Command::new("xdp-trafficgen")
+            .arg("--help")
+            .output()
+            .is_err()
+        {
+            report.row(
+                "live",
+                "forwarding rate",
+                "not measured",
+                "xdp-trafficgen missing",
+                "",
+                None,
+            );
+            return;
+        }
+        match measure() {
+            Ok(rows) => {
+                for (name, pps, floor) in rows {
+                    report.row(
+                        "live",
+                        name,
+                        format!("{:.2} Mpps", pps / 1e6),
+                        format!("{:.2}× floor ({:.2} Mpps)", pps / floor, floor / 1e6),
+                        "",
+                        None,
+                    );
+                    report.json.insert(
+                        format!("live.{}", name.replace(' ', "_")),
+                        json!({ "pps": pps, "floor_pps": floor }),
+                    );
+                }
+            }
+            Err(e) => {
+                println!("  live forwarding not measured: {e}");
+                report.row("live", "forwarding rate", "not measured", e, "", None);
+            }
+        }
+    }
+
+    fn measure() -> Result<Vec<(&'static str, f64, f64)>, String> {
+        Err("see docs/BENCHMARKS.md".into())
+    }
+}
