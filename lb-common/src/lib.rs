@@ -96,6 +96,12 @@ pub struct HostAddr {
     pub _pad: [u8; 3],
 }
 
+/// Maglev slots per `MAGLEV` array element. Array elements are padded to 8
+/// bytes; packing 8 slots in one 32-byte element wastes nothing and makes the
+/// memory-mapped array a plain `u32` slice for the agent.
+pub const MAGLEV_LANES: u32 = 8;
+pub type MaglevChunk = [u32; MAGLEV_LANES as usize];
+
 /// Backend id stored in Maglev slots that have no backend (a VIP with none available).
 pub const NO_BACKEND: u32 = u32::MAX;
 

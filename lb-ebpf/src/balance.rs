@@ -1,5 +1,7 @@
 //! Backend choice: VIP lookup, the connection table, then the VIP's Maglev ring.
-use lb_common::{BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE, NO_BACKEND};
+use lb_common::{
+    BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE, MAGLEV_LANES, NO_BACKEND,
+};
 
 use crate::maps::{BACKENDS, FLOWS, MAGLEV, VIPS};
 
@@ -71,7 +73,8 @@ pub fn choose_backend(
         .ring
         .wrapping_mul(maglev_size)
         .wrapping_add(hash % maglev_size);
-    let id = *MAGLEV.get(slot)?;
+    let chunk = MAGLEV.get(slot / MAGLEV_LANES)?;
+    let id = chunk[(slot % MAGLEV_LANES) as usize];
     if id == NO_BACKEND {
         return None;
     }

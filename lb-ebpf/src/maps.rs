@@ -1,12 +1,13 @@
 //! Every map of the datapath. Sizes here are defaults; the agent sets the real
 //! ones from its configuration before loading.
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendInfo, FlowKey, FlowState, HostAddr, PacketCounter, Settings, TrafficCounters, VipInfo,
-    VipKey, DECAP_OUTCOME_COUNT, OUTCOME_COUNT,
+    BackendInfo, FlowKey, FlowState, HostAddr, MaglevChunk, PacketCounter, Settings,
+    TrafficCounters, VipInfo, VipKey, DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT,
 };
 
 /// VIPs keyed by (address, port, protocol); also one marker per VIP address
@@ -14,10 +15,13 @@ use lb_common::{
 #[map]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(128, 0);
 
-/// Maglev rings, `ring * maglev_size + slot` -> backend id. Written by the agent
-/// into a free ring before the VIP is switched to it.
+/// Maglev rings: slot `g = ring * maglev_size + slot` holds a backend id, at
+/// lane `g % 8` of element `g / 8`. Written by the agent into a free ring before
+/// the VIP is switched to it; memory-mapped by the agent, which writes a whole
+/// ring with one copy.
 #[map]
-pub static MAGLEV: Array<u32> = Array::with_max_entries(2 * 64 * 65537, 0);
+pub static MAGLEV: Array<MaglevChunk> =
+    Array::with_max_entries(2 * 64 * 65537 / MAGLEV_LANES, BPF_F_MMAPABLE);
 
 /// Backends by backend id. Written by the agent (flags, next-hop MACs).
 #[map]

@@ -141,7 +141,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         for name in &b.datapath.interfaces {
             local.insert(resolver.ifindex(name).await?);
         }
-        let dp = KernelDatapath::new(&mut ebpf, sizes.maglev_size)?;
+        let dp = KernelDatapath::new(&mut ebpf, &sizes)?;
         let mut bal = Balancer::new(dp, sizes, local);
         let addresses: Vec<IpAddr> = b
             .vips

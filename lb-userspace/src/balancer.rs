@@ -22,7 +22,7 @@ use std::{
 use anyhow::{bail, Result};
 use lb_common::{
     BackendInfo, Settings, TrafficCounters, VipInfo, VipKey, BACKEND_AVAILABLE, BACKEND_USABLE,
-    FAMILY_V4, FAMILY_V6, NO_BACKEND,
+    FAMILY_V4, FAMILY_V6,
 };
 
 use crate::{
@@ -321,76 +321,38 @@ impl<D: Datapath> Balancer<D> {
         }
         let mut reusable_vip_ids: Vec<u32> =
             gone_vip_states.iter().map(|(_, s)| s.vip_id).collect();
-        for vip in &config.vips {
-            let key = ident(vip);
-            if !rebuild.contains(&key) {
-                // Same backends and weights: keep the ring; the name may change.
-                if let Some(state) = self.vips.get_mut(&key) {
-                    state.config = vip.clone();
-                }
-                summary.vips_unchanged += 1;
-                continue;
+        for vip in config.vips.iter().filter(|v| !rebuild.contains(&ident(v))) {
+            // Same backends and weights: keep the ring; the name may change.
+            if let Some(state) = self.vips.get_mut(&ident(vip)) {
+                state.config = vip.clone();
             }
-            let old = self.vips.get(&key).cloned();
-            let entries: Vec<maglev::Entry> = vip
-                .backends
+            summary.vips_unchanged += 1;
+        }
+        // Tables are built on all cores a chunk at a time (bounding memory),
+        // then written and switched in one VIP at a time.
+        let to_build: Vec<&VipConfig> = config
+            .vips
+            .iter()
+            .filter(|v| rebuild.contains(&ident(v)))
+            .collect();
+        for chunk in to_build.chunks(64) {
+            let sets: Vec<Vec<maglev::Entry>> = chunk
                 .iter()
-                .map(|b| maglev::Entry {
-                    id: self.backends[&b.address].id,
-                    identity: addr_bytes(b.address).0.to_vec(),
-                    weight: b.weight,
+                .map(|vip| {
+                    vip.backends
+                        .iter()
+                        .map(|b| maglev::Entry {
+                            id: self.backends[&b.address].id,
+                            identity: addr_bytes(b.address).0.to_vec(),
+                            weight: b.weight,
+                        })
+                        .collect()
                 })
                 .collect();
-            let table = maglev::build(&entries, m);
-            let ring = self.rings.take().expect("capacity checked above");
-            self.dp.set_ring(ring, &table)?;
-            let mut slots: BTreeMap<IpAddr, u32> = BTreeMap::new();
-            let by_id: BTreeMap<u32, IpAddr> = vip
-                .backends
-                .iter()
-                .map(|b| (self.backends[&b.address].id, b.address))
-                .collect();
-            for id in &table {
-                if *id != NO_BACKEND {
-                    *slots.entry(by_id[id]).or_default() += 1;
-                }
+            let tables = maglev::build_many(&sets, m);
+            for (vip, table) in chunk.iter().zip(tables) {
+                self.switch_vip(vip, &table, &mut reusable_vip_ids, &mut summary)?;
             }
-            let vip_id = match &old {
-                Some(o) => o.vip_id,
-                None => {
-                    let id = match reusable_vip_ids.pop() {
-                        Some(id) => id,
-                        None => self.vip_ids.take().expect("capacity checked above"),
-                    };
-                    self.dp.clear_vip_counters(id)?;
-                    id
-                }
-            };
-            let info = VipInfo {
-                vip_id,
-                ring,
-                flags: 0,
-            };
-            self.dp
-                .set_vip(&vip_key(vip.address, vip.port, vip.protocol), &info)?;
-            self.dp
-                .set_vip(&marker_key(vip.address), &VipInfo::default())?;
-            match old {
-                Some(o) => {
-                    self.rings.rest(o.ring);
-                    summary.vips_changed += 1;
-                }
-                None => summary.vips_added += 1,
-            }
-            self.vips.insert(
-                key,
-                VipState {
-                    config: vip.clone(),
-                    vip_id,
-                    ring,
-                    slots,
-                },
-            );
         }
 
         // 4. Removed VIPs, their address markers, then removed backends.
@@ -418,6 +380,69 @@ impl<D: Datapath> Balancer<D> {
             }
         }
         Ok(summary)
+    }
+
+    /// Writes `table` into a free ring and points the VIP at it.
+    fn switch_vip(
+        &mut self,
+        vip: &VipConfig,
+        table: &maglev::Table,
+        reusable_vip_ids: &mut Vec<u32>,
+        summary: &mut ApplySummary,
+    ) -> Result<()> {
+        let key = ident(vip);
+        let old = self.vips.get(&key).map(|o| (o.vip_id, o.ring));
+        let ring = self
+            .rings
+            .take()
+            .expect("capacity checked before any write");
+        self.dp.set_ring(ring, &table.slots)?;
+        let slots: BTreeMap<IpAddr, u32> = vip
+            .backends
+            .iter()
+            .zip(&table.counts)
+            .map(|(b, c)| (b.address, *c))
+            .collect();
+        let vip_id = match old {
+            Some((id, _)) => id,
+            None => {
+                let id = match reusable_vip_ids.pop() {
+                    Some(id) => id,
+                    None => self
+                        .vip_ids
+                        .take()
+                        .expect("capacity checked before any write"),
+                };
+                self.dp.clear_vip_counters(id)?;
+                id
+            }
+        };
+        let info = VipInfo {
+            vip_id,
+            ring,
+            flags: 0,
+        };
+        self.dp
+            .set_vip(&vip_key(vip.address, vip.port, vip.protocol), &info)?;
+        self.dp
+            .set_vip(&marker_key(vip.address), &VipInfo::default())?;
+        match old {
+            Some((_, old_ring)) => {
+                self.rings.rest(old_ring);
+                summary.vips_changed += 1;
+            }
+            None => summary.vips_added += 1,
+        }
+        self.vips.insert(
+            key,
+            VipState {
+                config: vip.clone(),
+                vip_id,
+                ring,
+                slots,
+            },
+        );
+        Ok(())
     }
 
     /// Backend addresses whose next hop the agent should keep resolved.
@@ -512,6 +537,7 @@ pub fn mac_text(mac: [u8; 6]) -> String {
 pub mod fake {
     //! An in-memory datapath for tests: map contents plus a log of writes.
     use super::*;
+    use lb_common::NO_BACKEND;
     use lb_common::{PacketCounter, TrafficCounters, OUTCOME_COUNT};
     use std::collections::HashMap;
 

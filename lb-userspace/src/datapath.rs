@@ -4,6 +4,8 @@
 //! Control logic (`balancer`) only talks to `Datapath`, so it is unit-tested
 //! with an in-memory fake and no kernel.
 
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
 use anyhow::{Context as _, Result};
 use aya::{
     maps::{Array, DevMapHash, HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuValues},
@@ -11,8 +13,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    BackendInfo, HostAddr, PacketCounter, Settings, TrafficCounters, VipInfo, VipKey,
-    DECAP_OUTCOME_COUNT, OUTCOME_COUNT,
+    BackendInfo, HostAddr, MaglevChunk, PacketCounter, Settings, TrafficCounters, VipInfo, VipKey,
+    DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT,
 };
 
 /// What the balancer logic needs from the datapath.
@@ -63,13 +65,14 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT
 
 /// Loads the embedded object with the given sizes. Programs are not attached.
 pub fn load(sizes: &MapSizes) -> Result<Ebpf> {
-    let rings = u64::from(sizes.rings()) * u64::from(sizes.maglev_size);
-    let rings = u32::try_from(rings).context("Maglev rings do not fit a BPF array")?;
+    let slots = u64::from(sizes.rings()) * u64::from(sizes.maglev_size);
+    let chunks = slots.div_ceil(u64::from(MAGLEV_LANES));
+    let chunks = u32::try_from(chunks).context("Maglev rings do not fit a BPF array")?;
     aya::EbpfLoader::new()
         // VIP entries of the old and the new configuration coexist during an
         // apply, plus one address marker per VIP address.
         .map_max_entries("VIPS", 4 * sizes.max_vips)
-        .map_max_entries("MAGLEV", rings)
+        .map_max_entries("MAGLEV", chunks)
         .map_max_entries("BACKENDS", sizes.max_backends)
         .map_max_entries("FLOWS", sizes.flow_table_size)
         .map_max_entries("VIP_STATS", sizes.max_vips)
@@ -78,11 +81,71 @@ pub fn load(sizes: &MapSizes) -> Result<Ebpf> {
         .context("loading the eBPF object")
 }
 
+/// The Maglev ring array, mapped into the agent's memory (the map is created
+/// with `BPF_F_MMAPABLE`): writing a ring is one copy, where a syscall per slot
+/// (or the kernel's per-element batch update) costs seconds for many VIPs.
+struct MappedRings {
+    ptr: *mut u32,
+    /// Mapped length in slots (whole `MaglevChunk`s).
+    slots: usize,
+    // Keeps the map alive as long as the mapping.
+    _map: Array<MapData, MaglevChunk>,
+}
+
+// SAFETY: the mapping is owned by this value; access goes through &mut self.
+unsafe impl Send for MappedRings {}
+
+impl MappedRings {
+    fn new(map: Array<MapData, MaglevChunk>, slots: usize) -> Result<Self> {
+        let slots = slots.div_ceil(MAGLEV_LANES as usize) * MAGLEV_LANES as usize;
+        let len = slots * std::mem::size_of::<u32>();
+        let fd = map.map().fd().as_fd().as_raw_fd();
+        // SAFETY: mapping a BPF array fd we own, shared and writable; the kernel
+        // checks the length against the map.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("memory-mapping MAGLEV");
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            slots,
+            _map: map,
+        })
+    }
+
+    fn write(&mut self, offset: usize, values: &[u32]) -> Result<()> {
+        if offset + values.len() > self.slots {
+            anyhow::bail!("Maglev ring write beyond the map");
+        }
+        // SAFETY: in bounds (checked above) of a live, writable mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(offset), values.len());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MappedRings {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.slots * std::mem::size_of::<u32>()) };
+    }
+}
+
 /// The balancer's maps, taken out of a loaded object.
 pub struct KernelDatapath {
     settings: Array<MapData, Settings>,
     backends: Array<MapData, BackendInfo>,
-    maglev: Array<MapData, u32>,
+    maglev: MappedRings,
     vips: HashMap<MapData, VipKey, VipInfo>,
     tx_ports: DevMapHash<MapData>,
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
@@ -122,12 +185,14 @@ pub fn sum_packets(values: &PerCpuValues<PacketCounter>) -> PacketCounter {
 }
 
 impl KernelDatapath {
-    pub fn new(ebpf: &mut Ebpf, maglev_size: u32) -> Result<Self> {
+    pub fn new(ebpf: &mut Ebpf, sizes: &MapSizes) -> Result<Self> {
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let maglev_size = sizes.maglev_size;
+        let slots = sizes.rings() as usize * maglev_size as usize;
         Ok(Self {
             settings: take(ebpf, "SETTINGS")?,
             backends: take(ebpf, "BACKENDS")?,
-            maglev: take(ebpf, "MAGLEV")?,
+            maglev: MappedRings::new(take(ebpf, "MAGLEV")?, slots)?,
             vips: take(ebpf, "VIPS")?,
             tx_ports: take(ebpf, "TX_PORTS")?,
             vip_stats: take(ebpf, "VIP_STATS")?,
@@ -157,9 +222,9 @@ impl Datapath for KernelDatapath {
     }
 
     fn set_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()> {
-        let base = ring * self.maglev_size;
-        let keys: Vec<u32> = (base..base + slots.len() as u32).collect();
-        crate::batch::update(self.maglev.map(), &keys, slots)
+        let base = ring as usize * self.maglev_size as usize;
+        self.maglev
+            .write(base, slots)
             .with_context(|| format!("writing Maglev ring {ring}"))
     }
 

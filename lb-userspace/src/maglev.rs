@@ -38,39 +38,88 @@ fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
     h
 }
 
+/// A built table, and how many slots each entry got (in the order given).
+pub struct Table {
+    pub slots: Vec<u32>,
+    pub counts: Vec<u32>,
+}
+
 /// Builds a table of `size` slots (a prime) holding backend ids.
 /// Without any backend of non-zero weight every slot is `NO_BACKEND`.
 pub fn build(entries: &[Entry], size: u32) -> Vec<u32> {
+    build_table(entries, size).slots
+}
+
+/// Builds one table per entry set, spread over the machine's cores.
+pub fn build_many(sets: &[Vec<Entry>], size: u32) -> Vec<Table> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(sets.len().max(1));
+    if threads <= 1 {
+        return sets.iter().map(|e| build_table(e, size)).collect();
+    }
+    let per = sets.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = sets
+            .chunks(per)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|e| build_table(e, size))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("Maglev build thread panicked"))
+            .collect()
+    })
+}
+
+/// `build`, also counting each entry's slots.
+pub fn build_table(entries: &[Entry], size: u32) -> Table {
     let m = u64::from(size);
     let mut table = vec![NO_BACKEND; size as usize];
-    let mut backends: Vec<&Entry> = entries.iter().filter(|e| e.weight > 0).collect();
+    let mut counts = vec![0u32; entries.len()];
+    let mut backends: Vec<(usize, &Entry)> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.weight > 0)
+        .collect();
     if backends.is_empty() || size == 0 {
-        return table;
+        return Table {
+            slots: table,
+            counts,
+        };
     }
     // Identity order, not input order: this is what makes agents agree.
-    backends.sort_by(|a, b| a.identity.cmp(&b.identity));
-    let max_weight = u64::from(backends.iter().map(|e| e.weight).max().unwrap_or(1));
+    backends.sort_by(|a, b| a.1.identity.cmp(&b.1.identity));
+    let max_weight = u64::from(backends.iter().map(|(_, e)| e.weight).max().unwrap_or(1));
 
+    // Each backend walks its permutation offset, offset + skip, offset + 2 skip,
+    // ... (mod M); `pos` is the next slot it will try. Stepping by addition and
+    // one conditional subtraction keeps divisions out of the loop.
     struct Walk {
+        index: usize,
         id: u32,
         weight: u64,
-        offset: u64,
+        pos: u64,
         skip: u64,
-        next: u64,
         credit: u64,
     }
     let mut walks: Vec<Walk> = backends
         .iter()
-        .map(|e| Walk {
+        .map(|&(index, e)| Walk {
+            index,
             id: e.id,
             weight: u64::from(e.weight),
-            offset: fnv1a(0x6c62_6f66_6673_6574, &e.identity) % m,
+            pos: fnv1a(0x6c62_6f66_6673_6574, &e.identity) % m,
             skip: if m > 1 {
                 fnv1a(0x6c62_736b_6970_0000, &e.identity) % (m - 1) + 1
             } else {
                 1
             },
-            next: 0,
             credit: 0,
         })
         .collect();
@@ -84,16 +133,23 @@ pub fn build(entries: &[Entry], size: u32) -> Vec<u32> {
             }
             w.credit -= max_weight;
             loop {
-                let slot = ((w.offset + w.next * w.skip) % m) as usize;
-                w.next += 1;
+                let slot = w.pos as usize;
+                w.pos += w.skip;
+                if w.pos >= m {
+                    w.pos -= m;
+                }
                 if table[slot] == NO_BACKEND {
                     table[slot] = w.id;
+                    counts[w.index] += 1;
                     filled += 1;
                     break;
                 }
             }
             if filled == m {
-                return table;
+                return Table {
+                    slots: table,
+                    counts,
+                };
             }
         }
     }
@@ -225,6 +281,19 @@ mod tests {
                 ratio <= 1.6,
                 "n={n}: moved {ratio:.3}x the ideal 1/N of the table"
             );
+        }
+    }
+
+    #[test]
+    fn counts_and_parallel_builds_match_the_table() {
+        let sets: Vec<Vec<Entry>> = (1..6).map(|n| backends(n * 3, |i| 1 + i % 4)).collect();
+        let many = build_many(&sets, 4099);
+        for (set, t) in sets.iter().zip(&many) {
+            assert_eq!(t.slots, build(set, 4099));
+            let s = shares(&t.slots);
+            for (e, c) in set.iter().zip(&t.counts) {
+                assert_eq!(s.get(&e.id).copied().unwrap_or(0), *c as usize);
+            }
         }
     }
 

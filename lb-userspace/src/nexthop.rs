@@ -321,10 +321,13 @@ mod tests {
 
     impl NetnsPair {
         fn new() -> Self {
+            // Unique per test, as tests run in parallel.
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let pid = std::process::id();
             let pair = Self {
-                local: format!("lbnh-test-{pid}-a"),
-                peer: format!("lbnh-test-{pid}-b"),
+                local: format!("lbnh-test-{pid}-{n}a"),
+                peer: format!("lbnh-test-{pid}-{n}b"),
             };
             let (l, p) = (&pair.local, &pair.peer);
             for ns in [l, p] {

@@ -84,7 +84,7 @@ impl Fixture {
             prog.load()
                 .unwrap_or_else(|e| panic!("the verifier accepts {name}: {e:?}"));
         }
-        let dp = KernelDatapath::new(&mut ebpf, sizes.maglev_size).expect("maps");
+        let dp = KernelDatapath::new(&mut ebpf, &sizes).expect("maps");
         let decap = DecapMaps::new(&mut ebpf).expect("decap maps");
         let mut balancer = Balancer::new(dp, sizes, BTreeSet::from([TEST_RUN_IFINDEX]));
         let config = config_with(&sizes, vips);

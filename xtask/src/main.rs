@@ -36,7 +36,11 @@ enum Task {
     Demo,
     /// Run the benchmarks (release build); writes target/bench/results.json
     /// and target/bench/results.md. Not part of `test`.
-    Bench,
+    Bench {
+        /// Run only these sections (datapath, conntrack, maglev, control, live);
+        /// results files are written only for a full run.
+        sections: Vec<String>,
+    },
 }
 
 fn root() -> PathBuf {
@@ -104,19 +108,11 @@ fn main() -> Result<()> {
             cmd.env("LB_BIN_DIR", root().join("target/debug"));
             run(&mut cmd)
         }
-        Task::Bench => {
+        Task::Bench { sections } => {
             build(true)?;
-            run(cargo(&[
-                "run",
-                "--locked",
-                "--release",
-                "-q",
-                "-p",
-                "lb-tests",
-                "--bin",
-                "lb-bench",
-            ])
-            .env("LB_BIN_DIR", root().join("target/release")))
+            let mut cmd = cargo(&["run", "--locked", "--release", "-q", "-p", "lb-tests"]);
+            cmd.args(["--bin", "lb-bench", "--"]).args(&sections);
+            run(cmd.env("LB_BIN_DIR", root().join("target/release")))
         }
         Task::Demo => {
             build(false)?;

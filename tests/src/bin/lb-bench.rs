@@ -855,15 +855,15 @@ fn control_plane(report: &mut Report) {
         serde_json::from_slice(&lbctl(&["status", "--json"]).stdout).expect("status");
     let vips = status["vips"].as_array().map(Vec::len).unwrap_or(0);
     assert_eq!(vips, 1000, "the datapath does not hold 1000 VIPs");
-    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:")
-                    .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
-            })
-        })
-        .unwrap_or(0);
+    let status_text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |field: &str| -> u64 {
+        status_text
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (rss_kib, anon_kib) = (kib("VmRSS:"), kib("RssAnon:"));
     let t = median(times);
     report.row(
         "control plane",
@@ -911,11 +911,26 @@ fn main() {
     let machine = machine();
     println!("lb benchmarks on {machine}");
     let mut report = Report::default();
-    datapath_cost(&mut report);
-    connection_table(&mut report);
-    maglev_figures(&mut report);
-    control_plane(&mut report);
-    live::forwarding(&mut report);
+    // `lb-bench [section ...]` runs only the named sections; results files are
+    // written only for a full run.
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let sections: [(&str, fn(&mut Report)); 5] = [
+        ("datapath", |r| {
+            datapath_cost(r);
+        }),
+        ("conntrack", connection_table),
+        ("maglev", maglev_figures),
+        ("control", control_plane),
+        ("live", live::forwarding),
+    ];
+    for (name, run) in sections {
+        if only.is_empty() || only.iter().any(|o| o == name) {
+            run(&mut report);
+        }
+    }
+    if !only.is_empty() {
+        return;
+    }
 
     let out = root().join("target/bench");
     std::fs::create_dir_all(&out).expect("target/bench");
