@@ -875,12 +875,15 @@ fn control_plane(report: &mut Report) {
     );
     report.row(
         "control plane",
-        "agent resident memory at that size",
-        format!("{:.0} MiB", rss_kib as f64 / 1024.0),
-        "",
+        "agent private memory (RssAnon) at that size",
+        format!("{:.0} MiB", anon_kib as f64 / 1024.0),
+        format!("RSS {:.0} MiB incl. mapped rings", rss_kib as f64 / 1024.0),
         "",
         None,
     );
+    report
+        .json
+        .insert("control.agent_rss_anon_kib".into(), json!(anon_kib));
     report
         .json
         .insert("control.apply_1000_vips_s".into(), json!(t));
