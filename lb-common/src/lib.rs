@@ -29,7 +29,8 @@ pub const BACKEND_AVAILABLE: u32 = 1 << 0;
 pub const BACKEND_USABLE: u32 = 1 << 1;
 
 /// Key of the VIP table: (address, port, protocol). Port 0 matches every port.
-#[repr(C)]
+/// Aligned to 4 bytes so the datapath reads and writes it in words.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VipKey {
     pub addr: [u8; 16],
@@ -67,7 +68,8 @@ pub struct BackendInfo {
 }
 
 /// Key of the connection table: the flow's 5-tuple as the client sent it.
-#[repr(C)]
+/// Aligned to 4 bytes so the datapath hashes it in words.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -85,6 +87,8 @@ pub struct FlowKey {
 pub struct FlowState {
     pub backend_id: u32,
     pub vip_id: u32,
+    /// `flow_hash` of the key, kept so established packets need not rehash.
+    pub hash: u32,
 }
 
 /// Key of the decapsulation address table: an address of the backend host.
@@ -265,12 +269,13 @@ const fn mix(h: u32, word: u32) -> u32 {
 
 #[inline(always)]
 const fn word(b: &[u8; 16], i: usize) -> u32 {
-    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
 /// The flow hash: picks the Maglev slot and the varying bits of the outer
 /// source address. It depends only on the 5-tuple (a fixed seed, no per-node
 /// state), so every LB node picks the same backend for the same flow.
+/// Words are read little-endian, as the datapath (bpfel) reads them.
 #[inline(always)]
 pub const fn flow_hash(k: &FlowKey) -> u32 {
     let mut h: u32 = 0x4c42_5f31;
@@ -287,11 +292,38 @@ pub const fn flow_hash(k: &FlowKey) -> u32 {
     fmix32(h ^ 40)
 }
 
+impl FlowKey {
+    /// An IPv4 flow key, built as ten native-endian words so that the datapath
+    /// writes it with word stores (a byte-wise build costs `memset` calls in BPF).
+    /// Ports are in network byte order, as on the wire.
+    #[inline(always)]
+    pub fn v4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> FlowKey {
+        let words: [u32; 10] = [
+            u32::from_ne_bytes(src),
+            0,
+            0,
+            0,
+            u32::from_ne_bytes(dst),
+            0,
+            0,
+            0,
+            u32::from_ne_bytes({
+                let (s, d) = (sport.to_ne_bytes(), dport.to_ne_bytes());
+                [s[0], s[1], d[0], d[1]]
+            }),
+            u32::from_ne_bytes([proto, FAMILY_V4, 0, 0]),
+        ];
+        // SAFETY: FlowKey is #[repr(C, align(4))], 40 bytes of integers with no
+        // padding; the words are laid out exactly as its fields.
+        unsafe { core::mem::transmute::<[u32; 10], FlowKey>(words) }
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 12);
 const _: () = assert!(core::mem::size_of::<BackendInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<FlowState>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 12);
 const _: () = assert!(core::mem::size_of::<Settings>() == 40);
 const _: () = assert!(core::mem::size_of::<HostAddr>() == 20);
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 24);

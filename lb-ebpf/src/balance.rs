@@ -1,6 +1,7 @@
 //! Backend choice: VIP lookup, the connection table, then the VIP's Maglev ring.
 use lb_common::{
-    BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE, MAGLEV_LANES, NO_BACKEND,
+    flow_hash, BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE, MAGLEV_LANES,
+    NO_BACKEND,
 };
 
 use crate::maps::{BACKENDS, FLOWS, MAGLEV, VIPS};
@@ -40,6 +41,8 @@ pub struct Choice {
     pub backend_id: u32,
     pub backend: BackendInfo,
     pub new_flow: bool,
+    /// The flow hash (remembered in the connection table, computed otherwise).
+    pub hash: u32,
 }
 
 /// Picks the flow's backend. An entry in the connection table whose backend is
@@ -50,7 +53,6 @@ pub fn choose_backend(
     key: &FlowKey,
     vip: &VipInfo,
     maglev_size: u32,
-    hash: u32,
     record: bool,
 ) -> Option<Choice> {
     // SAFETY: FlowState is plain data (see lookup_vip).
@@ -62,6 +64,7 @@ pub fn choose_backend(
                     backend_id: id,
                     backend: *b,
                     new_flow: false,
+                    hash: state.hash,
                 });
             }
         }
@@ -69,6 +72,7 @@ pub fn choose_backend(
     if maglev_size == 0 {
         return None;
     }
+    let hash = flow_hash(key);
     let slot = vip
         .ring
         .wrapping_mul(maglev_size)
@@ -86,6 +90,7 @@ pub fn choose_backend(
         let state = FlowState {
             backend_id: id,
             vip_id: vip.vip_id,
+            hash,
         };
         // A full LRU evicts its oldest entry; an error here only means the flow
         // is re-hashed next packet, which Maglev answers the same way.
@@ -95,5 +100,6 @@ pub fn choose_backend(
         backend_id: id,
         backend,
         new_flow: record,
+        hash,
     })
 }

@@ -4,7 +4,7 @@
 //! backend sent from the VIP. The embedded header is that reply (VIP to client),
 //! so the flow key is the embedded 5-tuple reversed; the error then follows the
 //! flow to its backend so the backend's path MTU is updated.
-use lb_common::{FlowKey, Outcome, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use lb_common::{FlowKey, Outcome, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     balance::lookup_vip,
@@ -47,15 +47,7 @@ pub fn icmp4(ctx: &aya_ebpf::programs::XdpContext, ihl: usize, tot_len: u16) -> 
     };
     // SAFETY: ptr_at checked bounds.
     let ports = unsafe { *ports };
-    let mut key = FlowKey {
-        sport: ports.dst,
-        dport: ports.src,
-        proto: inner.proto,
-        family: FAMILY_V4,
-        ..FlowKey::default()
-    };
-    key.src[..4].copy_from_slice(&inner.dst);
-    key.dst[..4].copy_from_slice(&inner.src);
+    let key = FlowKey::v4(inner.dst, inner.src, ports.dst, ports.src, inner.proto);
     forward_icmp(ctx, &key, tot_len)
 }
 
@@ -90,7 +82,7 @@ pub fn icmp6(ctx: &aya_ebpf::programs::XdpContext, payload_len: u16) -> Verdict 
         dport: ports.src,
         proto: inner.next_hdr,
         family: FAMILY_V6,
-        ..FlowKey::default()
+        _pad: [0; 2],
     };
     forward_icmp(ctx, &key, payload_len.wrapping_add(IPV6_LEN as u16))
 }

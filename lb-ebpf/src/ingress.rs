@@ -1,8 +1,7 @@
 //! `lb_ingress`: parse, find the VIP and the backend, encapsulate, send.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    flow_hash, FlowKey, Outcome, VipInfo, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, PROTO_UDP,
+    FlowKey, Outcome, VipInfo, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -71,13 +70,7 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
     if ip.version_ihl >> 4 != 4 || ihl < 20 || (tot_len as usize) < ihl {
         return pass(Outcome::PassMalformed);
     }
-    let mut key = FlowKey {
-        proto: ip.proto,
-        family: FAMILY_V4,
-        ..FlowKey::default()
-    };
-    key.src[..4].copy_from_slice(&ip.src);
-    key.dst[..4].copy_from_slice(&ip.dst);
+    let key = FlowKey::v4(ip.src, ip.dst, 0, 0, ip.proto);
 
     if ip.proto == PROTO_ICMP {
         return icmp::icmp4(ctx, ihl, tot_len);
@@ -112,9 +105,11 @@ fn ipv6(ctx: &XdpContext) -> Verdict {
     let key = FlowKey {
         src: ip.src,
         dst: ip.dst,
+        sport: 0,
+        dport: 0,
         proto: ip.next_hdr,
         family: FAMILY_V6,
-        ..FlowKey::default()
+        _pad: [0; 2],
     };
     if ip.next_hdr == PROTO_ICMPV6 {
         return icmp::icmp6(ctx, payload_len);
@@ -165,8 +160,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, vip: &VipInfo, ip_len: u16, icmp
     let Some(settings) = SETTINGS.get(0) else {
         return drop(Outcome::DropNoBackend);
     };
-    let hash = flow_hash(key);
-    let Some(choice) = choose_backend(key, vip, settings.maglev_size, hash, !icmp) else {
+    let Some(choice) = choose_backend(key, vip, settings.maglev_size, !icmp) else {
         return drop(Outcome::DropNoBackend);
     };
     if choice.backend.ifindex == 0 {
@@ -178,7 +172,7 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, vip: &VipInfo, ip_len: u16, icmp
         ctx,
         &choice.backend,
         settings,
-        hash,
+        choice.hash,
         key.family == FAMILY_V4,
         ip_len,
     )
