@@ -938,7 +938,8 @@ fn main() {
     // `lb-bench [section ...]` runs only the named sections; results files are
     // written only for a full run.
     let only: Vec<String> = std::env::args().skip(1).collect();
-    let sections: [(&str, fn(&mut Report)); 5] = [
+    type Section = (&'static str, fn(&mut Report));
+    let sections: [Section; 5] = [
         ("datapath", |r| {
             datapath_cost(r);
         }),
