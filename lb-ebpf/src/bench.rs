@@ -5,6 +5,8 @@
 //! `bench_shim` restores the original frame before every run (and, for
 //! new-flow cases, writes a fresh source port and address), then tail-calls the
 //! program under test. `bench_floor` is the baseline: swap MACs, `XDP_TX`.
+//! With `bench_send` in the tail-call slot and live frames, the shim is also
+//! the traffic generator for the live forwarding benchmark.
 #![no_std]
 #![no_main]
 
@@ -88,6 +90,13 @@ pub fn bench_floor(ctx: XdpContext) -> u32 {
         *p = *p.add(1);
         *p.add(1) = dst;
     }
+    xdp_action::XDP_TX
+}
+
+/// The live-traffic generator's last step: send the frame the shim prepared
+/// out of the interface `BPF_PROG_TEST_RUN` runs it on (live-frames mode).
+#[xdp]
+pub fn bench_send(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 

@@ -127,28 +127,35 @@ impl Shim {
         let path = root().join("target/ebpf/bpfel-unknown-none/release/lb-bench");
         let mut ebpf =
             Ebpf::load_file(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
-        for name in ["bench_shim", "bench_floor"] {
+        for name in ["bench_shim", "bench_floor", "bench_send"] {
             let p: &mut Xdp = ebpf.program_mut(name).expect(name).try_into().expect("XDP");
             p.load().expect("verifier accepts the bench programs");
         }
         Shim { ebpf }
     }
 
+    /// Puts `name` (from `other`, or from the bench object itself) in the
+    /// tail-call slot; `None` selects the floor program.
     fn target(&mut self, other: Option<(&Ebpf, &str)>) {
-        let fd = match other {
-            Some((obj, name)) => {
-                let p: &Xdp = obj.program(name).expect(name).try_into().expect("XDP");
-                p.fd().expect("loaded").try_clone().expect("dup fd")
-            }
-            None => {
-                let p: &Xdp = self
-                    .ebpf
-                    .program("bench_floor")
-                    .expect("floor")
-                    .try_into()
-                    .expect("XDP");
-                p.fd().expect("loaded").try_clone().expect("dup fd")
-            }
+        let fd = {
+            let (obj, name) = other.unwrap_or((&self.ebpf, "bench_floor"));
+            let p: &Xdp = obj.program(name).expect(name).try_into().expect("XDP");
+            p.fd().expect("loaded").try_clone().expect("dup fd")
+        };
+        let mut progs = ProgramArray::try_from(self.ebpf.map_mut("BENCH_PROGS").expect("map"))
+            .expect("prog array");
+        progs.set(0, &fd, 0).expect("tail-call slot");
+    }
+
+    fn target_own(&mut self, name: &str) {
+        let fd = {
+            let p: &Xdp = self
+                .ebpf
+                .program(name)
+                .expect(name)
+                .try_into()
+                .expect("XDP");
+            p.fd().expect("loaded").try_clone().expect("dup fd")
         };
         let mut progs = ProgramArray::try_from(self.ebpf.map_mut("BENCH_PROGS").expect("map"))
             .expect("prog array");
@@ -738,6 +745,35 @@ fn maglev_figures(report: &mut Report) {
     }
 }
 
+/// Disruption falls as the table grows relative to N (the Maglev paper's
+/// M >> N): the same measurement with a larger prime table.
+fn maglev_large_tables(report: &mut Report) {
+    for (n, m) in [(100u32, 1_000_003u32), (1000, 1_000_003)] {
+        let equal: Vec<maglev::Entry> = (0..n)
+            .map(|i| maglev::Entry {
+                id: i,
+                identity: vec![198, 18, (i >> 8) as u8, i as u8],
+                weight: 1,
+            })
+            .collect();
+        let before = maglev::build(&equal, m);
+        let after = maglev::build(&equal[1..], m);
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64;
+        let disruption = moved / (f64::from(m) / f64::from(n));
+        report.row(
+            "maglev",
+            format!("disruption, one of N = {n} leaves, M = {m}"),
+            format!("{disruption:.3}× ideal"),
+            "",
+            "",
+            None,
+        );
+        report
+            .json
+            .insert(format!("maglev.n{n}.m{m}.disruption"), json!(disruption));
+    }
+}
+
 fn big_config(socket: &str, weight: u32) -> String {
     let mut s = format!(
         "socket = \"{socket}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nmaglev_table_size = 65537\nmax_vips = 1000\nmax_backends = 256\nflow_table_size = 65536\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n"
@@ -944,7 +980,10 @@ fn main() {
             datapath_cost(r);
         }),
         ("conntrack", connection_table),
-        ("maglev", maglev_figures),
+        ("maglev", |r| {
+            maglev_figures(r);
+            maglev_large_tables(r);
+        }),
         ("control", control_plane),
         ("live", live::forwarding),
     ];
@@ -974,30 +1013,20 @@ fn main() {
 
 mod live {
     //! Live forwarding over veth: a generator sends real frames at the LB's
-    //! interface; `lb_ingress` and the floor program are measured in turn in
-    //! the same topology from the interface's XDP counters.
+    //! interface (`BPF_PROG_TEST_RUN` in live-frames mode, which is what
+    //! xdp-trafficgen does; xdp-trafficgen 1.3.1 itself cannot load on this
+    //! kernel). `lb_ingress` and then the floor program run on the LB's veth
+    //! and are measured from the same place: the veth's XDP_TX counter.
     use super::*;
+    use aya::programs::{TestRunAttrs, XdpMode};
+
+    const SECONDS: f64 = 3.0;
 
     pub fn forwarding(report: &mut Report) {
-        println!("== live forwarding over veth (one queue)");
-        if Command::new("xdp-trafficgen")
-            .arg("--help")
-            .output()
-            .is_err()
-        {
-            report.row(
-                "live",
-                "forwarding rate",
-                "not measured",
-                "xdp-trafficgen missing",
-                "",
-                None,
-            );
-            return;
-        }
+        println!("== live forwarding over veth (one queue, {ROUNDS} rounds of {SECONDS} s)");
         match measure() {
             Ok(rows) => {
-                for (name, pps, floor) in rows {
+                for (name, pps, floor, forwarded) in rows {
                     report.row(
                         "live",
                         name,
@@ -1007,8 +1036,8 @@ mod live {
                         None,
                     );
                     report.json.insert(
-                        format!("live.{}", name.replace(' ', "_")),
-                        json!({ "pps": pps, "floor_pps": floor }),
+                        format!("live.{}", name.split(',').next().unwrap_or(name).replace(' ', "_")),
+                        json!({ "pps": pps, "floor_pps": floor, "lb_forwarded_counter": forwarded }),
                     );
                 }
             }
@@ -1019,7 +1048,269 @@ mod live {
         }
     }
 
-    fn measure() -> Result<Vec<(&'static str, f64, f64)>, String> {
-        Err("see docs/BENCHMARKS.md".into())
+    struct Net(Vec<String>, Option<std::process::Child>);
+    impl Drop for Net {
+        fn drop(&mut self) {
+            if let Some(c) = self.1.as_mut() {
+                // SAFETY: plain kill(2) on our own child.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                let _ = c.wait();
+            }
+            for n in &self.0 {
+                let _ = Command::new("ip").args(["netns", "del", n]).status();
+            }
+        }
+    }
+
+    fn xdp_tx(ns: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "ethtool", "-S", "eth0"])
+            .output()
+            .expect("ethtool");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("rx_queue_0_xdp_tx:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0)
+    }
+
+    /// Sends `frame` out of eth0 of the current namespace for `SECONDS`;
+    /// returns the wall time it ran.
+    fn generate(shim: &Shim, frame: &[u8; FRAME_LEN], ifindex: u32) -> f64 {
+        let p: &Xdp = shim
+            .ebpf
+            .program("bench_shim")
+            .expect("shim")
+            .try_into()
+            .expect("XDP");
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let md: [u32; 6] = [0, FRAME_LEN as u32, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < SECONDS {
+            let opts = TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx),
+                repeat: 1 << 20,
+                attrs: TestRunAttrs::new().xdp_live_frames(64),
+                ..Default::default()
+            };
+            p.test_run(opts).expect("live BPF_PROG_TEST_RUN");
+        }
+        start.elapsed().as_secs_f64()
+    }
+
+    type Rows = Vec<(&'static str, f64, f64, u64)>;
+
+    fn measure() -> Result<Rows, String> {
+        let id = format!("lbl{}", std::process::id());
+        let (gen, lb) = (format!("{id}-gen"), format!("{id}-lb"));
+        let mut net = Net(vec![gen.clone(), lb.clone()], None);
+        for n in [&gen, &lb] {
+            topology::must(&["ip", "netns", "add", n]);
+        }
+        topology::must(&[
+            "ip", "-n", &gen, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+            "netns", &lb,
+        ]);
+        topology::must(&[
+            "ip",
+            "-n",
+            &gen,
+            "addr",
+            "add",
+            "198.18.0.1/24",
+            "dev",
+            "eth0",
+        ]);
+        topology::must(&[
+            "ip",
+            "-n",
+            &lb,
+            "addr",
+            "add",
+            "198.18.0.2/24",
+            "dev",
+            "eth0",
+        ]);
+        for n in [&gen, &lb] {
+            topology::must(&["ip", "-n", n, "link", "set", "eth0", "up"]);
+        }
+        for b in 0..3 {
+            topology::must(&[
+                "ip",
+                "-n",
+                &lb,
+                "neigh",
+                "add",
+                &format!("198.18.0.{}", 11 + b),
+                "lladdr",
+                &format!("02:00:00:00:01:{b:02x}"),
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ]);
+        }
+        let mac_out = Command::new("ip")
+            .args(["netns", "exec", &lb, "cat", "/sys/class/net/eth0/address"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let lb_mac: Vec<u8> = String::from_utf8_lossy(&mac_out.stdout)
+            .trim()
+            .split(':')
+            .filter_map(|h| u8::from_str_radix(h, 16).ok())
+            .collect();
+        let lb_mac: [u8; 6] = lb_mac
+            .try_into()
+            .map_err(|_| "cannot read the LB's MAC".to_string())?;
+        // A UDP every-port VIP; the small flow table makes the rotating
+        // new-flow mix miss on every packet.
+        let socket = std::env::temp_dir().join(format!("{id}.sock"));
+        let config = std::env::temp_dir().join(format!("{id}.toml"));
+        std::fs::write(&config, format!(
+            "socket = \"{}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nflow_table_size = 16384\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n\
+             [[vips]]\naddress = \"198.18.10.1\"\nprotocol = \"udp\"\nbackends = [{{ address = \"198.18.0.11\" }}, {{ address = \"198.18.0.12\" }}, {{ address = \"198.18.0.13\" }}]\n",
+            socket.display()
+        )).map_err(|e| e.to_string())?;
+        let frame = pad(eth(
+            lb_mac,
+            CLIENT_MAC,
+            ETH_IPV4,
+            &ipv4(
+                Ipv4Addr::new(198, 18, 0, 1),
+                V4_VIP,
+                PROTO_UDP,
+                &udp(5000, 53, b"live"),
+            ),
+        ));
+        // Drains what the LB sends back (the veth needs an XDP program to run NAPI for it).
+        let (tx, rx) = std::sync::mpsc::channel::<(bool, u32)>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<f64>();
+        let generator = topology::in_netns(&gen, move || {
+            let mut drain = lb_userspace::datapath::load(&MapSizes::DECAP_ONLY).expect("load");
+            let p: &mut Xdp = drain
+                .program_mut("lb_decap")
+                .expect("lb_decap")
+                .try_into()
+                .expect("XDP");
+            p.load().expect("verifier");
+            p.attach("eth0", XdpMode::Driver).expect("attach drain");
+            // /sys still shows the namespace it was mounted in; ask the kernel.
+            // SAFETY: a NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+            let mut shim = Shim::load();
+            shim.target_own("bench_send");
+            while let Ok((vary, idx)) = rx.recv() {
+                let vary = vary.then_some((14 + 20, 14 + 12 + 2));
+                shim.frame(frame, vary);
+                let ifx = if idx == 0 { ifindex } else { idx };
+                done_tx.send(generate(&shim, &frame, ifx)).expect("report");
+            }
+            drop(drain);
+        });
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("{id}.log")))
+            .map_err(|e| e.to_string())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lb])
+            .arg(topology::bin("lb-agent"))
+            .arg("--config")
+            .arg(&config)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        net.1 = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !Command::new(topology::bin("lbctl"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("status")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            if Instant::now() > deadline {
+                return Err("the LB agent did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let forwarded = || -> u64 {
+            let out = Command::new(topology::bin("lbctl"))
+                .arg("--socket")
+                .arg(&socket)
+                .args(["status", "--json"])
+                .output()
+                .expect("lbctl");
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            v["outcomes"]
+                .as_array()
+                .and_then(|a| a.iter().find(|o| o["outcome"] == "forwarded"))
+                .and_then(|o| o["packets"].as_u64())
+                .unwrap_or(0)
+        };
+        let run = |vary: bool| -> (f64, u64) {
+            let mut rates = Vec::new();
+            let mut lb_count = 0;
+            for _ in 0..ROUNDS {
+                let (before, fwd) = (xdp_tx(&lb), forwarded());
+                tx.send((vary, 0)).expect("generator");
+                let secs = done_rx.recv().expect("generator result");
+                std::thread::sleep(Duration::from_millis(50));
+                rates.push((xdp_tx(&lb) - before) as f64 / secs);
+                lb_count += forwarded().saturating_sub(fwd);
+            }
+            (median(rates), lb_count)
+        };
+        let (est, est_fwd) = run(false);
+        let (new, new_fwd) = run(true);
+        // The floor on the same interface, same generator.
+        if let Some(mut c) = net.1.take() {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+        let floor_prog = topology::in_netns(&lb, || {
+            let mut shim = Shim::load();
+            let p: &mut Xdp = shim
+                .ebpf
+                .program_mut("bench_floor")
+                .expect("floor")
+                .try_into()
+                .expect("XDP");
+            p.attach("eth0", XdpMode::Driver).expect("attach floor");
+            shim
+        })
+        .join()
+        .map_err(|_| "attaching the floor program failed".to_string())?;
+        let floor_run = |vary: bool| -> f64 {
+            let mut rates = Vec::new();
+            for _ in 0..ROUNDS {
+                let before = xdp_tx(&lb);
+                tx.send((vary, 0)).expect("generator");
+                let secs = done_rx.recv().expect("generator result");
+                std::thread::sleep(Duration::from_millis(50));
+                rates.push((xdp_tx(&lb) - before) as f64 / secs);
+            }
+            median(rates)
+        };
+        let floor_est = floor_run(false);
+        let floor_new = floor_run(true);
+        drop(floor_prog);
+        drop(tx);
+        let _ = generator.join();
+        drop(net);
+        let _ = std::fs::remove_file(&config);
+        Ok(vec![
+            ("established-flow mix, lb_ingress", est, floor_est, est_fwd),
+            (
+                "new-flow mix (every packet new), lb_ingress",
+                new,
+                floor_new,
+                new_fwd,
+            ),
+        ])
     }
 }
