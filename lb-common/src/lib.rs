@@ -81,7 +81,7 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of the connection table.
+/// Value of the connection table: the flow's backend and its tracers.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
@@ -89,7 +89,55 @@ pub struct FlowState {
     pub vip_id: u32,
     /// `flow_hash` of the key, kept so established packets need not rehash.
     pub hash: u32,
+    /// Union of the TCP flags the client sent (0 for UDP).
+    pub tcp_flags: u8,
+    /// `FLOW_CLOSED_*` bits.
+    pub state: u8,
+    pub _pad: [u8; 2],
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the first and last packet.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// Incoming leg (client to LB, as received).
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// Outgoing leg (LB to backend, as sent, encapsulation included); one
+    /// packet out per packet in, so only bytes differ.
+    pub bytes_out: u64,
 }
+
+/// `FlowState::state`: the flow was closed by the client's FIN / RST (counted once).
+pub const FLOW_CLOSED_FIN: u8 = 1 << 0;
+pub const FLOW_CLOSED_RST: u8 = 1 << 1;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A flow event, sent through the `FLOW_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub key: FlowKey,
+    pub backend_id: u32,
+    pub vip_id: u32,
+    /// `EVENT_*`.
+    pub kind: u32,
+    pub tcp_flags: u32,
+    pub ts_ns: u64,
+}
+
+pub const EVENT_OPEN: u32 = 1;
+pub const EVENT_CLOSE_FIN: u32 = 2;
+pub const EVENT_CLOSE_RST: u32 = 3;
+
+/// `Settings::flags`: keep per-flow tracers (times, flags, per-leg bytes,
+/// close detection). Backend choice and per-VIP counters do not depend on it.
+pub const SETTING_TRACE_FLOWS: u32 = 1 << 0;
+
+/// Index into `EVENT_STATS`.
+pub const EVENTS_SENT: u32 = 0;
+pub const EVENTS_DROPPED: u32 = 1;
 
 /// Key of the decapsulation address table: an address of the backend host.
 #[repr(C)]
@@ -115,7 +163,8 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub struct Settings {
     /// Size of every Maglev ring (M).
     pub maglev_size: u32,
-    pub _pad: u32,
+    /// `SETTING_*` bits.
+    pub flags: u32,
     /// IPv4 encapsulation source prefix and the host bits that vary with the
     /// flow hash, both in network byte order.
     pub src_v4: u32,
@@ -124,16 +173,25 @@ pub struct Settings {
     /// `src_v6_hostmask` (network byte order).
     pub src_v6: [u8; 16],
     pub src_v6_hostmask: u32,
-    pub _pad2: u32,
+    /// Flow events: 0 = off, N = the flows whose hash is a multiple of N
+    /// (1 = every flow). Sampling by hash keeps a flow's open and close together.
+    pub event_sample: u32,
 }
 
 /// Per-VIP and per-backend traffic counters (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrafficCounters {
+    /// Packets in (= packets out: each is sent on once).
     pub packets: u64,
+    /// Bytes in, as received from clients.
     pub bytes: u64,
+    /// Bytes out to backends, encapsulation included.
+    pub bytes_out: u64,
     pub new_flows: u64,
+    /// Flows the client closed with FIN / RST (first one seen).
+    pub closed_fin: u64,
+    pub closed_rst: u64,
 }
 
 /// What `lb_ingress` did with a packet; the index into `OUTCOMES`.
@@ -323,10 +381,11 @@ const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 12);
 const _: () = assert!(core::mem::size_of::<BackendInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<FlowState>() == 12);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 56);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<Settings>() == 40);
 const _: () = assert!(core::mem::size_of::<HostAddr>() == 20);
-const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 24);
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 48);
 const _: () = assert!(core::mem::size_of::<PacketCounter>() == 16);
 
 #[cfg(feature = "user")]
@@ -339,6 +398,7 @@ mod pod {
     unsafe impl aya::Pod for BackendInfo {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for HostAddr {}
     unsafe impl aya::Pod for TrafficCounters {}

@@ -40,31 +40,28 @@ pub fn is_vip_address(addr: &[u8; 16], family: u8) -> bool {
 pub struct Choice {
     pub backend_id: u32,
     pub backend: BackendInfo,
-    pub new_flow: bool,
+    /// The flow's connection-table entry, or `None` for a flow not yet recorded.
+    pub flow: Option<*mut FlowState>,
     /// The flow hash (remembered in the connection table, computed otherwise).
     pub hash: u32,
 }
 
 /// Picks the flow's backend. An entry in the connection table whose backend is
 /// still usable wins, so established flows survive Maglev changes; otherwise the
-/// VIP's Maglev ring decides and, if `record`, the flow is remembered.
+/// VIP's Maglev ring decides (and the caller records the flow).
 #[inline(always)]
-pub fn choose_backend(
-    key: &FlowKey,
-    vip: &VipInfo,
-    maglev_size: u32,
-    record: bool,
-) -> Option<Choice> {
-    // SAFETY: FlowState is plain data (see lookup_vip).
-    if let Some(state) = unsafe { FLOWS.get(key) } {
-        let id = state.backend_id;
+pub fn choose_backend(key: &FlowKey, vip: &VipInfo, maglev_size: u32) -> Option<Choice> {
+    if let Some(state) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: a valid entry pointer; FlowState is plain data.
+        let id = unsafe { (*state).backend_id };
         if let Some(b) = BACKENDS.get(id) {
             if b.flags & BACKEND_USABLE != 0 {
                 return Some(Choice {
                     backend_id: id,
                     backend: *b,
-                    new_flow: false,
-                    hash: state.hash,
+                    flow: Some(state),
+                    // SAFETY: as above.
+                    hash: unsafe { (*state).hash },
                 });
             }
         }
@@ -86,20 +83,10 @@ pub fn choose_backend(
     if backend.flags & BACKEND_USABLE == 0 {
         return None;
     }
-    if record {
-        let state = FlowState {
-            backend_id: id,
-            vip_id: vip.vip_id,
-            hash,
-        };
-        // A full LRU evicts its oldest entry; an error here only means the flow
-        // is re-hashed next packet, which Maglev answers the same way.
-        let _ = FLOWS.insert(key, state, 0);
-    }
     Some(Choice {
         backend_id: id,
         backend,
-        new_flow: record,
+        flow: None,
         hash,
     })
 }

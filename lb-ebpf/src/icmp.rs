@@ -91,7 +91,7 @@ pub fn icmp6(ctx: &aya_ebpf::programs::XdpContext, payload_len: u16) -> Verdict 
 #[inline(always)]
 fn forward_icmp(ctx: &aya_ebpf::programs::XdpContext, key: &FlowKey, ip_len: u16) -> Verdict {
     match lookup_vip(key) {
-        Some(vip) => forward(ctx, key, &vip, ip_len, true),
+        Some(vip) => forward(ctx, key, &vip, ip_len, 0, true),
         None => pass(Outcome::PassNotVip),
     }
 }

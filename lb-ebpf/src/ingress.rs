@@ -10,10 +10,11 @@ use crate::{
     encap::{encapsulate, send},
     headers::{
         len_from, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6,
-        IPV6_LEN,
+        IPV4_LEN, IPV6_LEN,
     },
     icmp,
     maps::SETTINGS,
+    trace,
 };
 
 /// The verdict for a packet and the outcome it is counted under.
@@ -149,25 +150,48 @@ fn forward_l4(
     if truncated {
         return drop(Outcome::DropMalformed);
     }
-    forward(ctx, &key, &vip, ip_len, false)
+    let mut tcp_flags = 0;
+    if key.proto == PROTO_TCP {
+        let Some(flags) = ptr_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET) else {
+            return drop(Outcome::DropMalformed);
+        };
+        // SAFETY: ptr_at checked bounds.
+        tcp_flags = unsafe { *flags };
+    }
+    forward(ctx, &key, &vip, ip_len, tcp_flags, false)
 }
+
+/// Offset of the flags byte in the TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
 
 /// Sends the IP packet after the Ethernet header to the backend of the flow
 /// `key` of `vip`. `icmp` marks an ICMP error about the flow: it follows the
-/// flow but does not create a connection-table entry.
+/// flow but is neither recorded nor traced as part of it.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, key: &FlowKey, vip: &VipInfo, ip_len: u16, icmp: bool) -> Verdict {
+pub fn forward(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    vip: &VipInfo,
+    ip_len: u16,
+    tcp_flags: u8,
+    icmp: bool,
+) -> Verdict {
     let Some(settings) = SETTINGS.get(0) else {
         return drop(Outcome::DropNoBackend);
     };
-    let Some(choice) = choose_backend(key, vip, settings.maglev_size, !icmp) else {
+    let Some(choice) = choose_backend(key, vip, settings.maglev_size) else {
         return drop(Outcome::DropNoBackend);
     };
     if choice.backend.ifindex == 0 {
         return drop(Outcome::DropNoNextHop);
     }
     // Counted as received, before the outer header is added.
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let bytes_in = (ctx.data_end() - ctx.data()) as u64;
+    let outer = if choice.backend.family == FAMILY_V4 {
+        IPV4_LEN
+    } else {
+        IPV6_LEN
+    } as u64;
     if encapsulate(
         ctx,
         &choice.backend,
@@ -183,7 +207,29 @@ pub fn forward(ctx: &XdpContext, key: &FlowKey, vip: &VipInfo, ip_len: u16, icmp
     let Some((action, redirected)) = send(ctx, &choice.backend) else {
         return drop(Outcome::DropRedirectFailed);
     };
-    counters::forwarded(vip.vip_id, choice.backend_id, bytes, choice.new_flow);
+    let new_flow = choice.flow.is_none() && !icmp;
+    counters::forwarded(
+        vip.vip_id,
+        choice.backend_id,
+        bytes_in,
+        bytes_in + outer,
+        new_flow,
+    );
+    if !icmp {
+        let packet = trace::Packet {
+            key,
+            vip_id: vip.vip_id,
+            backend_id: choice.backend_id,
+            hash: choice.hash,
+            tcp_flags,
+            bytes_in,
+            bytes_out: bytes_in + outer,
+        };
+        match choice.flow {
+            Some(state) => trace::known_flow(&packet, settings, state),
+            None => trace::new_flow(&packet, settings),
+        }
+    }
     let outcome = if icmp {
         Outcome::IcmpForwarded
     } else if redirected {

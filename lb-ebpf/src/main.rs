@@ -7,6 +7,7 @@
 //! - `balance`: VIP lookup, connection table and Maglev backend choice.
 //! - `encap`: IPIP / IPv6 encapsulation toward a backend and the send decision.
 //! - `icmp`: ICMP "fragmentation needed" / ICMPv6 "packet too big" about VIP flows.
+//! - `trace`: connection and traffic tracers, flow events.
 //! - `ingress`: the `lb_ingress` entry point (parse, balance, encapsulate, send).
 //! - `decap`: the `lb_decap` entry point for backend hosts.
 #![no_std]
@@ -20,6 +21,7 @@ mod headers;
 mod icmp;
 mod ingress;
 mod maps;
+mod trace;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     BackendInfo, FlowKey, FlowState, HostAddr, MaglevChunk, PacketCounter, Settings,
@@ -51,6 +51,15 @@ pub static BACKEND_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_e
 /// `lb_ingress` outcomes by `Outcome`. Written by the datapath.
 #[map]
 pub static OUTCOMES: PerCpuArray<PacketCounter> = PerCpuArray::with_max_entries(OUTCOME_COUNT, 0);
+
+/// Flow open and close events for the agent (sampled; see `Settings`). The
+/// datapath never waits on it: a full buffer drops the event and counts it.
+#[map]
+pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Events sent and dropped (`EVENTS_SENT`, `EVENTS_DROPPED`). Written by the datapath.
+#[map]
+pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 /// Addresses of this backend host that encapsulated packets arrive at. Written
 /// by the agent running on the backend.

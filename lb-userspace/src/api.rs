@@ -30,11 +30,32 @@ pub enum Response {
     Error { message: String },
 }
 
+/// Datapath counters of a VIP or a backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
+    /// Packets in from clients (each is sent on to a backend once).
     pub packets: u64,
+    /// Bytes in, as received.
     pub bytes: u64,
+    /// Bytes out to backends, encapsulation included.
+    pub bytes_out: u64,
     pub new_flows: u64,
+    /// Flows the client closed with FIN / RST.
+    pub closed_fin: u64,
+    pub closed_rst: u64,
+}
+
+impl From<lb_common::TrafficCounters> for Counters {
+    fn from(c: lb_common::TrafficCounters) -> Self {
+        Counters {
+            packets: c.packets,
+            bytes: c.bytes,
+            bytes_out: c.bytes_out,
+            new_flows: c.new_flows,
+            closed_fin: c.closed_fin,
+            closed_rst: c.closed_rst,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

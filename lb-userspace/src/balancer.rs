@@ -27,7 +27,7 @@ use lb_common::{
 
 use crate::{
     api::{ApplySummary, BackendStatus, Counters, NextHopStatus, VipBackendStatus, VipStatus},
-    config::{BalancerConfig, EncapConfig, Protocol, VipConfig},
+    config::{BalancerConfig, EncapConfig, Protocol, VipConfig, VisibilityConfig},
     datapath::{Datapath, MapSizes},
     maglev,
     nexthop::NextHop,
@@ -76,10 +76,16 @@ fn marker_key(address: IpAddr) -> VipKey {
     }
 }
 
-/// Datapath settings for the encapsulation source prefixes.
-pub fn settings(maglev_size: u32, encap: &EncapConfig) -> Settings {
+/// Datapath settings: table size, tracers and events, encapsulation sources.
+pub fn settings(maglev_size: u32, encap: &EncapConfig, visibility: &VisibilityConfig) -> Settings {
     let mut s = Settings {
         maglev_size,
+        flags: if visibility.trace_flows {
+            lb_common::SETTING_TRACE_FLOWS
+        } else {
+            0
+        },
+        event_sample: visibility.event_sample,
         ..Settings::default()
     };
     if let Some(v4) = encap.source_v4 {
@@ -295,7 +301,8 @@ impl<D: Datapath> Balancer<D> {
 
         let mut summary = ApplySummary::default();
         self.encap = config.encap;
-        self.dp.set_settings(&settings(m, &config.encap))?;
+        self.dp
+            .set_settings(&settings(m, &config.encap, &config.visibility))?;
 
         // 1. New backends.
         for address in new_backends {
@@ -519,11 +526,7 @@ impl<D: Datapath> Balancer<D> {
 }
 
 fn counters(c: TrafficCounters) -> Counters {
-    Counters {
-        packets: c.packets,
-        bytes: c.bytes,
-        new_flows: c.new_flows,
-    }
+    c.into()
 }
 
 pub fn mac_text(mac: [u8; 6]) -> String {
@@ -538,7 +541,7 @@ pub mod fake {
     //! An in-memory datapath for tests: map contents plus a log of writes.
     use super::*;
     use lb_common::NO_BACKEND;
-    use lb_common::{PacketCounter, TrafficCounters, OUTCOME_COUNT};
+    use lb_common::{FlowKey, FlowState, PacketCounter, TrafficCounters, OUTCOME_COUNT};
     use std::collections::HashMap;
 
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -557,6 +560,7 @@ pub mod fake {
         pub rings: HashMap<u32, Vec<u32>>,
         pub vips: HashMap<VipKey, VipInfo>,
         pub tx_ports: BTreeSet<u32>,
+        pub flows: HashMap<FlowKey, FlowState>,
         pub log: Vec<Op>,
     }
 
@@ -616,6 +620,19 @@ pub mod fake {
         }
         fn outcomes(&self) -> Result<Vec<PacketCounter>> {
             Ok(vec![PacketCounter::default(); OUTCOME_COUNT as usize])
+        }
+        fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize> {
+            for (k, v) in &self.flows {
+                each(k, v);
+            }
+            Ok(self.flows.len())
+        }
+        fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+            self.flows.remove(key);
+            Ok(())
+        }
+        fn event_stats(&self) -> Result<(u64, u64)> {
+            Ok((0, 0))
         }
     }
 }

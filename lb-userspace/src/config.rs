@@ -54,6 +54,26 @@ pub struct RawConfig {
     #[serde(default)]
     pub vips: Vec<RawVip>,
     pub decap: Option<RawDecap>,
+    pub visibility: Option<RawVisibility>,
+    pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVisibility {
+    pub trace_flows: Option<bool>,
+    pub event_sample: Option<i64>,
+    pub collect_interval_ms: Option<i64>,
+    pub tcp_idle_timeout_s: Option<i64>,
+    pub udp_idle_timeout_s: Option<i64>,
+    pub closed_timeout_s: Option<i64>,
+    pub half_open_timeout_s: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +131,8 @@ pub struct Config {
     pub socket: PathBuf,
     pub balancer: Option<BalancerConfig>,
     pub decap: Option<DecapConfig>,
+    /// Prometheus text exposition on this TCP address; off when `None`.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +140,39 @@ pub struct BalancerConfig {
     pub datapath: DatapathConfig,
     pub encap: EncapConfig,
     pub vips: Vec<VipConfig>,
+    pub visibility: VisibilityConfig,
+}
+
+/// Tracers, flow events and the collector that reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VisibilityConfig {
+    /// Per-flow tracers in the datapath (times, flags, per-leg bytes, closes).
+    pub trace_flows: bool,
+    /// Flow events: 0 = off, N = one flow in N (by flow hash).
+    pub event_sample: u32,
+    pub collect_interval_ms: u64,
+    /// Idle flows are removed from the connection table (and counted as
+    /// expired) after these many seconds.
+    pub tcp_idle_timeout_s: u64,
+    pub udp_idle_timeout_s: u64,
+    /// After the client's FIN or RST.
+    pub closed_timeout_s: u64,
+    /// A SYN with nothing after it.
+    pub half_open_timeout_s: u64,
+}
+
+impl Default for VisibilityConfig {
+    fn default() -> Self {
+        VisibilityConfig {
+            trace_flows: true,
+            event_sample: 1,
+            collect_interval_ms: 1000,
+            tcp_idle_timeout_s: 300,
+            udp_idle_timeout_s: 60,
+            closed_timeout_s: 10,
+            half_open_timeout_s: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,6 +290,9 @@ impl Config {
         if self.decap != new.decap {
             return err("decap", "cannot change on reload; restart the agent");
         }
+        if self.metrics != new.metrics {
+            return err("metrics", "cannot change on reload; restart the agent");
+        }
         Ok(())
     }
 }
@@ -298,8 +356,26 @@ impl RawConfig {
         if self.datapath.is_none() && self.encap.is_some() {
             return err("encap", "[encap] needs a [datapath] section");
         }
+        if self.datapath.is_none() && self.visibility.is_some() {
+            return err("visibility", "[visibility] needs a [datapath] section");
+        }
         let balancer = match self.datapath {
-            Some(dp) => Some(validate_balancer(dp, self.encap, self.vips)?),
+            Some(dp) => {
+                let mut b = validate_balancer(dp, self.encap, self.vips)?;
+                if let Some(v) = self.visibility {
+                    b.visibility = validate_visibility(v)?;
+                }
+                Some(b)
+            }
+            None => None,
+        };
+        let metrics = match self.metrics {
+            Some(m) => Some(m.listen.parse::<std::net::SocketAddr>().or_else(|_| {
+                err(
+                    "metrics.listen",
+                    format!("{:?} is not an address:port", m.listen),
+                )
+            })?),
             None => None,
         };
         let decap = self.decap.map(validate_decap).transpose()?;
@@ -323,6 +399,7 @@ impl RawConfig {
             socket,
             balancer,
             decap,
+            metrics,
         })
     }
 }
@@ -509,6 +586,53 @@ fn validate_balancer(
         },
         encap,
         vips,
+        visibility: VisibilityConfig::default(),
+    })
+}
+
+fn validate_visibility(v: RawVisibility) -> Result<VisibilityConfig, ConfigError> {
+    let d = VisibilityConfig::default();
+    let secs = |field: &str, value: Option<i64>, default: u64| -> Result<u64, ConfigError> {
+        in_range(
+            &format!("visibility.{field}"),
+            value,
+            default as i64,
+            1,
+            86_400,
+        )
+    };
+    Ok(VisibilityConfig {
+        trace_flows: v.trace_flows.unwrap_or(d.trace_flows),
+        event_sample: in_range(
+            "visibility.event_sample",
+            v.event_sample,
+            d.event_sample.into(),
+            0,
+            1 << 20,
+        )?,
+        collect_interval_ms: in_range(
+            "visibility.collect_interval_ms",
+            v.collect_interval_ms,
+            d.collect_interval_ms as i64,
+            100,
+            3_600_000,
+        )?,
+        tcp_idle_timeout_s: secs(
+            "tcp_idle_timeout_s",
+            v.tcp_idle_timeout_s,
+            d.tcp_idle_timeout_s,
+        )?,
+        udp_idle_timeout_s: secs(
+            "udp_idle_timeout_s",
+            v.udp_idle_timeout_s,
+            d.udp_idle_timeout_s,
+        )?,
+        closed_timeout_s: secs("closed_timeout_s", v.closed_timeout_s, d.closed_timeout_s)?,
+        half_open_timeout_s: secs(
+            "half_open_timeout_s",
+            v.half_open_timeout_s,
+            d.half_open_timeout_s,
+        )?,
     })
 }
 
@@ -740,6 +864,26 @@ backends = [ { address = "fd00::12" } ]
                 "vips[1]",
             ),
             ("port = 80", "port = 80\ncolour = \"red\"", "config"),
+            (
+                "[encap]",
+                "[visibility]\nevent_sample = -2\n[encap]",
+                "visibility.event_sample",
+            ),
+            (
+                "[encap]",
+                "[visibility]\ntcp_idle_timeout_s = 0\n[encap]",
+                "visibility.tcp_idle_timeout_s",
+            ),
+            (
+                "[encap]",
+                "[visibility]\ncollect_interval_ms = 5\n[encap]",
+                "visibility.collect_interval_ms",
+            ),
+            (
+                "[encap]",
+                "[metrics]\nlisten = \"localhost\"\n[encap]",
+                "metrics.listen",
+            ),
             ("port = 80", "port = 70000", "vips[0].port"),
             ("port = 80", "port = -1", "vips[0].port"),
             (

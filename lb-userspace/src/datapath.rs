@@ -13,8 +13,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    BackendInfo, HostAddr, MaglevChunk, PacketCounter, Settings, TrafficCounters, VipInfo, VipKey,
-    DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT,
+    BackendInfo, FlowKey, FlowState, HostAddr, MaglevChunk, PacketCounter, Settings,
+    TrafficCounters, VipInfo, VipKey, DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT,
 };
 
 /// What the balancer logic needs from the datapath.
@@ -33,6 +33,12 @@ pub trait Datapath {
     fn backend_counters(&self, id: u32) -> Result<TrafficCounters>;
     /// `lb_ingress` outcome counters, indexed by `Outcome`.
     fn outcomes(&self) -> Result<Vec<PacketCounter>>;
+    /// Hands every connection-table entry to `each`; returns how many.
+    fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize>;
+    /// Deletes a flow (expiry). A flow already gone is not an error.
+    fn remove_flow(&mut self, key: &FlowKey) -> Result<()>;
+    /// Flow events sent and dropped (ring buffer full).
+    fn event_stats(&self) -> Result<(u64, u64)>;
 }
 
 /// Map sizes set before the object is loaded.
@@ -151,6 +157,8 @@ pub struct KernelDatapath {
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     outcomes: PerCpuArray<MapData, PacketCounter>,
+    flows: HashMap<MapData, FlowKey, FlowState>,
+    event_stats: PerCpuArray<MapData, u64>,
     maglev_size: u32,
     cpus: usize,
 }
@@ -171,7 +179,10 @@ fn sum_counters(values: PerCpuValues<TrafficCounters>) -> TrafficCounters {
         .fold(TrafficCounters::default(), |acc, v| TrafficCounters {
             packets: acc.packets + v.packets,
             bytes: acc.bytes + v.bytes,
+            bytes_out: acc.bytes_out + v.bytes_out,
             new_flows: acc.new_flows + v.new_flows,
+            closed_fin: acc.closed_fin + v.closed_fin,
+            closed_rst: acc.closed_rst + v.closed_rst,
         })
 }
 
@@ -198,9 +209,25 @@ impl KernelDatapath {
             vip_stats: take(ebpf, "VIP_STATS")?,
             backend_stats: take(ebpf, "BACKEND_STATS")?,
             outcomes: take(ebpf, "OUTCOMES")?,
+            flows: take(ebpf, "FLOWS")?,
+            event_stats: take(ebpf, "EVENT_STATS")?,
             maglev_size,
             cpus,
         })
+    }
+
+    /// One connection-table entry.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowState>> {
+        match self.flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading a flow"),
+        }
+    }
+
+    /// The connection table itself (for benchmarks and tools).
+    pub fn flows_map(&self) -> &MapData {
+        self.flows.map()
     }
 
     fn zeros<T: aya::Pod + Default>(&self) -> Result<PerCpuValues<T>> {
@@ -268,6 +295,26 @@ impl Datapath for KernelDatapath {
         (0..OUTCOME_COUNT)
             .map(|i| Ok(sum_packets(&self.outcomes.get(&i, 0)?)))
             .collect()
+    }
+
+    fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize> {
+        crate::batch::for_each(self.flows.map(), 8192, |k, v| each(k, v))
+            .context("scanning the connection table")
+    }
+
+    fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        match self.flows.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing a flow"),
+        }
+    }
+
+    fn event_stats(&self) -> Result<(u64, u64)> {
+        let sum = |i: u32| -> Result<u64> { Ok(self.event_stats.get(&i, 0)?.iter().sum()) };
+        Ok((
+            sum(lb_common::EVENTS_SENT)?,
+            sum(lb_common::EVENTS_DROPPED)?,
+        ))
     }
 }
 

@@ -3,7 +3,7 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use aya::{
-    maps::{HashMap, MapData},
+    maps::MapData,
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
@@ -54,6 +54,7 @@ pub fn config(vips: &str) -> BalancerConfig {
     config_with(&SIZES, vips)
 }
 
+/// `vips` may start with a `[visibility]` table.
 pub fn config_with(sizes: &MapSizes, vips: &str) -> BalancerConfig {
     let text = format!(
         "[datapath]\ninterfaces=[\"lo\"]\nmaglev_table_size={}\nmax_vips={}\nmax_backends={}\nflow_table_size={}\n\
@@ -174,17 +175,43 @@ impl Fixture {
 
     /// Every connection-table entry, read with batch lookups.
     pub fn flows(&self) -> Vec<(FlowKey, FlowState)> {
-        let map = map_data(self.ebpf.map("FLOWS").expect("FLOWS"));
         let mut out = Vec::new();
-        lb_userspace::batch::for_each(map, 4096, |k: &FlowKey, v: &FlowState| out.push((*k, *v)))
+        self.balancer
+            .datapath()
+            .scan_flows(&mut |k, v| out.push((*k, *v)))
             .expect("batch lookup");
         out
     }
 
     pub fn flow(&self, key: &FlowKey) -> Option<FlowState> {
-        let map: HashMap<&MapData, FlowKey, FlowState> =
-            HashMap::try_from(self.ebpf.map("FLOWS").expect("FLOWS")).expect("LRU map");
-        map.get(key, 0).ok()
+        self.balancer.datapath().flow(key).expect("flow lookup")
+    }
+
+    /// Flow events waiting in the ring buffer, oldest first.
+    pub fn events(&mut self) -> Vec<lb_common::FlowEvent> {
+        let map = self.ebpf.map_mut("FLOW_EVENTS").expect("FLOW_EVENTS");
+        let mut ring = aya::maps::RingBuf::try_from(map).expect("ring buffer");
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            assert_eq!(item.len(), std::mem::size_of::<lb_common::FlowEvent>());
+            // SAFETY: the datapath writes whole FlowEvents; read unaligned.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+        }
+        out
+    }
+
+    pub fn vip_counters(&self, vip_id: u32) -> lb_common::TrafficCounters {
+        self.balancer
+            .datapath()
+            .vip_counters(vip_id)
+            .expect("counters")
+    }
+
+    pub fn backend_counters(&self, id: u32) -> lb_common::TrafficCounters {
+        self.balancer
+            .datapath()
+            .backend_counters(id)
+            .expect("counters")
     }
 
     pub fn decap_addresses(&self) -> usize {

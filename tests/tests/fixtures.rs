@@ -6,7 +6,7 @@ use lb_common::{
     flow_hash, DecapOutcome, FlowKey, Outcome, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP,
 };
 use lb_tests::{fixture::*, packet::*};
-use lb_userspace::maglev;
+use lb_userspace::{datapath::Datapath as _, maglev};
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 1);
@@ -673,4 +673,149 @@ fn decap_restores_the_inner_packet_exactly() {
     assert_eq!(counts[DecapOutcome::Decapsulated as usize].packets, 5);
     assert_eq!(counts[DecapOutcome::Passed as usize].packets, 2);
     assert_eq!(counts[DecapOutcome::DroppedMalformed as usize].packets, 1);
+}
+
+#[test]
+fn tracers_count_exactly_what_passed() {
+    let mut f = Fixture::new(&standard());
+    let key = key4(40000, 80, PROTO_TCP);
+    let frame = |flags: u8, payload: &[u8]| {
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV4,
+            &ipv4(CLIENT4, VIP4, PROTO_TCP, &tcp(40000, 80, flags, payload)),
+        )
+    };
+    let (syn, data, fin) = (
+        frame(TCP_SYN, b""),
+        frame(TCP_ACK, &[7u8; 100]),
+        frame(TCP_FIN | TCP_ACK, b""),
+    );
+    for fr in [&syn, &data, &fin, &fin] {
+        assert_eq!(f.ingress(fr).action, XDP_TX);
+    }
+    let state = f.flow(&key).unwrap();
+    let sent = (syn.len() + data.len() + 2 * fin.len()) as u64;
+    assert_eq!(state.packets_in, 4);
+    assert_eq!(state.bytes_in, sent);
+    assert_eq!(
+        state.bytes_out,
+        sent + 4 * 20,
+        "IPv4 outer header on each packet"
+    );
+    assert_eq!(state.tcp_flags, TCP_SYN | TCP_ACK | TCP_FIN);
+    assert_eq!(state.state, lb_common::FLOW_CLOSED_FIN);
+    assert!(state.first_ns > 0 && state.last_ns >= state.first_ns);
+    let vip_id = state.vip_id;
+    let backend = state.backend_id;
+
+    // A second flow closed by RST; a UDP flow never closes.
+    let rst_key = key4(40001, 80, PROTO_TCP);
+    for flags in [TCP_SYN, TCP_RST | TCP_ACK, TCP_RST] {
+        f.ingress(&eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV4,
+            &ipv4(CLIENT4, VIP4, PROTO_TCP, &tcp(40001, 80, flags, b"")),
+        ));
+    }
+    f.ingress(&eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV4,
+        &ipv4(CLIENT4, VIP4, PROTO_UDP, &udp(5000, 53, b"q")),
+    ));
+    assert_eq!(f.flow(&rst_key).unwrap().state, lb_common::FLOW_CLOSED_RST);
+    assert_eq!(f.flow(&key4(5000, 53, PROTO_UDP)).unwrap().tcp_flags, 0);
+
+    let vip = f.vip_counters(vip_id);
+    assert_eq!(
+        (vip.new_flows, vip.closed_fin, vip.closed_rst, vip.packets),
+        (2, 1, 1, 7)
+    );
+    assert_eq!(vip.bytes_out, vip.bytes + 7 * 20);
+    let rst_backend = f.flow(&rst_key).unwrap().backend_id;
+    let b = f.backend_counters(backend);
+    assert_eq!(b.closed_fin, 1);
+    assert_eq!(f.backend_counters(rst_backend).closed_rst, 1);
+
+    // Events: every flow is sampled by default; opens and first closes only.
+    let events = f.events();
+    let kinds: Vec<(u16, u32)> = events
+        .iter()
+        .map(|e| (u16::from_be(e.key.sport), e.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (40000, lb_common::EVENT_OPEN),
+            (40000, lb_common::EVENT_CLOSE_FIN),
+            (40001, lb_common::EVENT_OPEN),
+            (40001, lb_common::EVENT_CLOSE_RST),
+            (5000, lb_common::EVENT_OPEN),
+        ]
+    );
+    assert_eq!(events[0].backend_id, backend);
+    assert_eq!(f.balancer.datapath().event_stats().unwrap(), (5, 0));
+}
+
+#[test]
+fn tracers_and_events_can_be_switched_off() {
+    let mut f = Fixture::new(&format!(
+        "[visibility]\ntrace_flows = false\nevent_sample = 0\n{}",
+        standard()
+    ));
+    let key = key4(40000, 80, PROTO_TCP);
+    for flags in [TCP_SYN, TCP_ACK, TCP_FIN] {
+        assert_eq!(
+            f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(40000, 80, flags)))
+                .action,
+            XDP_TX
+        );
+    }
+    let state = f.flow(&key).unwrap();
+    assert_eq!(
+        (state.packets_in, state.first_ns, state.state),
+        (1, 0, 0),
+        "only the first packet is recorded"
+    );
+    assert_eq!(
+        f.vip_counters(state.vip_id).packets,
+        3,
+        "per-VIP counters stay on"
+    );
+    assert_eq!(f.vip_counters(state.vip_id).closed_fin, 0);
+    assert!(f.events().is_empty());
+}
+
+#[test]
+fn event_sampling_follows_the_flow_hash() {
+    let mut f = Fixture::new(&format!("[visibility]\nevent_sample = 4\n{}", standard()));
+    let mut expected = Vec::new();
+    for sport in 41000..41040u16 {
+        f.ingress(&eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV4,
+            &tcp4(sport, 80, TCP_SYN),
+        ));
+        f.ingress(&eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV4,
+            &tcp4(sport, 80, TCP_RST),
+        ));
+        if flow_hash(&key4(sport, 80, PROTO_TCP)) % 4 == 0 {
+            expected.push((sport, lb_common::EVENT_OPEN));
+            expected.push((sport, lb_common::EVENT_CLOSE_RST));
+        }
+    }
+    let got: Vec<(u16, u32)> = f
+        .events()
+        .iter()
+        .map(|e| (u16::from_be(e.key.sport), e.kind))
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(got, expected);
 }

@@ -507,7 +507,7 @@ fn connection_table(report: &mut Report) {
     }
     let rate = median(rates);
     let entries = f.flows().len();
-    let flows_map = map_data(f.ebpf.map("FLOWS").expect("FLOWS"));
+    let flows_map = f.balancer.datapath().flows_map();
     let flows_mem = memlock(flows_map);
     let mut total_mem = flows_mem;
     for name in [
@@ -625,8 +625,12 @@ fn connection_table(report: &mut Report) {
         assert!(count >= n * 99 / 100, "scan saw {count} of {n}");
     }
     let per_elem = {
+        use std::os::fd::AsFd as _;
+        // A second handle on the same kernel map, for aya's element-wise walk.
+        let fd = flows_map.fd().as_fd().try_clone_to_owned().expect("dup fd");
+        let data = aya::maps::MapData::from_fd(fd).expect("map from fd");
         let map: aya::maps::HashMap<_, FlowKey, FlowState> =
-            aya::maps::HashMap::try_from(f.ebpf.map("FLOWS").expect("FLOWS")).expect("map");
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("map");
         let t = Instant::now();
         let count = map.iter().filter(|r| r.is_ok()).count();
         assert!(count >= n * 99 / 100);
