@@ -26,7 +26,7 @@ pub struct Packet<'a> {
 #[inline(always)]
 fn event(p: &Packet, settings: &Settings, kind: u32, now: u64) {
     let sample = settings.event_sample;
-    if sample == 0 || p.hash % sample != 0 {
+    if sample == 0 || !p.hash.is_multiple_of(sample) {
         return;
     }
     let ev = FlowEvent {

@@ -806,7 +806,7 @@ fn event_sampling_follows_the_flow_hash() {
             ETH_IPV4,
             &tcp4(sport, 80, TCP_RST),
         ));
-        if flow_hash(&key4(sport, 80, PROTO_TCP)) % 4 == 0 {
+        if flow_hash(&key4(sport, 80, PROTO_TCP)).is_multiple_of(4) {
             expected.push((sport, lb_common::EVENT_OPEN));
             expected.push((sport, lb_common::EVENT_CLOSE_RST));
         }
