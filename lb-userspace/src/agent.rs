@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use crate::{
     api::{ApplySummary, DecapStatus, InterfaceStatus, OutcomeStatus, Request, Response, Status},
     balancer::Balancer,
+    collector::{monotonic_ns, Collector},
     config::{Config, XdpModeSetting},
     datapath::{self, DecapMaps, KernelDatapath, MapSizes},
     nexthop::{ChangeWatcher, NextHop, Resolver},
@@ -38,14 +39,15 @@ use crate::{
 /// Largest request the API accepts (a configuration file, JSON-encoded).
 const MAX_REQUEST: u64 = 16 << 20;
 
-struct State {
-    config: Config,
-    balancer: Option<Balancer<KernelDatapath>>,
-    decap: Option<DecapMaps>,
-    interfaces: Vec<InterfaceStatus>,
+pub(crate) struct State {
+    pub(crate) config: Config,
+    pub(crate) balancer: Option<Balancer<KernelDatapath>>,
+    pub(crate) decap: Option<DecapMaps>,
+    pub(crate) interfaces: Vec<InterfaceStatus>,
+    pub(crate) collector: Collector,
 }
 
-type Shared = Arc<Mutex<State>>;
+pub(crate) type Shared = Arc<Mutex<State>>;
 
 fn sizes(config: &Config) -> MapSizes {
     match &config.balancer {
@@ -192,12 +194,39 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .balancer
         .as_ref()
         .map(|b| Duration::from_millis(b.datapath.next_hop_refresh_ms));
+    let visibility = config.balancer.as_ref().map(|b| b.visibility);
+    let metrics_addr = config.metrics;
+    let events = match &config.balancer {
+        Some(_) => Some(aya::maps::RingBuf::try_from(
+            ebpf.take_map("FLOW_EVENTS")
+                .context("the eBPF object has no FLOW_EVENTS")?,
+        )?),
+        None => None,
+    };
     let state: Shared = Arc::new(Mutex::new(State {
         config,
         balancer,
         decap,
         interfaces,
+        collector: visibility.map(|v| Collector::new(&v)).unwrap_or_default(),
     }));
+    let mut tasks = Vec::new();
+    if let Some(v) = visibility {
+        tasks.push(tokio::spawn(collect(
+            state.clone(),
+            Duration::from_millis(v.collect_interval_ms),
+        )));
+    }
+    if let Some(ring) = events {
+        tasks.push(tokio::spawn(read_events(state.clone(), ring)));
+    }
+    if let Some(addr) = metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        info!(%addr, "serving Prometheus metrics");
+        tasks.push(tokio::spawn(crate::metrics::serve(listener, state.clone())));
+    }
     info!(socket = %socket.display(), "serving the control API");
 
     let refresher = refresh
@@ -223,6 +252,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(r) = refresher {
         r.abort();
     }
+    for t in tasks {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     // Dropping the object detaches every program and frees the maps.
     drop(state);
@@ -244,6 +276,62 @@ async fn bind_socket(path: &Path) -> Result<UnixListener> {
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+/// The collector's loop: one collection per interval.
+async fn collect(state: Shared, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut st = state.lock().await;
+        let State {
+            balancer,
+            collector,
+            ..
+        } = &mut *st;
+        let Some(bal) = balancer.as_mut() else { return };
+        let vips: Vec<u32> = bal.vips().iter().map(|(id, _)| *id).collect();
+        let backends: Vec<u32> = bal.backend_ids().iter().map(|(id, _)| *id).collect();
+        if let Err(e) = collector.collect(bal.datapath_mut(), monotonic_ns(), &vips, &backends) {
+            warn!("collecting flows: {e:#}");
+        }
+    }
+}
+
+/// Moves flow events from the datapath's ring buffer into the collector.
+async fn read_events(state: Shared, ring: aya::maps::RingBuf<aya::maps::MapData>) {
+    let mut fd =
+        // SAFETY: the ring buffer owns its map fd, which stays open and the
+        // same for as long as the AsyncFd owns the ring buffer.
+        match unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!("cannot poll the flow-event ring buffer: {e}");
+                return;
+            }
+        };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let mut batch = Vec::new();
+        {
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() == std::mem::size_of::<lb_common::FlowEvent>() {
+                    // SAFETY: the datapath writes whole FlowEvents; read unaligned.
+                    batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+                }
+            }
+        }
+        guard.clear_ready();
+        let mut st = state.lock().await;
+        for e in batch {
+            st.collector.add_event(e);
+        }
+    }
 }
 
 /// Re-resolves every backend's next hop when the kernel reports a neighbour,
@@ -341,6 +429,11 @@ async fn handle(req: Request, state: &Shared, resolver: &Resolver) -> Response {
     let result = match req {
         Request::Status => status(state).await.map(|s| Response::Status(Box::new(s))),
         Request::Apply { config } => apply(&config, state, resolver).await.map(Response::Applied),
+        Request::Report(q) => crate::report::report(state, &q)
+            .await
+            .map(|r| Response::Report(Box::new(r))),
+        Request::Flows(q) => crate::report::flows(state, &q).await,
+        Request::Events { limit } => crate::report::events(state, limit).await,
     };
     result.unwrap_or_else(|e| Response::Error {
         message: format!("{e:#}"),
@@ -376,6 +469,7 @@ async fn apply(text: &str, state: &Shared, resolver: &Resolver) -> Result<ApplyS
         .context("this agent runs no balancer")?;
     let summary = bal.apply(b, &next_hops)?;
     info!(?summary, "configuration applied");
+    st.collector.timeouts = Some((&b.visibility).into());
     st.config = new;
     Ok(summary)
 }
@@ -405,6 +499,13 @@ async fn status(state: &Shared) -> Result<Status> {
         status.maglev_table_size = cfg.datapath.maglev_table_size;
         status.vips = bal.vip_status()?;
         status.backends = bal.backend_status()?;
+        for b in &mut status.backends {
+            b.active_flows = st
+                .collector
+                .backend_presence
+                .get(&b.backend_id)
+                .map_or(0, |p| p.active);
+        }
         let counters = bal.datapath().outcomes()?;
         status.outcomes = outcome_list(Outcome::ALL.iter().map(|o| o.name()), &counters);
     }

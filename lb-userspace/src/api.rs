@@ -20,6 +20,33 @@ pub enum Request {
     Apply {
         config: String,
     },
+    Report(ReportQuery),
+    Flows(FlowQuery),
+    Events {
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReportQuery {
+    /// Only this VIP (by name).
+    pub vip: Option<String>,
+    /// Only this backend.
+    pub backend: Option<IpAddr>,
+    /// How many of the largest flows to include.
+    pub top: usize,
+    /// Window for counters and rates, in seconds (default: since the
+    /// previous collection).
+    pub since_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FlowQuery {
+    pub vip: Option<String>,
+    pub backend: Option<IpAddr>,
+    /// "open", "half-open", "closed-fin", "closed-rst", "closed" or "all".
+    pub state: Option<String>,
+    pub limit: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -27,7 +54,18 @@ pub enum Request {
 pub enum Response {
     Status(Box<Status>),
     Applied(ApplySummary),
-    Error { message: String },
+    Report(Box<Report>),
+    Flows {
+        flows: Vec<FlowRecord>,
+        matched: usize,
+    },
+    Events {
+        events: Vec<EventRecord>,
+        stats: EventStats,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Datapath counters of a VIP or a backend.
@@ -80,6 +118,9 @@ pub struct BackendStatus {
     pub backend_id: u32,
     pub next_hop: Option<NextHopStatus>,
     pub counters: Counters,
+    /// Open flows at the collector's last pass (the figure reports and
+    /// metrics show too).
+    pub active_flows: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,4 +193,108 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
         bail!("lb-agent closed the connection without answering");
     }
     serde_json::from_str(&reply).context("lb-agent sent a response lbctl does not understand")
+}
+
+/// Packets and bytes on one leg of a flow's path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leg {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What happened to flows of a VIP or a backend.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlowReport {
+    /// New flows per second over the report's window.
+    pub new_flows_per_s: f64,
+    /// Flows opened, closed and expired in the window.
+    pub new_flows: u64,
+    pub closed_fin: u64,
+    pub closed_rst: u64,
+    pub expired: u64,
+    /// Half-open flows (SYN and nothing after it) that expired in the window.
+    pub half_open_expired: u64,
+    /// In the connection table at the last collection: open (not closed),
+    /// of which half-open, and closed but not yet expired.
+    pub active: u64,
+    pub half_open: u64,
+    pub closing: u64,
+    /// Client to LB, as received, in the window.
+    pub client_to_lb: Leg,
+    /// LB to backend, as sent (encapsulation included), in the window.
+    pub lb_to_backend: Leg,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VipReport {
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub flows: FlowReport,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackendReport {
+    pub address: IpAddr,
+    pub flows: FlowReport,
+    /// Sent to the backend since the agent started (LB to backend leg).
+    pub sent_total: Leg,
+    /// What the backend's `lb_decap` decapsulated (filled by `lbctl report
+    /// --decap-socket`), to compare with `lb_to_backend`.
+    pub delivered: Option<Leg>,
+}
+
+/// One flow of the connection table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowRecord {
+    pub client: std::net::SocketAddr,
+    pub vip: std::net::SocketAddr,
+    pub protocol: String,
+    pub backend: Option<IpAddr>,
+    /// "open", "half-open", "closed-fin" or "closed-rst".
+    pub state: String,
+    /// TCP flags seen from the client, e.g. "SYN|ACK|FIN".
+    pub tcp_flags: String,
+    pub age_s: f64,
+    pub idle_s: f64,
+    pub client_to_lb: Leg,
+    pub lb_to_backend: Leg,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// "open", "close-fin" or "close-rst".
+    pub kind: String,
+    pub client: std::net::SocketAddr,
+    pub vip: std::net::SocketAddr,
+    pub protocol: String,
+    pub backend: Option<IpAddr>,
+    /// Seconds before the report was made.
+    pub ago_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EventStats {
+    /// Sent by the datapath / dropped because the ring buffer was full.
+    pub sent: u64,
+    pub dropped: u64,
+    /// Read by the agent.
+    pub received: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// The window counters and rates cover, in seconds.
+    pub window_s: f64,
+    /// Seconds since the collector last read the connection table.
+    pub collected_ago_s: f64,
+    pub flows_in_table: u64,
+    pub vips: Vec<VipReport>,
+    pub backends: Vec<BackendReport>,
+    /// The largest flows by bytes in, at the last collection.
+    pub top_flows: Vec<FlowRecord>,
+    pub events: EventStats,
+    /// What the report cannot show, and why.
+    pub notes: Vec<String>,
 }

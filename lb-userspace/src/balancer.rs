@@ -452,6 +452,20 @@ impl<D: Datapath> Balancer<D> {
         Ok(())
     }
 
+    /// (vip id, configuration) of every live VIP.
+    pub fn vips(&self) -> Vec<(u32, &VipConfig)> {
+        self.vips.values().map(|v| (v.vip_id, &v.config)).collect()
+    }
+
+    /// (backend id, address) of every live backend.
+    pub fn backend_ids(&self) -> Vec<(u32, IpAddr)> {
+        self.backends.iter().map(|(a, s)| (s.id, *a)).collect()
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut D {
+        &mut self.dp
+    }
+
     /// Backend addresses whose next hop the agent should keep resolved.
     pub fn backend_addresses(&self) -> Vec<IpAddr> {
         self.backends.keys().copied().collect()
@@ -519,6 +533,7 @@ impl<D: Datapath> Balancer<D> {
                         mac: mac_text(nh.dst_mac),
                     }),
                     counters: counters(self.dp.backend_counters(state.id)?),
+                    active_flows: 0,
                 })
             })
             .collect()
@@ -561,6 +576,8 @@ pub mod fake {
         pub vips: HashMap<VipKey, VipInfo>,
         pub tx_ports: BTreeSet<u32>,
         pub flows: HashMap<FlowKey, FlowState>,
+        pub vip_stats: HashMap<u32, TrafficCounters>,
+        pub backend_stats: HashMap<u32, TrafficCounters>,
         pub log: Vec<Op>,
     }
 
@@ -612,11 +629,11 @@ pub mod fake {
             self.tx_ports.insert(ifindex);
             Ok(())
         }
-        fn vip_counters(&self, _: u32) -> Result<TrafficCounters> {
-            Ok(TrafficCounters::default())
+        fn vip_counters(&self, id: u32) -> Result<TrafficCounters> {
+            Ok(self.vip_stats.get(&id).copied().unwrap_or_default())
         }
-        fn backend_counters(&self, _: u32) -> Result<TrafficCounters> {
-            Ok(TrafficCounters::default())
+        fn backend_counters(&self, id: u32) -> Result<TrafficCounters> {
+            Ok(self.backend_stats.get(&id).copied().unwrap_or_default())
         }
         fn outcomes(&self) -> Result<Vec<PacketCounter>> {
             Ok(vec![PacketCounter::default(); OUTCOME_COUNT as usize])

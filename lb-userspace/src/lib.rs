@@ -6,14 +6,20 @@
 //! - `maglev`: weighted Maglev tables.
 //! - `datapath`: the `Datapath` trait and the kernel maps behind it.
 //! - `balancer`: VIPs, backends, ids and rings; applying a configuration.
+//! - `collector`: reads flows and counters, expires idle flows, aggregates.
 //! - `nexthop`: interface indexes and next-hop MACs through rtnetlink.
 //! - `api`: requests and responses between `lbctl` and the agent.
+//! - `report`: reports, flow listings and events from the collector's data.
+//! - `metrics`: Prometheus text exposition of the same data.
 //! - `agent`: the daemon: attach, serve the API, refresh next hops, shut down.
 pub mod agent;
 pub mod api;
 pub mod balancer;
 pub mod batch;
+pub mod collector;
 pub mod config;
 pub mod datapath;
 pub mod maglev;
+pub mod metrics;
 pub mod nexthop;
+pub mod report;

@@ -4,7 +4,10 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
-    api::{call, Request, Response, Status},
+    api::{
+        call, FlowQuery, FlowRecord, FlowReport, Leg, Report, ReportQuery, Request, Response,
+        Status,
+    },
     config::{socket_text, Config, DEFAULT_SOCKET},
 };
 
@@ -25,6 +28,53 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Flows per VIP and backend: rates, active and half-open flows, closes,
+    /// packets and bytes per leg, sent against delivered, the largest flows.
+    Report {
+        #[arg(long)]
+        json: bool,
+        /// Only this VIP (by name).
+        #[arg(long)]
+        vip: Option<String>,
+        /// Only this backend (by address).
+        #[arg(long)]
+        backend: Option<std::net::IpAddr>,
+        /// How many of the largest flows to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Counters and rates over this window (e.g. 30s, 5m); default: since
+        /// the previous collection.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Print the report again every this many seconds, until interrupted.
+        #[arg(long, num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
+        /// Control socket of a backend's agent: its lb_decap counters become
+        /// the "delivered" figures of that backend (repeatable).
+        #[arg(long = "decap-socket")]
+        decap_sockets: Vec<PathBuf>,
+    },
+    /// List flows of the connection table, largest first.
+    Flows {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        vip: Option<String>,
+        #[arg(long)]
+        backend: Option<std::net::IpAddr>,
+        /// open, half-open, closed-fin, closed-rst, closed or all.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Recent flow open and close events from the datapath.
+    Events {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
     },
     /// Apply a new configuration file atomically (established flows are kept).
     Apply {
@@ -86,8 +136,8 @@ fn print_status(s: &Status) {
         println!();
         println!("backends (traffic over all their VIPs):");
         println!(
-            "  {:<40} {:>19} {:>10} {:>11} {:>10}",
-            "backend", "next hop", "packets", "bytes", "new flows"
+            "  {:<40} {:>19} {:>10} {:>11} {:>10} {:>8}",
+            "backend", "next hop", "packets", "bytes", "new flows", "active"
         );
         for b in &s.backends {
             let nh = b
@@ -96,12 +146,13 @@ fn print_status(s: &Status) {
                 .map(|n| n.mac.clone())
                 .unwrap_or_else(|| "unresolved".into());
             println!(
-                "  {:<40} {:>19} {:>10} {:>11} {:>10}",
+                "  {:<40} {:>19} {:>10} {:>11} {:>10} {:>8}",
                 b.address.to_string(),
                 nh,
                 b.counters.packets,
                 human_bytes(b.counters.bytes),
-                b.counters.new_flows
+                b.counters.new_flows,
+                b.active_flows
             );
         }
     }
@@ -132,8 +183,232 @@ fn print_status(s: &Status) {
     }
 }
 
+fn leg(l: &Leg) -> String {
+    format!("{} packets {}", l.packets, human_bytes(l.bytes))
+}
+
+fn print_flow_report(f: &FlowReport) {
+    println!(
+        "  new flows {:.1}/s ({})  active {}  half-open {}  closing {}  closed fin {} rst {}  expired {} (half-open {})",
+        f.new_flows_per_s, f.new_flows, f.active, f.half_open, f.closing, f.closed_fin, f.closed_rst, f.expired, f.half_open_expired
+    );
+    println!(
+        "  client→LB {}   LB→backend {}",
+        leg(&f.client_to_lb),
+        leg(&f.lb_to_backend)
+    );
+}
+
+fn print_flows(flows: &[FlowRecord]) {
+    println!(
+        "  {:<46} {:<5} {:<20} {:<10} {:<16} {:>8} {:>8} {:>10} {:>11}",
+        "client → vip",
+        "proto",
+        "backend",
+        "state",
+        "flags",
+        "age s",
+        "idle s",
+        "packets",
+        "bytes in"
+    );
+    for f in flows {
+        println!(
+            "  {:<46} {:<5} {:<20} {:<10} {:<16} {:>8.1} {:>8.1} {:>10} {:>11}",
+            format!("{} → {}", f.client, f.vip),
+            f.protocol,
+            f.backend
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| "-".into()),
+            f.state,
+            f.tcp_flags,
+            f.age_s,
+            f.idle_s,
+            f.client_to_lb.packets,
+            human_bytes(f.client_to_lb.bytes)
+        );
+    }
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "report over the last {:.1} s; {} flows in the connection table (collected {:.1} s ago)",
+        r.window_s, r.flows_in_table, r.collected_ago_s
+    );
+    for v in &r.vips {
+        println!();
+        println!(
+            "VIP {} {} {}",
+            v.name,
+            v.protocol,
+            socket_text(v.address, v.port)
+        );
+        print_flow_report(&v.flows);
+    }
+    for b in &r.backends {
+        println!();
+        println!("backend {}", b.address);
+        print_flow_report(&b.flows);
+        match &b.delivered {
+            Some(d) => {
+                let lost = b.sent_total.packets.saturating_sub(d.packets);
+                println!(
+                    "  since start: sent {}   delivered {}   lost {} packets",
+                    leg(&b.sent_total),
+                    leg(d),
+                    lost
+                );
+            }
+            None => println!(
+                "  since start: sent {}   delivered: unknown (see --decap-socket)",
+                leg(&b.sent_total)
+            ),
+        }
+    }
+    if !r.top_flows.is_empty() {
+        println!();
+        println!("largest flows:");
+        print_flows(&r.top_flows);
+    }
+    println!();
+    println!(
+        "flow events: {} sent, {} dropped (ring buffer full), {} received",
+        r.events.sent, r.events.dropped, r.events.received
+    );
+    for n in &r.notes {
+        println!("note: {n}");
+    }
+}
+
+/// Fills `delivered` from backend agents' lb_decap counters.
+async fn add_delivered(report: &mut Report, sockets: &[PathBuf]) -> Result<()> {
+    for s in sockets {
+        let status = match call(s, &Request::Status).await? {
+            Response::Status(st) => st,
+            Response::Error { message } => bail!("{}: {message}", s.display()),
+            other => bail!("{}: unexpected response {other:?}", s.display()),
+        };
+        let decap = status
+            .decap
+            .with_context(|| format!("the agent at {} runs no lb_decap", s.display()))?;
+        let done = &decap.outcomes[lb_common::DecapOutcome::Decapsulated as usize];
+        for b in report
+            .backends
+            .iter_mut()
+            .filter(|b| decap.addresses.contains(&b.address))
+        {
+            b.delivered = Some(Leg {
+                packets: done.packets,
+                bytes: done.bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Report {
+            json,
+            vip,
+            backend,
+            top,
+            since,
+            watch,
+            decap_sockets,
+        } => {
+            let query = ReportQuery {
+                vip,
+                backend,
+                top,
+                since_s: since.map(|d| d.as_secs_f64()),
+            };
+            loop {
+                let mut report = match call(&cli.socket, &Request::Report(query.clone())).await? {
+                    Response::Report(r) => r,
+                    Response::Error { message } => bail!("{message}"),
+                    other => bail!("unexpected response: {other:?}"),
+                };
+                add_delivered(&mut report, &decap_sockets).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    if watch.is_some() {
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print_report(&report);
+                }
+                match watch {
+                    Some(secs) => {
+                        tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))).await
+                    }
+                    None => break,
+                }
+            }
+        }
+        Command::Flows {
+            json,
+            vip,
+            backend,
+            state,
+            limit,
+        } => {
+            let query = FlowQuery {
+                vip,
+                backend,
+                state,
+                limit,
+            };
+            match call(&cli.socket, &Request::Flows(query)).await? {
+                Response::Flows { flows, matched } if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(
+                            &serde_json::json!({ "matched": matched, "flows": flows })
+                        )?
+                    )
+                }
+                Response::Flows { flows, matched } => {
+                    println!("{matched} flows match; the {} largest:", flows.len());
+                    print_flows(&flows);
+                }
+                Response::Error { message } => bail!("{message}"),
+                other => bail!("unexpected response: {other:?}"),
+            }
+        }
+        Command::Events { json, limit } => {
+            match call(&cli.socket, &Request::Events { limit }).await? {
+                Response::Events { events, stats } if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(
+                            &serde_json::json!({ "stats": stats, "events": events })
+                        )?
+                    )
+                }
+                Response::Events { events, stats } => {
+                    println!(
+                        "flow events: {} sent, {} dropped, {} received",
+                        stats.sent, stats.dropped, stats.received
+                    );
+                    for e in events {
+                        println!(
+                            "  {:>8.1} s ago  {:<9} {} {} → {}  backend {}",
+                            e.ago_s,
+                            e.kind,
+                            e.protocol,
+                            e.client,
+                            e.vip,
+                            e.backend
+                                .map(|b| b.to_string())
+                                .unwrap_or_else(|| "-".into())
+                        );
+                    }
+                }
+                Response::Error { message } => bail!("{message}"),
+                other => bail!("unexpected response: {other:?}"),
+            }
+        }
         Command::Status { json } => match call(&cli.socket, &Request::Status).await? {
             Response::Status(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
             Response::Status(s) => print_status(&s),

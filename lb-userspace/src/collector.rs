@@ -1,0 +1,629 @@
+//! The one collector: it reads the connection table and the per-VIP and
+//! per-backend counters, expires idle flows, and keeps the aggregates that
+//! reports and metrics read (and the lifecycle logic will: one source of truth).
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+};
+
+use anyhow::Result;
+use lb_common::{
+    FlowEvent, FlowKey, FlowState, TrafficCounters, EVENT_CLOSE_FIN, EVENT_CLOSE_RST,
+    FLOW_CLOSED_FIN, FLOW_CLOSED_RST, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
+
+use crate::{
+    api::{EventRecord, FlowRecord, FlowReport, Leg},
+    balancer::addr_from_bytes,
+    config::VisibilityConfig,
+    datapath::Datapath,
+};
+
+/// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+const NS: u64 = 1_000_000_000;
+/// Counter snapshots kept for `--since` windows.
+const HISTORY: usize = 4096;
+/// Largest flows kept from each collection.
+const TOP_KEPT: usize = 100;
+/// Flow events kept for `lbctl events`.
+const EVENTS_KEPT: usize = 1024;
+
+/// Where a flow is in its life, as its tracers tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowPhase {
+    Open,
+    HalfOpen,
+    ClosedFin,
+    ClosedRst,
+}
+
+impl FlowPhase {
+    pub fn of(key: &FlowKey, state: &FlowState) -> FlowPhase {
+        if state.state & FLOW_CLOSED_RST != 0 {
+            FlowPhase::ClosedRst
+        } else if state.state & FLOW_CLOSED_FIN != 0 {
+            FlowPhase::ClosedFin
+        } else if key.proto == PROTO_TCP && state.tcp_flags == TCP_SYN {
+            FlowPhase::HalfOpen
+        } else {
+            FlowPhase::Open
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowPhase::Open => "open",
+            FlowPhase::HalfOpen => "half-open",
+            FlowPhase::ClosedFin => "closed-fin",
+            FlowPhase::ClosedRst => "closed-rst",
+        }
+    }
+
+    fn closed(self) -> bool {
+        matches!(self, FlowPhase::ClosedFin | FlowPhase::ClosedRst)
+    }
+}
+
+pub fn tcp_flags_text(flags: u8) -> String {
+    let names = [
+        (TCP_SYN, "SYN"),
+        (TCP_ACK, "ACK"),
+        (TCP_FIN, "FIN"),
+        (TCP_RST, "RST"),
+        (0x08, "PSH"),
+        (0x20, "URG"),
+    ];
+    let set: Vec<&str> = names
+        .iter()
+        .filter(|(b, _)| flags & b != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    set.join("|")
+}
+
+fn protocol_name(proto: u8) -> String {
+    match proto {
+        lb_common::PROTO_TCP => "tcp".into(),
+        lb_common::PROTO_UDP => "udp".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The client and VIP ends of a flow key.
+pub fn endpoints(key: &FlowKey) -> (SocketAddr, SocketAddr) {
+    (
+        SocketAddr::new(
+            addr_from_bytes(key.src, key.family),
+            u16::from_be(key.sport),
+        ),
+        SocketAddr::new(
+            addr_from_bytes(key.dst, key.family),
+            u16::from_be(key.dport),
+        ),
+    )
+}
+
+/// Present flows of one VIP or backend at the last collection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Presence {
+    pub active: u64,
+    pub half_open: u64,
+    pub closing: u64,
+}
+
+/// Flows the collector expired, cumulative.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    pub flows: u64,
+    pub half_open: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Snapshot {
+    at_ns: u64,
+    vips: BTreeMap<u32, TrafficCounters>,
+    backends: BTreeMap<u32, TrafficCounters>,
+    vip_expired: BTreeMap<u32, Expired>,
+    backend_expired: BTreeMap<u32, Expired>,
+}
+
+/// Idle times after which flows are removed from the connection table.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub tcp_idle_ns: u64,
+    pub udp_idle_ns: u64,
+    pub closed_ns: u64,
+    pub half_open_ns: u64,
+}
+
+impl From<&VisibilityConfig> for Timeouts {
+    fn from(v: &VisibilityConfig) -> Self {
+        Timeouts {
+            tcp_idle_ns: v.tcp_idle_timeout_s * NS,
+            udp_idle_ns: v.udp_idle_timeout_s * NS,
+            closed_ns: v.closed_timeout_s * NS,
+            half_open_ns: v.half_open_timeout_s * NS,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Collector {
+    pub timeouts: Option<Timeouts>,
+    pub flows_in_table: u64,
+    pub collected_at_ns: u64,
+    pub vip_presence: BTreeMap<u32, Presence>,
+    pub backend_presence: BTreeMap<u32, Presence>,
+    vip_expired: BTreeMap<u32, Expired>,
+    backend_expired: BTreeMap<u32, Expired>,
+    top: Vec<(FlowKey, FlowState)>,
+    history: VecDeque<Snapshot>,
+    events: VecDeque<FlowEvent>,
+    pub events_received: u64,
+}
+
+impl Collector {
+    pub fn new(visibility: &VisibilityConfig) -> Self {
+        Collector {
+            timeouts: Some(visibility.into()),
+            ..Collector::default()
+        }
+    }
+
+    /// One collection at `now_ns`: scan, expire, aggregate, snapshot counters.
+    pub fn collect<D: Datapath>(
+        &mut self,
+        dp: &mut D,
+        now_ns: u64,
+        vip_ids: &[u32],
+        backend_ids: &[u32],
+    ) -> Result<()> {
+        let timeouts = self.timeouts.unwrap_or(Timeouts {
+            tcp_idle_ns: u64::MAX,
+            udp_idle_ns: u64::MAX,
+            closed_ns: u64::MAX,
+            half_open_ns: u64::MAX,
+        });
+        let mut vip_presence: BTreeMap<u32, Presence> = BTreeMap::new();
+        let mut backend_presence: BTreeMap<u32, Presence> = BTreeMap::new();
+        let mut expire: Vec<(FlowKey, FlowState, FlowPhase)> = Vec::new();
+        let mut top: Vec<(FlowKey, FlowState)> = Vec::new();
+        let scanned = dp.scan_flows(&mut |key, state| {
+            let phase = FlowPhase::of(key, state);
+            // Without tracers (first_ns = 0) there is no idle time: the LRU
+            // alone retires such flows.
+            if state.first_ns != 0 {
+                let idle = now_ns.saturating_sub(state.last_ns);
+                let limit = match phase {
+                    FlowPhase::ClosedFin | FlowPhase::ClosedRst => timeouts.closed_ns,
+                    FlowPhase::HalfOpen => timeouts.half_open_ns,
+                    FlowPhase::Open if key.proto == PROTO_TCP => timeouts.tcp_idle_ns,
+                    FlowPhase::Open => timeouts.udp_idle_ns,
+                };
+                if idle > limit {
+                    expire.push((*key, *state, phase));
+                    return;
+                }
+            }
+            for p in [
+                vip_presence.entry(state.vip_id).or_default(),
+                backend_presence.entry(state.backend_id).or_default(),
+            ] {
+                match phase {
+                    FlowPhase::Open => p.active += 1,
+                    FlowPhase::HalfOpen => {
+                        p.active += 1;
+                        p.half_open += 1;
+                    }
+                    FlowPhase::ClosedFin | FlowPhase::ClosedRst => p.closing += 1,
+                }
+            }
+            // Keep the largest flows without sorting the whole table.
+            if top.len() < TOP_KEPT * 2 {
+                top.push((*key, *state));
+            } else {
+                top.sort_unstable_by(|a, b| b.1.bytes_in.cmp(&a.1.bytes_in));
+                top.truncate(TOP_KEPT);
+                top.push((*key, *state));
+            }
+        })?;
+        for (key, state, phase) in &expire {
+            dp.remove_flow(key)?;
+            for e in [
+                self.vip_expired.entry(state.vip_id).or_default(),
+                self.backend_expired.entry(state.backend_id).or_default(),
+            ] {
+                e.flows += 1;
+                if *phase == FlowPhase::HalfOpen {
+                    e.half_open += 1;
+                }
+            }
+        }
+        top.sort_unstable_by(|a, b| b.1.bytes_in.cmp(&a.1.bytes_in));
+        top.truncate(TOP_KEPT);
+        self.top = top;
+        self.flows_in_table = (scanned - expire.len()) as u64;
+        self.vip_presence = vip_presence;
+        self.backend_presence = backend_presence;
+        self.collected_at_ns = now_ns;
+
+        let mut snap = Snapshot {
+            at_ns: now_ns,
+            vip_expired: self.vip_expired.clone(),
+            backend_expired: self.backend_expired.clone(),
+            ..Snapshot::default()
+        };
+        for id in vip_ids {
+            snap.vips.insert(*id, dp.vip_counters(*id)?);
+        }
+        for id in backend_ids {
+            snap.backends.insert(*id, dp.backend_counters(*id)?);
+        }
+        self.history.push_back(snap);
+        while self.history.len() > HISTORY {
+            self.history.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The snapshot that starts a window of `since_s` seconds (the previous
+    /// collection by default), and the latest one.
+    fn window(&self, since_s: Option<f64>) -> Option<(&Snapshot, &Snapshot)> {
+        let last = self.history.back()?;
+        let first = match since_s {
+            None => self.history.iter().rev().nth(1).unwrap_or(last),
+            Some(s) => {
+                let from = last.at_ns.saturating_sub((s * NS as f64) as u64);
+                self.history
+                    .iter()
+                    .find(|h| h.at_ns >= from)
+                    .unwrap_or(last)
+            }
+        };
+        Some((first, last))
+    }
+
+    pub fn window_s(&self, since_s: Option<f64>) -> f64 {
+        self.window(since_s)
+            .map(|(a, b)| (b.at_ns - a.at_ns) as f64 / NS as f64)
+            .unwrap_or(0.0)
+    }
+
+    fn report(
+        &self,
+        since_s: Option<f64>,
+        pick: impl Fn(&Snapshot) -> (Option<TrafficCounters>, Expired),
+        presence: Presence,
+    ) -> FlowReport {
+        let Some((first, last)) = self.window(since_s) else {
+            return FlowReport::default();
+        };
+        let (a, ea) = pick(first);
+        let (b, eb) = pick(last);
+        let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
+        // A VIP that appeared inside the window starts from zero.
+        let a = if pick(first).0.is_some() {
+            a
+        } else {
+            TrafficCounters::default()
+        };
+        let secs = (last.at_ns - first.at_ns) as f64 / NS as f64;
+        let new_flows = b.new_flows.saturating_sub(a.new_flows);
+        FlowReport {
+            new_flows_per_s: if secs > 0.0 {
+                new_flows as f64 / secs
+            } else {
+                0.0
+            },
+            new_flows,
+            closed_fin: b.closed_fin.saturating_sub(a.closed_fin),
+            closed_rst: b.closed_rst.saturating_sub(a.closed_rst),
+            expired: eb.flows.saturating_sub(ea.flows),
+            half_open_expired: eb.half_open.saturating_sub(ea.half_open),
+            active: presence.active,
+            half_open: presence.half_open,
+            closing: presence.closing,
+            client_to_lb: Leg {
+                packets: b.packets.saturating_sub(a.packets),
+                bytes: b.bytes.saturating_sub(a.bytes),
+            },
+            lb_to_backend: Leg {
+                packets: b.packets.saturating_sub(a.packets),
+                bytes: b.bytes_out.saturating_sub(a.bytes_out),
+            },
+        }
+    }
+
+    pub fn vip_report(&self, vip_id: u32, since_s: Option<f64>) -> FlowReport {
+        let presence = self.vip_presence.get(&vip_id).copied().unwrap_or_default();
+        self.report(
+            since_s,
+            |s| {
+                (
+                    s.vips.get(&vip_id).copied(),
+                    s.vip_expired.get(&vip_id).copied().unwrap_or_default(),
+                )
+            },
+            presence,
+        )
+    }
+
+    pub fn backend_report(&self, backend_id: u32, since_s: Option<f64>) -> FlowReport {
+        let presence = self
+            .backend_presence
+            .get(&backend_id)
+            .copied()
+            .unwrap_or_default();
+        self.report(
+            since_s,
+            |s| {
+                (
+                    s.backends.get(&backend_id).copied(),
+                    s.backend_expired
+                        .get(&backend_id)
+                        .copied()
+                        .unwrap_or_default(),
+                )
+            },
+            presence,
+        )
+    }
+
+    /// Expired flows of a VIP / backend since the agent started.
+    pub fn vip_expired(&self, vip_id: u32) -> Expired {
+        self.vip_expired.get(&vip_id).copied().unwrap_or_default()
+    }
+
+    pub fn backend_expired(&self, backend_id: u32) -> Expired {
+        self.backend_expired
+            .get(&backend_id)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The largest flows of the last collection, passing `keep`.
+    pub fn top(
+        &self,
+        n: usize,
+        keep: impl Fn(&FlowKey, &FlowState) -> bool,
+    ) -> Vec<(FlowKey, FlowState)> {
+        self.top
+            .iter()
+            .filter(|(k, s)| keep(k, s))
+            .take(n)
+            .copied()
+            .collect()
+    }
+
+    pub fn add_event(&mut self, event: FlowEvent) {
+        self.events_received += 1;
+        self.events.push_back(event);
+        while self.events.len() > EVENTS_KEPT {
+            self.events.pop_front();
+        }
+    }
+
+    pub fn events(
+        &self,
+        limit: usize,
+        backend_of: impl Fn(u32) -> Option<IpAddr>,
+        now_ns: u64,
+    ) -> Vec<EventRecord> {
+        let skip = self.events.len().saturating_sub(limit);
+        self.events
+            .iter()
+            .skip(skip)
+            .map(|e| {
+                let (client, vip) = endpoints(&e.key);
+                EventRecord {
+                    kind: match e.kind {
+                        EVENT_CLOSE_FIN => "close-fin",
+                        EVENT_CLOSE_RST => "close-rst",
+                        _ => "open",
+                    }
+                    .into(),
+                    client,
+                    vip,
+                    protocol: protocol_name(e.key.proto),
+                    backend: backend_of(e.backend_id),
+                    ago_s: now_ns.saturating_sub(e.ts_ns) as f64 / NS as f64,
+                }
+            })
+            .collect()
+    }
+}
+
+/// A flow as `lbctl flows` and reports show it.
+pub fn flow_record(
+    key: &FlowKey,
+    state: &FlowState,
+    backend: Option<IpAddr>,
+    now_ns: u64,
+) -> FlowRecord {
+    let (client, vip) = endpoints(key);
+    let secs = |ns: u64| {
+        if ns == 0 {
+            0.0
+        } else {
+            now_ns.saturating_sub(ns) as f64 / NS as f64
+        }
+    };
+    FlowRecord {
+        client,
+        vip,
+        protocol: protocol_name(key.proto),
+        backend,
+        state: FlowPhase::of(key, state).name().into(),
+        tcp_flags: tcp_flags_text(state.tcp_flags),
+        age_s: secs(state.first_ns),
+        idle_s: secs(state.last_ns),
+        client_to_lb: Leg {
+            packets: state.packets_in,
+            bytes: state.bytes_in,
+        },
+        lb_to_backend: Leg {
+            packets: state.packets_in,
+            bytes: state.bytes_out,
+        },
+    }
+}
+
+/// Whether a flow in `phase` matches a `--state` filter.
+pub fn phase_matches(phase: FlowPhase, filter: &str) -> bool {
+    match filter {
+        "closed" => phase.closed(),
+        "open" => !phase.closed(),
+        other => phase.name() == other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::fake::FakeDatapath;
+
+    fn key(sport: u16, proto: u8) -> FlowKey {
+        FlowKey::v4(
+            [198, 18, 0, 1],
+            [198, 18, 10, 1],
+            sport.to_be(),
+            80u16.to_be(),
+            proto,
+        )
+    }
+
+    fn flow(flags: u8, state: u8, last_s: u64, bytes: u64) -> FlowState {
+        FlowState {
+            backend_id: 3,
+            vip_id: 1,
+            tcp_flags: flags,
+            state,
+            first_ns: NS,
+            last_ns: last_s * NS,
+            packets_in: 1,
+            bytes_in: bytes,
+            bytes_out: bytes + 20,
+            ..FlowState::default()
+        }
+    }
+
+    fn visibility() -> VisibilityConfig {
+        VisibilityConfig {
+            tcp_idle_timeout_s: 300,
+            udp_idle_timeout_s: 60,
+            closed_timeout_s: 10,
+            half_open_timeout_s: 30,
+            ..VisibilityConfig::default()
+        }
+    }
+
+    #[test]
+    fn counts_presence_and_expires_by_phase() {
+        let mut dp = FakeDatapath::default();
+        let now = 1000;
+        dp.flows
+            .insert(key(1, PROTO_TCP), flow(TCP_SYN | TCP_ACK, 0, now - 5, 500));
+        dp.flows
+            .insert(key(2, PROTO_TCP), flow(TCP_SYN, 0, now - 5, 60));
+        dp.flows
+            .insert(key(3, PROTO_TCP), flow(TCP_SYN, 0, now - 31, 60)); // half-open, expired
+        dp.flows.insert(
+            key(4, PROTO_TCP),
+            flow(TCP_SYN | TCP_FIN, FLOW_CLOSED_FIN, now - 5, 90),
+        );
+        dp.flows.insert(
+            key(5, PROTO_TCP),
+            flow(TCP_SYN | TCP_RST, FLOW_CLOSED_RST, now - 11, 90),
+        ); // expired
+        dp.flows
+            .insert(key(6, lb_common::PROTO_UDP), flow(0, 0, now - 61, 40)); // expired
+        dp.flows
+            .insert(key(7, PROTO_TCP), flow(TCP_ACK, 0, now - 299, 40));
+        let mut c = Collector::new(&visibility());
+        c.collect(&mut dp, now * NS, &[1], &[3]).unwrap();
+        assert_eq!(dp.flows.len(), 4, "three flows expired");
+        assert_eq!(c.flows_in_table, 4);
+        let p = c.vip_presence[&1];
+        assert_eq!((p.active, p.half_open, p.closing), (3, 1, 1));
+        assert_eq!(c.backend_presence[&3], p);
+        assert_eq!(
+            c.vip_expired(1),
+            Expired {
+                flows: 3,
+                half_open: 1
+            }
+        );
+        let top = c.top(2, |_, _| true);
+        assert_eq!(top.len(), 2);
+        assert_eq!(top[0].1.bytes_in, 500);
+        assert_eq!(top[1].1.bytes_in, 90);
+    }
+
+    #[test]
+    fn flows_without_tracers_are_left_to_the_lru() {
+        let mut dp = FakeDatapath::default();
+        let mut f = flow(TCP_SYN, 0, 0, 60);
+        f.first_ns = 0;
+        dp.flows.insert(key(1, PROTO_TCP), f);
+        let mut c = Collector::new(&visibility());
+        c.collect(&mut dp, 1_000_000 * NS, &[1], &[3]).unwrap();
+        assert_eq!(dp.flows.len(), 1);
+    }
+
+    #[test]
+    fn windows_give_deltas_and_rates() {
+        let mut dp = FakeDatapath::default();
+        let mut c = Collector::new(&visibility());
+        c.collect(&mut dp, 10 * NS, &[1], &[3]).unwrap();
+        dp.vip_stats.insert(
+            1,
+            TrafficCounters {
+                packets: 10,
+                bytes: 1000,
+                bytes_out: 1200,
+                new_flows: 4,
+                closed_fin: 1,
+                closed_rst: 2,
+            },
+        );
+        c.collect(&mut dp, 12 * NS, &[1], &[3]).unwrap();
+        let r = c.vip_report(1, None);
+        assert_eq!(r.new_flows, 4);
+        assert!((r.new_flows_per_s - 2.0).abs() < 1e-9);
+        assert_eq!((r.closed_fin, r.closed_rst), (1, 2));
+        assert_eq!(
+            r.client_to_lb,
+            Leg {
+                packets: 10,
+                bytes: 1000
+            }
+        );
+        assert_eq!(
+            r.lb_to_backend,
+            Leg {
+                packets: 10,
+                bytes: 1200
+            }
+        );
+        assert!((c.window_s(Some(100.0)) - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn flag_text_and_phases() {
+        assert_eq!(tcp_flags_text(TCP_SYN | TCP_ACK | TCP_FIN), "SYN|ACK|FIN");
+        assert!(phase_matches(FlowPhase::ClosedRst, "closed"));
+        assert!(phase_matches(FlowPhase::HalfOpen, "open"));
+        assert!(!phase_matches(FlowPhase::Open, "half-open"));
+    }
+}

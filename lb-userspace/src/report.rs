@@ -1,0 +1,198 @@
+//! Reports, flow listings and events for `lbctl`, built from the collector's
+//! aggregates and the datapath counters.
+
+use std::net::IpAddr;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    agent::Shared,
+    api::{BackendReport, EventStats, FlowQuery, Report, ReportQuery, Response, VipReport},
+    collector::{flow_record, monotonic_ns, phase_matches, FlowPhase},
+    datapath::Datapath as _,
+};
+
+const STATES: [&str; 6] = [
+    "open",
+    "half-open",
+    "closed-fin",
+    "closed-rst",
+    "closed",
+    "all",
+];
+
+pub(crate) async fn report(state: &Shared, q: &ReportQuery) -> Result<Report> {
+    let st = state.lock().await;
+    let bal = st
+        .balancer
+        .as_ref()
+        .context("this agent runs no balancer")?;
+    let c = &st.collector;
+    let vips = bal.vips();
+    let backends = bal.backend_ids();
+    let vip_id = match &q.vip {
+        Some(name) => Some(
+            vips.iter()
+                .find(|(_, v)| &v.name == name)
+                .map(|(id, _)| *id)
+                .with_context(|| format!("no VIP named {name:?}"))?,
+        ),
+        None => None,
+    };
+    let backend_id = match q.backend {
+        Some(addr) => Some(
+            backends
+                .iter()
+                .find(|(_, a)| *a == addr)
+                .map(|(id, _)| *id)
+                .with_context(|| format!("no backend {addr}"))?,
+        ),
+        None => None,
+    };
+    if let Some(s) = q.since_s {
+        if !(s > 0.0 && s.is_finite()) {
+            bail!("--since must be a positive duration");
+        }
+    }
+    let backend_of = |id: u32| backends.iter().find(|(b, _)| *b == id).map(|(_, a)| *a);
+    let now = monotonic_ns();
+    let mut report = Report {
+        window_s: c.window_s(q.since_s),
+        collected_ago_s: if c.collected_at_ns == 0 {
+            0.0
+        } else {
+            now.saturating_sub(c.collected_at_ns) as f64 / 1e9
+        },
+        flows_in_table: c.flows_in_table,
+        ..Report::default()
+    };
+    let mut vip_backends: Vec<IpAddr> = Vec::new();
+    for (id, v) in &vips {
+        if vip_id.is_some_and(|want| want != *id) {
+            continue;
+        }
+        vip_backends.extend(v.backends.iter().map(|b| b.address));
+        report.vips.push(VipReport {
+            name: v.name.clone(),
+            address: v.address,
+            port: v.port,
+            protocol: v.protocol,
+            flows: c.vip_report(*id, q.since_s),
+        });
+    }
+    for (id, addr) in &backends {
+        if backend_id.is_some_and(|want| want != *id)
+            || (vip_id.is_some() && !vip_backends.contains(addr))
+        {
+            continue;
+        }
+        let total = bal.datapath().backend_counters(*id)?;
+        report.backends.push(BackendReport {
+            address: *addr,
+            flows: c.backend_report(*id, q.since_s),
+            sent_total: crate::api::Leg {
+                packets: total.packets,
+                bytes: total.bytes_out,
+            },
+            delivered: None,
+        });
+    }
+    report.top_flows = c
+        .top(q.top, |_, s| {
+            vip_id.is_none_or(|v| s.vip_id == v) && backend_id.is_none_or(|b| s.backend_id == b)
+        })
+        .iter()
+        .map(|(k, s)| flow_record(k, s, backend_of(s.backend_id), now))
+        .collect();
+    let (sent, dropped) = bal.datapath().event_stats()?;
+    report.events = EventStats {
+        sent,
+        dropped,
+        received: c.events_received,
+    };
+    report.notes.push(
+        "backend-to-client traffic does not cross the load balancer (direct server return): it is not measured here".into(),
+    );
+    if vip_id.is_some() {
+        report
+            .notes
+            .push("backend figures cover all VIPs a backend serves".into());
+    }
+    Ok(report)
+}
+
+pub(crate) async fn flows(state: &Shared, q: &FlowQuery) -> Result<Response> {
+    if let Some(s) = &q.state {
+        if !STATES.contains(&s.as_str()) {
+            bail!("--state {s:?}: expected one of {}", STATES.join(", "));
+        }
+    }
+    let st = state.lock().await;
+    let bal = st
+        .balancer
+        .as_ref()
+        .context("this agent runs no balancer")?;
+    let vips = bal.vips();
+    let backends = bal.backend_ids();
+    let vip_id = match &q.vip {
+        Some(name) => Some(
+            vips.iter()
+                .find(|(_, v)| &v.name == name)
+                .map(|(id, _)| *id)
+                .with_context(|| format!("no VIP named {name:?}"))?,
+        ),
+        None => None,
+    };
+    let backend_id = match q.backend {
+        Some(addr) => Some(
+            backends
+                .iter()
+                .find(|(_, a)| *a == addr)
+                .map(|(id, _)| *id)
+                .with_context(|| format!("no backend {addr}"))?,
+        ),
+        None => None,
+    };
+    let mut matched = Vec::new();
+    bal.datapath().scan_flows(&mut |k, s| {
+        let keep = vip_id.is_none_or(|v| s.vip_id == v)
+            && backend_id.is_none_or(|b| s.backend_id == b)
+            && q.state
+                .as_deref()
+                .is_none_or(|f| f == "all" || phase_matches(FlowPhase::of(k, s), f));
+        if keep {
+            matched.push((*k, *s));
+        }
+    })?;
+    let count = matched.len();
+    matched.sort_unstable_by(|a, b| b.1.bytes_in.cmp(&a.1.bytes_in));
+    matched.truncate(q.limit);
+    let now = monotonic_ns();
+    let backend_of = |id: u32| backends.iter().find(|(b, _)| *b == id).map(|(_, a)| *a);
+    Ok(Response::Flows {
+        flows: matched
+            .iter()
+            .map(|(k, s)| flow_record(k, s, backend_of(s.backend_id), now))
+            .collect(),
+        matched: count,
+    })
+}
+
+pub(crate) async fn events(state: &Shared, limit: usize) -> Result<Response> {
+    let st = state.lock().await;
+    let bal = st
+        .balancer
+        .as_ref()
+        .context("this agent runs no balancer")?;
+    let backends = bal.backend_ids();
+    let (sent, dropped) = bal.datapath().event_stats()?;
+    let backend_of = |id: u32| backends.iter().find(|(b, _)| *b == id).map(|(_, a)| *a);
+    Ok(Response::Events {
+        events: st.collector.events(limit, backend_of, monotonic_ns()),
+        stats: EventStats {
+            sent,
+            dropped,
+            received: st.collector.events_received,
+        },
+    })
+}
