@@ -246,7 +246,8 @@ impl Topology {
             // veth would leave TCP/UDP checksums to a "device" that never
             // computes them; real NICs do. Compute them in software.
             must(&[
-                "ip", "netns", "exec", &ns, "ethtool", "-K", dev, "tx", "off",
+                "ip", "netns", "exec", &ns, "ethtool", "-K", dev, "tx", "off", "tso", "off", "gso",
+                "off",
             ]);
             must(&[
                 "ip",
@@ -393,6 +394,12 @@ max_vips = 8
 flow_table_size = 65536
 # Long, so that tests see next hops follow rtnetlink change events.
 next_hop_refresh_ms = 60000
+
+[visibility]
+collect_interval_ms = 200
+
+[metrics]
+listen = "127.0.0.1:9180"
 
 [encap]
 source_v4 = "198.18.200.0/24"
