@@ -94,7 +94,8 @@ pub struct FlowState {
     /// `FLOW_CLOSED_*` bits.
     pub state: u8,
     pub _pad: [u8; 2],
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the first and last packet.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the first and
+    /// last packet; 0 when tracers are off.
     pub first_ns: u64,
     pub last_ns: u64,
     /// Incoming leg (client to LB, as received).

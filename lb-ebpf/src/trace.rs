@@ -1,6 +1,6 @@
 //! Connection and traffic tracers: per-flow times, TCP flags and per-leg
 //! counters, close detection, and sampled flow events to the agent.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     FlowEvent, FlowKey, FlowState, Settings, EVENTS_DROPPED, EVENTS_SENT, EVENT_CLOSE_FIN,
     EVENT_CLOSE_RST, EVENT_OPEN, FLOW_CLOSED_FIN, FLOW_CLOSED_RST, SETTING_TRACE_FLOWS, TCP_FIN,
@@ -52,8 +52,10 @@ fn event(p: &Packet, settings: &Settings, kind: u32, now: u64) {
 #[inline(always)]
 pub fn new_flow(p: &Packet, settings: &Settings) {
     let trace = settings.flags & SETTING_TRACE_FLOWS != 0;
+    // SAFETY: helper without arguments. The coarse clock (a tick's precision)
+    // is plenty for ages and idle times and much cheaper per packet.
     let now = if trace {
-        unsafe { bpf_ktime_get_ns() }
+        unsafe { bpf_ktime_get_coarse_ns() }
     } else {
         0
     };
@@ -85,8 +87,8 @@ pub fn known_flow(p: &Packet, settings: &Settings, state: *mut FlowState) {
     if settings.flags & SETTING_TRACE_FLOWS == 0 {
         return;
     }
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: helper without arguments (see new_flow on the coarse clock).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: a connection-table entry; racing updates from two CPUs can lose
     // an increment, never corrupt the entry (a flow normally stays on one queue).
     unsafe {

@@ -20,14 +20,15 @@ use crate::{
     datapath::Datapath,
 };
 
-/// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` reads.
+/// CLOCK_MONOTONIC_COARSE in ns, the clock the datapath's tracers read
+/// (`bpf_ktime_get_coarse_ns`).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -272,6 +272,8 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
         vary: Option<(u32, u32)>,
         verdict: u32,
         counted: Option<Outcome>,
+        /// Run with tracers and flow events switched off.
+        untraced: bool,
     }
     let cases = vec![
         Case {
@@ -282,6 +284,7 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             vary: None,
             verdict: XDP_TX,
             counted: None,
+            untraced: false,
         },
         Case {
             key: "v4_syn_new",
@@ -291,6 +294,7 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             vary: Some(V4_VARY),
             verdict: XDP_TX,
             counted: Some(Outcome::Forwarded),
+            untraced: false,
         },
         Case {
             key: "v4_established",
@@ -300,6 +304,7 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             vary: None,
             verdict: XDP_TX,
             counted: Some(Outcome::Forwarded),
+            untraced: false,
         },
         Case {
             key: "v4_udp",
@@ -314,6 +319,7 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             vary: None,
             verdict: XDP_TX,
             counted: Some(Outcome::Forwarded),
+            untraced: false,
         },
         Case {
             key: "v6_established",
@@ -335,6 +341,7 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             vary: None,
             verdict: XDP_TX,
             counted: Some(Outcome::Forwarded),
+            untraced: false,
         },
         Case {
             key: "v4_to_v6",
@@ -344,6 +351,7 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             vary: None,
             verdict: XDP_TX,
             counted: Some(Outcome::Forwarded),
+            untraced: false,
         },
         Case {
             key: "pass",
@@ -353,6 +361,7 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             vary: None,
             verdict: XDP_PASS,
             counted: Some(Outcome::PassNotVip),
+            untraced: false,
         },
         Case {
             key: "decap",
@@ -362,6 +371,27 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             vary: None,
             verdict: XDP_PASS,
             counted: None,
+            untraced: false,
+        },
+        Case {
+            key: "v4_syn_new_untraced",
+            name: "IPv4 TCP SYN, new flow, tracers and events off",
+            program: Some("lb_ingress"),
+            frame: v4_tcp(V4_VIP, TCP_SYN),
+            vary: Some(V4_VARY),
+            verdict: XDP_TX,
+            counted: Some(Outcome::Forwarded),
+            untraced: true,
+        },
+        Case {
+            key: "v4_established_untraced",
+            name: "IPv4 TCP established, tracers off",
+            program: Some("lb_ingress"),
+            frame: v4_tcp(V4_VIP, TCP_ACK),
+            vary: None,
+            verdict: XDP_TX,
+            counted: Some(Outcome::Forwarded),
+            untraced: true,
         },
     ];
     // The floor runs right before every round of every case, and each case is
@@ -370,7 +400,15 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
     let floor_frame = pad(v4_tcp(V4_VIP, TCP_ACK));
     let mut ns = BTreeMap::new();
     let mut ratios = BTreeMap::new();
+    let mut traced = true;
     for c in cases {
+        if c.untraced && traced {
+            f.apply(&format!(
+                "[visibility]\ntrace_flows = false\nevent_sample = 0\n{}",
+                bench_vips()
+            ));
+            traced = false;
+        }
         let data = pad(c.frame);
         // Warm up (and, for established cases, create the flow).
         shim.target(c.program.map(|p| (&f.ebpf, p)));
@@ -424,6 +462,16 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
         ),
         ("pass", "non-VIP traffic passed", None),
         ("decap", "lb_decap on an IPIP packet", None),
+        (
+            "v4_syn_new_untraced",
+            "IPv4 TCP SYN, new flow, tracers and events off",
+            None,
+        ),
+        (
+            "v4_established_untraced",
+            "IPv4 TCP established, tracers off",
+            None,
+        ),
     ];
     for (key, name, target) in names {
         let ratio = ratios[key];
@@ -445,6 +493,33 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
         report
             .json
             .insert(format!("datapath.{key}.ratio_to_floor"), json!(ratio));
+    }
+    // What the tracers cost: the same case with them on and off, in floor
+    // units (each measured against the floor of its own rounds).
+    for (on, off, what) in [
+        (
+            "v4_established",
+            "v4_established_untraced",
+            "tracer cost, established packet",
+        ),
+        (
+            "v4_syn_new",
+            "v4_syn_new_untraced",
+            "tracer and event cost, new flow",
+        ),
+    ] {
+        let delta = ratios[on] - ratios[off];
+        report.row(
+            "datapath",
+            what,
+            format!("{delta:+.2}× floor"),
+            format!("≈ {:+.0} ns at this run's floor", delta * ns["floor"]),
+            "",
+            None,
+        );
+        report
+            .json
+            .insert(format!("datapath.{on}.tracer_cost_ratio"), json!(delta));
     }
     ns
 }

@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: a client, an LB and three backends in network
 //! namespaces; real TCP, UDP and IPv6 traffic through the XDP balancer; then
-//! `lbctl status`; then everything is removed.
+//! `lbctl status` and `lbctl report`; then everything is removed.
 use std::net::SocketAddr;
 
 use lb_tests::topology::*;
@@ -41,9 +41,15 @@ fn main() {
     let out = t.lbctl(&["status"]);
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    // Let the collector (every 200 ms here) see the last packets.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    println!("== lbctl report --top 5");
+    let report = t.lbctl(&["report", "--top", "5", "--since", "1h"]);
+    print!("{}", String::from_utf8_lossy(&report.stdout));
+    eprint!("{}", String::from_utf8_lossy(&report.stderr));
     println!("== removing the topology");
     drop(t);
-    if !all_ok || !out.status.success() {
+    if !all_ok || !out.status.success() || !report.status.success() {
         eprintln!("demo: some traffic was not answered");
         std::process::exit(1);
     }
