@@ -234,7 +234,7 @@ impl Collector {
             if top.len() < TOP_KEPT * 2 {
                 top.push((*key, *state));
             } else {
-                top.sort_unstable_by(|a, b| b.1.bytes_in.cmp(&a.1.bytes_in));
+                top.sort_unstable_by_key(|f| std::cmp::Reverse(f.1.bytes_in));
                 top.truncate(TOP_KEPT);
                 top.push((*key, *state));
             }
@@ -251,7 +251,7 @@ impl Collector {
                 }
             }
         }
-        top.sort_unstable_by(|a, b| b.1.bytes_in.cmp(&a.1.bytes_in));
+        top.sort_unstable_by_key(|f| std::cmp::Reverse(f.1.bytes_in));
         top.truncate(TOP_KEPT);
         self.top = top;
         self.flows_in_table = (scanned - expire.len()) as u64;

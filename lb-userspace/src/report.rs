@@ -165,7 +165,7 @@ pub(crate) async fn flows(state: &Shared, q: &FlowQuery) -> Result<Response> {
         }
     })?;
     let count = matched.len();
-    matched.sort_unstable_by(|a, b| b.1.bytes_in.cmp(&a.1.bytes_in));
+    matched.sort_unstable_by_key(|f| std::cmp::Reverse(f.1.bytes_in));
     matched.truncate(q.limit);
     let now = monotonic_ns();
     let backend_of = |id: u32| backends.iter().find(|(b, _)| *b == id).map(|(_, a)| *a);
