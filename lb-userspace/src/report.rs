@@ -21,25 +21,23 @@ const STATES: [&str; 6] = [
     "all",
 ];
 
-pub(crate) async fn report(state: &Shared, q: &ReportQuery) -> Result<Report> {
-    let st = state.lock().await;
-    let bal = st
-        .balancer
-        .as_ref()
-        .context("this agent runs no balancer")?;
-    let c = &st.collector;
-    let vips = bal.vips();
-    let backends = bal.backend_ids();
-    let vip_id = match &q.vip {
+/// The vip id and backend id that `--vip` / `--backend` name.
+fn filters(
+    vips: &[(u32, &crate::config::VipConfig)],
+    backends: &[(u32, IpAddr)],
+    vip: Option<&str>,
+    backend: Option<IpAddr>,
+) -> Result<(Option<u32>, Option<u32>)> {
+    let vip_id = match vip {
         Some(name) => Some(
             vips.iter()
-                .find(|(_, v)| &v.name == name)
+                .find(|(_, v)| v.name == name)
                 .map(|(id, _)| *id)
                 .with_context(|| format!("no VIP named {name:?}"))?,
         ),
         None => None,
     };
-    let backend_id = match q.backend {
+    let backend_id = match backend {
         Some(addr) => Some(
             backends
                 .iter()
@@ -49,6 +47,19 @@ pub(crate) async fn report(state: &Shared, q: &ReportQuery) -> Result<Report> {
         ),
         None => None,
     };
+    Ok((vip_id, backend_id))
+}
+
+pub(crate) async fn report(state: &Shared, q: &ReportQuery) -> Result<Report> {
+    let st = state.lock().await;
+    let bal = st
+        .balancer
+        .as_ref()
+        .context("this agent runs no balancer")?;
+    let c = &st.collector;
+    let vips = bal.vips();
+    let backends = bal.backend_ids();
+    let (vip_id, backend_id) = filters(&vips, &backends, q.vip.as_deref(), q.backend)?;
     if let Some(s) = q.since_s {
         if !(s > 0.0 && s.is_finite()) {
             bail!("--since must be a positive duration");
@@ -134,25 +145,7 @@ pub(crate) async fn flows(state: &Shared, q: &FlowQuery) -> Result<Response> {
         .context("this agent runs no balancer")?;
     let vips = bal.vips();
     let backends = bal.backend_ids();
-    let vip_id = match &q.vip {
-        Some(name) => Some(
-            vips.iter()
-                .find(|(_, v)| &v.name == name)
-                .map(|(id, _)| *id)
-                .with_context(|| format!("no VIP named {name:?}"))?,
-        ),
-        None => None,
-    };
-    let backend_id = match q.backend {
-        Some(addr) => Some(
-            backends
-                .iter()
-                .find(|(_, a)| *a == addr)
-                .map(|(id, _)| *id)
-                .with_context(|| format!("no backend {addr}"))?,
-        ),
-        None => None,
-    };
+    let (vip_id, backend_id) = filters(&vips, &backends, q.vip.as_deref(), q.backend)?;
     let mut matched = Vec::new();
     bal.datapath().scan_flows(&mut |k, s| {
         let keep = vip_id.is_none_or(|v| s.vip_id == v)
