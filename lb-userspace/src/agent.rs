@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     path::Path,
     sync::Arc,
@@ -195,6 +195,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .as_ref()
         .map(|b| Duration::from_millis(b.datapath.next_hop_refresh_ms));
     let visibility = config.balancer.as_ref().map(|b| b.visibility);
+    let balancing = config.balancer.is_some();
     let metrics_addr = config.metrics;
     let events = match &config.balancer {
         Some(_) => Some(aya::maps::RingBuf::try_from(
@@ -219,6 +220,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     if let Some(ring) = events {
         tasks.push(tokio::spawn(read_events(state.clone(), ring)));
+    }
+    if balancing {
+        tasks.push(tokio::spawn(check_health(state.clone())));
     }
     if let Some(addr) = metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -295,6 +299,91 @@ async fn collect(state: Shared, every: Duration) {
         let backends: Vec<u32> = bal.backend_ids().iter().map(|(id, _)| *id).collect();
         if let Err(e) = collector.collect(bal.datapath_mut(), monotonic_ns(), &vips, &backends) {
             warn!("collecting flows: {e:#}");
+        }
+    }
+}
+
+/// Runs every VIP's health checks at their intervals and applies the
+/// verdicts (rise/fall thresholds) to the balancer.
+async fn check_health(state: Shared) {
+    use std::collections::HashMap;
+    type Pair = ((IpAddr, u16, crate::config::Protocol), IpAddr);
+    let mut trackers: HashMap<Pair, (crate::health::Tracker, tokio::time::Instant)> =
+        HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = tokio::time::Instant::now();
+        // What is due, from the configuration in force.
+        let due: Vec<(Pair, SocketAddr, crate::config::HealthCheck)> = {
+            let st = state.lock().await;
+            let Some(b) = &st.config.balancer else { return };
+            let mut due = Vec::new();
+            for v in &b.vips {
+                let Some(hc) = &v.health else { continue };
+                for be in &v.backends {
+                    let pair = ((v.address, v.port, v.protocol), be.address);
+                    let next = trackers.get(&pair).map_or(now, |(_, at)| *at);
+                    if next <= now {
+                        due.push((pair, SocketAddr::new(be.address, hc.port), hc.clone()));
+                    }
+                }
+            }
+            due
+        };
+        if due.is_empty() {
+            continue;
+        }
+        let results =
+            futures::future::join_all(due.into_iter().map(|(pair, target, hc)| async move {
+                let result = crate::health::check(target, &hc).await;
+                (pair, target, hc, result)
+            }))
+            .await;
+        let mut changes = Vec::new();
+        for (pair, target, hc, result) in results {
+            let entry = trackers
+                .entry(pair)
+                .or_insert((crate::health::Tracker::default(), now));
+            entry.1 = now + Duration::from_millis(hc.interval_ms);
+            if let Some(up) = entry.0.record(result.is_ok(), hc.rise, hc.fall) {
+                match &result {
+                    Ok(()) => {
+                        info!(vip = %SocketAddr::new(pair.0 .0, pair.0 .1), backend = %target, "backend up")
+                    }
+                    Err(e) => {
+                        warn!(vip = %SocketAddr::new(pair.0 .0, pair.0 .1), backend = %target, "backend down: {e:#}")
+                    }
+                }
+                changes.push((pair, up));
+            }
+        }
+        if changes.is_empty() {
+            continue;
+        }
+        let mut st = state.lock().await;
+        let Some(bal) = st.balancer.as_mut() else {
+            return;
+        };
+        for ((vip, backend), up) in changes {
+            if let Err(e) = bal.set_health(vip, backend, up) {
+                warn!(%backend, "applying a health verdict: {e:#}");
+            }
+        }
+        // Pairs no longer configured are forgotten.
+        if let Some(b) = &st.config.balancer {
+            let live: std::collections::HashSet<Pair> = b
+                .vips
+                .iter()
+                .filter(|v| v.health.is_some())
+                .flat_map(|v| {
+                    v.backends
+                        .iter()
+                        .map(move |be| ((v.address, v.port, v.protocol), be.address))
+                })
+                .collect();
+            trackers.retain(|p, _| live.contains(p));
         }
     }
 }

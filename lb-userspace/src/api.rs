@@ -109,6 +109,8 @@ pub struct VipBackendStatus {
     pub weight: u32,
     /// Slots this backend holds in the VIP's Maglev table.
     pub maglev_slots: u32,
+    /// "up" or "down" by the VIP's health check, or "unchecked".
+    pub health: String,
 }
 
 /// A backend host, with the traffic it received over all VIPs it serves.

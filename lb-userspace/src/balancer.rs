@@ -165,6 +165,9 @@ struct VipState {
 struct BackendState {
     id: u32,
     next_hop: Option<NextHop>,
+    /// False while a health check of any of its VIPs says it is down: its
+    /// established flows are then re-balanced too.
+    usable: bool,
 }
 
 impl BackendState {
@@ -173,7 +176,11 @@ impl BackendState {
         let mut info = BackendInfo {
             addr,
             family,
-            flags: BACKEND_USABLE | BACKEND_AVAILABLE,
+            flags: if self.usable {
+                BACKEND_USABLE | BACKEND_AVAILABLE
+            } else {
+                0
+            },
             ..BackendInfo::default()
         };
         if let Some(nh) = self.next_hop {
@@ -204,6 +211,8 @@ pub struct Balancer<D: Datapath> {
     tx_ports: BTreeSet<u32>,
     /// Receiving interfaces: frames leave them with XDP_TX, no DevMap entry needed.
     local_ports: BTreeSet<u32>,
+    /// (VIP, backend) pairs whose health check says down.
+    down: BTreeSet<(VipIdent, IpAddr)>,
 }
 
 impl<D: Datapath> Balancer<D> {
@@ -219,6 +228,7 @@ impl<D: Datapath> Balancer<D> {
             backend_ids: IdPool::new(sizes.max_backends),
             tx_ports: BTreeSet::new(),
             local_ports,
+            down: BTreeSet::new(),
         }
     }
 
@@ -311,7 +321,12 @@ impl<D: Datapath> Balancer<D> {
             if let Some(nh) = next_hop {
                 self.allow_tx_port(nh.ifindex)?;
             }
-            let state = BackendState { id, next_hop };
+            let usable = !self.down.iter().any(|(_, a)| *a == address);
+            let state = BackendState {
+                id,
+                next_hop,
+                usable,
+            };
             self.dp.clear_backend_counters(id)?;
             self.dp.set_backend(id, &state.info(address))?;
             self.backends.insert(address, state);
@@ -345,16 +360,7 @@ impl<D: Datapath> Balancer<D> {
         for chunk in to_build.chunks(64) {
             let sets: Vec<Vec<maglev::Entry>> = chunk
                 .iter()
-                .map(|vip| {
-                    vip.backends
-                        .iter()
-                        .map(|b| maglev::Entry {
-                            id: self.backends[&b.address].id,
-                            identity: addr_bytes(b.address).0.to_vec(),
-                            weight: b.weight,
-                        })
-                        .collect()
-                })
+                .map(|vip| vip.backends.iter().map(|b| self.entry(vip, b)).collect())
                 .collect();
             let tables = maglev::build_many(&sets, m);
             for (vip, table) in chunk.iter().zip(tables) {
@@ -386,7 +392,90 @@ impl<D: Datapath> Balancer<D> {
                 summary.backends_removed += 1;
             }
         }
+        // Health verdicts of pairs that no longer exist go.
+        let live: BTreeSet<(VipIdent, IpAddr)> = config
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(move |b| (ident(v), b.address)))
+            .collect();
+        self.down.retain(|p| live.contains(p));
         Ok(summary)
+    }
+
+    /// A backend as the VIP's Maglev table takes it: no slots while down.
+    fn entry(&self, vip: &VipConfig, b: &crate::config::BackendConfig) -> maglev::Entry {
+        let down = self.down.contains(&(ident(vip), b.address));
+        maglev::Entry {
+            id: self.backends[&b.address].id,
+            identity: addr_bytes(b.address).0.to_vec(),
+            weight: if down { 0 } else { b.weight },
+        }
+    }
+
+    /// Records a health check verdict for a backend of a VIP. Going down, the
+    /// VIP's table is rebuilt without it first (no new flows), then the
+    /// backend stops being usable (its established flows move); going up, the
+    /// other way round. Returns whether anything changed.
+    pub fn set_health(
+        &mut self,
+        vip: (IpAddr, u16, Protocol),
+        address: IpAddr,
+        up: bool,
+    ) -> Result<bool> {
+        let Some(config) = self.vips.get(&vip).map(|v| v.config.clone()) else {
+            return Ok(false);
+        };
+        if !config.backends.iter().any(|b| b.address == address) {
+            return Ok(false);
+        }
+        let changed = if up {
+            self.down.remove(&(vip, address))
+        } else {
+            self.down.insert((vip, address))
+        };
+        if !changed {
+            return Ok(false);
+        }
+        let usable = !self.down.iter().any(|(_, a)| *a == address);
+        if up {
+            self.set_usable(address, usable)?;
+        }
+        self.rings.wake();
+        if self.rings.available() == 0 {
+            bail!("no free Maglev ring to rebuild {}", config.name);
+        }
+        let entries: Vec<maglev::Entry> = config
+            .backends
+            .iter()
+            .map(|b| self.entry(&config, b))
+            .collect();
+        let table = maglev::build_table(&entries, self.sizes.maglev_size);
+        self.switch_vip(
+            &config,
+            &table,
+            &mut Vec::new(),
+            &mut ApplySummary::default(),
+        )?;
+        if !up {
+            self.set_usable(address, usable)?;
+        }
+        Ok(true)
+    }
+
+    fn set_usable(&mut self, address: IpAddr, usable: bool) -> Result<()> {
+        if let Some(state) = self.backends.get_mut(&address) {
+            if state.usable != usable {
+                state.usable = usable;
+                let (id, info) = (state.id, state.info(address));
+                self.dp.set_backend(id, &info)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a health check has the backend of the VIP down.
+    pub fn is_down(&self, vip: &VipConfig, address: IpAddr) -> bool {
+        self.down.contains(&(ident(vip), address))
     }
 
     /// Writes `table` into a free ring and points the VIP at it.
@@ -514,6 +603,12 @@ impl<D: Datapath> Balancer<D> {
                         address: b.address,
                         weight: b.weight,
                         maglev_slots: v.slots.get(&b.address).copied().unwrap_or(0),
+                        health: match (&v.config.health, self.is_down(&v.config, b.address)) {
+                            (None, _) => "unchecked",
+                            (Some(_), true) => "down",
+                            (Some(_), false) => "up",
+                        }
+                        .into(),
                     })
                     .collect(),
             });
@@ -895,6 +990,62 @@ mod tests {
         assert_eq!(dp.backends[&id].ifindex, 7);
         assert_eq!(dp.backends[&id].dst_mac, [2, 0, 0, 0, 0, 2]);
         assert_eq!(dp.tx_ports, BTreeSet::from([7]));
+    }
+
+    #[test]
+    fn a_down_backend_leaves_the_table_then_loses_its_flows_and_comes_back() {
+        let mut b = balancer();
+        b.apply_cfg(&config(&vip(
+            "198.18.10.1",
+            80,
+            &[("198.18.0.11", 1), ("198.18.0.12", 1)],
+        )))
+        .unwrap();
+        let addr: IpAddr = "198.18.0.12".parse().unwrap();
+        let id = b.backends[&addr].id;
+        let web = ("198.18.10.1".parse().unwrap(), 80, Protocol::Tcp);
+        let start = b.datapath().log.len();
+        assert!(b.set_health(web, addr, false).unwrap());
+        assert!(
+            !b.set_health(web, addr, false).unwrap(),
+            "no change, no writes"
+        );
+        let log = b.datapath().log[start..].to_vec();
+        let switch = log
+            .iter()
+            .position(|o| matches!(o, Op::Vip(k, _) if *k == key("198.18.10.1", 80)))
+            .unwrap();
+        let unusable = log.iter().position(|o| *o == Op::Backend(id, 0)).unwrap();
+        assert!(
+            switch < unusable,
+            "new flows stop before established ones move"
+        );
+        let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring];
+        assert!(!ring.contains(&id));
+        // A reload keeps the verdict.
+        b.apply_cfg(&config(&vip(
+            "198.18.10.1",
+            80,
+            &[("198.18.0.11", 2), ("198.18.0.12", 1)],
+        )))
+        .unwrap();
+        let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring];
+        assert!(!ring.contains(&id));
+        let start = b.datapath().log.len();
+        assert!(b.set_health(web, addr, true).unwrap());
+        let log = b.datapath().log[start..].to_vec();
+        let usable = log
+            .iter()
+            .position(|o| *o == Op::Backend(id, BACKEND_USABLE | BACKEND_AVAILABLE))
+            .unwrap();
+        let switch = log.iter().position(|o| matches!(o, Op::Vip(..))).unwrap();
+        assert!(usable < switch, "usable again before new flows come");
+        let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring];
+        assert!(ring.contains(&id));
+        // Unknown pairs change nothing.
+        assert!(!b
+            .set_health(web, "198.18.0.99".parse().unwrap(), false)
+            .unwrap());
     }
 
     #[test]

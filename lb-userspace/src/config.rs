@@ -106,6 +106,20 @@ pub struct RawVip {
     pub protocol: String,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
+    pub health: Option<RawHealth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub kind: String,
+    pub port: Option<i64>,
+    pub path: Option<String>,
+    pub expect_status: Option<i64>,
+    pub interval_ms: Option<i64>,
+    pub timeout_ms: Option<i64>,
+    pub rise: Option<i64>,
+    pub fall: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +214,43 @@ pub struct VipConfig {
     pub port: u16,
     pub protocol: Protocol,
     pub backends: Vec<BackendConfig>,
+    /// Checks of every backend of the VIP; without them backends are always up.
+    pub health: Option<HealthCheck>,
+}
+
+/// How a VIP's backends are checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// Port on the backend's address (default: the VIP's port).
+    pub port: u16,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Successes in a row that bring a down backend up, failures in a row
+    /// that take an up backend down.
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            kind: HealthKind::Tcp,
+            port: 0,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    /// A TCP connection is accepted.
+    Tcp,
+    /// `GET path` answers with `expect_status`.
+    Http { path: String, expect_status: u16 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -557,12 +608,17 @@ fn validate_balancer(
             all_backends.insert(address);
             backends.push(BackendConfig { address, weight });
         }
+        let health = match rv.health {
+            Some(h) => Some(validate_health(&format!("{f}.health"), h, port)?),
+            None => None,
+        };
         vips.push(VipConfig {
             name,
             address,
             port,
             protocol,
             backends,
+            health,
         });
     }
     if all_backends.len() > max_backends as usize {
@@ -587,6 +643,78 @@ fn validate_balancer(
         encap,
         vips,
         visibility: VisibilityConfig::default(),
+    })
+}
+
+fn validate_health(f: &str, h: RawHealth, vip_port: u16) -> Result<HealthCheck, ConfigError> {
+    let d = HealthCheck::default();
+    let kind = match h.kind.as_str() {
+        "tcp" => {
+            if h.path.is_some() || h.expect_status.is_some() {
+                return err(
+                    format!("{f}.path"),
+                    "path and expect_status are for kind = \"http\"",
+                );
+            }
+            HealthKind::Tcp
+        }
+        "http" => {
+            let path = h.path.unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.contains(char::is_whitespace) {
+                return err(
+                    format!("{f}.path"),
+                    format!("{path:?} is not an absolute path without spaces"),
+                );
+            }
+            HealthKind::Http {
+                path,
+                expect_status: in_range(
+                    &format!("{f}.expect_status"),
+                    h.expect_status,
+                    200,
+                    100,
+                    599,
+                )?,
+            }
+        }
+        other => {
+            return err(
+                format!("{f}.kind"),
+                format!("{other:?} is not a check; expected \"tcp\" or \"http\""),
+            )
+        }
+    };
+    let port: u16 = in_range(&format!("{f}.port"), h.port, vip_port.into(), 0, 65_535)?;
+    if port == 0 {
+        return err(
+            format!("{f}.port"),
+            "an every-port VIP needs an explicit health check port",
+        );
+    }
+    let interval_ms: u64 = in_range(
+        &format!("{f}.interval_ms"),
+        h.interval_ms,
+        d.interval_ms as i64,
+        100,
+        3_600_000,
+    )?;
+    let timeout_ms: u64 = in_range(
+        &format!("{f}.timeout_ms"),
+        h.timeout_ms,
+        d.timeout_ms as i64,
+        10,
+        60_000,
+    )?;
+    if timeout_ms > interval_ms {
+        return err(format!("{f}.timeout_ms"), "must not exceed interval_ms");
+    }
+    Ok(HealthCheck {
+        kind,
+        port,
+        interval_ms,
+        timeout_ms,
+        rise: in_range(&format!("{f}.rise"), h.rise, d.rise.into(), 1, 100)?,
+        fall: in_range(&format!("{f}.fall"), h.fall, d.fall.into(), 1, 100)?,
     })
 }
 

@@ -7,6 +7,7 @@
 //! - `datapath`: the `Datapath` trait and the kernel maps behind it.
 //! - `balancer`: VIPs, backends, ids and rings; applying a configuration.
 //! - `collector`: reads flows and counters, expires idle flows, aggregates.
+//! - `health`: backend health checks and their rise/fall thresholds.
 //! - `nexthop`: interface indexes and next-hop MACs through rtnetlink.
 //! - `api`: requests and responses between `lbctl` and the agent.
 //! - `report`: reports, flow listings and events from the collector's data.
@@ -19,6 +20,7 @@ pub mod batch;
 pub mod collector;
 pub mod config;
 pub mod datapath;
+pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod nexthop;

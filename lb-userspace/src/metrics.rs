@@ -272,6 +272,24 @@ pub(crate) async fn render(state: &Shared) -> Result<String> {
             }
         }
         out.family(
+            "lb_backend_up",
+            "gauge",
+            "1 when the VIP's health check has the backend up (or no check is configured).",
+        );
+        for v in bal.vip_status()? {
+            for b in &v.backends {
+                out.sample(
+                    "lb_backend_up",
+                    &[
+                        ("vip", &v.name),
+                        ("backend", &b.address.to_string()),
+                        ("health", &b.health),
+                    ],
+                    u64::from(b.health != "down"),
+                );
+            }
+        }
+        out.family(
             "lb_backend_maglev_slots",
             "gauge",
             "Slots the backend holds in the VIP's Maglev table.",

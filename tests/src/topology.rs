@@ -411,6 +411,7 @@ address = "{VIP_V4}"
 port = 80
 protocol = "tcp"
 backends = [{tcp4}]
+health = {{ kind = "tcp", interval_ms = 300, timeout_ms = 200, rise = 2, fall = 2 }}
 
 [[vips]]
 name = "dns"

@@ -390,6 +390,64 @@ fn next_hop_follows_a_backend_mac_change() {
     assert!(counts(&after).contains_key("b0"));
 }
 
+#[test]
+fn a_backend_whose_server_stops_is_marked_down_and_gets_no_new_flows() {
+    let mut t = Topology::new(3);
+    t.start(&[100, 100, 100]);
+    let health = |t: &Topology| -> Vec<String> {
+        let s = t.status_json();
+        let web = s["vips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "web")
+            .unwrap()
+            .clone();
+        web["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["health"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(health(&t), ["up", "up", "up"]);
+    t.stop_servers(1);
+    let stopped = std::time::Instant::now();
+    loop {
+        if health(&t)[1] == "down" {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(3),
+            "not marked down within 3 s:\n{}",
+            t.log("lb")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let detected = stopped.elapsed();
+    eprintln!("backend b1 marked down {detected:?} after its server stopped");
+    assert_eq!(health(&t), ["up", "down", "up"]);
+    let names: Vec<String> = many_connections(&t, vip(VIP_V4, 80), 200)
+        .into_iter()
+        .map(|r| r.expect("every new connection goes to a live backend"))
+        .collect();
+    let c = counts(&names);
+    assert!(
+        !c.contains_key("b1"),
+        "new flows reached the down backend: {c:?}"
+    );
+    assert_eq!(c.len(), 2);
+    let s = t.status_json();
+    let web = s["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "web")
+        .unwrap()
+        .clone();
+    assert_eq!(web["backends"][1]["maglev_slots"], 0);
+}
+
 fn connect_once_from(t: &Topology, to: SocketAddr) -> std::io::Result<String> {
     t.from_client(move || connect_once(to))
 }

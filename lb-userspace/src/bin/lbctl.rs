@@ -117,7 +117,10 @@ fn print_status(s: &Status) {
             human_bytes(v.counters.bytes),
             v.counters.new_flows
         );
-        println!("  {:<40} {:>6} {:>7}", "backend", "weight", "share");
+        println!(
+            "  {:<40} {:>6} {:>7} {:>10}",
+            "backend", "weight", "share", "health"
+        );
         for b in &v.backends {
             let share = if s.maglev_table_size > 0 {
                 100.0 * f64::from(b.maglev_slots) / f64::from(s.maglev_table_size)

@@ -1,0 +1,147 @@
+//! Health checks of backends: TCP connect or HTTP GET with an expected
+//! status, and the rise/fall thresholds that turn check results into up/down.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{bail, Context as _, Result};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+use crate::config::{HealthCheck, HealthKind};
+
+/// Up/down with hysteresis: `fall` failures in a row take an up backend down,
+/// `rise` successes in a row bring a down backend up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tracker {
+    pub up: bool,
+    streak: u32,
+}
+
+impl Default for Tracker {
+    /// A backend starts up: it takes traffic until checks say otherwise.
+    fn default() -> Self {
+        Tracker {
+            up: true,
+            streak: 0,
+        }
+    }
+}
+
+impl Tracker {
+    /// Records one check result; returns the new state when it changed.
+    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        if ok == self.up {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if self.up { fall } else { rise };
+        if self.streak >= needed {
+            self.up = ok;
+            self.streak = 0;
+            return Some(ok);
+        }
+        None
+    }
+}
+
+/// Runs one check against `target`; `Ok(())` when the backend is healthy.
+pub async fn check(target: SocketAddr, hc: &HealthCheck) -> Result<()> {
+    let timeout = Duration::from_millis(hc.timeout_ms);
+    tokio::time::timeout(timeout, async {
+        let mut stream = TcpStream::connect(target).await.context("connect")?;
+        if let HealthKind::Http { path, expect_status } = &hc.kind {
+            let request = format!(
+                "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: lb-agent\r\nConnection: close\r\n\r\n",
+                target.ip()
+            );
+            stream.write_all(request.as_bytes()).await?;
+            let mut head = [0u8; 64];
+            let mut n = 0;
+            while n < 12 {
+                let got = stream.read(&mut head[n..]).await?;
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            let line = String::from_utf8_lossy(&head[..n]);
+            let status: u16 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .with_context(|| format!("not an HTTP response: {line:?}"))?;
+            if status != *expect_status {
+                bail!("HTTP status {status}, expected {expect_status}");
+            }
+        }
+        Ok(())
+    })
+    .await
+    .context("timed out")?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fall_and_rise_need_streaks() {
+        let mut t = Tracker::default();
+        assert_eq!(t.record(false, 2, 3), None);
+        assert_eq!(t.record(false, 2, 3), None);
+        assert_eq!(
+            t.record(true, 2, 3),
+            None,
+            "a success resets the failure streak"
+        );
+        assert_eq!(t.record(false, 2, 3), None);
+        assert_eq!(t.record(false, 2, 3), None);
+        assert_eq!(t.record(false, 2, 3), Some(false));
+        assert!(!t.up);
+        assert_eq!(t.record(false, 2, 3), None);
+        assert_eq!(t.record(true, 2, 3), None);
+        assert_eq!(t.record(true, 2, 3), Some(true));
+        assert!(t.up);
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_checks_on_loopback() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 256];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let status = if String::from_utf8_lossy(&buf[..n]).contains("GET /bad") {
+                    503
+                } else {
+                    200
+                };
+                let _ = s
+                    .write_all(format!("HTTP/1.0 {status} X\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let tcp = HealthCheck {
+            kind: HealthKind::Tcp,
+            ..HealthCheck::default()
+        };
+        check(addr, &tcp).await.unwrap();
+        let http = |path: &str| HealthCheck {
+            kind: HealthKind::Http {
+                path: path.into(),
+                expect_status: 200,
+            },
+            ..HealthCheck::default()
+        };
+        check(addr, &http("/ok")).await.unwrap();
+        let err = check(addr, &http("/bad")).await.unwrap_err();
+        assert!(format!("{err:#}").contains("503"), "{err:#}");
+        // Nothing listens on port 1 of loopback.
+        assert!(check("127.0.0.1:1".parse().unwrap(), &tcp).await.is_err());
+    }
+}
