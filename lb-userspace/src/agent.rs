@@ -523,10 +523,33 @@ async fn handle(req: Request, state: &Shared, resolver: &Resolver) -> Response {
             .map(|r| Response::Report(Box::new(r))),
         Request::Flows(q) => crate::report::flows(state, &q).await,
         Request::Events { limit } => crate::report::events(state, limit).await,
+        Request::SetBackend {
+            vip,
+            backend,
+            enabled,
+        } => set_backend(state, &vip, backend, enabled).await,
     };
     result.unwrap_or_else(|e| Response::Error {
         message: format!("{e:#}"),
     })
+}
+
+async fn set_backend(
+    state: &Shared,
+    vip: &str,
+    backend: IpAddr,
+    enabled: bool,
+) -> Result<Response> {
+    let mut st = state.lock().await;
+    let bal = st
+        .balancer
+        .as_mut()
+        .context("this agent runs no balancer")?;
+    let changed = bal.set_enabled(vip, backend, enabled)?;
+    if changed {
+        info!(vip, %backend, enabled, "backend set by the operator");
+    }
+    Ok(Response::BackendSet { changed })
 }
 
 async fn apply(text: &str, state: &Shared, resolver: &Resolver) -> Result<ApplySummary> {

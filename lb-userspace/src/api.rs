@@ -25,6 +25,12 @@ pub enum Request {
     Events {
         limit: usize,
     },
+    /// Take a backend of a VIP out of service, or put it back.
+    SetBackend {
+        vip: String,
+        backend: IpAddr,
+        enabled: bool,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -62,6 +68,10 @@ pub enum Response {
     Events {
         events: Vec<EventRecord>,
         stats: EventStats,
+    },
+    /// `changed` is false when the backend already was in that state.
+    BackendSet {
+        changed: bool,
     },
     Error {
         message: String,

@@ -19,7 +19,7 @@ use std::{
     net::IpAddr,
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use lb_common::{
     BackendInfo, Settings, TrafficCounters, VipInfo, VipKey, BACKEND_AVAILABLE, BACKEND_USABLE,
     FAMILY_V4, FAMILY_V6,
@@ -192,7 +192,7 @@ impl BackendState {
     }
 }
 
-type VipIdent = (IpAddr, u16, Protocol);
+pub type VipIdent = (IpAddr, u16, Protocol);
 
 fn ident(v: &VipConfig) -> VipIdent {
     (v.address, v.port, v.protocol)
@@ -213,6 +213,8 @@ pub struct Balancer<D: Datapath> {
     local_ports: BTreeSet<u32>,
     /// (VIP, backend) pairs whose health check says down.
     down: BTreeSet<(VipIdent, IpAddr)>,
+    /// (VIP, backend) pairs an operator disabled.
+    disabled: BTreeSet<(VipIdent, IpAddr)>,
 }
 
 impl<D: Datapath> Balancer<D> {
@@ -229,6 +231,7 @@ impl<D: Datapath> Balancer<D> {
             tx_ports: BTreeSet::new(),
             local_ports,
             down: BTreeSet::new(),
+            disabled: BTreeSet::new(),
         }
     }
 
@@ -399,12 +402,13 @@ impl<D: Datapath> Balancer<D> {
             .flat_map(|v| v.backends.iter().map(move |b| (ident(v), b.address)))
             .collect();
         self.down.retain(|p| live.contains(p));
+        self.disabled.retain(|p| live.contains(p));
         Ok(summary)
     }
 
-    /// A backend as the VIP's Maglev table takes it: no slots while down.
+    /// A backend as the VIP's Maglev table takes it: no slots while out.
     fn entry(&self, vip: &VipConfig, b: &crate::config::BackendConfig) -> maglev::Entry {
-        let down = self.down.contains(&(ident(vip), b.address));
+        let down = self.is_out(&(ident(vip), b.address));
         maglev::Entry {
             id: self.backends[&b.address].id,
             identity: addr_bytes(b.address).0.to_vec(),
@@ -412,15 +416,68 @@ impl<D: Datapath> Balancer<D> {
         }
     }
 
-    /// Records a health check verdict for a backend of a VIP. Going down, the
-    /// VIP's table is rebuilt without it first (no new flows), then the
-    /// backend stops being usable (its established flows move); going up, the
-    /// other way round. Returns whether anything changed.
-    pub fn set_health(
+    /// Records a health check verdict for a backend of a VIP (see `take_out`).
+    /// Returns whether anything changed.
+    pub fn set_health(&mut self, vip: VipIdent, address: IpAddr, up: bool) -> Result<bool> {
+        self.take_out(vip, address, |b| {
+            if up {
+                b.down.remove(&(vip, address))
+            } else {
+                b.down.insert((vip, address))
+            }
+        })
+    }
+
+    /// `lbctl backend enable|disable`: an operator takes a backend of a VIP
+    /// out of service or puts it back. Unknown VIPs and backends are refused.
+    pub fn set_enabled(&mut self, vip_name: &str, address: IpAddr, enabled: bool) -> Result<bool> {
+        let vip = self
+            .vips
+            .values()
+            .find(|v| v.config.name == vip_name)
+            .map(|v| ident(&v.config))
+            .with_context(|| format!("no VIP named {vip_name:?}"))?;
+        if !self.vips[&vip]
+            .config
+            .backends
+            .iter()
+            .any(|b| b.address == address)
+        {
+            bail!("{address} is not a backend of {vip_name}");
+        }
+        self.take_out(vip, address, |b| {
+            if enabled {
+                b.disabled.remove(&(vip, address))
+            } else {
+                b.disabled.insert((vip, address))
+            }
+        })
+    }
+
+    /// Whether a backend of a VIP is out of its Maglev table (down or disabled).
+    fn is_out(&self, pair: &(VipIdent, IpAddr)) -> bool {
+        self.down.contains(pair) || self.disabled.contains(pair)
+    }
+
+    /// Usable for established flows: not out in any VIP it serves.
+    fn usable(&self, address: IpAddr) -> bool {
+        !self
+            .down
+            .iter()
+            .chain(&self.disabled)
+            .any(|(_, a)| *a == address)
+    }
+
+    /// Updates the down/disabled sets with `update` and, if the backend left or
+    /// rejoined the VIP, rewrites the datapath in an order that never breaks a
+    /// flow needlessly. Leaving: the VIP's table is rebuilt without it first
+    /// (no new flows), then the backend stops being usable (its established
+    /// flows move). Rejoining: the other way round.
+    fn take_out(
         &mut self,
-        vip: (IpAddr, u16, Protocol),
+        vip: VipIdent,
         address: IpAddr,
-        up: bool,
+        update: impl FnOnce(&mut Self) -> bool,
     ) -> Result<bool> {
         let Some(config) = self.vips.get(&vip).map(|v| v.config.clone()) else {
             return Ok(false);
@@ -428,16 +485,17 @@ impl<D: Datapath> Balancer<D> {
         if !config.backends.iter().any(|b| b.address == address) {
             return Ok(false);
         }
-        let changed = if up {
-            self.down.remove(&(vip, address))
-        } else {
-            self.down.insert((vip, address))
-        };
-        if !changed {
+        let pair = (vip, address);
+        let was_out = self.is_out(&pair);
+        if !update(self) {
             return Ok(false);
         }
-        let usable = !self.down.iter().any(|(_, a)| *a == address);
-        if up {
+        let out = self.is_out(&pair);
+        if out == was_out {
+            return Ok(true);
+        }
+        let usable = self.usable(address);
+        if !out {
             self.set_usable(address, usable)?;
         }
         self.rings.wake();
@@ -456,7 +514,7 @@ impl<D: Datapath> Balancer<D> {
             &mut Vec::new(),
             &mut ApplySummary::default(),
         )?;
-        if !up {
+        if out {
             self.set_usable(address, usable)?;
         }
         Ok(true)
@@ -473,9 +531,19 @@ impl<D: Datapath> Balancer<D> {
         Ok(())
     }
 
-    /// Whether a health check has the backend of the VIP down.
-    pub fn is_down(&self, vip: &VipConfig, address: IpAddr) -> bool {
-        self.down.contains(&(ident(vip), address))
+    /// The backend's standing in the VIP: "disabled", "down", "up" or
+    /// "unchecked" (no health check configured).
+    pub fn standing(&self, vip: &VipConfig, address: IpAddr) -> &'static str {
+        let pair = (ident(vip), address);
+        if self.disabled.contains(&pair) {
+            "disabled"
+        } else if self.down.contains(&pair) {
+            "down"
+        } else if vip.health.is_some() {
+            "up"
+        } else {
+            "unchecked"
+        }
     }
 
     /// Writes `table` into a free ring and points the VIP at it.
@@ -603,12 +671,7 @@ impl<D: Datapath> Balancer<D> {
                         address: b.address,
                         weight: b.weight,
                         maglev_slots: v.slots.get(&b.address).copied().unwrap_or(0),
-                        health: match (&v.config.health, self.is_down(&v.config, b.address)) {
-                            (None, _) => "unchecked",
-                            (Some(_), true) => "down",
-                            (Some(_), false) => "up",
-                        }
-                        .into(),
+                        health: self.standing(&v.config, b.address).into(),
                     })
                     .collect(),
             });
@@ -780,6 +843,15 @@ mod tests {
         )
     }
 
+    /// VIP 198.18.10.1:80 over two equal backends.
+    fn web_two() -> BalancerConfig {
+        config(&vip(
+            "198.18.10.1",
+            80,
+            &[("198.18.0.11", 1), ("198.18.0.12", 1)],
+        ))
+    }
+
     fn balancer() -> Balancer<FakeDatapath> {
         let dp = FakeDatapath {
             maglev_size: 257,
@@ -801,13 +873,7 @@ mod tests {
     #[test]
     fn first_apply_writes_backends_rings_vips_and_markers() {
         let mut b = balancer();
-        let s = b
-            .apply_cfg(&config(&vip(
-                "198.18.10.1",
-                80,
-                &[("198.18.0.11", 1), ("198.18.0.12", 1)],
-            )))
-            .unwrap();
+        let s = b.apply_cfg(&web_two()).unwrap();
         assert_eq!((s.vips_added, s.backends_added), (1, 2));
         let dp = b.datapath();
         assert_eq!(dp.backends.len(), 2);
@@ -831,12 +897,7 @@ mod tests {
     #[test]
     fn changed_weights_go_to_a_new_ring_written_before_the_switch() {
         let mut b = balancer();
-        b.apply_cfg(&config(&vip(
-            "198.18.10.1",
-            80,
-            &[("198.18.0.11", 1), ("198.18.0.12", 1)],
-        )))
-        .unwrap();
+        b.apply_cfg(&web_two()).unwrap();
         let old_ring = b.datapath().vips[&key("198.18.10.1", 80)].ring;
         let start = b.datapath().log.len();
         let s = b
@@ -877,12 +938,7 @@ mod tests {
     #[test]
     fn removed_backend_loses_usable_bit_after_vip_switch() {
         let mut b = balancer();
-        b.apply_cfg(&config(&vip(
-            "198.18.10.1",
-            80,
-            &[("198.18.0.11", 1), ("198.18.0.12", 1)],
-        )))
-        .unwrap();
+        b.apply_cfg(&web_two()).unwrap();
         let gone_id = b.backends[&"198.18.0.12".parse().unwrap()].id;
         let start = b.datapath().log.len();
         let s = b
@@ -964,12 +1020,7 @@ mod tests {
     #[test]
     fn next_hops_fill_backend_entries_and_tx_ports() {
         let mut b = balancer();
-        b.apply_cfg(&config(&vip(
-            "198.18.10.1",
-            80,
-            &[("198.18.0.11", 1), ("198.18.0.12", 1)],
-        )))
-        .unwrap();
+        b.apply_cfg(&web_two()).unwrap();
         let nh = NextHop {
             ifindex: 7,
             src_mac: [2, 0, 0, 0, 0, 1],
@@ -995,12 +1046,7 @@ mod tests {
     #[test]
     fn a_down_backend_leaves_the_table_then_loses_its_flows_and_comes_back() {
         let mut b = balancer();
-        b.apply_cfg(&config(&vip(
-            "198.18.10.1",
-            80,
-            &[("198.18.0.11", 1), ("198.18.0.12", 1)],
-        )))
-        .unwrap();
+        b.apply_cfg(&web_two()).unwrap();
         let addr: IpAddr = "198.18.0.12".parse().unwrap();
         let id = b.backends[&addr].id;
         let web = ("198.18.10.1".parse().unwrap(), 80, Protocol::Tcp);
@@ -1046,6 +1092,38 @@ mod tests {
         assert!(!b
             .set_health(web, "198.18.0.99".parse().unwrap(), false)
             .unwrap());
+    }
+
+    #[test]
+    fn disabled_and_down_are_both_needed_to_clear() {
+        let mut b = balancer();
+        b.apply_cfg(&web_two()).unwrap();
+        let addr: IpAddr = "198.18.0.12".parse().unwrap();
+        let id = b.backends[&addr].id;
+        let web = ("198.18.10.1".parse().unwrap(), 80, Protocol::Tcp);
+        let name = b.vips[&web].config.name.clone();
+        let ring = |b: &Balancer<FakeDatapath>| {
+            b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring].clone()
+        };
+        assert!(b.set_enabled(&name, addr, false).unwrap());
+        assert!(!ring(&b).contains(&id));
+        assert_eq!(b.datapath().backends[&id].flags, 0);
+        assert!(b.set_health(web, addr, false).unwrap());
+        assert!(b.set_enabled(&name, addr, true).unwrap());
+        assert!(!ring(&b).contains(&id), "still down");
+        assert!(b.set_health(web, addr, true).unwrap());
+        assert!(ring(&b).contains(&id));
+        assert_eq!(
+            b.datapath().backends[&id].flags,
+            BACKEND_USABLE | BACKEND_AVAILABLE
+        );
+        // Unknown names and backends are refused and change nothing.
+        let before = b.datapath().log.len();
+        assert!(b.set_enabled("nope", addr, false).is_err());
+        assert!(b
+            .set_enabled(&name, "198.18.0.99".parse().unwrap(), false)
+            .is_err());
+        assert_eq!(b.datapath().log.len(), before);
     }
 
     #[test]

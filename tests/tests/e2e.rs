@@ -66,12 +66,7 @@ fn tcp_connections_all_succeed_and_spread_by_weight() {
 
     // The datapath saw the same: new flows per backend match what the client saw.
     let status = t.status_json();
-    let web = status["vips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "web")
-        .unwrap();
+    let web = vip_named(&status, "web");
     assert_eq!(web["counters"]["new_flows"], 1000);
     let c = counts(&names);
     // Backends are listed by address: the three IPv4 ones first.
@@ -396,13 +391,7 @@ fn a_backend_whose_server_stops_is_marked_down_and_gets_no_new_flows() {
     t.start(&[100, 100, 100]);
     let health = |t: &Topology| -> Vec<String> {
         let s = t.status_json();
-        let web = s["vips"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == "web")
-            .unwrap()
-            .clone();
+        let web = vip_named(&s, "web");
         web["backends"]
             .as_array()
             .unwrap()
@@ -438,14 +427,73 @@ fn a_backend_whose_server_stops_is_marked_down_and_gets_no_new_flows() {
     );
     assert_eq!(c.len(), 2);
     let s = t.status_json();
-    let web = s["vips"]
+    let web = vip_named(&s, "web");
+    assert_eq!(web["backends"][1]["maglev_slots"], 0);
+}
+
+#[test]
+fn an_operator_disables_and_enables_a_backend() {
+    let mut t = Topology::new(3);
+    t.start(&[100, 100, 100]);
+    for (args, needle) in [
+        (
+            vec!["backend", "disable", "nope", "198.18.0.11"],
+            "no VIP named",
+        ),
+        (
+            vec!["backend", "disable", "web", "198.18.0.99"],
+            "not a backend of web",
+        ),
+        (
+            vec!["backend", "disable", "web", "not-an-address"],
+            "invalid",
+        ),
+    ] {
+        let out = t.lbctl(&args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = t.lbctl(&["backend", "disable", "web", "198.18.0.11"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        vip_named(&t.status_json(), "web")["backends"][0]["health"],
+        "disabled"
+    );
+    let names: Vec<String> = many_connections(&t, vip(VIP_V4, 80), 150)
+        .into_iter()
+        .map(|r| r.expect("connection"))
+        .collect();
+    assert!(!counts(&names).contains_key("b0"), "{:?}", counts(&names));
+    let out = t.lbctl(&["backend", "enable", "web", "198.18.0.11"]);
+    assert!(out.status.success());
+    assert_eq!(
+        vip_named(&t.status_json(), "web")["backends"][0]["health"],
+        "up"
+    );
+    let names: Vec<String> = many_connections(&t, vip(VIP_V4, 80), 150)
+        .into_iter()
+        .map(|r| r.expect("connection"))
+        .collect();
+    assert!(counts(&names).contains_key("b0"), "{:?}", counts(&names));
+}
+
+/// The VIP of this name in `lbctl status --json`.
+fn vip_named(status: &serde_json::Value, name: &str) -> serde_json::Value {
+    status["vips"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|v| v["name"] == "web")
+        .find(|v| v["name"] == name)
         .unwrap()
-        .clone();
-    assert_eq!(web["backends"][1]["maglev_slots"], 0);
+        .clone()
 }
 
 fn connect_once_from(t: &Topology, to: SocketAddr) -> std::io::Result<String> {

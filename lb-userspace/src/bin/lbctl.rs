@@ -76,6 +76,11 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Take a backend of a VIP out of service or put it back.
+    Backend {
+        #[command(subcommand)]
+        action: BackendAction,
+    },
     /// Apply a new configuration file atomically (established flows are kept).
     Apply {
         /// The TOML configuration file.
@@ -84,6 +89,21 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendAction {
+    /// Put the backend back into the VIP's table.
+    Enable {
+        vip: String,
+        backend: std::net::IpAddr,
+    },
+    /// Take the backend out: no new flows, and its established flows move
+    /// to the other backends.
+    Disable {
+        vip: String,
+        backend: std::net::IpAddr,
     },
 }
 
@@ -374,6 +394,29 @@ async fn run(cli: Cli) -> Result<()> {
                 Response::Flows { flows, matched } => {
                     println!("{matched} flows match; the {} largest:", flows.len());
                     print_flows(&flows);
+                }
+                Response::Error { message } => bail!("{message}"),
+                other => bail!("unexpected response: {other:?}"),
+            }
+        }
+        Command::Backend { action } => {
+            let (vip, backend, enabled) = match action {
+                BackendAction::Enable { vip, backend } => (vip, backend, true),
+                BackendAction::Disable { vip, backend } => (vip, backend, false),
+            };
+            let request = Request::SetBackend {
+                vip: vip.clone(),
+                backend,
+                enabled,
+            };
+            match call(&cli.socket, &request).await? {
+                Response::BackendSet { changed } => {
+                    let state = if enabled { "enabled" } else { "disabled" };
+                    if changed {
+                        println!("{backend} {state} in {vip}");
+                    } else {
+                        println!("{backend} was already {state} in {vip}");
+                    }
                 }
                 Response::Error { message } => bail!("{message}"),
                 other => bail!("unexpected response: {other:?}"),
