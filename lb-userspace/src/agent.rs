@@ -223,6 +223,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     if balancing {
         tasks.push(tokio::spawn(check_health(state.clone())));
+        tasks.push(tokio::spawn(poll_load(state.clone())));
     }
     if let Some(addr) = metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -384,6 +385,73 @@ async fn check_health(state: Shared) {
                 })
                 .collect();
             trackers.retain(|p, _| live.contains(p));
+        }
+    }
+}
+
+/// Polls every VIP's load feedback endpoints at their intervals and applies
+/// damped weight factors (see `health::Load`). A backend that does not answer
+/// keeps its last factor; its health check decides whether it is down.
+async fn poll_load(state: Shared) {
+    use std::collections::HashMap;
+    type Pair = ((IpAddr, u16, crate::config::Protocol), IpAddr);
+    let mut loads: HashMap<Pair, (crate::health::Load, tokio::time::Instant)> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = tokio::time::Instant::now();
+        let due: Vec<(Pair, SocketAddr, crate::config::Feedback)> = {
+            let st = state.lock().await;
+            let Some(b) = &st.config.balancer else { return };
+            let mut due = Vec::new();
+            for v in &b.vips {
+                let Some(fb) = &v.feedback else { continue };
+                for be in &v.backends {
+                    let pair = ((v.address, v.port, v.protocol), be.address);
+                    if loads.get(&pair).is_none_or(|(_, at)| *at <= now) {
+                        due.push((pair, SocketAddr::new(be.address, fb.port), fb.clone()));
+                    }
+                }
+            }
+            due
+        };
+        if due.is_empty() {
+            continue;
+        }
+        let results =
+            futures::future::join_all(due.into_iter().map(|(pair, target, fb)| async move {
+                let result = crate::health::fetch_load(target, &fb.path, fb.timeout_ms).await;
+                (pair, target, fb, result)
+            }))
+            .await;
+        let mut changes = Vec::new();
+        for (pair, target, fb, result) in results {
+            let entry = loads
+                .entry(pair)
+                .or_insert((crate::health::Load::default(), now));
+            entry.1 = now + Duration::from_millis(fb.interval_ms);
+            match result {
+                Ok(load) => {
+                    if let Some(factor) = entry.0.record(load, fb.smoothing, fb.min_change) {
+                        info!(backend = %target, load, factor, "weight factor from load");
+                        changes.push((pair, factor));
+                    }
+                }
+                Err(e) => tracing::debug!(backend = %target, "load report: {e:#}"),
+            }
+        }
+        if changes.is_empty() {
+            continue;
+        }
+        let mut st = state.lock().await;
+        let Some(bal) = st.balancer.as_mut() else {
+            return;
+        };
+        for ((vip, backend), factor) in changes {
+            if let Err(e) = bal.set_load_factor(vip, backend, factor) {
+                warn!(%backend, "applying a load factor: {e:#}");
+            }
         }
     }
 }

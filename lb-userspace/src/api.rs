@@ -119,8 +119,13 @@ pub struct VipBackendStatus {
     pub weight: u32,
     /// Slots this backend holds in the VIP's Maglev table.
     pub maglev_slots: u32,
-    /// "up" or "down" by the VIP's health check, or "unchecked".
+    /// "up" or "down" by the VIP's health check, "disabled" by an operator,
+    /// or "unchecked".
     pub health: String,
+    /// The weight in the VIP's table now: 0 while out, scaled by load.
+    pub effective_weight: u32,
+    /// The weight factor from the backend's load reports, if any.
+    pub load_factor: Option<f64>,
 }
 
 /// A backend host, with the traffic it received over all VIPs it serves.

@@ -215,6 +215,8 @@ pub struct Balancer<D: Datapath> {
     down: BTreeSet<(VipIdent, IpAddr)>,
     /// (VIP, backend) pairs an operator disabled.
     disabled: BTreeSet<(VipIdent, IpAddr)>,
+    /// Weight factors from load reports (1 when absent).
+    load_factor: BTreeMap<(VipIdent, IpAddr), f64>,
 }
 
 impl<D: Datapath> Balancer<D> {
@@ -232,6 +234,7 @@ impl<D: Datapath> Balancer<D> {
             local_ports,
             down: BTreeSet::new(),
             disabled: BTreeSet::new(),
+            load_factor: BTreeMap::new(),
         }
     }
 
@@ -403,16 +406,17 @@ impl<D: Datapath> Balancer<D> {
             .collect();
         self.down.retain(|p| live.contains(p));
         self.disabled.retain(|p| live.contains(p));
+        self.load_factor.retain(|p, _| live.contains(p));
         Ok(summary)
     }
 
-    /// A backend as the VIP's Maglev table takes it: no slots while out.
+    /// A backend as the VIP's Maglev table takes it: no slots while out,
+    /// its weight scaled by its load otherwise.
     fn entry(&self, vip: &VipConfig, b: &crate::config::BackendConfig) -> maglev::Entry {
-        let down = self.is_out(&(ident(vip), b.address));
         maglev::Entry {
             id: self.backends[&b.address].id,
             identity: addr_bytes(b.address).0.to_vec(),
-            weight: if down { 0 } else { b.weight },
+            weight: self.effective_weight(vip, b),
         }
     }
 
@@ -498,6 +502,16 @@ impl<D: Datapath> Balancer<D> {
         if !out {
             self.set_usable(address, usable)?;
         }
+        self.rebuild(&config)?;
+        if out {
+            self.set_usable(address, usable)?;
+        }
+        Ok(true)
+    }
+
+    /// Rebuilds a VIP's table from its configuration, health, operator
+    /// settings and load, and switches it in.
+    fn rebuild(&mut self, config: &VipConfig) -> Result<()> {
         self.rings.wake();
         if self.rings.available() == 0 {
             bail!("no free Maglev ring to rebuild {}", config.name);
@@ -505,19 +519,43 @@ impl<D: Datapath> Balancer<D> {
         let entries: Vec<maglev::Entry> = config
             .backends
             .iter()
-            .map(|b| self.entry(&config, b))
+            .map(|b| self.entry(config, b))
             .collect();
         let table = maglev::build_table(&entries, self.sizes.maglev_size);
         self.switch_vip(
-            &config,
+            config,
             &table,
             &mut Vec::new(),
             &mut ApplySummary::default(),
-        )?;
-        if out {
-            self.set_usable(address, usable)?;
+        )
+    }
+
+    /// Scales a backend's weight in a VIP by `factor` (from its load reports)
+    /// and rebuilds the VIP's table. Established flows keep their backend.
+    pub fn set_load_factor(&mut self, vip: VipIdent, address: IpAddr, factor: f64) -> Result<bool> {
+        let Some(config) = self.vips.get(&vip).map(|v| v.config.clone()) else {
+            return Ok(false);
+        };
+        if !config.backends.iter().any(|b| b.address == address) {
+            return Ok(false);
         }
+        let factor = factor.clamp(0.0, 1.0);
+        let old = self.load_factor.insert((vip, address), factor);
+        if old == Some(factor) {
+            return Ok(false);
+        }
+        self.rebuild(&config)?;
         Ok(true)
+    }
+
+    /// The weight a backend has in the VIP's table now.
+    pub fn effective_weight(&self, vip: &VipConfig, b: &crate::config::BackendConfig) -> u32 {
+        let pair = (ident(vip), b.address);
+        if self.is_out(&pair) || b.weight == 0 {
+            return 0;
+        }
+        let factor = self.load_factor.get(&pair).copied().unwrap_or(1.0);
+        ((f64::from(b.weight) * factor).round() as u32).max(1)
     }
 
     fn set_usable(&mut self, address: IpAddr, usable: bool) -> Result<()> {
@@ -672,6 +710,11 @@ impl<D: Datapath> Balancer<D> {
                         weight: b.weight,
                         maglev_slots: v.slots.get(&b.address).copied().unwrap_or(0),
                         health: self.standing(&v.config, b.address).into(),
+                        effective_weight: self.effective_weight(&v.config, b),
+                        load_factor: self
+                            .load_factor
+                            .get(&(ident(&v.config), b.address))
+                            .copied(),
                     })
                     .collect(),
             });
@@ -1124,6 +1167,29 @@ mod tests {
             .set_enabled(&name, "198.18.0.99".parse().unwrap(), false)
             .is_err());
         assert_eq!(b.datapath().log.len(), before);
+    }
+
+    #[test]
+    fn load_scales_weights_and_shares() {
+        let mut b = balancer();
+        b.apply_cfg(&config(&vip(
+            "198.18.10.1",
+            80,
+            &[("198.18.0.11", 100), ("198.18.0.12", 100)],
+        )))
+        .unwrap();
+        let web = ("198.18.10.1".parse().unwrap(), 80, Protocol::Tcp);
+        let busy: IpAddr = "198.18.0.12".parse().unwrap();
+        assert!(b.set_load_factor(web, busy, 0.25).unwrap());
+        assert!(
+            !b.set_load_factor(web, busy, 0.25).unwrap(),
+            "same factor, no rebuild"
+        );
+        let status = b.vip_status().unwrap();
+        let s = &status[0].backends;
+        assert_eq!((s[0].effective_weight, s[1].effective_weight), (100, 25));
+        let share = f64::from(s[1].maglev_slots) / 257.0;
+        assert!((share - 0.2).abs() < 0.02, "25 of 125: {share}");
     }
 
     #[test]

@@ -107,6 +107,18 @@ pub struct RawVip {
     #[serde(default)]
     pub backends: Vec<RawBackend>,
     pub health: Option<RawHealth>,
+    pub feedback: Option<RawFeedback>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFeedback {
+    pub port: i64,
+    pub path: Option<String>,
+    pub interval_ms: Option<i64>,
+    pub timeout_ms: Option<i64>,
+    pub smoothing: Option<f64>,
+    pub min_change: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,7 +228,26 @@ pub struct VipConfig {
     pub backends: Vec<BackendConfig>,
     /// Checks of every backend of the VIP; without them backends are always up.
     pub health: Option<HealthCheck>,
+    /// Load reports from the backends, which scale their weights.
+    pub feedback: Option<Feedback>,
 }
+
+/// Where and how often backends report their load, and how it is damped.
+/// A backend answers `GET path` on `port` with JSON `{"load": x}`, x from 0
+/// (idle) to 1 (at its limit); its weight becomes weight × max(0.05, 1 − load).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Feedback {
+    pub port: u16,
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Weight of a new report in the moving average (1 = no damping).
+    pub smoothing: f64,
+    /// Smallest change of a backend's weight factor that rebuilds the table.
+    pub min_change: f64,
+}
+
+impl Eq for Feedback {}
 
 /// How a VIP's backends are checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -612,6 +643,10 @@ fn validate_balancer(
             Some(h) => Some(validate_health(&format!("{f}.health"), h, port)?),
             None => None,
         };
+        let feedback = match rv.feedback {
+            Some(fb) => Some(validate_feedback(&format!("{f}.feedback"), fb)?),
+            None => None,
+        };
         vips.push(VipConfig {
             name,
             address,
@@ -619,6 +654,7 @@ fn validate_balancer(
             protocol,
             backends,
             health,
+            feedback,
         });
     }
     if all_backends.len() > max_backends as usize {
@@ -715,6 +751,47 @@ fn validate_health(f: &str, h: RawHealth, vip_port: u16) -> Result<HealthCheck, 
         timeout_ms,
         rise: in_range(&format!("{f}.rise"), h.rise, d.rise.into(), 1, 100)?,
         fall: in_range(&format!("{f}.fall"), h.fall, d.fall.into(), 1, 100)?,
+    })
+}
+
+fn validate_feedback(f: &str, fb: RawFeedback) -> Result<Feedback, ConfigError> {
+    let port: u16 = in_range(&format!("{f}.port"), Some(fb.port), 0, 1, 65_535)?;
+    let path = fb.path.unwrap_or_else(|| "/load".into());
+    if !path.starts_with('/') || path.contains(char::is_whitespace) {
+        return err(
+            format!("{f}.path"),
+            format!("{path:?} is not an absolute path without spaces"),
+        );
+    }
+    let interval_ms: u64 = in_range(
+        &format!("{f}.interval_ms"),
+        fb.interval_ms,
+        1000,
+        100,
+        3_600_000,
+    )?;
+    let timeout_ms: u64 = in_range(&format!("{f}.timeout_ms"), fb.timeout_ms, 500, 10, 60_000)?;
+    if timeout_ms > interval_ms {
+        return err(format!("{f}.timeout_ms"), "must not exceed interval_ms");
+    }
+    let fraction =
+        |field: &str, v: Option<f64>, default: f64, lo: f64| -> Result<f64, ConfigError> {
+            let v = v.unwrap_or(default);
+            if !(v.is_finite() && v >= lo && v <= 1.0) {
+                return err(
+                    format!("{f}.{field}"),
+                    format!("{v} is out of range {lo}..=1"),
+                );
+            }
+            Ok(v)
+        };
+    Ok(Feedback {
+        port,
+        path,
+        interval_ms,
+        timeout_ms,
+        smoothing: fraction("smoothing", fb.smoothing, 0.5, 0.01)?,
+        min_change: fraction("min_change", fb.min_change, 0.1, 0.0)?,
     })
 }
 

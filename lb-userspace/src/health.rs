@@ -1,5 +1,6 @@
-//! Health checks of backends: TCP connect or HTTP GET with an expected
-//! status, and the rise/fall thresholds that turn check results into up/down.
+//! Probes of backends: health checks (TCP connect or HTTP GET with an
+//! expected status) with the rise/fall thresholds that turn results into
+//! up/down, and load reports with the damping that turns them into weights.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -83,6 +84,71 @@ pub async fn check(target: SocketAddr, hc: &HealthCheck) -> Result<()> {
     .context("timed out")?
 }
 
+/// A backend's load, damped: an exponential moving average of its reports,
+/// and the weight factor last applied (changed only by `min_change` or more).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Load {
+    pub average: Option<f64>,
+    pub applied: Option<f64>,
+}
+
+/// The weight factor for a load: a fully loaded backend keeps a trickle.
+pub fn weight_factor(load: f64) -> f64 {
+    (1.0 - load).clamp(0.05, 1.0)
+}
+
+impl Load {
+    /// Records a report; returns the factor to apply when it moved enough.
+    pub fn record(&mut self, load: f64, smoothing: f64, min_change: f64) -> Option<f64> {
+        let load = load.clamp(0.0, 1.0);
+        let avg = match self.average {
+            Some(a) => a + smoothing * (load - a),
+            None => load,
+        };
+        self.average = Some(avg);
+        let factor = weight_factor(avg);
+        let applied = self.applied.unwrap_or(1.0);
+        // A tolerance for float rounding; no change at all never rebuilds.
+        let diff = (factor - applied).abs();
+        if diff > 1e-12 && diff + 1e-9 >= min_change {
+            self.applied = Some(factor);
+            return Some(factor);
+        }
+        None
+    }
+}
+
+/// Fetches a backend's load report: `GET path` answering `{"load": x}`.
+pub async fn fetch_load(target: SocketAddr, path: &str, timeout_ms: u64) -> Result<f64> {
+    tokio::time::timeout(Duration::from_millis(timeout_ms), async {
+        let mut stream = TcpStream::connect(target).await.context("connect")?;
+        let request = format!(
+            "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: lb-agent\r\nAccept: application/json\r\n\r\n",
+            target.ip()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.take(64 * 1024).read_to_end(&mut response).await?;
+        let text = String::from_utf8_lossy(&response);
+        let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
+        let status = head.split_whitespace().nth(1).unwrap_or("");
+        if status != "200" {
+            bail!("HTTP status {status}");
+        }
+        #[derive(serde::Deserialize)]
+        struct Report {
+            load: f64,
+        }
+        let report: Report = serde_json::from_str(body.trim()).context("the body is not {\"load\": number}")?;
+        if !report.load.is_finite() {
+            bail!("load {} is not a number", report.load);
+        }
+        Ok(report.load)
+    })
+    .await
+    .context("timed out")?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +171,29 @@ mod tests {
         assert_eq!(t.record(true, 2, 3), None);
         assert_eq!(t.record(true, 2, 3), Some(true));
         assert!(t.up);
+    }
+
+    #[test]
+    fn load_is_damped_and_applied_with_hysteresis() {
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        let mut l = Load::default();
+        assert_eq!(
+            l.record(0.0, 0.5, 0.1),
+            None,
+            "idle: factor 1, nothing to change"
+        );
+        // Averages 0.4 then 0.6: factors 0.6 then 0.4, each a change of 0.1 or more.
+        assert!(close(l.record(0.8, 0.5, 0.1), 0.6));
+        assert!(close(l.record(0.8, 0.5, 0.1), 0.4));
+        // Average 0.7 (factor 0.3): a change of 0.1 is applied; 0.75 (0.25) is not.
+        assert!(close(l.record(0.8, 0.5, 0.1), 0.3));
+        assert_eq!(l.record(0.8, 0.5, 0.1), None);
+        // Without damping a report applies at once.
+        let mut m = Load::default();
+        assert!(close(m.record(0.5, 1.0, 0.1), 0.5));
+        assert_eq!(m.record(0.55, 1.0, 0.1), None, "0.05 is below min_change");
+        assert_eq!(weight_factor(1.0), 0.05);
+        assert_eq!(weight_factor(-3.0), 1.0);
     }
 
     #[tokio::test]

@@ -272,6 +272,20 @@ pub(crate) async fn render(state: &Shared) -> Result<String> {
             }
         }
         out.family(
+            "lb_backend_effective_weight",
+            "gauge",
+            "Weight of the backend in the VIP's table now: 0 while out, scaled by its load.",
+        );
+        for v in bal.vip_status()? {
+            for b in &v.backends {
+                out.sample(
+                    "lb_backend_effective_weight",
+                    &[("vip", &v.name), ("backend", &b.address.to_string())],
+                    u64::from(b.effective_weight),
+                );
+            }
+        }
+        out.family(
             "lb_backend_up",
             "gauge",
             "1 when the VIP's health check has the backend up (or no check is configured).",

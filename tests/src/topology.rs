@@ -105,9 +105,11 @@ fn remove_stale_namespaces() {
 }
 
 /// A backend's TCP and UDP servers; each answers with the backend's name.
+/// A load report (`GET /load` on port 8081, `{"load": x}`) says `load`/1000.
 struct Servers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    load: Arc<AtomicU32>,
 }
 
 pub struct Topology {
@@ -412,6 +414,7 @@ port = 80
 protocol = "tcp"
 backends = [{tcp4}]
 health = {{ kind = "tcp", interval_ms = 300, timeout_ms = 200, rise = 2, fall = 2 }}
+feedback = {{ port = 8081, path = "/load", interval_ms = 300, timeout_ms = 200, smoothing = 1.0, min_change = 0.05 }}
 
 [[vips]]
 name = "dns"
@@ -556,7 +559,41 @@ backends = [{equal6}]
                 }
             }));
         }
-        self.servers.push(Servers { stop, threads });
+        // Load report.
+        let load = Arc::new(AtomicU32::new(0));
+        let (l, s) = (load.clone(), stop.clone());
+        threads.push(in_netns(&ns, move || {
+            let listener = TcpListener::bind("[::]:8081").expect("bind TCP [::]:8081");
+            listener.set_nonblocking(true).expect("nonblocking");
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                        let mut buf = [0u8; 512];
+                        let _ = stream.read(&mut buf);
+                        let body = format!("{{\"load\": {}}}", f64::from(l.load(Ordering::Relaxed)) / 1000.0);
+                        let _ = stream.write_all(
+                            format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                                .as_bytes(),
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }));
+        self.servers.push(Servers {
+            stop,
+            threads,
+            load,
+        });
+    }
+
+    /// Sets the load backend `i` reports (0 idle, 1 at its limit).
+    pub fn set_load(&self, i: usize, load: f64) {
+        self.servers[i]
+            .load
+            .store((load * 1000.0) as u32, Ordering::Relaxed);
     }
 
     /// Stops backend `i`'s servers (its host and decapsulator stay up).

@@ -485,6 +485,55 @@ fn an_operator_disables_and_enables_a_backend() {
     assert!(counts(&names).contains_key("b0"), "{:?}", counts(&names));
 }
 
+#[test]
+fn a_backend_reporting_high_load_gets_proportionally_fewer_new_flows() {
+    let mut t = Topology::new(3);
+    t.start(&[100, 100, 100]);
+    t.set_load(2, 0.75);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let web = vip_named(&t.status_json(), "web");
+        if web["backends"][2]["effective_weight"] == 25 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "load not applied: {web}\n{}",
+            t.log("lb")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let web = vip_named(&t.status_json(), "web");
+    let weights: Vec<u64> = web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["effective_weight"].as_u64().unwrap())
+        .collect();
+    assert_eq!(weights, [100, 100, 25]);
+    let names: Vec<String> = many_connections(&t, vip(VIP_V4, 80), 900)
+        .into_iter()
+        .map(|r| r.expect("connection"))
+        .collect();
+    let c = counts(&names);
+    let (b0, b1, b2) = (c["b0"], c["b1"], c["b2"]);
+    // Shares 100:100:25 give b2 about 100 of 900 and the others about 400.
+    assert!(
+        b2 > 0 && b2 * 2 < b0.min(b1),
+        "b2 should get about a quarter of the others' flows: {c:?}"
+    );
+    // Load falls back: the weight comes back.
+    t.set_load(2, 0.0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while vip_named(&t.status_json(), "web")["backends"][2]["effective_weight"] != 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "weight did not recover"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The VIP of this name in `lbctl status --json`.
 fn vip_named(status: &serde_json::Value, name: &str) -> serde_json::Value {
     status["vips"]
