@@ -1097,6 +1097,66 @@ backends = [ { address = "fd00::12" } ]
                 "vips[0].backends[0].weight",
             ),
             ("port = 80", "port = \"eighty\"", "config"),
+            (
+                "port = 80",
+                "port = 80\nhealth = { kind = \"icmp\" }",
+                "vips[0].health.kind",
+            ),
+            (
+                "port = 80",
+                "port = 80\nhealth = { kind = \"http\", path = \"x\" }",
+                "vips[0].health.path",
+            ),
+            (
+                "port = 80",
+                "port = 80\nhealth = { kind = \"tcp\", path = \"/\" }",
+                "vips[0].health.path",
+            ),
+            (
+                "port = 80",
+                "port = 80\nhealth = { kind = \"http\", expect_status = 99 }",
+                "vips[0].health.expect_status",
+            ),
+            (
+                "port = 80",
+                "port = 80\nhealth = { kind = \"tcp\", interval_ms = 100, timeout_ms = 200 }",
+                "vips[0].health.timeout_ms",
+            ),
+            (
+                "port = 80",
+                "port = 80\nhealth = { kind = \"tcp\", fall = 0 }",
+                "vips[0].health.fall",
+            ),
+            (
+                "protocol = \"udp\"",
+                "protocol = \"udp\"\nhealth = { kind = \"tcp\" }",
+                "vips[1].health.port",
+            ),
+            (
+                "port = 80",
+                "port = 80\nfeedback = { port = 0 }",
+                "vips[0].feedback.port",
+            ),
+            (
+                "port = 80",
+                "port = 80\nfeedback = { port = 8081, smoothing = 0 }",
+                "vips[0].feedback.smoothing",
+            ),
+            (
+                "port = 80",
+                "port = 80\nfeedback = { port = 8081, min_change = 2 }",
+                "vips[0].feedback.min_change",
+            ),
+            (
+                "port = 80",
+                "port = 80\nfeedback = { port = 8081, path = \"load\" }",
+                "vips[0].feedback.path",
+            ),
+            (
+                "port = 80",
+                "port = 80\nfeedback = { port = 8081, interval_ms = 100, timeout_ms = 200 }",
+                "vips[0].feedback.timeout_ms",
+            ),
         ];
         for (replace, by, field) in cases {
             assert_eq!(&field_of(replace, by), field, "case {by:?}");
