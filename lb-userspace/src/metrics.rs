@@ -171,152 +171,130 @@ pub(crate) async fn render(state: &Shared) -> Result<String> {
             &|r| vec![("", r.p.half_open)],
         );
 
-        let backends = bal.backend_ids();
-        let status = bal.backend_status()?;
-        out.family(
+        // Every backend's counters once, from the same status `lbctl` shows.
+        let backends = bal.backend_status()?;
+        let mut per_backend =
+            |name: &str,
+             kind: &str,
+             help: &str,
+             extra: Option<&str>,
+             parts: &dyn Fn(&crate::api::BackendStatus) -> Vec<(&'static str, u64)>| {
+                out.family(name, kind, help);
+                for b in &backends {
+                    let addr = b.address.to_string();
+                    for (label, value) in parts(b) {
+                        let mut l = vec![("backend", addr.as_str())];
+                        if let Some(key) = extra {
+                            l.push((key, label));
+                        }
+                        out.sample(name, &l, value);
+                    }
+                }
+            };
+        per_backend(
             "lb_backend_packets_total",
             "counter",
             "Packets sent to the backend, over all its VIPs.",
+            None,
+            &|b| vec![("", b.counters.packets)],
         );
-        for (id, a) in &backends {
-            out.sample(
-                "lb_backend_packets_total",
-                &[("backend", &a.to_string())],
-                dp.backend_counters(*id)?.packets,
-            );
-        }
-        out.family(
+        per_backend(
             "lb_backend_bytes_total",
             "counter",
             "Bytes per leg for the backend's flows, over all its VIPs.",
+            Some("leg"),
+            &|b| {
+                vec![
+                    ("client_to_lb", b.counters.bytes),
+                    ("lb_to_backend", b.counters.bytes_out),
+                ]
+            },
         );
-        for (id, a) in &backends {
-            let t = dp.backend_counters(*id)?;
-            for (leg, v) in [("client_to_lb", t.bytes), ("lb_to_backend", t.bytes_out)] {
-                out.sample(
-                    "lb_backend_bytes_total",
-                    &[("backend", &a.to_string()), ("leg", leg)],
-                    v,
-                );
-            }
-        }
-        out.family(
+        per_backend(
             "lb_backend_flows_opened_total",
             "counter",
             "Flows placed on the backend.",
+            None,
+            &|b| vec![("", b.counters.new_flows)],
         );
-        for (id, a) in &backends {
-            out.sample(
-                "lb_backend_flows_opened_total",
-                &[("backend", &a.to_string())],
-                dp.backend_counters(*id)?.new_flows,
-            );
-        }
-        out.family(
+        per_backend(
             "lb_backend_flows_closed_total",
             "counter",
             "Backend flows closed by the client (fin, rst) or expired.",
+            Some("reason"),
+            &|b| {
+                vec![
+                    ("fin", b.counters.closed_fin),
+                    ("rst", b.counters.closed_rst),
+                    ("expired", c.backend_expired(b.backend_id).flows),
+                ]
+            },
         );
-        for (id, a) in &backends {
-            let t = dp.backend_counters(*id)?;
-            let e = c.backend_expired(*id);
-            for (reason, v) in [
-                ("fin", t.closed_fin),
-                ("rst", t.closed_rst),
-                ("expired", e.flows),
-            ] {
-                out.sample(
-                    "lb_backend_flows_closed_total",
-                    &[("backend", &a.to_string()), ("reason", reason)],
-                    v,
-                );
-            }
-        }
-        out.family(
+        per_backend(
             "lb_backend_flows_active",
             "gauge",
             "Open flows on the backend at the last collection.",
+            None,
+            &|b| {
+                vec![(
+                    "",
+                    c.backend_presence
+                        .get(&b.backend_id)
+                        .map_or(0, |p| p.active),
+                )]
+            },
         );
-        for (id, a) in &backends {
-            let p = c.backend_presence.get(id).copied().unwrap_or_default();
-            out.sample(
-                "lb_backend_flows_active",
-                &[("backend", &a.to_string())],
-                p.active,
-            );
-        }
-        out.family(
+        per_backend(
             "lb_backend_next_hop_resolved",
             "gauge",
             "1 when the backend's next-hop MAC is known.",
+            None,
+            &|b| vec![("", u64::from(b.next_hop.is_some()))],
         );
-        for b in &status {
-            out.sample(
-                "lb_backend_next_hop_resolved",
-                &[("backend", &b.address.to_string())],
-                u64::from(b.next_hop.is_some()),
-            );
-        }
-        out.family(
+        // Per (VIP, backend) series, from one read of the VIPs' status.
+        let vip_status = bal.vip_status()?;
+        // `health_label` adds the backend's standing (up, down, disabled, unchecked).
+        let mut per_pair =
+            |name: &str,
+             help: &str,
+             health_label: bool,
+             value: &dyn Fn(&crate::api::VipBackendStatus) -> u64| {
+                out.family(name, "gauge", help);
+                for v in &vip_status {
+                    for b in &v.backends {
+                        let addr = b.address.to_string();
+                        let mut l = vec![("vip", v.name.as_str()), ("backend", addr.as_str())];
+                        if health_label {
+                            l.push(("health", b.health.as_str()));
+                        }
+                        out.sample(name, &l, value(b));
+                    }
+                }
+            };
+        per_pair(
             "lb_backend_weight",
-            "gauge",
             "Configured weight of the backend in the VIP.",
+            false,
+            &|b| u64::from(b.weight),
         );
-        for (_, v) in &vips {
-            for b in &v.backends {
-                out.sample(
-                    "lb_backend_weight",
-                    &[("vip", &v.name), ("backend", &b.address.to_string())],
-                    u64::from(b.weight),
-                );
-            }
-        }
-        out.family(
+        per_pair(
             "lb_backend_effective_weight",
-            "gauge",
             "Weight of the backend in the VIP's table now: 0 while out, scaled by its load.",
+            false,
+            &|b| u64::from(b.effective_weight),
         );
-        for v in bal.vip_status()? {
-            for b in &v.backends {
-                out.sample(
-                    "lb_backend_effective_weight",
-                    &[("vip", &v.name), ("backend", &b.address.to_string())],
-                    u64::from(b.effective_weight),
-                );
-            }
-        }
-        out.family(
+        per_pair(
             "lb_backend_up",
-            "gauge",
-            "1 when the VIP's health check has the backend up (or no check is configured).",
+            "1 when the backend is in service in the VIP: neither down by its health check nor disabled.",
+            true,
+            &|b| u64::from(b.health != "down" && b.health != "disabled"),
         );
-        for v in bal.vip_status()? {
-            for b in &v.backends {
-                out.sample(
-                    "lb_backend_up",
-                    &[
-                        ("vip", &v.name),
-                        ("backend", &b.address.to_string()),
-                        ("health", &b.health),
-                    ],
-                    u64::from(b.health != "down"),
-                );
-            }
-        }
-        out.family(
+        per_pair(
             "lb_backend_maglev_slots",
-            "gauge",
             "Slots the backend holds in the VIP's Maglev table.",
+            false,
+            &|b| u64::from(b.maglev_slots),
         );
-        for v in bal.vip_status()? {
-            for b in &v.backends {
-                out.sample(
-                    "lb_backend_maglev_slots",
-                    &[("vip", &v.name), ("backend", &b.address.to_string())],
-                    u64::from(b.maglev_slots),
-                );
-            }
-        }
         let outcomes = dp.outcomes()?;
         out.family(
             "lb_datapath_packets_total",
