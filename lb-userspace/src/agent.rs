@@ -433,10 +433,12 @@ async fn poll_load(state: Shared) {
             entry.1 = now + Duration::from_millis(fb.interval_ms);
             match result {
                 Ok(load) => {
-                    if let Some(factor) = entry.0.record(load, fb.smoothing, fb.min_change) {
+                    let factor = entry.0.record(load, fb.smoothing, fb.min_change);
+                    if let Some(factor) = factor {
                         info!(backend = %target, load, factor, "weight factor from load");
-                        changes.push((pair, factor));
                     }
+                    let average = entry.0.average.unwrap_or(load);
+                    changes.push((pair, (average, factor)));
                 }
                 Err(e) => tracing::debug!(backend = %target, "load report: {e:#}"),
             }
@@ -449,7 +451,7 @@ async fn poll_load(state: Shared) {
             return;
         };
         for ((vip, backend), factor) in changes {
-            if let Err(e) = bal.set_load_factor(vip, backend, factor) {
+            if let Err(e) = bal.set_load(vip, backend, factor.0, factor.1) {
                 warn!(%backend, "applying a load factor: {e:#}");
             }
         }

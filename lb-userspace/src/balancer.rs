@@ -211,12 +211,63 @@ pub struct Balancer<D: Datapath> {
     tx_ports: BTreeSet<u32>,
     /// Receiving interfaces: frames leave them with XDP_TX, no DevMap entry needed.
     local_ports: BTreeSet<u32>,
-    /// (VIP, backend) pairs whose health check says down.
-    down: BTreeSet<(VipIdent, IpAddr)>,
-    /// (VIP, backend) pairs an operator disabled.
-    disabled: BTreeSet<(VipIdent, IpAddr)>,
-    /// Weight factors from load reports (1 when absent).
-    load_factor: BTreeMap<(VipIdent, IpAddr), f64>,
+    /// What health checks, the operator, load reports and the lifecycle say
+    /// about each (VIP, backend) pair; absent pairs are at their default.
+    pairs: BTreeMap<Pair, PairState>,
+}
+
+pub type Pair = (VipIdent, IpAddr);
+
+/// Where the lifecycle puts a backend of a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Service {
+    /// In the VIP's Maglev table.
+    #[default]
+    Serving,
+    /// Out of the table; its established flows continue.
+    Draining,
+    /// Out of service: established flows go elsewhere too.
+    Out,
+}
+
+/// Everything that decides a pair's weight and whether its flows may stay.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PairState {
+    /// A health check says down.
+    down: bool,
+    /// An operator disabled it.
+    disabled: bool,
+    service: Service,
+    /// Damped load report (0 = idle, 1 = at its limit).
+    load: Option<f64>,
+    /// Weight factor from the load reports.
+    load_factor: f64,
+    /// Weight factor from the lifecycle (preferring up-to-date backends).
+    preference: f64,
+}
+
+impl Default for PairState {
+    fn default() -> Self {
+        PairState {
+            down: false,
+            disabled: false,
+            service: Service::Serving,
+            load: None,
+            load_factor: 1.0,
+            preference: 1.0,
+        }
+    }
+}
+
+impl PairState {
+    fn in_table(&self) -> bool {
+        !self.down && !self.disabled && self.service == Service::Serving
+    }
+
+    /// Whether established flows must leave the backend.
+    fn blocks_flows(&self) -> bool {
+        self.down || self.disabled || self.service == Service::Out
+    }
 }
 
 impl<D: Datapath> Balancer<D> {
@@ -232,9 +283,7 @@ impl<D: Datapath> Balancer<D> {
             backend_ids: IdPool::new(sizes.max_backends),
             tx_ports: BTreeSet::new(),
             local_ports,
-            down: BTreeSet::new(),
-            disabled: BTreeSet::new(),
-            load_factor: BTreeMap::new(),
+            pairs: BTreeMap::new(),
         }
     }
 
@@ -327,7 +376,7 @@ impl<D: Datapath> Balancer<D> {
             if let Some(nh) = next_hop {
                 self.allow_tx_port(nh.ifindex)?;
             }
-            let usable = !self.down.iter().any(|(_, a)| *a == address);
+            let usable = self.usable(address);
             let state = BackendState {
                 id,
                 next_hop,
@@ -404,9 +453,12 @@ impl<D: Datapath> Balancer<D> {
             .iter()
             .flat_map(|v| v.backends.iter().map(move |b| (ident(v), b.address)))
             .collect();
-        self.down.retain(|p| live.contains(p));
-        self.disabled.retain(|p| live.contains(p));
-        self.load_factor.retain(|p, _| live.contains(p));
+        self.pairs.retain(|p, _| live.contains(p));
+        // A pair that kept its backend out may have gone with the apply.
+        let addresses: Vec<IpAddr> = self.backends.keys().copied().collect();
+        for address in addresses {
+            self.set_usable(address, self.usable(address))?;
+        }
         Ok(summary)
     }
 
@@ -420,27 +472,24 @@ impl<D: Datapath> Balancer<D> {
         }
     }
 
-    /// Records a health check verdict for a backend of a VIP (see `take_out`).
+    /// Records a health check verdict for a backend of a VIP (see `update`).
     /// Returns whether anything changed.
     pub fn set_health(&mut self, vip: VipIdent, address: IpAddr, up: bool) -> Result<bool> {
-        self.take_out(vip, address, |b| {
-            if up {
-                b.down.remove(&(vip, address))
-            } else {
-                b.down.insert((vip, address))
-            }
-        })
+        self.update_pair(vip, address, |p| p.down = !up)
     }
 
-    /// `lbctl backend enable|disable`: an operator takes a backend of a VIP
-    /// out of service or puts it back. Unknown VIPs and backends are refused.
-    pub fn set_enabled(&mut self, vip_name: &str, address: IpAddr, enabled: bool) -> Result<bool> {
-        let vip = self
-            .vips
+    /// The VIP a name refers to, or a clear error.
+    pub fn vip_named(&self, vip_name: &str) -> Result<VipIdent> {
+        self.vips
             .values()
             .find(|v| v.config.name == vip_name)
             .map(|v| ident(&v.config))
-            .with_context(|| format!("no VIP named {vip_name:?}"))?;
+            .with_context(|| format!("no VIP named {vip_name:?}"))
+    }
+
+    /// The VIP and backend an operator names, or a clear error.
+    pub fn pair_named(&self, vip_name: &str, address: IpAddr) -> Result<Pair> {
+        let vip = self.vip_named(vip_name)?;
         if !self.vips[&vip]
             .config
             .backends
@@ -449,68 +498,141 @@ impl<D: Datapath> Balancer<D> {
         {
             bail!("{address} is not a backend of {vip_name}");
         }
-        self.take_out(vip, address, |b| {
-            if enabled {
-                b.disabled.remove(&(vip, address))
-            } else {
-                b.disabled.insert((vip, address))
+        Ok((vip, address))
+    }
+
+    /// `lbctl backend enable|disable`: an operator takes a backend of a VIP
+    /// out of service or puts it back. Unknown VIPs and backends are refused.
+    pub fn set_enabled(&mut self, vip_name: &str, address: IpAddr, enabled: bool) -> Result<bool> {
+        let (vip, address) = self.pair_named(vip_name, address)?;
+        self.update_pair(vip, address, |p| p.disabled = !enabled)
+    }
+
+    /// Records a backend's damped load and, when given, the weight factor
+    /// derived from it (which rebuilds the VIP's table). Established flows
+    /// keep their backend.
+    pub fn set_load(
+        &mut self,
+        vip: VipIdent,
+        address: IpAddr,
+        load: f64,
+        factor: Option<f64>,
+    ) -> Result<bool> {
+        self.update_pair(vip, address, |p| {
+            p.load = Some(load);
+            if let Some(f) = factor {
+                p.load_factor = f.clamp(0.0, 1.0);
             }
         })
     }
 
-    /// Whether a backend of a VIP is out of its Maglev table (down or disabled).
-    fn is_out(&self, pair: &(VipIdent, IpAddr)) -> bool {
-        self.down.contains(pair) || self.disabled.contains(pair)
+    /// The lifecycle's placement of a VIP's backends, applied in one go (one
+    /// table rebuild at most). `changes` holds (backend, service, preference).
+    pub fn set_service(
+        &mut self,
+        vip: VipIdent,
+        changes: &[(IpAddr, Service, f64)],
+    ) -> Result<bool> {
+        self.update(vip, |pairs| {
+            for (address, service, preference) in changes {
+                let p = pairs.entry((vip, *address)).or_default();
+                p.service = *service;
+                p.preference = *preference;
+            }
+        })
     }
 
-    /// Usable for established flows: not out in any VIP it serves.
-    fn usable(&self, address: IpAddr) -> bool {
-        !self
-            .down
-            .iter()
-            .chain(&self.disabled)
-            .any(|(_, a)| *a == address)
+    /// The damped load a backend of a VIP last reported.
+    pub fn reported_load(&self, vip: VipIdent, address: IpAddr) -> Option<f64> {
+        self.pairs.get(&(vip, address)).and_then(|p| p.load)
     }
 
-    /// Updates the down/disabled sets with `update` and, if the backend left or
-    /// rejoined the VIP, rewrites the datapath in an order that never breaks a
-    /// flow needlessly. Leaving: the VIP's table is rebuilt without it first
-    /// (no new flows), then the backend stops being usable (its established
-    /// flows move). Rejoining: the other way round.
-    fn take_out(
+    /// Whether health checks and the operator let the backend serve the VIP
+    /// (the lifecycle aside).
+    pub fn healthy(&self, vip: VipIdent, address: IpAddr) -> bool {
+        self.pairs
+            .get(&(vip, address))
+            .is_none_or(|p| !p.down && !p.disabled)
+    }
+
+    fn update_pair(
         &mut self,
         vip: VipIdent,
         address: IpAddr,
-        update: impl FnOnce(&mut Self) -> bool,
+        change: impl FnOnce(&mut PairState),
+    ) -> Result<bool> {
+        let known = self
+            .vips
+            .get(&vip)
+            .is_some_and(|v| v.config.backends.iter().any(|b| b.address == address));
+        if !known {
+            return Ok(false);
+        }
+        self.update(vip, |pairs| {
+            change(pairs.entry((vip, address)).or_default())
+        })
+    }
+
+    /// Usable for established flows: no VIP it serves blocks them.
+    fn usable(&self, address: IpAddr) -> bool {
+        !self
+            .pairs
+            .iter()
+            .any(|((_, a), p)| *a == address && p.blocks_flows())
+    }
+
+    /// Changes the pairs of one VIP with `change` and rewrites the datapath in
+    /// an order that never breaks a flow needlessly: backends that become
+    /// usable are marked so first, then the VIP's table is rebuilt if any
+    /// weight moved (a leaving backend gets no new flows), and only then do
+    /// backends that must lose their established flows lose their usable bit.
+    fn update(
+        &mut self,
+        vip: VipIdent,
+        change: impl FnOnce(&mut BTreeMap<Pair, PairState>),
     ) -> Result<bool> {
         let Some(config) = self.vips.get(&vip).map(|v| v.config.clone()) else {
             return Ok(false);
         };
-        if !config.backends.iter().any(|b| b.address == address) {
+        let before = self.pairs.clone();
+        let weights = |b: &Self| -> Vec<u32> {
+            config
+                .backends
+                .iter()
+                .map(|be| b.effective_weight(&config, be))
+                .collect()
+        };
+        let usable = |b: &Self| -> Vec<bool> {
+            config
+                .backends
+                .iter()
+                .map(|be| b.usable(be.address))
+                .collect()
+        };
+        let (old_weights, old_usable) = (weights(self), usable(self));
+        change(&mut self.pairs);
+        if self.pairs == before {
             return Ok(false);
         }
-        let pair = (vip, address);
-        let was_out = self.is_out(&pair);
-        if !update(self) {
-            return Ok(false);
+        let new_usable = usable(self);
+        for (i, b) in config.backends.iter().enumerate() {
+            if new_usable[i] && !old_usable[i] {
+                self.set_usable(b.address, true)?;
+            }
         }
-        let out = self.is_out(&pair);
-        if out == was_out {
-            return Ok(true);
+        if weights(self) != old_weights {
+            self.rebuild(&config)?;
         }
-        let usable = self.usable(address);
-        if !out {
-            self.set_usable(address, usable)?;
-        }
-        self.rebuild(&config)?;
-        if out {
-            self.set_usable(address, usable)?;
+        for (i, b) in config.backends.iter().enumerate() {
+            if !new_usable[i] && old_usable[i] {
+                self.set_usable(b.address, false)?;
+            }
         }
         Ok(true)
     }
 
     /// Rebuilds a VIP's table from its configuration, health, operator
-    /// settings and load, and switches it in.
+    /// settings, lifecycle and load, and switches it in.
     fn rebuild(&mut self, config: &VipConfig) -> Result<()> {
         self.rings.wake();
         if self.rings.available() == 0 {
@@ -530,32 +652,17 @@ impl<D: Datapath> Balancer<D> {
         )
     }
 
-    /// Scales a backend's weight in a VIP by `factor` (from its load reports)
-    /// and rebuilds the VIP's table. Established flows keep their backend.
-    pub fn set_load_factor(&mut self, vip: VipIdent, address: IpAddr, factor: f64) -> Result<bool> {
-        let Some(config) = self.vips.get(&vip).map(|v| v.config.clone()) else {
-            return Ok(false);
-        };
-        if !config.backends.iter().any(|b| b.address == address) {
-            return Ok(false);
-        }
-        let factor = factor.clamp(0.0, 1.0);
-        let old = self.load_factor.insert((vip, address), factor);
-        if old == Some(factor) {
-            return Ok(false);
-        }
-        self.rebuild(&config)?;
-        Ok(true)
-    }
-
     /// The weight a backend has in the VIP's table now.
     pub fn effective_weight(&self, vip: &VipConfig, b: &crate::config::BackendConfig) -> u32 {
-        let pair = (ident(vip), b.address);
-        if self.is_out(&pair) || b.weight == 0 {
+        let p = self
+            .pairs
+            .get(&(ident(vip), b.address))
+            .copied()
+            .unwrap_or_default();
+        if !p.in_table() || b.weight == 0 {
             return 0;
         }
-        let factor = self.load_factor.get(&pair).copied().unwrap_or(1.0);
-        ((f64::from(b.weight) * factor).round() as u32).max(1)
+        ((f64::from(b.weight) * p.load_factor * p.preference).round() as u32).max(1)
     }
 
     fn set_usable(&mut self, address: IpAddr, usable: bool) -> Result<()> {
@@ -572,10 +679,14 @@ impl<D: Datapath> Balancer<D> {
     /// The backend's standing in the VIP: "disabled", "down", "up" or
     /// "unchecked" (no health check configured).
     pub fn standing(&self, vip: &VipConfig, address: IpAddr) -> &'static str {
-        let pair = (ident(vip), address);
-        if self.disabled.contains(&pair) {
+        let p = self
+            .pairs
+            .get(&(ident(vip), address))
+            .copied()
+            .unwrap_or_default();
+        if p.disabled {
             "disabled"
-        } else if self.down.contains(&pair) {
+        } else if p.down {
             "down"
         } else if vip.health.is_some() {
             "up"
@@ -712,9 +823,10 @@ impl<D: Datapath> Balancer<D> {
                         health: self.standing(&v.config, b.address).into(),
                         effective_weight: self.effective_weight(&v.config, b),
                         load_factor: self
-                            .load_factor
+                            .pairs
                             .get(&(ident(&v.config), b.address))
-                            .copied(),
+                            .filter(|p| p.load.is_some())
+                            .map(|p| p.load_factor),
                     })
                     .collect(),
             });
@@ -1180,9 +1292,9 @@ mod tests {
         .unwrap();
         let web = ("198.18.10.1".parse().unwrap(), 80, Protocol::Tcp);
         let busy: IpAddr = "198.18.0.12".parse().unwrap();
-        assert!(b.set_load_factor(web, busy, 0.25).unwrap());
+        assert!(b.set_load(web, busy, 0.75, Some(0.25)).unwrap());
         assert!(
-            !b.set_load_factor(web, busy, 0.25).unwrap(),
+            !b.set_load(web, busy, 0.75, Some(0.25)).unwrap(),
             "same factor, no rebuild"
         );
         let status = b.vip_status().unwrap();
