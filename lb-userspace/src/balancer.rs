@@ -1166,6 +1166,7 @@ mod tests {
             .map(|(a, w)| crate::config::BackendConfig {
                 address: a.parse().unwrap(),
                 weight: *w,
+                max_flows: None,
             })
             .collect();
         assert!(b.apply(&c, &BTreeMap::new()).is_err());

@@ -56,6 +56,25 @@ pub struct RawConfig {
     pub decap: Option<RawDecap>,
     pub visibility: Option<RawVisibility>,
     pub metrics: Option<RawMetrics>,
+    pub lifecycle: Option<RawLifecycle>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLifecycle {
+    pub state_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMaintenance {
+    pub load_limit: Option<f64>,
+    pub min_spare: Option<f64>,
+    pub max_parallel: Option<i64>,
+    pub drain_timeout_s: Option<i64>,
+    pub hook: Option<Vec<String>>,
+    pub hook_timeout_s: Option<i64>,
+    pub prefer_up_to_date: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +127,7 @@ pub struct RawVip {
     pub backends: Vec<RawBackend>,
     pub health: Option<RawHealth>,
     pub feedback: Option<RawFeedback>,
+    pub maintenance: Option<RawMaintenance>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +159,7 @@ pub struct RawHealth {
 pub struct RawBackend {
     pub address: String,
     pub weight: Option<i64>,
+    pub max_flows: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +188,47 @@ pub struct BalancerConfig {
     pub encap: EncapConfig,
     pub vips: Vec<VipConfig>,
     pub visibility: VisibilityConfig,
+    /// Where the lifecycle (maintenance states, rollouts) is persisted, so an
+    /// agent restart resumes a rollout.
+    pub state_file: PathBuf,
+}
+
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/lb-agent/lifecycle.json";
+
+/// How a VIP's backends are taken out for maintenance (see `lifecycle`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Maintenance {
+    /// Load level (0..=1 of a backend's capacity) a backend should stay under.
+    pub load_limit: f64,
+    /// Spare capacity the backends left in service must keep, as a fraction
+    /// of their capacity at `load_limit`, for another backend to start draining.
+    pub min_spare: f64,
+    /// Most backends of the VIP out of the table for maintenance at once.
+    pub max_parallel: u32,
+    /// A draining backend is taken out after this long even with flows left.
+    pub drain_timeout_s: u64,
+    /// Command run when a backend is in maintenance (program and arguments).
+    pub hook: Option<Vec<String>>,
+    pub hook_timeout_s: u64,
+    /// Weight factor, during a rollout, for backends still awaiting
+    /// maintenance while an up-to-date backend is under the load limit.
+    pub prefer_up_to_date: f64,
+}
+
+impl Eq for Maintenance {}
+
+impl Default for Maintenance {
+    fn default() -> Self {
+        Maintenance {
+            load_limit: 0.8,
+            min_spare: 0.2,
+            max_parallel: 1,
+            drain_timeout_s: 300,
+            hook: None,
+            hook_timeout_s: 600,
+            prefer_up_to_date: 0.5,
+        }
+    }
 }
 
 /// Tracers, flow events and the collector that reads them.
@@ -230,6 +292,7 @@ pub struct VipConfig {
     pub health: Option<HealthCheck>,
     /// Load reports from the backends, which scale their weights.
     pub feedback: Option<Feedback>,
+    pub maintenance: Maintenance,
 }
 
 /// Where and how often backends report their load, and how it is damped.
@@ -289,6 +352,9 @@ pub struct BackendConfig {
     pub address: IpAddr,
     /// Relative weight; 0 keeps established flows but takes no new ones.
     pub weight: u32,
+    /// Concurrent flows the backend is sized for: its load level is at least
+    /// its active flows over this.
+    pub max_flows: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -372,6 +438,14 @@ impl Config {
         if self.decap != new.decap {
             return err("decap", "cannot change on reload; restart the agent");
         }
+        if self.balancer.as_ref().map(|b| &b.state_file)
+            != new.balancer.as_ref().map(|b| &b.state_file)
+        {
+            return err(
+                "lifecycle.state_file",
+                "cannot change on reload; restart the agent",
+            );
+        }
         if self.metrics != new.metrics {
             return err("metrics", "cannot change on reload; restart the agent");
         }
@@ -438,6 +512,9 @@ impl RawConfig {
         if self.datapath.is_none() && self.encap.is_some() {
             return err("encap", "[encap] needs a [datapath] section");
         }
+        if self.datapath.is_none() && self.lifecycle.is_some() {
+            return err("lifecycle", "[lifecycle] needs a [datapath] section");
+        }
         if self.datapath.is_none() && self.visibility.is_some() {
             return err("visibility", "[visibility] needs a [datapath] section");
         }
@@ -446,6 +523,15 @@ impl RawConfig {
                 let mut b = validate_balancer(dp, self.encap, self.vips)?;
                 if let Some(v) = self.visibility {
                     b.visibility = validate_visibility(v)?;
+                }
+                if let Some(path) = self.lifecycle.and_then(|l| l.state_file) {
+                    b.state_file = PathBuf::from(&path);
+                    if !b.state_file.is_absolute() || b.state_file.file_name().is_none() {
+                        return err(
+                            "lifecycle.state_file",
+                            format!("{path:?} is not an absolute file path"),
+                        );
+                    }
                 }
                 Some(b)
             }
@@ -636,8 +722,22 @@ fn validate_balancer(
                 }
                 _ => {}
             }
+            let max_flows = match rb.max_flows {
+                Some(n) => Some(in_range(
+                    &format!("{bf}.max_flows"),
+                    Some(n),
+                    0,
+                    1,
+                    i64::from(u32::MAX),
+                )?),
+                None => None,
+            };
             all_backends.insert(address);
-            backends.push(BackendConfig { address, weight });
+            backends.push(BackendConfig {
+                address,
+                weight,
+                max_flows,
+            });
         }
         let health = match rv.health {
             Some(h) => Some(validate_health(&format!("{f}.health"), h, port)?),
@@ -647,6 +747,10 @@ fn validate_balancer(
             Some(fb) => Some(validate_feedback(&format!("{f}.feedback"), fb)?),
             None => None,
         };
+        let maintenance = match rv.maintenance {
+            Some(m) => validate_maintenance(&format!("{f}.maintenance"), m)?,
+            None => Maintenance::default(),
+        };
         vips.push(VipConfig {
             name,
             address,
@@ -655,6 +759,7 @@ fn validate_balancer(
             backends,
             health,
             feedback,
+            maintenance,
         });
     }
     if all_backends.len() > max_backends as usize {
@@ -679,6 +784,72 @@ fn validate_balancer(
         encap,
         vips,
         visibility: VisibilityConfig::default(),
+        state_file: PathBuf::from(DEFAULT_STATE_FILE),
+    })
+}
+
+fn validate_maintenance(f: &str, m: RawMaintenance) -> Result<Maintenance, ConfigError> {
+    let d = Maintenance::default();
+    let fraction = |field: &str, v: Option<f64>, default: f64, lo: f64, hi: f64| {
+        let v = v.unwrap_or(default);
+        if !(v.is_finite() && v >= lo && v <= hi) {
+            return err(
+                format!("{f}.{field}"),
+                format!("{v} is out of range {lo}..={hi}"),
+            );
+        }
+        Ok(v)
+    };
+    let hook = match m.hook {
+        Some(argv) => {
+            if argv.is_empty() || argv[0].is_empty() {
+                return err(
+                    format!("{f}.hook"),
+                    "give the program and its arguments, as [\"/path/to/program\", \"arg\"]",
+                );
+            }
+            if !argv[0].starts_with('/') {
+                return err(
+                    format!("{f}.hook"),
+                    format!("{:?} must be an absolute path", argv[0]),
+                );
+            }
+            Some(argv)
+        }
+        None => None,
+    };
+    Ok(Maintenance {
+        load_limit: fraction("load_limit", m.load_limit, d.load_limit, 0.01, 1.0)?,
+        min_spare: fraction("min_spare", m.min_spare, d.min_spare, 0.0, 0.99)?,
+        max_parallel: in_range(
+            &format!("{f}.max_parallel"),
+            m.max_parallel,
+            d.max_parallel.into(),
+            1,
+            1000,
+        )?,
+        drain_timeout_s: in_range(
+            &format!("{f}.drain_timeout_s"),
+            m.drain_timeout_s,
+            d.drain_timeout_s as i64,
+            1,
+            7 * 86_400,
+        )?,
+        hook,
+        hook_timeout_s: in_range(
+            &format!("{f}.hook_timeout_s"),
+            m.hook_timeout_s,
+            d.hook_timeout_s as i64,
+            1,
+            86_400,
+        )?,
+        prefer_up_to_date: fraction(
+            "prefer_up_to_date",
+            m.prefer_up_to_date,
+            d.prefer_up_to_date,
+            0.05,
+            1.0,
+        )?,
     })
 }
 
@@ -1156,6 +1327,61 @@ backends = [ { address = "fd00::12" } ]
                 "port = 80",
                 "port = 80\nfeedback = { port = 8081, interval_ms = 100, timeout_ms = 200 }",
                 "vips[0].feedback.timeout_ms",
+            ),
+            (
+                "port = 80",
+                "port = 80\nmaintenance = { load_limit = 0 }",
+                "vips[0].maintenance.load_limit",
+            ),
+            (
+                "port = 80",
+                "port = 80\nmaintenance = { load_limit = 1.5 }",
+                "vips[0].maintenance.load_limit",
+            ),
+            (
+                "port = 80",
+                "port = 80\nmaintenance = { min_spare = 1 }",
+                "vips[0].maintenance.min_spare",
+            ),
+            (
+                "port = 80",
+                "port = 80\nmaintenance = { max_parallel = 0 }",
+                "vips[0].maintenance.max_parallel",
+            ),
+            (
+                "port = 80",
+                "port = 80\nmaintenance = { drain_timeout_s = 0 }",
+                "vips[0].maintenance.drain_timeout_s",
+            ),
+            (
+                "port = 80",
+                "port = 80\nmaintenance = { hook = [] }",
+                "vips[0].maintenance.hook",
+            ),
+            (
+                "port = 80",
+                "port = 80\nmaintenance = { hook = [\"upgrade.sh\"] }",
+                "vips[0].maintenance.hook",
+            ),
+            (
+                "port = 80",
+                "port = 80\nmaintenance = { hook_timeout_s = -1 }",
+                "vips[0].maintenance.hook_timeout_s",
+            ),
+            (
+                "port = 80",
+                "port = 80\nmaintenance = { prefer_up_to_date = 0 }",
+                "vips[0].maintenance.prefer_up_to_date",
+            ),
+            (
+                "weight = 100 }",
+                "weight = 100, max_flows = 0 }",
+                "vips[0].backends[0].max_flows",
+            ),
+            (
+                "[encap]",
+                "[lifecycle]\nstate_file = \"relative.json\"\n[encap]",
+                "lifecycle.state_file",
             ),
         ];
         for (replace, by, field) in cases {

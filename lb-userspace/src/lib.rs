@@ -8,6 +8,7 @@
 //! - `balancer`: VIPs, backends, ids and rings; applying a configuration.
 //! - `collector`: reads flows and counters, expires idle flows, aggregates.
 //! - `health`: backend health checks and their rise/fall thresholds.
+//! - `lifecycle`: maintenance drains, hooks and rolling upgrades.
 //! - `nexthop`: interface indexes and next-hop MACs through rtnetlink.
 //! - `api`: requests and responses between `lbctl` and the agent.
 //! - `report`: reports, flow listings and events from the collector's data.
@@ -21,6 +22,7 @@ pub mod collector;
 pub mod config;
 pub mod datapath;
 pub mod health;
+pub mod lifecycle;
 pub mod maglev;
 pub mod metrics;
 pub mod nexthop;

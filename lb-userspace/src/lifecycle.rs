@@ -1,0 +1,1370 @@
+//! Backend lifecycle: maintenance drains, hooks and rolling upgrades.
+//!
+//! Each (VIP, backend) pair has a phase:
+//! - `active`: in the VIP's Maglev table. It is *up-to-date* when its
+//!   maintenance generation has reached the VIP's (a rollout raises the VIP's).
+//! - `maintenance-pending`: marked for maintenance, still serving, waiting for
+//!   capacity to drain.
+//! - `draining`: out of the table (no new flows); established flows continue.
+//! - `in-maintenance`: out of service; established flows go elsewhere. The
+//!   hook runs here.
+//! - `returning`: the hook succeeded; back once health checks pass `rise` times.
+//! - `hook-failed`: the hook failed; the backend stays out and the VIP's
+//!   rollout halts until an operator retries (`maintain`) or returns it.
+//!
+//! *Down* (failed health checks) and *disabled* (by an operator) are kept by
+//! the balancer, beside the phase; either takes a backend out whatever its
+//! phase.
+//!
+//! The capacity rule: backend i has capacity weight_i and a load level load_i
+//! (0..1 of its capacity, from its load reports and active flows over
+//! `max_flows`). The demand is the sum of load_i × weight_i over backends that
+//! carry flows (serving or draining), and the capacity is the sum of
+//! load_limit × weight_i over backends that take new flows. Spare capacity is
+//! 1 − demand / capacity. A pending backend starts draining only if the spare
+//! capacity without it stays at or above `min_spare`, and while fewer than
+//! `max_parallel` backends of the VIP are out for maintenance.
+//!
+//! Everything here is driven by `step` with a clock passed in (milliseconds
+//! since the Unix epoch), so it is unit-tested with a fake datapath and a
+//! fake clock. The state is persisted as JSON after every change, so an agent
+//! restart resumes a rollout; a hook that was running is run again.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{
+    balancer::{Balancer, Service, VipIdent},
+    config::{BackendConfig, BalancerConfig, Protocol, VipConfig},
+    datapath::Datapath,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Active,
+    MaintenancePending,
+    Draining,
+    InMaintenance,
+    Returning,
+    HookFailed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 6] = [
+        Phase::Active,
+        Phase::MaintenancePending,
+        Phase::Draining,
+        Phase::InMaintenance,
+        Phase::Returning,
+        Phase::HookFailed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Active => "active",
+            Phase::MaintenancePending => "maintenance-pending",
+            Phase::Draining => "draining",
+            Phase::InMaintenance => "in-maintenance",
+            Phase::Returning => "returning",
+            Phase::HookFailed => "hook-failed",
+        }
+    }
+
+    /// Where the balancer puts a backend in this phase.
+    pub fn service(self) -> Service {
+        match self {
+            Phase::Active | Phase::MaintenancePending => Service::Serving,
+            Phase::Draining => Service::Draining,
+            Phase::InMaintenance | Phase::Returning | Phase::HookFailed => Service::Out,
+        }
+    }
+
+    /// Out of the table for maintenance (counts against `max_parallel`).
+    fn out_for_maintenance(self) -> bool {
+        !matches!(self, Phase::Active | Phase::MaintenancePending)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookRun {
+    /// Not running and not due.
+    #[default]
+    Idle,
+    /// To be started at the next step.
+    Due,
+    Running,
+}
+
+/// One backend of a VIP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub phase: Phase,
+    /// When the phase was entered (ms since the Unix epoch).
+    pub since_ms: u64,
+    /// The VIP generation of the backend's last completed maintenance.
+    pub generation: u64,
+    /// Flows (open or closing) it had when its drain started.
+    pub flows_at_drain: u64,
+    /// Flows (open or closing) at the last step.
+    pub flows: u64,
+    /// Flows cut by drain timeouts, over its lifetime.
+    pub flows_cut: u64,
+    pub hook_runs: u32,
+    pub hook: HookRun,
+    /// The last hook failure.
+    pub last_error: Option<String>,
+    /// Health checks passed in a row while returning.
+    pub health_passes: u32,
+    /// Load level at the last step (0..1 of its capacity), if known.
+    pub load: Option<f64>,
+}
+
+impl Record {
+    fn new(generation: u64, now_ms: u64) -> Self {
+        Record {
+            phase: Phase::Active,
+            since_ms: now_ms,
+            generation,
+            flows_at_drain: 0,
+            flows: 0,
+            flows_cut: 0,
+            hook_runs: 0,
+            hook: HookRun::Idle,
+            last_error: None,
+            health_passes: 0,
+            load: None,
+        }
+    }
+
+    fn enter(&mut self, phase: Phase, now_ms: u64) {
+        self.phase = phase;
+        self.since_ms = now_ms;
+    }
+
+    /// Share of the flows it had at the start of its drain that are gone.
+    pub fn drain_progress(&self) -> Option<f64> {
+        match self.phase {
+            Phase::Draining if self.flows_at_drain == 0 => Some(1.0),
+            Phase::Draining => Some(
+                1.0 - (self.flows.min(self.flows_at_drain) as f64 / self.flows_at_drain as f64),
+            ),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub generation: u64,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub cancelled_ms: Option<u64>,
+    /// Lowest spare capacity seen while it ran.
+    pub min_spare_seen: Option<f64>,
+}
+
+impl Rollout {
+    pub fn running(&self) -> bool {
+        self.finished_ms.is_none() && self.cancelled_ms.is_none()
+    }
+}
+
+/// The lifecycle of one VIP's backends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VipLife {
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub generation: u64,
+    pub rollout: Option<Rollout>,
+    pub backends: BTreeMap<IpAddr, Record>,
+    /// Spare capacity of the backends taking new flows at the last step
+    /// (`None`: none takes new flows).
+    pub spare: Option<f64>,
+    /// Why a pending backend is not draining yet.
+    pub held: Option<String>,
+}
+
+impl VipLife {
+    pub fn up_to_date(&self, r: &Record) -> bool {
+        r.generation >= self.generation
+    }
+}
+
+/// A hook to run: the program and arguments, its environment and timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookJob {
+    pub vip: VipIdent,
+    pub backend: IpAddr,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub timeout_s: u64,
+}
+
+/// What the agent observes of a backend of a VIP at a step.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Observation {
+    /// Flows of the VIP on the backend, open or closing.
+    pub flows: u64,
+    /// Load level (0..1 of its capacity), if known.
+    pub load: Option<f64>,
+    /// Neither down by health checks nor disabled by an operator.
+    pub healthy: bool,
+}
+
+/// A backend's load level from what is known of it: the larger of its damped
+/// load report and its active flows over `max_flows`.
+pub fn load_level(reported: Option<f64>, active_flows: u64, max_flows: Option<u32>) -> Option<f64> {
+    let from_flows = max_flows.map(|m| active_flows as f64 / f64::from(m));
+    match (reported, from_flows) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    vips: BTreeMap<VipIdent, VipLife>,
+    configs: BTreeMap<VipIdent, VipConfig>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    version: u32,
+    vips: Vec<VipLife>,
+}
+
+impl Lifecycle {
+    /// Reads the persisted state, if any. A running hook is run again.
+    pub fn load(path: &Path) -> Result<Lifecycle> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Lifecycle::default()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let p: Persisted = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a lifecycle state file; move it away to start afresh",
+                path.display()
+            )
+        })?;
+        if p.version != 1 {
+            bail!(
+                "{}: lifecycle state version {} is not supported",
+                path.display(),
+                p.version
+            );
+        }
+        let mut vips = BTreeMap::new();
+        for mut v in p.vips {
+            for r in v.backends.values_mut() {
+                if r.hook == HookRun::Running {
+                    r.hook = HookRun::Due;
+                }
+            }
+            vips.insert((v.address, v.port, v.protocol), v);
+        }
+        Ok(Lifecycle {
+            vips,
+            configs: BTreeMap::new(),
+        })
+    }
+
+    /// Writes the state atomically (a new file renamed over the old one).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let p = Persisted {
+            version: 1,
+            vips: self.vips.values().cloned().collect(),
+        };
+        let tmp = path.with_extension("json.new");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&p)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Follows a (new) configuration: new VIPs and backends start active and
+    /// up-to-date, removed ones are forgotten.
+    pub fn sync(&mut self, config: &BalancerConfig, now_ms: u64) {
+        self.configs = config
+            .vips
+            .iter()
+            .map(|v| ((v.address, v.port, v.protocol), v.clone()))
+            .collect();
+        self.vips.retain(|k, _| self.configs.contains_key(k));
+        for (k, cfg) in &self.configs {
+            let life = self.vips.entry(*k).or_insert_with(|| VipLife {
+                name: cfg.name.clone(),
+                address: cfg.address,
+                port: cfg.port,
+                protocol: cfg.protocol,
+                generation: 0,
+                rollout: None,
+                backends: BTreeMap::new(),
+                spare: None,
+                held: None,
+            });
+            life.name = cfg.name.clone();
+            let wanted: BTreeSet<IpAddr> = cfg.backends.iter().map(|b| b.address).collect();
+            life.backends.retain(|a, _| wanted.contains(a));
+            for b in &cfg.backends {
+                let generation = life.generation;
+                life.backends
+                    .entry(b.address)
+                    .or_insert_with(|| Record::new(generation, now_ms));
+            }
+        }
+    }
+
+    pub fn vips(&self) -> impl Iterator<Item = (&VipLife, &VipConfig)> {
+        self.vips
+            .iter()
+            .filter_map(|(k, l)| self.configs.get(k).map(|c| (l, c)))
+    }
+
+    pub fn record(&self, vip: VipIdent, backend: IpAddr) -> Option<&Record> {
+        self.vips.get(&vip)?.backends.get(&backend)
+    }
+
+    pub fn vip(&self, vip: VipIdent) -> Option<&VipLife> {
+        self.vips.get(&vip)
+    }
+
+    fn vip_named(&self, name: &str) -> Result<VipIdent> {
+        self.vips
+            .iter()
+            .find(|(_, l)| l.name == name)
+            .map(|(k, _)| *k)
+            .with_context(|| format!("no VIP named {name:?}"))
+    }
+
+    fn record_named(&mut self, name: &str, backend: IpAddr) -> Result<(VipIdent, &mut Record)> {
+        let vip = self.vip_named(name)?;
+        let r = self
+            .vips
+            .get_mut(&vip)
+            .and_then(|l| l.backends.get_mut(&backend))
+            .with_context(|| format!("{backend} is not a backend of {name}"))?;
+        Ok((vip, r))
+    }
+
+    /// `lbctl backend maintain`: an active backend becomes maintenance-pending;
+    /// one whose hook failed runs its hook again.
+    pub fn maintain<D: Datapath>(
+        &mut self,
+        bal: &mut Balancer<D>,
+        name: &str,
+        backend: IpAddr,
+        now_ms: u64,
+    ) -> Result<Phase> {
+        let vip = self.vip_named(name)?;
+        let has_hook = self
+            .configs
+            .get(&vip)
+            .is_some_and(|c| c.maintenance.hook.is_some());
+        let (vip, r) = self.record_named(name, backend)?;
+        match r.phase {
+            Phase::Active => r.enter(Phase::MaintenancePending, now_ms),
+            Phase::HookFailed if has_hook => {
+                r.enter(Phase::InMaintenance, now_ms);
+                r.hook = HookRun::Due;
+            }
+            Phase::HookFailed => bail!(
+                "{backend} of {name} has no hook to retry; `lbctl backend return` puts it back"
+            ),
+            other => bail!(
+                "{backend} of {name} is {}; only an active backend can be marked for maintenance",
+                other.name()
+            ),
+        }
+        let phase = r.phase;
+        info!(vip = name, %backend, phase = phase.name(), "maintenance requested");
+        self.place(bal, vip)?;
+        Ok(phase)
+    }
+
+    /// `lbctl backend return`: a backend in maintenance (its hook not running)
+    /// or whose hook failed returns once its health checks pass.
+    pub fn return_backend<D: Datapath>(
+        &mut self,
+        bal: &mut Balancer<D>,
+        name: &str,
+        backend: IpAddr,
+        now_ms: u64,
+    ) -> Result<()> {
+        let (vip, r) = self.record_named(name, backend)?;
+        match (r.phase, r.hook) {
+            (Phase::InMaintenance, HookRun::Idle) | (Phase::HookFailed, _) => {
+                r.enter(Phase::Returning, now_ms);
+                r.health_passes = 0;
+                r.hook = HookRun::Idle;
+            }
+            (Phase::InMaintenance, _) => bail!("{backend} of {name}: its hook is running"),
+            (other, _) => bail!(
+                "{backend} of {name} is {}; only a backend in maintenance can return",
+                other.name()
+            ),
+        }
+        info!(vip = name, %backend, "returning from maintenance");
+        self.place(bal, vip)
+    }
+
+    /// `lbctl maintenance rollout`: raises the VIP's generation and marks every
+    /// active backend maintenance-pending. Returns how many were marked.
+    pub fn rollout<D: Datapath>(
+        &mut self,
+        bal: &mut Balancer<D>,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<usize> {
+        let vip = self.vip_named(name)?;
+        let life = self.vips.get_mut(&vip).expect("named VIP exists");
+        if let Some(r) = life.rollout.as_ref().filter(|r| r.running()) {
+            bail!(
+                "a rollout of {name} (generation {}) is already running; `lbctl maintenance status` shows it",
+                r.generation
+            );
+        }
+        life.generation += 1;
+        let generation = life.generation;
+        let mut marked = 0;
+        for r in life.backends.values_mut() {
+            if r.phase == Phase::Active {
+                r.enter(Phase::MaintenancePending, now_ms);
+                marked += 1;
+            }
+        }
+        life.rollout = Some(Rollout {
+            generation,
+            started_ms: now_ms,
+            finished_ms: None,
+            cancelled_ms: None,
+            min_spare_seen: life.spare,
+        });
+        info!(vip = name, generation, marked, "rollout started");
+        self.place(bal, vip)?;
+        Ok(marked)
+    }
+
+    /// `lbctl maintenance cancel`: pending and draining backends return to
+    /// active and a running rollout stops. Backends already out stay out.
+    pub fn cancel<D: Datapath>(
+        &mut self,
+        bal: &mut Balancer<D>,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<usize> {
+        let vip = self.vip_named(name)?;
+        let life = self.vips.get_mut(&vip).expect("named VIP exists");
+        let mut returned = 0;
+        for r in life.backends.values_mut() {
+            if matches!(r.phase, Phase::MaintenancePending | Phase::Draining) {
+                r.enter(Phase::Active, now_ms);
+                returned += 1;
+            }
+        }
+        let rollout = life.rollout.as_mut().filter(|r| r.running());
+        if returned == 0 && rollout.is_none() {
+            bail!("{name} has no rollout running and no backend pending or draining");
+        }
+        if let Some(r) = rollout {
+            r.cancelled_ms = Some(now_ms);
+        }
+        info!(vip = name, returned, "maintenance cancelled");
+        self.place(bal, vip)?;
+        Ok(returned)
+    }
+
+    /// A hook finished: success makes the backend return (once health checks
+    /// pass), failure leaves it out. Returns whether the state changed.
+    pub fn hook_finished<D: Datapath>(
+        &mut self,
+        bal: &mut Balancer<D>,
+        vip: VipIdent,
+        backend: IpAddr,
+        result: Result<(), String>,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let Some(life) = self.vips.get_mut(&vip) else {
+            return Ok(false);
+        };
+        let Some(r) = life.backends.get_mut(&backend) else {
+            return Ok(false);
+        };
+        if r.phase != Phase::InMaintenance || r.hook != HookRun::Running {
+            return Ok(false);
+        }
+        r.hook = HookRun::Idle;
+        match result {
+            Ok(()) => {
+                info!(vip = life.name, %backend, "maintenance hook succeeded");
+                r.enter(Phase::Returning, now_ms);
+                r.health_passes = 0;
+                r.last_error = None;
+            }
+            Err(e) => {
+                warn!(vip = life.name, %backend, "maintenance hook failed: {e}; the backend stays out and the rollout halts");
+                r.enter(Phase::HookFailed, now_ms);
+                r.last_error = Some(e);
+            }
+        }
+        self.place(bal, vip)?;
+        Ok(true)
+    }
+
+    /// A health check result: a returning backend becomes active and
+    /// up-to-date after `rise` passes in a row.
+    pub fn health_result<D: Datapath>(
+        &mut self,
+        bal: &mut Balancer<D>,
+        vip: VipIdent,
+        backend: IpAddr,
+        passed: bool,
+        rise: u32,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let Some(life) = self.vips.get_mut(&vip) else {
+            return Ok(false);
+        };
+        let generation = life.generation;
+        let Some(r) = life.backends.get_mut(&backend) else {
+            return Ok(false);
+        };
+        if r.phase != Phase::Returning {
+            return Ok(false);
+        }
+        r.health_passes = if passed { r.health_passes + 1 } else { 0 };
+        if r.health_passes < rise {
+            return Ok(true);
+        }
+        r.enter(Phase::Active, now_ms);
+        r.generation = generation;
+        info!(vip = life.name, %backend, generation, "back from maintenance, up to date");
+        self.place(bal, vip)?;
+        Ok(true)
+    }
+
+    /// One pass over every VIP: finished drains go in maintenance (starting
+    /// hooks), returning backends without health checks come back, pending
+    /// backends drain while capacity allows, rollouts complete, and the
+    /// balancer follows. Returns the hooks to start and whether anything
+    /// changed (to persist).
+    pub fn step<D: Datapath>(
+        &mut self,
+        bal: &mut Balancer<D>,
+        observe: &dyn Fn(VipIdent, &BackendConfig) -> Observation,
+        now_ms: u64,
+    ) -> Result<(Vec<HookJob>, bool)> {
+        let mut jobs = Vec::new();
+        let mut changed = false;
+        let keys: Vec<VipIdent> = self.vips.keys().copied().collect();
+        for vip in keys {
+            let Some(cfg) = self.configs.get(&vip).cloned() else {
+                continue;
+            };
+            let life = self.vips.get_mut(&vip).expect("key listed above");
+            let before = life.clone();
+            let obs: BTreeMap<IpAddr, Observation> = cfg
+                .backends
+                .iter()
+                .map(|b| (b.address, observe(vip, b)))
+                .collect();
+            step_vip(life, &cfg, &obs, now_ms, &mut jobs);
+            // Flows and loads move at every step; only the rest is persisted news.
+            let mut a = before.clone();
+            let mut b = life.clone();
+            for l in [&mut a, &mut b] {
+                l.spare = None;
+                l.held = None;
+                for r in l.backends.values_mut() {
+                    r.flows = 0;
+                    r.load = None;
+                }
+                if let Some(r) = l.rollout.as_mut() {
+                    r.min_spare_seen = None;
+                }
+            }
+            changed |= a != b;
+            self.place(bal, vip)?;
+        }
+        Ok((jobs, changed))
+    }
+
+    /// Puts the VIP's backends where their phases say, with the rollout's
+    /// preference for up-to-date backends.
+    fn place<D: Datapath>(&self, bal: &mut Balancer<D>, vip: VipIdent) -> Result<()> {
+        let (Some(life), Some(cfg)) = (self.vips.get(&vip), self.configs.get(&vip)) else {
+            return Ok(());
+        };
+        let limit = cfg.maintenance.load_limit;
+        let rolling = life.rollout.as_ref().is_some_and(Rollout::running);
+        let prefer = rolling
+            && life.backends.iter().any(|(a, r)| {
+                r.phase == Phase::Active
+                    && life.up_to_date(r)
+                    && bal.healthy(vip, *a)
+                    && r.load.unwrap_or(0.0) < limit
+            });
+        let changes: Vec<(IpAddr, Service, f64)> = life
+            .backends
+            .iter()
+            .map(|(a, r)| {
+                let preference = if prefer && !life.up_to_date(r) {
+                    cfg.maintenance.prefer_up_to_date
+                } else {
+                    1.0
+                };
+                (*a, r.phase.service(), preference)
+            })
+            .collect();
+        bal.set_service(vip, &changes)?;
+        Ok(())
+    }
+}
+
+/// Spare capacity of the VIP's backends with `without` taken out of service
+/// (see the module comment); `None` when no capacity would be left.
+fn spare(
+    life: &VipLife,
+    cfg: &VipConfig,
+    obs: &BTreeMap<IpAddr, Observation>,
+    without: Option<IpAddr>,
+) -> Option<f64> {
+    let mut demand = 0.0;
+    let mut capacity = 0.0;
+    for b in &cfg.backends {
+        let (Some(r), Some(o)) = (life.backends.get(&b.address), obs.get(&b.address)) else {
+            continue;
+        };
+        if !o.healthy {
+            continue;
+        }
+        let weight = f64::from(b.weight);
+        if matches!(
+            r.phase,
+            Phase::Active | Phase::MaintenancePending | Phase::Draining
+        ) {
+            demand += o.load.unwrap_or(0.0) * weight;
+        }
+        if r.phase.service() == Service::Serving && Some(b.address) != without {
+            capacity += cfg.maintenance.load_limit * weight;
+        }
+    }
+    (capacity > 0.0).then(|| 1.0 - demand / capacity)
+}
+
+fn step_vip(
+    life: &mut VipLife,
+    cfg: &VipConfig,
+    obs: &BTreeMap<IpAddr, Observation>,
+    now_ms: u64,
+    jobs: &mut Vec<HookJob>,
+) {
+    let m = &cfg.maintenance;
+    for (a, r) in life.backends.iter_mut() {
+        if let Some(o) = obs.get(a) {
+            r.flows = o.flows;
+            r.load = o.load;
+        }
+    }
+
+    // Drains that are over.
+    for (a, r) in life.backends.iter_mut() {
+        if r.phase != Phase::Draining {
+            continue;
+        }
+        let timed_out = now_ms.saturating_sub(r.since_ms) >= m.drain_timeout_s * 1000;
+        if r.flows > 0 && !timed_out {
+            continue;
+        }
+        if r.flows > 0 {
+            warn!(vip = life.name, backend = %a, flows_cut = r.flows, "drain timeout: taking the backend out with flows left");
+            r.flows_cut += r.flows;
+        } else {
+            info!(vip = life.name, backend = %a, "drained");
+        }
+        r.enter(Phase::InMaintenance, now_ms);
+        r.hook = if m.hook.is_some() {
+            HookRun::Due
+        } else {
+            HookRun::Idle
+        };
+    }
+
+    // Hooks to start.
+    for (a, r) in life.backends.iter_mut() {
+        if r.phase != Phase::InMaintenance || r.hook != HookRun::Due {
+            continue;
+        }
+        let Some(argv) = &m.hook else {
+            r.hook = HookRun::Idle;
+            continue;
+        };
+        r.hook = HookRun::Running;
+        r.hook_runs += 1;
+        jobs.push(HookJob {
+            vip: (cfg.address, cfg.port, cfg.protocol),
+            backend: *a,
+            argv: argv.clone(),
+            env: vec![
+                ("LB_VIP_NAME".into(), cfg.name.clone()),
+                ("LB_VIP_ADDRESS".into(), cfg.address.to_string()),
+                ("LB_VIP_PORT".into(), cfg.port.to_string()),
+                ("LB_VIP_PROTOCOL".into(), cfg.protocol.to_string()),
+                ("LB_BACKEND".into(), a.to_string()),
+                ("LB_GENERATION".into(), life.generation.to_string()),
+                ("LB_FLOWS_CUT".into(), r.flows_cut.to_string()),
+            ],
+            timeout_s: m.hook_timeout_s,
+        });
+    }
+
+    // Without health checks, a backend whose hook succeeded is back at once.
+    if cfg.health.is_none() {
+        let generation = life.generation;
+        for (a, r) in life.backends.iter_mut() {
+            if r.phase == Phase::Returning {
+                r.enter(Phase::Active, now_ms);
+                r.generation = generation;
+                info!(vip = life.name, backend = %a, generation, "back from maintenance, up to date");
+            }
+        }
+    }
+
+    // Drains to start, unhealthy backends first (they cost no capacity).
+    life.held = None;
+    let failed: Vec<IpAddr> = life
+        .backends
+        .iter()
+        .filter(|(_, r)| r.phase == Phase::HookFailed)
+        .map(|(a, _)| *a)
+        .collect();
+    let mut out = life
+        .backends
+        .values()
+        .filter(|r| r.phase.out_for_maintenance())
+        .count() as u32;
+    let mut pending: Vec<(bool, IpAddr)> = cfg
+        .backends
+        .iter()
+        .filter(|b| life.backends[&b.address].phase == Phase::MaintenancePending)
+        .map(|b| (obs.get(&b.address).is_some_and(|o| o.healthy), b.address))
+        .collect();
+    pending.sort_by_key(|(healthy, _)| *healthy);
+    for (healthy, a) in pending {
+        if !failed.is_empty() {
+            life.held = Some(format!(
+                "halted: the hook of {} failed",
+                failed
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            break;
+        }
+        if out >= m.max_parallel {
+            life.held = Some(format!(
+                "{out} backend(s) out for maintenance, max_parallel = {}",
+                m.max_parallel
+            ));
+            break;
+        }
+        if healthy {
+            match spare(life, cfg, obs, Some(a)) {
+                Some(s) if s >= m.min_spare => {}
+                s => {
+                    life.held = Some(match s {
+                        Some(s) => format!(
+                            "spare capacity without {a} would be {:.0}%, under min_spare {:.0}%",
+                            s * 100.0,
+                            m.min_spare * 100.0
+                        ),
+                        None => format!("{a} is the last backend taking new flows"),
+                    });
+                    break;
+                }
+            }
+        }
+        let r = life.backends.get_mut(&a).expect("pending backend exists");
+        r.enter(Phase::Draining, now_ms);
+        r.flows_at_drain = r.flows;
+        out += 1;
+        info!(vip = life.name, backend = %a, flows = r.flows, "draining");
+    }
+
+    life.spare = spare(life, cfg, obs, None);
+    if let Some(r) = life.rollout.as_mut().filter(|r| r.running()) {
+        r.min_spare_seen = match (r.min_spare_seen, life.spare) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let done = life
+            .backends
+            .values()
+            .all(|b| b.phase == Phase::Active && b.generation >= r.generation);
+        if done {
+            r.finished_ms = Some(now_ms);
+            info!(
+                vip = life.name,
+                generation = r.generation,
+                "rollout complete"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{balancer::fake::FakeDatapath, config::Config, datapath::MapSizes};
+    use std::{cell::RefCell, collections::HashMap};
+
+    const B0: &str = "198.18.0.10";
+    const B1: &str = "198.18.0.11";
+    const B2: &str = "198.18.0.12";
+
+    fn config(maintenance: &str, health: bool) -> BalancerConfig {
+        let health = if health {
+            "health = { kind = \"tcp\", rise = 2 }\n"
+        } else {
+            ""
+        };
+        let text = format!(
+            r#"
+[datapath]
+interfaces = ["eth0"]
+maglev_table_size = 257
+[encap]
+source_v4 = "198.18.200.0/24"
+[[vips]]
+name = "web"
+address = "198.18.10.1"
+port = 80
+protocol = "tcp"
+backends = [ {{ address = "{B0}" }}, {{ address = "{B1}" }}, {{ address = "{B2}" }} ]
+maintenance = {{ {maintenance} }}
+{health}"#
+        );
+        Config::from_toml(&text).unwrap().balancer.unwrap()
+    }
+
+    fn web() -> VipIdent {
+        ("198.18.10.1".parse().unwrap(), 80, Protocol::Tcp)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// A balancer over the fake datapath, a lifecycle, a fake clock and
+    /// observations the test sets.
+    struct World {
+        bal: Balancer<FakeDatapath>,
+        life: Lifecycle,
+        now_ms: u64,
+        obs: RefCell<HashMap<IpAddr, Observation>>,
+        hooks: Vec<HookJob>,
+    }
+
+    impl World {
+        fn new(maintenance: &str, health: bool) -> World {
+            let cfg = config(maintenance, health);
+            let sizes = MapSizes {
+                maglev_size: 257,
+                max_vips: 8,
+                max_backends: 8,
+                flow_table_size: 1024,
+            };
+            let dp = FakeDatapath {
+                maglev_size: 257,
+                ..FakeDatapath::default()
+            };
+            let mut bal = Balancer::new(dp, sizes, BTreeSet::new());
+            bal.apply(&cfg, &BTreeMap::new()).unwrap();
+            let mut life = Lifecycle::default();
+            life.sync(&cfg, 1_000);
+            let obs = cfg.vips[0]
+                .backends
+                .iter()
+                .map(|b| {
+                    (
+                        b.address,
+                        Observation {
+                            flows: 10,
+                            load: Some(0.3),
+                            healthy: true,
+                        },
+                    )
+                })
+                .collect();
+            World {
+                bal,
+                life,
+                now_ms: 1_000,
+                obs: RefCell::new(obs),
+                hooks: Vec::new(),
+            }
+        }
+
+        fn set(&self, b: &str, f: impl FnOnce(&mut Observation)) {
+            f(self.obs.borrow_mut().get_mut(&ip(b)).unwrap());
+        }
+
+        fn step(&mut self, advance_ms: u64) -> bool {
+            self.now_ms += advance_ms;
+            let obs = self.obs.borrow().clone();
+            let (jobs, changed) = self
+                .life
+                .step(&mut self.bal, &|_, b| obs[&b.address], self.now_ms)
+                .unwrap();
+            self.hooks.extend(jobs);
+            changed
+        }
+
+        fn phase(&self, b: &str) -> Phase {
+            self.life.record(web(), ip(b)).unwrap().phase
+        }
+
+        fn slots(&self, b: &str) -> u32 {
+            let status = self.bal.vip_status().unwrap();
+            status[0]
+                .backends
+                .iter()
+                .find(|x| x.address == ip(b))
+                .unwrap()
+                .maglev_slots
+        }
+
+        fn usable(&self, b: &str) -> bool {
+            let id = self
+                .bal
+                .backend_ids()
+                .into_iter()
+                .find(|(_, a)| *a == ip(b))
+                .unwrap()
+                .0;
+            self.bal.datapath().backends[&id].flags & lb_common::BACKEND_USABLE != 0
+        }
+
+        fn finish_hook(&mut self, b: &str, result: Result<(), String>) -> bool {
+            self.life
+                .hook_finished(&mut self.bal, web(), ip(b), result, self.now_ms)
+                .unwrap()
+        }
+
+        fn health(&mut self, b: &str, passed: bool) {
+            self.life
+                .health_result(&mut self.bal, web(), ip(b), passed, 2, self.now_ms)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn maintain_drain_hook_and_return_through_every_phase() {
+        let mut w = World::new("hook = [\"/bin/true\"]", true);
+        assert_eq!(w.phase(B0), Phase::Active);
+        let before = w.bal.datapath().log.len();
+        assert_eq!(
+            w.life
+                .maintain(&mut w.bal, "web", ip(B0), w.now_ms)
+                .unwrap(),
+            Phase::MaintenancePending
+        );
+        assert_eq!(w.bal.datapath().log.len(), before, "pending still serves");
+        assert!(w.slots(B0) > 0);
+
+        assert!(w.step(1000));
+        assert_eq!(w.phase(B0), Phase::Draining);
+        assert_eq!(w.slots(B0), 0, "draining takes no new flows");
+        assert!(w.usable(B0), "established flows continue");
+        assert_eq!(w.life.record(web(), ip(B0)).unwrap().flows_at_drain, 10);
+
+        w.set(B0, |o| o.flows = 4);
+        assert!(!w.step(1000), "flows moving is not a change to persist");
+        assert_eq!(w.phase(B0), Phase::Draining);
+        let progress = w.life.record(web(), ip(B0)).unwrap().drain_progress();
+        assert_eq!(progress, Some(0.6));
+
+        w.set(B0, |o| o.flows = 0);
+        assert!(w.step(1000));
+        assert_eq!(w.phase(B0), Phase::InMaintenance);
+        assert!(!w.usable(B0), "out of service");
+        assert_eq!(w.hooks.len(), 1);
+        let job = &w.hooks[0];
+        assert_eq!(job.argv, vec!["/bin/true".to_string()]);
+        assert!(job.env.contains(&("LB_BACKEND".into(), B0.into())));
+        assert!(job.env.contains(&("LB_VIP_NAME".into(), "web".into())));
+        w.step(1000);
+        assert_eq!(w.hooks.len(), 1, "the hook runs once");
+
+        assert!(w.finish_hook(B0, Ok(())));
+        assert_eq!(w.phase(B0), Phase::Returning);
+        w.step(1000);
+        assert_eq!(w.phase(B0), Phase::Returning, "waits for health checks");
+        w.health(B0, true);
+        w.health(B0, false);
+        w.health(B0, true);
+        assert_eq!(w.phase(B0), Phase::Returning, "rise = 2 passes in a row");
+        w.health(B0, true);
+        assert_eq!(w.phase(B0), Phase::Active);
+        assert!(w.usable(B0));
+        assert!(w.slots(B0) > 0);
+        let r = w.life.record(web(), ip(B0)).unwrap();
+        assert_eq!((r.hook_runs, r.flows_cut), (1, 0));
+    }
+
+    #[test]
+    fn illegal_transitions_and_unknown_names_change_nothing() {
+        let mut w = World::new("hook = [\"/bin/true\"]", false);
+        // Every refused command leaves the lifecycle and the datapath as they were.
+        fn refused(w: &mut World, expect: &str, cmd: impl FnOnce(&mut World) -> Result<()>) {
+            let (life, log) = (w.life.vip(web()).cloned(), w.bal.datapath().log.len());
+            let e = cmd(w).unwrap_err();
+            assert!(e.to_string().contains(expect), "{e} lacks {expect:?}");
+            assert_eq!(w.life.vip(web()).cloned(), life);
+            assert_eq!(w.bal.datapath().log.len(), log);
+        }
+        let now = w.now_ms;
+        refused(&mut w, "no VIP named", |w| {
+            w.life.maintain(&mut w.bal, "nope", ip(B0), now).map(drop)
+        });
+        refused(&mut w, "not a backend of web", |w| {
+            w.life
+                .maintain(&mut w.bal, "web", ip("198.18.0.99"), now)
+                .map(drop)
+        });
+        refused(&mut w, "is active", |w| {
+            w.life.return_backend(&mut w.bal, "web", ip(B0), now)
+        });
+        refused(&mut w, "no rollout running", |w| {
+            w.life.cancel(&mut w.bal, "web", now).map(drop)
+        });
+        refused(&mut w, "no VIP named", |w| {
+            w.life.rollout(&mut w.bal, "nope", now).map(drop)
+        });
+
+        w.life.maintain(&mut w.bal, "web", ip(B0), now).unwrap();
+        refused(&mut w, "is maintenance-pending", |w| {
+            w.life.maintain(&mut w.bal, "web", ip(B0), now).map(drop)
+        });
+        w.step(1000);
+        refused(&mut w, "is draining", |w| {
+            w.life.maintain(&mut w.bal, "web", ip(B0), now).map(drop)
+        });
+        refused(&mut w, "is draining", |w| {
+            w.life.return_backend(&mut w.bal, "web", ip(B0), now)
+        });
+        w.set(B0, |o| o.flows = 0);
+        w.step(1000);
+        assert_eq!(w.phase(B0), Phase::InMaintenance);
+        refused(&mut w, "hook is running", |w| {
+            w.life.return_backend(&mut w.bal, "web", ip(B0), now)
+        });
+        refused(&mut w, "is in-maintenance", |w| {
+            w.life.maintain(&mut w.bal, "web", ip(B0), now).map(drop)
+        });
+        assert!(!w.finish_hook(B1, Ok(())), "no hook of B1 is running");
+        assert_eq!(w.phase(B1), Phase::Active);
+    }
+
+    #[test]
+    fn capacity_holds_a_pending_backend_until_load_falls() {
+        // Capacity at limit 0.8 with two of three backends: 1.6 weight units.
+        let mut w = World::new("load_limit = 0.8, min_spare = 0.2", false);
+        for b in [B0, B1, B2] {
+            w.set(b, |o| o.load = Some(0.5));
+        }
+        // Demand 1.5 against 1.6 without B0: spare 6% < 20%.
+        w.life
+            .maintain(&mut w.bal, "web", ip(B0), w.now_ms)
+            .unwrap();
+        w.step(1000);
+        assert_eq!(w.phase(B0), Phase::MaintenancePending);
+        let held = w.life.vip(web()).unwrap().held.clone().unwrap();
+        assert!(held.contains("under min_spare"), "{held}");
+        let spare = w.life.vip(web()).unwrap().spare.unwrap();
+        assert!((spare - (1.0 - 1.5 / 2.4)).abs() < 1e-9, "{spare}");
+        // Demand 0.9 against 1.6: spare 44%.
+        for b in [B0, B1, B2] {
+            w.set(b, |o| o.load = Some(0.3));
+        }
+        w.step(1000);
+        assert_eq!(w.phase(B0), Phase::Draining);
+        assert!(w.life.vip(web()).unwrap().spare.unwrap() >= 0.2);
+        assert_eq!(w.life.vip(web()).unwrap().held, None);
+    }
+
+    #[test]
+    fn the_last_backend_taking_new_flows_never_drains() {
+        let mut w = World::new("min_spare = 0", false);
+        for b in [B0, B1, B2] {
+            w.set(b, |o| o.load = None);
+        }
+        w.set(B1, |o| o.healthy = false);
+        w.set(B2, |o| o.healthy = false);
+        w.life
+            .maintain(&mut w.bal, "web", ip(B0), w.now_ms)
+            .unwrap();
+        w.step(1000);
+        assert_eq!(w.phase(B0), Phase::MaintenancePending);
+        let held = w.life.vip(web()).unwrap().held.clone().unwrap();
+        assert!(held.contains("last backend"), "{held}");
+        // A down backend costs no capacity: it may drain at once.
+        w.life
+            .maintain(&mut w.bal, "web", ip(B1), w.now_ms)
+            .unwrap();
+        w.step(1000);
+        assert_eq!(w.phase(B1), Phase::Draining);
+    }
+
+    #[test]
+    fn drain_timeout_cuts_the_remaining_flows() {
+        let mut w = World::new("drain_timeout_s = 30", false);
+        w.life
+            .maintain(&mut w.bal, "web", ip(B1), w.now_ms)
+            .unwrap();
+        w.step(1000);
+        assert_eq!(w.phase(B1), Phase::Draining);
+        w.set(B1, |o| o.flows = 3);
+        w.step(29_000);
+        assert_eq!(w.phase(B1), Phase::Draining);
+        w.step(1_000);
+        assert_eq!(w.phase(B1), Phase::InMaintenance);
+        assert_eq!(w.life.record(web(), ip(B1)).unwrap().flows_cut, 3);
+        assert!(!w.usable(B1));
+        assert!(w.hooks.is_empty(), "no hook configured");
+        // Without a hook, the operator returns it; no health check: back at once.
+        w.life
+            .return_backend(&mut w.bal, "web", ip(B1), w.now_ms)
+            .unwrap();
+        assert_eq!(w.phase(B1), Phase::Returning);
+        w.step(1000);
+        assert_eq!(w.phase(B1), Phase::Active);
+        assert!(w.usable(B1));
+    }
+
+    #[test]
+    fn a_failed_hook_keeps_the_backend_out_and_halts_the_rollout() {
+        let mut w = World::new("hook = [\"/bin/upgrade\"]", false);
+        for b in [B0, B1, B2] {
+            w.set(b, |o| o.flows = 0);
+        }
+        assert_eq!(w.life.rollout(&mut w.bal, "web", w.now_ms).unwrap(), 3);
+        w.step(1000);
+        w.step(1000);
+        let first = w.hooks[0].backend;
+        assert_eq!(w.hooks.len(), 1);
+        assert!(w.finish_hook(&first.to_string(), Err("exit status 3".into())));
+        let r = w.life.record(web(), first).unwrap();
+        assert_eq!(
+            (r.phase, r.last_error.as_deref()),
+            (Phase::HookFailed, Some("exit status 3"))
+        );
+        w.step(1000);
+        w.step(1000);
+        assert_eq!(w.hooks.len(), 1, "the rollout halts");
+        assert!(w
+            .life
+            .vip(web())
+            .unwrap()
+            .held
+            .clone()
+            .unwrap()
+            .contains("halted"));
+        assert!(!w.usable(&first.to_string()));
+        // Retry: the hook runs again, succeeds, and the rollout goes on.
+        w.life.maintain(&mut w.bal, "web", first, w.now_ms).unwrap();
+        w.step(1000);
+        assert_eq!(w.hooks.len(), 2);
+        assert!(w.finish_hook(&first.to_string(), Ok(())));
+        w.step(1000);
+        assert_eq!(w.life.record(web(), first).unwrap().phase, Phase::Active);
+        w.step(1000);
+        assert_eq!(w.hooks.len(), 3, "the next backend's hook");
+    }
+
+    #[test]
+    fn rollout_goes_one_by_one_prefers_up_to_date_and_completes() {
+        let mut w = World::new("hook = [\"/bin/upgrade\"], prefer_up_to_date = 0.5", false);
+        for b in [B0, B1, B2] {
+            w.set(b, |o| o.flows = 0);
+        }
+        w.life.rollout(&mut w.bal, "web", w.now_ms).unwrap();
+        let e = w.life.rollout(&mut w.bal, "web", w.now_ms).unwrap_err();
+        assert!(e.to_string().contains("already running"), "{e}");
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            w.step(1000); // drain starts
+            let draining: Vec<_> = [B0, B1, B2]
+                .into_iter()
+                .filter(|b| w.phase(b).out_for_maintenance())
+                .collect();
+            assert_eq!(draining.len(), 1, "max_parallel = 1: {draining:?}");
+            w.step(1000); // drained: hook
+            let job = w.hooks.last().unwrap().clone();
+            order.push(job.backend);
+            assert!(w.finish_hook(&job.backend.to_string(), Ok(())));
+            w.step(1000); // back (no health check)
+                          // Up-to-date backends are preferred: pending ones weigh half.
+            let status = w.bal.vip_status().unwrap();
+            for b in &status[0].backends {
+                let r = w.life.record(web(), b.address).unwrap();
+                let expect = match r.phase {
+                    Phase::MaintenancePending => 50,
+                    Phase::Active => 100,
+                    _ => 0,
+                };
+                assert_eq!(b.effective_weight, expect, "{} {:?}", b.address, r.phase);
+            }
+        }
+        order.sort();
+        order.dedup();
+        assert_eq!(order.len(), 3, "every backend's hook ran once");
+        assert_eq!(w.hooks.len(), 3);
+        let life = w.life.vip(web()).unwrap();
+        let rollout = life.rollout.clone().unwrap();
+        assert!(rollout.finished_ms.is_some());
+        assert!(life
+            .backends
+            .values()
+            .all(|r| life.up_to_date(r) && r.phase == Phase::Active));
+        let status = w.bal.vip_status().unwrap();
+        assert!(status[0].backends.iter().all(|b| b.effective_weight == 100));
+        assert_eq!(life.generation, 1);
+    }
+
+    #[test]
+    fn several_drain_at_once_while_capacity_allows() {
+        let mut w = World::new("max_parallel = 3, min_spare = 0.3", false);
+        // Demand 3 × 0.2 = 0.6; without one: 1 − 0.6/1.6 = 62%; without two:
+        // 1 − 0.6/0.8 = 25% < 30%. So exactly one drains, capacity-bound.
+        for b in [B0, B1, B2] {
+            w.set(b, |o| o.load = Some(0.2));
+        }
+        w.life.rollout(&mut w.bal, "web", w.now_ms).unwrap();
+        w.step(1000);
+        let out = |w: &World| {
+            [B0, B1, B2]
+                .into_iter()
+                .filter(|b| w.phase(b) == Phase::Draining)
+                .count()
+        };
+        assert_eq!(out(&w), 1);
+        // Lighter load: without two, 1 − 0.3/0.8 = 62%.
+        for b in [B0, B1, B2] {
+            w.set(b, |o| o.load = Some(0.1));
+        }
+        w.step(1000);
+        assert_eq!(out(&w), 2);
+        let rollout = w.life.vip(web()).unwrap().rollout.clone().unwrap();
+        assert!(rollout.min_spare_seen.unwrap() >= 0.3);
+    }
+
+    #[test]
+    fn cancel_returns_pending_and_draining_backends() {
+        let mut w = World::new("", false);
+        w.life.rollout(&mut w.bal, "web", w.now_ms).unwrap();
+        w.step(1000);
+        assert_eq!(w.life.cancel(&mut w.bal, "web", w.now_ms).unwrap(), 3);
+        assert!([B0, B1, B2].iter().all(|b| w.phase(b) == Phase::Active));
+        assert!([B0, B1, B2].iter().all(|b| w.slots(b) > 0));
+        assert!(w
+            .life
+            .vip(web())
+            .unwrap()
+            .rollout
+            .clone()
+            .unwrap()
+            .cancelled_ms
+            .is_some());
+    }
+
+    #[test]
+    fn an_agent_restart_resumes_the_rollout() {
+        let dir = std::env::temp_dir().join(format!("lb-lifecycle-test-{}", std::process::id()));
+        let path = dir.join("state.json");
+        let mut w = World::new(
+            "hook = [\"/bin/upgrade\"], max_parallel = 2, min_spare = 0",
+            false,
+        );
+        for b in [B0, B1, B2] {
+            w.set(b, |o| o.load = None);
+        }
+        w.set(B0, |o| o.flows = 0);
+        w.life.rollout(&mut w.bal, "web", w.now_ms).unwrap();
+        w.step(1000); // two draining
+        w.step(1000); // B0 (no flows) in maintenance, hook running
+        assert_eq!(w.hooks.len(), 1);
+        w.life.save(&path).unwrap();
+        let phases: Vec<Phase> = [B0, B1, B2].iter().map(|b| w.phase(b)).collect();
+
+        // A new agent: fresh datapath, the same configuration, the saved state.
+        let mut v = World::new(
+            "hook = [\"/bin/upgrade\"], max_parallel = 2, min_spare = 0",
+            false,
+        );
+        v.life = Lifecycle::load(&path).unwrap();
+        v.life.sync(
+            &config(
+                "hook = [\"/bin/upgrade\"], max_parallel = 2, min_spare = 0",
+                false,
+            ),
+            v.now_ms,
+        );
+        assert_eq!(
+            [B0, B1, B2].iter().map(|b| v.phase(b)).collect::<Vec<_>>(),
+            phases
+        );
+        v.now_ms = w.now_ms;
+        for b in [B0, B1, B2] {
+            v.set(b, |o| o.flows = 0);
+        }
+        v.step(1000);
+        // The interrupted hook runs again; the other drain completes.
+        assert_eq!(v.hooks.len(), 2);
+        assert!(v.hooks.iter().any(|j| j.backend == ip(B0)));
+        for j in v.hooks.clone() {
+            assert!(v.finish_hook(&j.backend.to_string(), Ok(())));
+        }
+        for _ in 0..4 {
+            v.step(1000);
+            for j in v.hooks.clone() {
+                v.finish_hook(&j.backend.to_string(), Ok(()));
+            }
+        }
+        let life = v.life.vip(web()).unwrap();
+        assert!(life.rollout.clone().unwrap().finished_ms.is_some());
+        assert_eq!(life.generation, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // A corrupt state file is refused with its name.
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&path, "{").unwrap();
+        let e = Lifecycle::load(&path).unwrap_err();
+        assert!(format!("{e:#}").contains("state.json"), "{e:#}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn load_level_takes_the_larger_known_figure() {
+        assert_eq!(load_level(None, 10, None), None);
+        assert_eq!(load_level(Some(0.3), 10, None), Some(0.3));
+        assert_eq!(load_level(None, 50, Some(100)), Some(0.5));
+        assert_eq!(load_level(Some(0.3), 50, Some(100)), Some(0.5));
+        assert_eq!(load_level(Some(0.7), 50, Some(100)), Some(0.7));
+    }
+}
