@@ -752,11 +752,6 @@ fn step_vip(
         .filter(|(_, r)| r.phase == Phase::HookFailed)
         .map(|(a, _)| *a)
         .collect();
-    let mut out = life
-        .backends
-        .values()
-        .filter(|r| r.phase.out_for_maintenance())
-        .count() as u32;
     let mut pending: Vec<(bool, IpAddr)> = cfg
         .backends
         .iter()
@@ -776,6 +771,11 @@ fn step_vip(
             ));
             break;
         }
+        let out = life
+            .backends
+            .values()
+            .filter(|r| r.phase.out_for_maintenance())
+            .count() as u32;
         if out >= m.max_parallel {
             life.held = Some(format!(
                 "{out} backend(s) out for maintenance, max_parallel = {}",
@@ -802,7 +802,6 @@ fn step_vip(
         let r = life.backends.get_mut(&a).expect("pending backend exists");
         r.enter(Phase::Draining, now_ms);
         r.flows_at_drain = r.flows;
-        out += 1;
         info!(vip = life.name, backend = %a, flows = r.flows, "draining");
     }
 
