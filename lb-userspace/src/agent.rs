@@ -28,11 +28,15 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    api::{ApplySummary, DecapStatus, InterfaceStatus, OutcomeStatus, Request, Response, Status},
+    api::{
+        ApplySummary, DecapStatus, InterfaceStatus, MaintenanceCommand, OutcomeStatus, Request,
+        Response, Status, VipMaintenance,
+    },
     balancer::Balancer,
     collector::{monotonic_ns, Collector},
     config::{Config, XdpModeSetting},
     datapath::{self, DecapMaps, KernelDatapath, MapSizes},
+    lifecycle::{HookJob, Lifecycle, Observation},
     nexthop::{ChangeWatcher, NextHop, Resolver},
 };
 
@@ -45,6 +49,26 @@ pub(crate) struct State {
     pub(crate) decap: Option<DecapMaps>,
     pub(crate) interfaces: Vec<InterfaceStatus>,
     pub(crate) collector: Collector,
+    pub(crate) lifecycle: Lifecycle,
+}
+
+impl State {
+    /// Persists the lifecycle; a failure is logged, the agent goes on.
+    fn save_lifecycle(&self) {
+        if let Some(b) = &self.config.balancer {
+            if let Err(e) = self.lifecycle.save(&b.state_file) {
+                warn!("persisting the lifecycle state: {e:#}");
+            }
+        }
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch: lifecycle times survive a
+/// restart.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;
@@ -138,6 +162,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let mut balancer = None;
+    let mut lifecycle = Lifecycle::default();
     if let Some(b) = &config.balancer {
         let mut local = BTreeSet::new();
         for name in &b.datapath.interfaces {
@@ -160,6 +185,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             backends = addresses.len(),
             "configuration applied"
         );
+        // A rollout in progress when the agent stopped resumes.
+        lifecycle = Lifecycle::load(&b.state_file)?;
+        lifecycle.sync(b, wall_ms());
+        lifecycle.place_all(&mut bal)?;
+        lifecycle
+            .save(&b.state_file)
+            .context("the lifecycle state file must be writable")?;
         balancer = Some(bal);
     }
     let mut decap = None;
@@ -210,6 +242,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         decap,
         interfaces,
         collector: visibility.map(|v| Collector::new(&v)).unwrap_or_default(),
+        lifecycle,
     }));
     let mut tasks = Vec::new();
     if let Some(v) = visibility {
@@ -300,6 +333,138 @@ async fn collect(state: Shared, every: Duration) {
         let backends: Vec<u32> = bal.backend_ids().iter().map(|(id, _)| *id).collect();
         if let Err(e) = collector.collect(bal.datapath_mut(), monotonic_ns(), &vips, &backends) {
             warn!("collecting flows: {e:#}");
+            continue;
+        }
+        let jobs = step_lifecycle(&mut st);
+        drop(st);
+        for job in jobs {
+            tokio::spawn(run_hook(state.clone(), job));
+        }
+    }
+}
+
+/// Moves the lifecycle on with what the collector just saw: the flows of
+/// each VIP on each backend, and each backend's load. Returns hooks to run.
+fn step_lifecycle(st: &mut State) -> Vec<HookJob> {
+    let State {
+        balancer,
+        collector,
+        lifecycle,
+        ..
+    } = st;
+    let Some(bal) = balancer.as_mut() else {
+        return Vec::new();
+    };
+    let backend_ids: BTreeMap<IpAddr, u32> = bal
+        .backend_ids()
+        .into_iter()
+        .map(|(id, a)| (a, id))
+        .collect();
+    let observations: BTreeMap<_, Observation> = bal
+        .vips()
+        .iter()
+        .flat_map(|(vip_id, v)| {
+            let ident = (v.address, v.port, v.protocol);
+            v.backends.iter().map(move |b| (ident, *vip_id, b.clone()))
+        })
+        .map(|(ident, vip_id, b)| {
+            let backend_id = backend_ids.get(&b.address).copied().unwrap_or(u32::MAX);
+            let pair = collector
+                .pair_presence
+                .get(&(vip_id, backend_id))
+                .copied()
+                .unwrap_or_default();
+            let host = collector
+                .backend_presence
+                .get(&backend_id)
+                .map_or(0, |p| p.active);
+            let o = Observation {
+                flows: pair.active + pair.closing,
+                load: crate::lifecycle::load_level(
+                    bal.reported_load(ident, b.address),
+                    host,
+                    b.max_flows,
+                ),
+                healthy: bal.healthy(ident, b.address),
+            };
+            ((ident, b.address), o)
+        })
+        .collect();
+    let now = wall_ms();
+    match lifecycle.step(
+        bal,
+        &|vip, b| {
+            observations
+                .get(&(vip, b.address))
+                .copied()
+                .unwrap_or_default()
+        },
+        now,
+    ) {
+        Ok((jobs, changed)) => {
+            if changed {
+                st.save_lifecycle();
+            }
+            jobs
+        }
+        Err(e) => {
+            warn!("lifecycle step: {e:#}");
+            Vec::new()
+        }
+    }
+}
+
+/// Runs a maintenance hook with its environment and timeout, then reports
+/// the result to the lifecycle.
+async fn run_hook(state: Shared, job: HookJob) {
+    let backend = job.backend;
+    info!(%backend, hook = ?job.argv, "running the maintenance hook");
+    let result = run_command(&job).await;
+    let mut st = state.lock().await;
+    let State {
+        balancer,
+        lifecycle,
+        ..
+    } = &mut *st;
+    let Some(bal) = balancer.as_mut() else { return };
+    match lifecycle.hook_finished(bal, job.vip, backend, result, wall_ms()) {
+        Ok(true) => st.save_lifecycle(),
+        Ok(false) => {}
+        Err(e) => warn!(%backend, "after the maintenance hook: {e:#}"),
+    }
+}
+
+/// The hook's outcome: success, or what went wrong (exit status, the end of
+/// its standard error, a timeout).
+async fn run_command(job: &HookJob) -> std::result::Result<(), String> {
+    let mut cmd = tokio::process::Command::new(&job.argv[0]);
+    cmd.args(&job.argv[1..])
+        .envs(job.env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let run = tokio::time::timeout(Duration::from_secs(job.timeout_s), cmd.output());
+    match run.await {
+        Err(_) => Err(format!(
+            "timed out after {} s and was killed",
+            job.timeout_s
+        )),
+        Ok(Err(e)) => Err(format!("cannot run {}: {e}", job.argv[0])),
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let tail: String = stderr
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("")
+                .chars()
+                .take(300)
+                .collect();
+            Err(if tail.is_empty() {
+                format!("{}", out.status)
+            } else {
+                format!("{}: {tail}", out.status)
+            })
         }
     }
 }
@@ -343,7 +508,9 @@ async fn check_health(state: Shared) {
             }))
             .await;
         let mut changes = Vec::new();
+        let mut passes = Vec::new();
         for (pair, target, hc, result) in results {
+            passes.push((pair, result.is_ok(), hc.rise));
             let entry = trackers
                 .entry(pair)
                 .or_insert((crate::health::Tracker::default(), now));
@@ -360,17 +527,30 @@ async fn check_health(state: Shared) {
                 changes.push((pair, up));
             }
         }
-        if changes.is_empty() {
-            continue;
-        }
         let mut st = state.lock().await;
-        let Some(bal) = st.balancer.as_mut() else {
+        let State {
+            balancer,
+            lifecycle,
+            ..
+        } = &mut *st;
+        let Some(bal) = balancer.as_mut() else {
             return;
         };
         for ((vip, backend), up) in changes {
             if let Err(e) = bal.set_health(vip, backend, up) {
                 warn!(%backend, "applying a health verdict: {e:#}");
             }
+        }
+        // Returning backends count their passes.
+        let mut returned = false;
+        for ((vip, backend), passed, rise) in passes {
+            match lifecycle.health_result(bal, vip, backend, passed, rise, wall_ms()) {
+                Ok(changed) => returned |= changed,
+                Err(e) => warn!(%backend, "lifecycle after a health check: {e:#}"),
+            }
+        }
+        if returned {
+            st.save_lifecycle();
         }
         // Pairs no longer configured are forgotten.
         if let Some(b) = &st.config.balancer {
@@ -598,6 +778,8 @@ async fn handle(req: Request, state: &Shared, resolver: &Resolver) -> Response {
             backend,
             enabled,
         } => set_backend(state, &vip, backend, enabled).await,
+        Request::Maintenance(cmd) => maintenance(state, cmd).await,
+        Request::MaintenanceStatus => maintenance_status(state).await,
     };
     result.unwrap_or_else(|e| Response::Error {
         message: format!("{e:#}"),
@@ -620,6 +802,54 @@ async fn set_backend(
         info!(vip, %backend, enabled, "backend set by the operator");
     }
     Ok(Response::BackendSet { changed })
+}
+
+async fn maintenance(state: &Shared, cmd: MaintenanceCommand) -> Result<Response> {
+    let mut st = state.lock().await;
+    let State {
+        balancer,
+        lifecycle,
+        ..
+    } = &mut *st;
+    let bal = balancer.as_mut().context("this agent runs no balancer")?;
+    let now = wall_ms();
+    let message = match &cmd {
+        MaintenanceCommand::Maintain { vip, backend } => {
+            let phase = lifecycle.maintain(bal, vip, *backend, now)?;
+            format!("{backend} of {vip} is {}", phase.name())
+        }
+        MaintenanceCommand::Return { vip, backend } => {
+            lifecycle.return_backend(bal, vip, *backend, now)?;
+            format!("{backend} of {vip} is returning: it serves again once its health checks pass")
+        }
+        MaintenanceCommand::Rollout { vip } => {
+            let n = lifecycle.rollout(bal, vip, now)?;
+            format!("rollout of {vip} started: {n} backend(s) maintenance-pending")
+        }
+        MaintenanceCommand::Cancel { vip } => {
+            let n = lifecycle.cancel(bal, vip, now)?;
+            format!("maintenance of {vip} cancelled: {n} backend(s) back to active")
+        }
+    };
+    st.save_lifecycle();
+    Ok(Response::Maintenance { message })
+}
+
+async fn maintenance_status(state: &Shared) -> Result<Response> {
+    let st = state.lock().await;
+    let vips = st
+        .lifecycle
+        .vips()
+        .map(|(life, cfg)| VipMaintenance {
+            load_limit: cfg.maintenance.load_limit,
+            min_spare: cfg.maintenance.min_spare,
+            max_parallel: cfg.maintenance.max_parallel,
+            drain_timeout_s: cfg.maintenance.drain_timeout_s,
+            hook: cfg.maintenance.hook.clone(),
+            life: life.clone(),
+        })
+        .collect();
+    Ok(Response::MaintenanceStatus { vips })
 }
 
 async fn apply(text: &str, state: &Shared, resolver: &Resolver) -> Result<ApplySummary> {
@@ -651,6 +881,16 @@ async fn apply(text: &str, state: &Shared, resolver: &Resolver) -> Result<ApplyS
         .context("this agent runs no balancer")?;
     let summary = bal.apply(b, &next_hops)?;
     info!(?summary, "configuration applied");
+    let State {
+        balancer,
+        lifecycle,
+        ..
+    } = &mut *st;
+    lifecycle.sync(b, wall_ms());
+    if let Some(bal) = balancer.as_mut() {
+        lifecycle.place_all(bal)?;
+    }
+    st.save_lifecycle();
     st.collector.timeouts = Some((&b.visibility).into());
     st.config = new;
     Ok(summary)
@@ -680,6 +920,29 @@ async fn status(state: &Shared) -> Result<Status> {
     if let (Some(bal), Some(cfg)) = (&st.balancer, &st.config.balancer) {
         status.maglev_table_size = cfg.datapath.maglev_table_size;
         status.vips = bal.vip_status()?;
+        let backend_ids: BTreeMap<IpAddr, u32> = bal
+            .backend_ids()
+            .into_iter()
+            .map(|(id, a)| (a, id))
+            .collect();
+        for v in &mut status.vips {
+            let ident = (v.address, v.port, v.protocol);
+            let life = st.lifecycle.vip(ident);
+            for b in &mut v.backends {
+                if let Some(r) = life.and_then(|l| l.backends.get(&b.address)) {
+                    b.state = r.phase.name().into();
+                    b.up_to_date = life.is_some_and(|l| l.up_to_date(r));
+                    b.load = r.load;
+                    b.drain_progress = r.drain_progress();
+                }
+                let id = backend_ids.get(&b.address).copied().unwrap_or(u32::MAX);
+                b.active_flows = st
+                    .collector
+                    .pair_presence
+                    .get(&(v.vip_id, id))
+                    .map_or(0, |p| p.active + p.closing);
+            }
+        }
         status.backends = bal.backend_status()?;
         for b in &mut status.backends {
             b.active_flows = st

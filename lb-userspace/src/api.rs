@@ -31,6 +31,22 @@ pub enum Request {
         backend: IpAddr,
         enabled: bool,
     },
+    /// Lifecycle commands on a backend of a VIP, or on a whole VIP.
+    Maintenance(MaintenanceCommand),
+    MaintenanceStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum MaintenanceCommand {
+    /// Mark a backend maintenance-pending (or retry its failed hook).
+    Maintain { vip: String, backend: IpAddr },
+    /// Bring a backend in maintenance back (once health checks pass).
+    Return { vip: String, backend: IpAddr },
+    /// Mark every backend of the VIP for a rolling upgrade.
+    Rollout { vip: String },
+    /// Stop a rollout; pending and draining backends return to active.
+    Cancel { vip: String },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -72,6 +88,13 @@ pub enum Response {
     /// `changed` is false when the backend already was in that state.
     BackendSet {
         changed: bool,
+    },
+    /// What a maintenance command did, in words.
+    Maintenance {
+        message: String,
+    },
+    MaintenanceStatus {
+        vips: Vec<VipMaintenance>,
     },
     Error {
         message: String,
@@ -126,6 +149,16 @@ pub struct VipBackendStatus {
     pub effective_weight: u32,
     /// The weight factor from the backend's load reports, if any.
     pub load_factor: Option<f64>,
+    /// Lifecycle phase: active, maintenance-pending, draining, ...
+    pub state: String,
+    /// Whether it has had the VIP's latest maintenance generation.
+    pub up_to_date: bool,
+    /// Load level (0..1 of its capacity) the lifecycle last saw, if known.
+    pub load: Option<f64>,
+    /// Flows of this VIP on it, open or closing, at the collector's last pass.
+    pub active_flows: u64,
+    /// While draining: the share of its flows at the drain's start now gone.
+    pub drain_progress: Option<f64>,
 }
 
 /// A backend host, with the traffic it received over all VIPs it serves.
@@ -179,6 +212,18 @@ pub struct Status {
     pub backends: Vec<BackendStatus>,
     pub outcomes: Vec<OutcomeStatus>,
     pub decap: Option<DecapStatus>,
+}
+
+/// A VIP's maintenance settings and lifecycle (`lbctl maintenance status`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VipMaintenance {
+    pub load_limit: f64,
+    pub min_spare: f64,
+    pub max_parallel: u32,
+    pub drain_timeout_s: u64,
+    pub hook: Option<Vec<String>>,
+    #[serde(flatten)]
+    pub life: crate::lifecycle::VipLife,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

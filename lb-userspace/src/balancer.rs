@@ -827,6 +827,11 @@ impl<D: Datapath> Balancer<D> {
                             .get(&(ident(&v.config), b.address))
                             .filter(|p| p.load.is_some())
                             .map(|p| p.load_factor),
+                        state: String::new(),
+                        up_to_date: true,
+                        load: None,
+                        active_flows: 0,
+                        drain_progress: None,
                     })
                     .collect(),
             });

@@ -123,6 +123,14 @@ pub struct Presence {
     pub closing: u64,
 }
 
+impl Presence {
+    fn add(&mut self, other: &Presence) {
+        self.active += other.active;
+        self.half_open += other.half_open;
+        self.closing += other.closing;
+    }
+}
+
 /// Flows the collector expired, cumulative.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Expired {
@@ -166,6 +174,8 @@ pub struct Collector {
     pub collected_at_ns: u64,
     pub vip_presence: BTreeMap<u32, Presence>,
     pub backend_presence: BTreeMap<u32, Presence>,
+    /// By (vip id, backend id): what the lifecycle reads to see a drain end.
+    pub pair_presence: BTreeMap<(u32, u32), Presence>,
     vip_expired: BTreeMap<u32, Expired>,
     backend_expired: BTreeMap<u32, Expired>,
     top: Vec<(FlowKey, FlowState)>,
@@ -196,8 +206,7 @@ impl Collector {
             closed_ns: u64::MAX,
             half_open_ns: u64::MAX,
         });
-        let mut vip_presence: BTreeMap<u32, Presence> = BTreeMap::new();
-        let mut backend_presence: BTreeMap<u32, Presence> = BTreeMap::new();
+        let mut pair_presence: BTreeMap<(u32, u32), Presence> = BTreeMap::new();
         let mut expire: Vec<(FlowKey, FlowState, FlowPhase)> = Vec::new();
         let mut top: Vec<(FlowKey, FlowState)> = Vec::new();
         let scanned = dp.scan_flows(&mut |key, state| {
@@ -217,18 +226,16 @@ impl Collector {
                     return;
                 }
             }
-            for p in [
-                vip_presence.entry(state.vip_id).or_default(),
-                backend_presence.entry(state.backend_id).or_default(),
-            ] {
-                match phase {
-                    FlowPhase::Open => p.active += 1,
-                    FlowPhase::HalfOpen => {
-                        p.active += 1;
-                        p.half_open += 1;
-                    }
-                    FlowPhase::ClosedFin | FlowPhase::ClosedRst => p.closing += 1,
+            let p = pair_presence
+                .entry((state.vip_id, state.backend_id))
+                .or_default();
+            match phase {
+                FlowPhase::Open => p.active += 1,
+                FlowPhase::HalfOpen => {
+                    p.active += 1;
+                    p.half_open += 1;
                 }
+                FlowPhase::ClosedFin | FlowPhase::ClosedRst => p.closing += 1,
             }
             // Keep the largest flows without sorting the whole table.
             if top.len() < TOP_KEPT * 2 {
@@ -255,8 +262,15 @@ impl Collector {
         top.truncate(TOP_KEPT);
         self.top = top;
         self.flows_in_table = (scanned - expire.len()) as u64;
+        let mut vip_presence: BTreeMap<u32, Presence> = BTreeMap::new();
+        let mut backend_presence: BTreeMap<u32, Presence> = BTreeMap::new();
+        for ((vip, backend), p) in &pair_presence {
+            vip_presence.entry(*vip).or_default().add(p);
+            backend_presence.entry(*backend).or_default().add(p);
+        }
         self.vip_presence = vip_presence;
         self.backend_presence = backend_presence;
+        self.pair_presence = pair_presence;
         self.collected_at_ns = now_ns;
 
         let mut snap = Snapshot {

@@ -603,6 +603,15 @@ impl Lifecycle {
         Ok((jobs, changed))
     }
 
+    /// Puts every VIP's backends where their phases say (after a start or a
+    /// reload).
+    pub fn place_all<D: Datapath>(&self, bal: &mut Balancer<D>) -> Result<()> {
+        for vip in self.vips.keys() {
+            self.place(bal, *vip)?;
+        }
+        Ok(())
+    }
+
     /// Puts the VIP's backends where their phases say, with the rollout's
     /// preference for up-to-date backends.
     fn place<D: Datapath>(&self, bal: &mut Balancer<D>, vip: VipIdent) -> Result<()> {

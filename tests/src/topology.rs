@@ -403,6 +403,9 @@ collect_interval_ms = 200
 [metrics]
 listen = "127.0.0.1:9180"
 
+[lifecycle]
+state_file = "{state}"
+
 [encap]
 source_v4 = "198.18.200.0/24"
 source_v6 = "fd00:200::/64"
@@ -415,6 +418,7 @@ protocol = "tcp"
 backends = [{tcp4}]
 health = {{ kind = "tcp", interval_ms = 300, timeout_ms = 200, rise = 2, fall = 2 }}
 feedback = {{ port = 8081, path = "/load", interval_ms = 300, timeout_ms = 200, smoothing = 1.0, min_change = 0.05 }}
+maintenance = {{ load_limit = 0.8, min_spare = 0.2, max_parallel = 2, drain_timeout_s = 30, hook = ["/bin/sh", "{hook}"], hook_timeout_s = 10 }}
 
 [[vips]]
 name = "dns"
@@ -437,8 +441,33 @@ port = 80
 protocol = "tcp"
 backends = [{equal6}]
 "#,
-            socket = self.lb_socket().display()
+            socket = self.lb_socket().display(),
+            state = self.dir.join("lifecycle.json").display(),
+            hook = self.hook_script().display(),
         )
+    }
+
+    /// The maintenance hook the LB runs: it records its environment, one line
+    /// per run, in `hooks.log` (see `hook_runs`), and takes a moment like an
+    /// upgrade would.
+    pub fn hook_script(&self) -> PathBuf {
+        let log = self.dir.join("hooks.log");
+        self.write(
+            "hook.sh",
+            &format!(
+                "echo \"$LB_VIP_NAME $LB_BACKEND $LB_GENERATION\" >> {}\nsleep 0.3\n",
+                log.display()
+            ),
+        )
+    }
+
+    /// Lines the maintenance hook wrote: "vip backend generation" per run.
+    pub fn hook_runs(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("hooks.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
@@ -497,6 +526,11 @@ backends = [{equal6}]
 
     /// Starts `lb_decap` agents and servers on every backend, then the LB agent.
     pub fn start(&mut self, weights: &[u32]) {
+        self.start_with(weights, |c| c);
+    }
+
+    /// Like `start`, with the LB's configuration edited by `edit` first.
+    pub fn start_with(&mut self, weights: &[u32], edit: impl FnOnce(String) -> String) {
         for i in 0..self.backends {
             let role = format!("b{i}");
             let socket = self.dir.join(format!("{role}.sock"));
@@ -510,7 +544,7 @@ backends = [{equal6}]
             self.wait_ready(&role, &socket);
             self.start_servers(i);
         }
-        let config = self.lb_config(weights);
+        let config = edit(self.lb_config(weights));
         self.spawn_agent("lb", &config);
         let socket = self.lb_socket();
         self.wait_ready("lb", &socket);
@@ -633,6 +667,14 @@ backends = [{equal6}]
         in_netns(&self.ns("cl"), f)
             .join()
             .expect("client thread panicked")
+    }
+
+    /// Starts the LB agent again with the configuration it last started with.
+    pub fn start_lb(&mut self) {
+        let config = std::fs::read_to_string(self.dir.join("lb.toml")).expect("lb.toml");
+        self.spawn_agent("lb", &config);
+        let socket = self.lb_socket();
+        self.wait_ready("lb", &socket);
     }
 
     /// Stops the LB agent with SIGTERM and waits for it.

@@ -5,10 +5,11 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
     api::{
-        call, FlowQuery, FlowRecord, FlowReport, Leg, Report, ReportQuery, Request, Response,
-        Status,
+        call, FlowQuery, FlowRecord, FlowReport, Leg, MaintenanceCommand, Report, ReportQuery,
+        Request, Response, Status, VipMaintenance,
     },
     config::{socket_text, Config, DEFAULT_SOCKET},
+    lifecycle::Phase,
 };
 
 #[derive(Parser)]
@@ -76,10 +77,16 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
-    /// Take a backend of a VIP out of service or put it back.
+    /// Take a backend of a VIP out of service or put it back, or take it
+    /// through maintenance.
     Backend {
         #[command(subcommand)]
         action: BackendAction,
+    },
+    /// Rolling maintenance of a VIP's backends, and its progress.
+    Maintenance {
+        #[command(subcommand)]
+        action: MaintenanceAction,
     },
     /// Apply a new configuration file atomically (established flows are kept).
     Apply {
@@ -105,6 +112,95 @@ enum BackendAction {
         vip: String,
         backend: std::net::IpAddr,
     },
+    /// Mark the backend maintenance-pending: it drains when capacity allows,
+    /// goes in maintenance, runs the hook and returns up to date. On a
+    /// backend whose hook failed, runs the hook again.
+    Maintain {
+        vip: String,
+        backend: std::net::IpAddr,
+    },
+    /// Bring a backend in maintenance (or whose hook failed) back: it serves
+    /// again once its health checks pass.
+    Return {
+        vip: String,
+        backend: std::net::IpAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum MaintenanceAction {
+    /// Mark every backend of the VIP for maintenance: a rolling upgrade,
+    /// one backend (or more, as capacity and max_parallel allow) at a time.
+    Rollout { vip: String },
+    /// Stop the VIP's rollout: pending and draining backends return to active.
+    Cancel { vip: String },
+    /// Each VIP's rollout, spare capacity and backends' phases.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn percent(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{:.0}%", v * 100.0))
+}
+
+fn print_maintenance(vips: &[VipMaintenance]) {
+    for v in vips {
+        println!(
+            "VIP {}  generation {}  spare capacity {} (min_spare {}, load_limit {}, max_parallel {})",
+            v.life.name,
+            v.life.generation,
+            percent(v.life.spare),
+            percent(Some(v.min_spare)),
+            percent(Some(v.load_limit)),
+            v.max_parallel
+        );
+        match &v.life.rollout {
+            Some(r) => {
+                let done = v
+                    .life
+                    .backends
+                    .values()
+                    .filter(|b| b.generation >= r.generation && b.phase == Phase::Active)
+                    .count();
+                let state = if r.cancelled_ms.is_some() {
+                    "cancelled"
+                } else if r.finished_ms.is_some() {
+                    "complete"
+                } else {
+                    "running"
+                };
+                println!(
+                    "  rollout to generation {}: {state}, {done}/{} backends up to date, lowest spare capacity {}",
+                    r.generation,
+                    v.life.backends.len(),
+                    percent(r.min_spare_seen)
+                );
+            }
+            None => println!("  no rollout"),
+        }
+        if let Some(h) = &v.life.held {
+            println!("  waiting: {h}");
+        }
+        println!(
+            "  {:<40} {:<20} {:>10} {:>6} {:>7} {:>6} {:>6}  last hook error",
+            "backend", "state", "up to date", "load", "flows", "drain", "hooks"
+        );
+        for (a, r) in &v.life.backends {
+            println!(
+                "  {:<40} {:<20} {:>10} {:>6} {:>7} {:>6} {:>6}  {}",
+                a.to_string(),
+                r.phase.name(),
+                if v.life.up_to_date(r) { "yes" } else { "no" },
+                percent(r.load),
+                r.flows,
+                percent(r.drain_progress()),
+                r.hook_runs,
+                r.last_error.as_deref().unwrap_or("")
+            );
+        }
+    }
 }
 
 fn human_bytes(b: u64) -> String {
@@ -138,8 +234,8 @@ fn print_status(s: &Status) {
             v.counters.new_flows
         );
         println!(
-            "  {:<40} {:>6} {:>7} {:>10}",
-            "backend", "weight", "share", "health"
+            "  {:<40} {:>6} {:>9} {:>7} {:>9} {:<20} {:>5} {:>6} {:>6}",
+            "backend", "weight", "effective", "share", "health", "state", "load", "flows", "drain"
         );
         for b in &v.backends {
             let share = if s.maglev_table_size > 0 {
@@ -147,11 +243,22 @@ fn print_status(s: &Status) {
             } else {
                 0.0
             };
+            let state = if b.up_to_date || b.state != "active" {
+                b.state.clone()
+            } else {
+                "active (outdated)".into()
+            };
             println!(
-                "  {:<40} {:>6} {:>6.1}%",
+                "  {:<40} {:>6} {:>9} {:>6.1}% {:>9} {:<20} {:>5} {:>6} {:>6}",
                 b.address.to_string(),
                 b.weight,
-                share
+                b.effective_weight,
+                share,
+                b.health,
+                state,
+                percent(b.load),
+                b.active_flows,
+                percent(b.drain_progress)
             );
         }
     }
@@ -399,10 +506,35 @@ async fn run(cli: Cli) -> Result<()> {
                 other => bail!("unexpected response: {other:?}"),
             }
         }
+        Command::Maintenance {
+            action: MaintenanceAction::Status { json },
+        } => match call(&cli.socket, &Request::MaintenanceStatus).await? {
+            Response::MaintenanceStatus { vips } if json => {
+                println!("{}", serde_json::to_string_pretty(&vips)?)
+            }
+            Response::MaintenanceStatus { vips } => print_maintenance(&vips),
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected response: {other:?}"),
+        },
+        Command::Maintenance { action } => {
+            let cmd = match action {
+                MaintenanceAction::Rollout { vip } => MaintenanceCommand::Rollout { vip },
+                MaintenanceAction::Cancel { vip } => MaintenanceCommand::Cancel { vip },
+                MaintenanceAction::Status { .. } => unreachable!("handled above"),
+            };
+            maintenance(&cli.socket, cmd).await?;
+        }
+        Command::Backend {
+            action: BackendAction::Maintain { vip, backend },
+        } => maintenance(&cli.socket, MaintenanceCommand::Maintain { vip, backend }).await?,
+        Command::Backend {
+            action: BackendAction::Return { vip, backend },
+        } => maintenance(&cli.socket, MaintenanceCommand::Return { vip, backend }).await?,
         Command::Backend { action } => {
             let (vip, backend, enabled) = match action {
                 BackendAction::Enable { vip, backend } => (vip, backend, true),
                 BackendAction::Disable { vip, backend } => (vip, backend, false),
+                _ => unreachable!("handled above"),
             };
             let request = Request::SetBackend {
                 vip: vip.clone(),
@@ -479,6 +611,17 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn maintenance(socket: &std::path::Path, cmd: MaintenanceCommand) -> Result<()> {
+    match call(socket, &Request::Maintenance(cmd)).await? {
+        Response::Maintenance { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected response: {other:?}"),
+    }
 }
 
 fn main() -> ExitCode {

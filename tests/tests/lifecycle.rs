@@ -1,0 +1,356 @@
+//! End to end: a rolling maintenance of every backend of a VIP, under
+//! continuous client load (short and long-lived TCP connections from the
+//! client namespace to real servers in three backend namespaces).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use lb_tests::topology::*;
+
+/// Failures and successes of the client load, by kind.
+#[derive(Default)]
+struct Tally {
+    short_ok: AtomicUsize,
+    long_ok: AtomicUsize,
+    failures: Mutex<Vec<String>>,
+}
+
+/// A long-lived connection: the backend's name, then `rounds` echoes 100 ms
+/// apart, then a clean close.
+fn long_connection(vip: SocketAddr, rounds: usize) -> Result<String, String> {
+    let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(3))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream);
+    let mut name = String::new();
+    reader
+        .read_line(&mut name)
+        .map_err(|e| format!("greeting: {e}"))?;
+    if name.is_empty() {
+        return Err("closed before the greeting".into());
+    }
+    for round in 0..rounds {
+        let msg = format!("ping {round}\n");
+        writer
+            .write_all(msg.as_bytes())
+            .map_err(|e| format!("round {round} send: {e}"))?;
+        let mut echo = String::new();
+        reader
+            .read_line(&mut echo)
+            .map_err(|e| format!("round {round} echo from {}: {e}", name.trim()))?;
+        if echo != msg {
+            return Err(format!("round {round}: echo {echo:?} from {}", name.trim()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(name.trim().to_string())
+}
+
+fn maintenance_json(t: &Topology) -> serde_json::Value {
+    let out = t.lbctl(&["maintenance", "status", "--json"]);
+    assert!(
+        out.status.success(),
+        "lbctl maintenance status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "web")
+        .expect("web VIP")
+        .clone()
+}
+
+/// The capacity rule, recomputed from what the agent reports: demand over
+/// backends carrying flows, capacity at the load limit over backends taking
+/// new flows.
+fn spare_of(web: &serde_json::Value) -> Option<f64> {
+    let limit = web["load_limit"].as_f64().unwrap();
+    let (mut demand, mut capacity) = (0.0, 0.0);
+    for (_, b) in web["backends"].as_object().unwrap() {
+        let phase = b["phase"].as_str().unwrap();
+        let load = b["load"].as_f64().unwrap_or(0.0);
+        // All three backends have weight 100.
+        if matches!(phase, "active" | "maintenance-pending" | "draining") {
+            demand += load * 100.0;
+        }
+        if matches!(phase, "active" | "maintenance-pending") {
+            capacity += limit * 100.0;
+        }
+    }
+    (capacity > 0.0).then(|| 1.0 - demand / capacity)
+}
+
+#[test]
+fn a_rollout_under_continuous_load_fails_no_connection() {
+    let mut t = Topology::new(3);
+    // Closed flows leave the table after 1 s, so drains end soon after the
+    // last connection closes.
+    t.start_with(&[100, 100, 100], |c| {
+        c.replace(
+            "collect_interval_ms = 200",
+            "collect_interval_ms = 200\nclosed_timeout_s = 1",
+        )
+    });
+    for i in 0..3 {
+        t.set_load(i, 0.3);
+    }
+    // Wait until the agent has seen every backend's load.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let web = maintenance_json(&t);
+        let seen = web["backends"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|b| (b["load"].as_f64().unwrap_or(0.0) - 0.3).abs() < 0.01);
+        if seen {
+            break;
+        }
+        assert!(Instant::now() < deadline, "loads not seen: {web}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Continuous load: two threads of short connections, three of long ones.
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let vip = SocketAddr::new(VIP_V4.parse().unwrap(), 80);
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (stop, tally) = (stop.clone(), tally.clone());
+        clients.push(in_netns(&t.ns("cl"), move || {
+            while !stop.load(Ordering::Relaxed) {
+                match connect_once(vip) {
+                    Ok(_) => {
+                        tally.short_ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tally.failures.lock().unwrap().push(format!("short: {e}")),
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }));
+    }
+    for _ in 0..3 {
+        let (stop, tally) = (stop.clone(), tally.clone());
+        clients.push(in_netns(&t.ns("cl"), move || {
+            while !stop.load(Ordering::Relaxed) {
+                match long_connection(vip, 15) {
+                    Ok(_) => {
+                        tally.long_ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tally.failures.lock().unwrap().push(format!("long: {e}")),
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+
+    let out = t.lbctl(&["maintenance", "rollout", "web"]);
+    assert!(
+        out.status.success(),
+        "rollout: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second rollout while one runs is refused.
+    let again = t.lbctl(&["maintenance", "rollout", "web"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+
+    // Watch it: capacity, how many are out at once, the phases each went through.
+    let started = Instant::now();
+    let mut phases: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut most_out = 0;
+    let mut held_for_capacity = false;
+    let mut lowest_spare = f64::MAX;
+    let last = loop {
+        let web = maintenance_json(&t);
+        let min_spare = web["min_spare"].as_f64().unwrap();
+        if let Some(spare) = spare_of(&web) {
+            lowest_spare = lowest_spare.min(spare);
+            assert!(
+                spare >= min_spare - 1e-9,
+                "spare capacity {spare} under {min_spare}: {web:#}"
+            );
+        } else {
+            panic!("no backend taking new flows: {web:#}");
+        }
+        let mut out = 0;
+        for (a, b) in web["backends"].as_object().unwrap() {
+            let phase = b["phase"].as_str().unwrap().to_string();
+            if !matches!(phase.as_str(), "active" | "maintenance-pending") {
+                out += 1;
+            }
+            assert_ne!(phase, "hook-failed", "{web:#}");
+            phases.entry(a.clone()).or_default().insert(phase);
+        }
+        most_out = most_out.max(out);
+        held_for_capacity |= web["held"]
+            .as_str()
+            .is_some_and(|h| h.contains("spare capacity"));
+        if web["rollout"]["finished_ms"].is_u64() {
+            break web;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "rollout not done after 90 s: {web:#}\n{}",
+            t.log("lb")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = started.elapsed();
+    // Load keeps running on the upgraded pool for a moment.
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("client thread");
+    }
+
+    let failures = tally.failures.lock().unwrap().clone();
+    let (short_ok, long_ok) = (
+        tally.short_ok.load(Ordering::Relaxed),
+        tally.long_ok.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "rollout took {took:?}: {short_ok} short and {long_ok} long connections succeeded, {} failed; at most {most_out} backend(s) out at once; lowest spare capacity {lowest_spare:.3}",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} connections failed during the rollout: {failures:?}",
+        failures.len()
+    );
+    assert!(
+        short_ok > 100 && long_ok > 10,
+        "{short_ok} short, {long_ok} long"
+    );
+
+    // Every backend's hook ran exactly once, with its address and VIP.
+    let mut runs = t.hook_runs();
+    runs.sort();
+    let mut expected: Vec<String> = (0..3).map(|i| format!("web {} 1", backend_v4(i))).collect();
+    expected.sort();
+    assert_eq!(runs, expected);
+
+    // Each backend drained and went in maintenance; all are back, up to date.
+    for (a, seen) in &phases {
+        assert!(seen.contains("draining"), "{a} never drained: {seen:?}");
+    }
+    for (a, b) in last["backends"].as_object().unwrap() {
+        assert_eq!(b["phase"], "active", "{a}");
+        assert_eq!(b["generation"], 1, "{a}");
+        assert_eq!(b["hook_runs"], 1, "{a}");
+        assert_eq!(b["flows_cut"], 0, "{a}: no drain timed out");
+    }
+    let agent_lowest = last["rollout"]["min_spare_seen"].as_f64().unwrap();
+    assert!(agent_lowest >= 0.2, "agent saw spare {agent_lowest}");
+    // Loads of 0.3 on three backends of weight 100 leave room for one out at
+    // a time while another drains (spare 1 − 60/160 with one out); a second
+    // must wait while two still carry flows: the capacity rule did bind.
+    assert!(
+        held_for_capacity,
+        "no pending backend was ever held back by capacity"
+    );
+    assert!(most_out <= 2, "max_parallel = 2, saw {most_out} out");
+
+    // The status shows state, load, weight and flows per backend.
+    let status = t.status_json();
+    let web = status["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "web")
+        .unwrap()
+        .clone();
+    for b in web["backends"].as_array().unwrap() {
+        assert_eq!(b["state"], "active");
+        assert_eq!(b["up_to_date"], true);
+        assert!((b["load"].as_f64().unwrap() - 0.3).abs() < 0.01);
+    }
+}
+
+#[test]
+fn maintenance_commands_refuse_bad_input_and_a_restart_resumes() {
+    let mut t = Topology::new(3);
+    t.start(&[100, 100, 100]);
+    let b0 = backend_v4(0);
+    for (args, expect) in [
+        (vec!["backend", "maintain", "nope", &b0], "no VIP named"),
+        (
+            vec!["backend", "maintain", "web", "198.18.9.9"],
+            "not a backend of web",
+        ),
+        (vec!["backend", "return", "web", &b0], "is active"),
+        (vec!["maintenance", "cancel", "web"], "no rollout running"),
+        (vec!["maintenance", "rollout", "nope"], "no VIP named"),
+    ] {
+        let out = t.lbctl(&args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    let out = t.lbctl(&["backend", "maintain", "web", "not-an-address"]);
+    assert!(!out.status.success());
+
+    // A held rollout: make the pool too loaded for any backend to drain.
+    for i in 0..3 {
+        t.set_load(i, 0.7);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let out = t.lbctl(&["maintenance", "rollout", "web"]);
+    assert!(out.status.success());
+    std::thread::sleep(Duration::from_millis(800));
+    let web = maintenance_json(&t);
+    for (a, b) in web["backends"].as_object().unwrap() {
+        assert_eq!(b["phase"], "maintenance-pending", "{a}: {web:#}");
+    }
+    assert!(
+        web["held"].as_str().unwrap().contains("spare capacity"),
+        "{web:#}"
+    );
+    let text = t.lbctl(&["maintenance", "status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("waiting: spare capacity"), "{text}");
+
+    // The agent restarts mid-rollout: the rollout is still there and, once
+    // the load allows, completes.
+    t.stop_lb();
+    t.start_lb();
+    let web = maintenance_json(&t);
+    assert_eq!(web["generation"], 1, "{web:#}");
+    assert!(web["rollout"]["finished_ms"].is_null(), "{web:#}");
+    for i in 0..3 {
+        t.set_load(i, 0.1);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let web = maintenance_json(&t);
+        if web["rollout"]["finished_ms"].is_u64() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not resumed: {web:#}\n{}",
+            t.log("lb")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(t.hook_runs().len(), 3, "{:?}", t.hook_runs());
+    // All connections work after it.
+    let results: Vec<_> = t.from_client(|| {
+        (0..60)
+            .map(|_| connect_once(SocketAddr::new(VIP_V4.parse().unwrap(), 80)))
+            .collect()
+    });
+    assert!(results.iter().all(Result::is_ok));
+}
