@@ -365,7 +365,7 @@ fn step_lifecycle(st: &mut State) -> Vec<HookJob> {
         .iter()
         .flat_map(|(vip_id, v)| {
             let ident = (v.address, v.port, v.protocol);
-            v.backends.iter().map(move |b| (ident, *vip_id, b.clone()))
+            v.backends.iter().map(move |b| (ident, *vip_id, *b))
         })
         .map(|(ident, vip_id, b)| {
             let backend_id = backend_ids.get(&b.address).copied().unwrap_or(u32::MAX);
