@@ -315,6 +315,24 @@ fn a_known_workload_is_reported_exactly() {
         100.0
     );
     assert!(value("lb_datapath_packets_total", &[("outcome", "forwarded")]) >= packets as f64);
+    // Lifecycle series: one state per backend is 1, the others 0.
+    let b0 = [("vip", "web"), ("backend", "198.18.0.11")];
+    let state = |s: &str| value("lb_backend_state", &[b0[0], b0[1], ("state", s)]);
+    assert_eq!(state("active"), 1.0);
+    for other in [
+        "maintenance-pending",
+        "draining",
+        "in-maintenance",
+        "returning",
+        "hook-failed",
+    ] {
+        assert_eq!(state(other), 0.0, "{other}");
+    }
+    assert_eq!(value("lb_backend_up_to_date", &b0), 1.0);
+    assert_eq!(value("lb_backend_maintenance_hook_runs_total", &b0), 0.0);
+    let spare = value("lb_vip_spare_capacity_ratio", &[("vip", "web")]);
+    assert!((0.0..=1.0).contains(&spare), "{spare}");
+    assert_eq!(value("lb_vip_rollout_running", &[("vip", "web")]), 0.0);
 }
 
 /// Sets SO_LINGER to zero, so dropping the socket sends RST.
