@@ -594,7 +594,15 @@ impl<D: Datapath> Balancer<D> {
         let Some(config) = self.vips.get(&vip).map(|v| v.config.clone()) else {
             return Ok(false);
         };
-        let before = self.pairs.clone();
+        // `change` touches only this VIP's pairs.
+        let pairs_of = |b: &Self| -> Vec<Option<PairState>> {
+            config
+                .backends
+                .iter()
+                .map(|be| b.pairs.get(&(vip, be.address)).copied())
+                .collect()
+        };
+        let before = pairs_of(self);
         let weights = |b: &Self| -> Vec<u32> {
             config
                 .backends
@@ -602,19 +610,31 @@ impl<D: Datapath> Balancer<D> {
                 .map(|be| b.effective_weight(&config, be))
                 .collect()
         };
-        let usable = |b: &Self| -> Vec<bool> {
-            config
-                .backends
-                .iter()
-                .map(|be| b.usable(be.address))
-                .collect()
-        };
-        let (old_weights, old_usable) = (weights(self), usable(self));
+        let old_weights = weights(self);
         change(&mut self.pairs);
-        if self.pairs == before {
+        let after = pairs_of(self);
+        if after == before {
             return Ok(false);
         }
-        let new_usable = usable(self);
+        // A backend's usability can only move where this VIP's pair changed
+        // whether it blocks established flows (the scan over other VIPs'
+        // pairs is needed only then).
+        let blocks = |p: &Option<PairState>| p.is_some_and(|p| p.blocks_flows());
+        let mut old_usable = Vec::new();
+        let mut new_usable = Vec::new();
+        for (i, b) in config.backends.iter().enumerate() {
+            if blocks(&before[i]) == blocks(&after[i]) {
+                old_usable.push(true);
+                new_usable.push(true);
+                continue;
+            }
+            let others = self
+                .pairs
+                .iter()
+                .any(|((v, a), p)| *a == b.address && *v != vip && p.blocks_flows());
+            old_usable.push(!blocks(&before[i]) && !others);
+            new_usable.push(!blocks(&after[i]) && !others);
+        }
         for (i, b) in config.backends.iter().enumerate() {
             if new_usable[i] && !old_usable[i] {
                 self.set_usable(b.address, true)?;

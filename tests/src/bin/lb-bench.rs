@@ -893,7 +893,7 @@ fn maglev_large_tables(report: &mut Report) {
 
 fn big_config(socket: &str, weight: u32) -> String {
     let mut s = format!(
-        "socket = \"{socket}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nmaglev_table_size = 65537\nmax_vips = 1000\nmax_backends = 256\nflow_table_size = 65536\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n"
+        "socket = \"{socket}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nmaglev_table_size = 65537\nmax_vips = 1000\nmax_backends = 256\nflow_table_size = 65536\n[lifecycle]\nstate_file = \"{socket}.lifecycle.json\"\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n"
     );
     for i in 0..1000u32 {
         let backends: Vec<String> = (0..10u32)
@@ -1288,10 +1288,12 @@ mod live {
         // new-flow mix miss on every packet.
         let socket = std::env::temp_dir().join(format!("{id}.sock"));
         let config = std::env::temp_dir().join(format!("{id}.toml"));
+        let state = std::env::temp_dir().join(format!("{id}.lifecycle.json"));
         std::fs::write(&config, format!(
-            "socket = \"{}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nflow_table_size = 16384\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n\
+            "socket = \"{}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nflow_table_size = 16384\n[lifecycle]\nstate_file = \"{}\"\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n\
              [[vips]]\naddress = \"198.18.10.1\"\nprotocol = \"udp\"\nbackends = [{{ address = \"198.18.0.11\" }}, {{ address = \"198.18.0.12\" }}, {{ address = \"198.18.0.13\" }}]\n",
-            socket.display()
+            socket.display(),
+            state.display()
         )).map_err(|e| e.to_string())?;
         let frame = pad(eth(
             lb_mac,
@@ -1420,6 +1422,7 @@ mod live {
         let _ = generator.join();
         drop(net);
         let _ = std::fs::remove_file(&config);
+        let _ = std::fs::remove_file(&state);
         Ok(vec![
             ("established-flow mix, lb_ingress", est, floor_est, est_fwd),
             (
