@@ -569,13 +569,14 @@ async fn check_health(state: Shared) {
     }
 }
 
-/// Polls every VIP's load feedback endpoints at their intervals and applies
-/// damped weight factors (see `health::Load`). A backend that does not answer
-/// keeps its last factor; its health check decides whether it is down.
+/// Polls every VIP's load feedback endpoints at their intervals and records
+/// the reports; the lifecycle step turns them (with active flows) into damped
+/// load levels and weights. A backend that does not answer keeps its last
+/// report; its health check decides whether it is down.
 async fn poll_load(state: Shared) {
     use std::collections::HashMap;
     type Pair = ((IpAddr, u16, crate::config::Protocol), IpAddr);
-    let mut loads: HashMap<Pair, (crate::health::Load, tokio::time::Instant)> = HashMap::new();
+    let mut next: HashMap<Pair, tokio::time::Instant> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -589,7 +590,7 @@ async fn poll_load(state: Shared) {
                 let Some(fb) = &v.feedback else { continue };
                 for be in &v.backends {
                     let pair = ((v.address, v.port, v.protocol), be.address);
-                    if loads.get(&pair).is_none_or(|(_, at)| *at <= now) {
+                    if next.get(&pair).is_none_or(|at| *at <= now) {
                         due.push((pair, SocketAddr::new(be.address, fb.port), fb.clone()));
                     }
                 }
@@ -607,19 +608,9 @@ async fn poll_load(state: Shared) {
             .await;
         let mut changes = Vec::new();
         for (pair, target, fb, result) in results {
-            let entry = loads
-                .entry(pair)
-                .or_insert((crate::health::Load::default(), now));
-            entry.1 = now + Duration::from_millis(fb.interval_ms);
+            next.insert(pair, now + Duration::from_millis(fb.interval_ms));
             match result {
-                Ok(load) => {
-                    let factor = entry.0.record(load, fb.smoothing, fb.min_change);
-                    if let Some(factor) = factor {
-                        info!(backend = %target, load, factor, "weight factor from load");
-                    }
-                    let average = entry.0.average.unwrap_or(load);
-                    changes.push((pair, (average, factor)));
-                }
+                Ok(load) => changes.push((pair, load)),
                 Err(e) => tracing::debug!(backend = %target, "load report: {e:#}"),
             }
         }
@@ -630,9 +621,9 @@ async fn poll_load(state: Shared) {
         let Some(bal) = st.balancer.as_mut() else {
             return;
         };
-        for ((vip, backend), factor) in changes {
-            if let Err(e) = bal.set_load(vip, backend, factor.0, factor.1) {
-                warn!(%backend, "applying a load factor: {e:#}");
+        for ((vip, backend), load) in changes {
+            if let Err(e) = bal.set_reported_load(vip, backend, load) {
+                warn!(%backend, "recording a load report: {e:#}");
             }
         }
     }

@@ -218,6 +218,18 @@ pub struct Balancer<D: Datapath> {
 
 pub type Pair = (VipIdent, IpAddr);
 
+/// Where the lifecycle puts a backend of a VIP, and the weight factors it
+/// gives it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Placement {
+    pub backend: IpAddr,
+    pub service: Service,
+    /// Rollouts prefer up-to-date backends (1 = no preference).
+    pub preference: f64,
+    /// From the backend's load level (1 = unloaded).
+    pub load_factor: f64,
+}
+
 /// Where the lifecycle puts a backend of a VIP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Service {
@@ -238,9 +250,9 @@ struct PairState {
     /// An operator disabled it.
     disabled: bool,
     service: Service,
-    /// Damped load report (0 = idle, 1 = at its limit).
+    /// The last load report (0 = idle, 1 = at its limit).
     load: Option<f64>,
-    /// Weight factor from the load reports.
+    /// Weight factor from the backend's load level.
     load_factor: f64,
     /// Weight factor from the lifecycle (preferring up-to-date backends).
     preference: f64,
@@ -508,41 +520,33 @@ impl<D: Datapath> Balancer<D> {
         self.update_pair(vip, address, |p| p.disabled = !enabled)
     }
 
-    /// Records a backend's damped load and, when given, the weight factor
-    /// derived from it (which rebuilds the VIP's table). Established flows
-    /// keep their backend.
-    pub fn set_load(
-        &mut self,
-        vip: VipIdent,
-        address: IpAddr,
-        load: f64,
-        factor: Option<f64>,
-    ) -> Result<bool> {
-        self.update_pair(vip, address, |p| {
-            p.load = Some(load);
-            if let Some(f) = factor {
-                p.load_factor = f.clamp(0.0, 1.0);
-            }
-        })
+    /// Records the load a backend of a VIP last reported (the lifecycle turns
+    /// it, with the backend's flows, into a load level and a weight).
+    pub fn set_reported_load(&mut self, vip: VipIdent, address: IpAddr, load: f64) -> Result<bool> {
+        self.update_pair(vip, address, |p| p.load = Some(load.clamp(0.0, 1.0)))
     }
 
     /// The lifecycle's placement of a VIP's backends, applied in one go (one
-    /// table rebuild at most). `changes` holds (backend, service, preference).
-    pub fn set_service(
-        &mut self,
-        vip: VipIdent,
-        changes: &[(IpAddr, Service, f64)],
-    ) -> Result<bool> {
+    /// table rebuild at most).
+    pub fn set_service(&mut self, vip: VipIdent, changes: &[Placement]) -> Result<bool> {
         self.update(vip, |pairs| {
-            for (address, service, preference) in changes {
-                let p = pairs.entry((vip, *address)).or_default();
-                p.service = *service;
-                p.preference = *preference;
+            for c in changes {
+                let p = pairs.entry((vip, c.backend)).or_default();
+                p.service = c.service;
+                p.preference = c.preference;
+                p.load_factor = c.load_factor.clamp(0.0, 1.0);
             }
         })
     }
 
-    /// The damped load a backend of a VIP last reported.
+    /// The weight factor the backend's load gives it in the VIP now.
+    pub fn load_factor(&self, vip: VipIdent, address: IpAddr) -> f64 {
+        self.pairs
+            .get(&(vip, address))
+            .map_or(1.0, |p| p.load_factor)
+    }
+
+    /// The load a backend of a VIP last reported.
     pub fn reported_load(&self, vip: VipIdent, address: IpAddr) -> Option<f64> {
         self.pairs.get(&(vip, address)).and_then(|p| p.load)
     }
@@ -845,8 +849,8 @@ impl<D: Datapath> Balancer<D> {
                         load_factor: self
                             .pairs
                             .get(&(ident(&v.config), b.address))
-                            .filter(|p| p.load.is_some())
-                            .map(|p| p.load_factor),
+                            .map(|p| p.load_factor)
+                            .filter(|f| *f < 1.0),
                         state: String::new(),
                         up_to_date: true,
                         load: None,
@@ -1318,11 +1322,19 @@ mod tests {
         .unwrap();
         let web = ("198.18.10.1".parse().unwrap(), 80, Protocol::Tcp);
         let busy: IpAddr = "198.18.0.12".parse().unwrap();
-        assert!(b.set_load(web, busy, 0.75, Some(0.25)).unwrap());
+        let place = Placement {
+            backend: busy,
+            service: Service::Serving,
+            preference: 1.0,
+            load_factor: 0.25,
+        };
+        assert!(b.set_service(web, &[place]).unwrap());
+        let writes = b.datapath().log.len();
         assert!(
-            !b.set_load(web, busy, 0.75, Some(0.25)).unwrap(),
+            !b.set_service(web, &[place]).unwrap(),
             "same factor, no rebuild"
         );
+        assert_eq!(b.datapath().log.len(), writes);
         let status = b.vip_status().unwrap();
         let s = &status[0].backends;
         assert_eq!((s[0].effective_weight, s[1].effective_weight), (100, 25));

@@ -84,38 +84,9 @@ pub async fn check(target: SocketAddr, hc: &HealthCheck) -> Result<()> {
     .context("timed out")?
 }
 
-/// A backend's load, damped: an exponential moving average of its reports,
-/// and the weight factor last applied (changed only by `min_change` or more).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Load {
-    pub average: Option<f64>,
-    pub applied: Option<f64>,
-}
-
 /// The weight factor for a load: a fully loaded backend keeps a trickle.
 pub fn weight_factor(load: f64) -> f64 {
     (1.0 - load).clamp(0.05, 1.0)
-}
-
-impl Load {
-    /// Records a report; returns the factor to apply when it moved enough.
-    pub fn record(&mut self, load: f64, smoothing: f64, min_change: f64) -> Option<f64> {
-        let load = load.clamp(0.0, 1.0);
-        let avg = match self.average {
-            Some(a) => a + smoothing * (load - a),
-            None => load,
-        };
-        self.average = Some(avg);
-        let factor = weight_factor(avg);
-        let applied = self.applied.unwrap_or(1.0);
-        // A tolerance for float rounding; no change at all never rebuilds.
-        let diff = (factor - applied).abs();
-        if diff > 1e-12 && diff + 1e-9 >= min_change {
-            self.applied = Some(factor);
-            return Some(factor);
-        }
-        None
-    }
 }
 
 /// Fetches a backend's load report: `GET path` answering `{"load": x}`.
@@ -174,24 +145,9 @@ mod tests {
     }
 
     #[test]
-    fn load_is_damped_and_applied_with_hysteresis() {
-        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
-        let mut l = Load::default();
-        assert_eq!(
-            l.record(0.0, 0.5, 0.1),
-            None,
-            "idle: factor 1, nothing to change"
-        );
-        // Averages 0.4 then 0.6: factors 0.6 then 0.4, each a change of 0.1 or more.
-        assert!(close(l.record(0.8, 0.5, 0.1), 0.6));
-        assert!(close(l.record(0.8, 0.5, 0.1), 0.4));
-        // Average 0.7 (factor 0.3): a change of 0.1 is applied; 0.75 (0.25) is not.
-        assert!(close(l.record(0.8, 0.5, 0.1), 0.3));
-        assert_eq!(l.record(0.8, 0.5, 0.1), None);
-        // Without damping a report applies at once.
-        let mut m = Load::default();
-        assert!(close(m.record(0.5, 1.0, 0.1), 0.5));
-        assert_eq!(m.record(0.55, 1.0, 0.1), None, "0.05 is below min_change");
+    fn weight_factor_keeps_a_trickle() {
+        assert_eq!(weight_factor(0.0), 1.0);
+        assert!((weight_factor(0.75) - 0.25).abs() < 1e-12);
         assert_eq!(weight_factor(1.0), 0.05);
         assert_eq!(weight_factor(-3.0), 1.0);
     }

@@ -41,10 +41,20 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::{
-    balancer::{Balancer, Service, VipIdent},
+    balancer::{Balancer, Placement, Service, VipIdent},
     config::{BackendConfig, BalancerConfig, Protocol, VipConfig},
     datapath::Datapath,
+    health::weight_factor,
 };
+
+/// How load levels are damped (weight of a new observation in the moving
+/// average) and the smallest weight-factor change that rebuilds a table: the
+/// VIP's feedback settings, or 0.5 and 0.1 without them.
+fn damping(cfg: &VipConfig) -> (f64, f64) {
+    cfg.feedback
+        .as_ref()
+        .map_or((0.5, 0.1), |f| (f.smoothing, f.min_change))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -627,7 +637,8 @@ impl Lifecycle {
                     && bal.healthy(vip, *a)
                     && r.load.unwrap_or(0.0) < limit
             });
-        let changes: Vec<(IpAddr, Service, f64)> = life
+        let (_, min_change) = damping(cfg);
+        let changes: Vec<Placement> = life
             .backends
             .iter()
             .map(|(a, r)| {
@@ -636,7 +647,22 @@ impl Lifecycle {
                 } else {
                     1.0
                 };
-                (*a, r.phase.service(), preference)
+                // Hysteresis: the factor moves only by min_change or more, so
+                // noise in the load does not rebuild the table.
+                let applied = bal.load_factor(vip, *a);
+                let wanted = r.load.map_or(1.0, weight_factor);
+                let diff = (wanted - applied).abs();
+                let load_factor = if diff > 1e-12 && diff + 1e-9 >= min_change {
+                    wanted
+                } else {
+                    applied
+                };
+                Placement {
+                    backend: *a,
+                    service: r.phase.service(),
+                    preference,
+                    load_factor,
+                }
             })
             .collect();
         bal.set_service(vip, &changes)?;
@@ -683,10 +709,14 @@ fn step_vip(
     jobs: &mut Vec<HookJob>,
 ) {
     let m = &cfg.maintenance;
+    let (smoothing, _) = damping(cfg);
     for (a, r) in life.backends.iter_mut() {
         if let Some(o) = obs.get(a) {
             r.flows = o.flows;
-            r.load = o.load;
+            r.load = match (r.load, o.load) {
+                (Some(prev), Some(now)) => Some(prev + smoothing * (now - prev)),
+                (_, now) => now,
+            };
         }
     }
 
@@ -1228,12 +1258,13 @@ maintenance = {{ {maintenance} }}
             assert!(w.finish_hook(&job.backend.to_string(), Ok(())));
             w.step(1000); // back (no health check)
                           // Up-to-date backends are preferred: pending ones weigh half.
+                          // (Every backend is at load 0.3: a weight factor of 0.7.)
             let status = w.bal.vip_status().unwrap();
             for b in &status[0].backends {
                 let r = w.life.record(web(), b.address).unwrap();
                 let expect = match r.phase {
-                    Phase::MaintenancePending => 50,
-                    Phase::Active => 100,
+                    Phase::MaintenancePending => 35,
+                    Phase::Active => 70,
                     _ => 0,
                 };
                 assert_eq!(b.effective_weight, expect, "{} {:?}", b.address, r.phase);
@@ -1251,7 +1282,7 @@ maintenance = {{ {maintenance} }}
             .values()
             .all(|r| life.up_to_date(r) && r.phase == Phase::Active));
         let status = w.bal.vip_status().unwrap();
-        assert!(status[0].backends.iter().all(|b| b.effective_weight == 100));
+        assert!(status[0].backends.iter().all(|b| b.effective_weight == 70));
         assert_eq!(life.generation, 1);
     }
 
@@ -1365,6 +1396,45 @@ maintenance = {{ {maintenance} }}
         let e = Lifecycle::load(&path).unwrap_err();
         assert!(format!("{e:#}").contains("state.json"), "{e:#}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn load_levels_become_weights_damped_and_with_hysteresis() {
+        // Default damping without a feedback section: smoothing 0.5, min_change 0.1.
+        let mut w = World::new("", false);
+        let weight = |w: &World, b: &str| {
+            w.bal.vip_status().unwrap()[0]
+                .backends
+                .iter()
+                .find(|x| x.address == ip(b))
+                .unwrap()
+                .effective_weight
+        };
+        w.set(B0, |o| o.load = Some(0.0));
+        w.set(B1, |o| o.load = None);
+        w.step(1000);
+        // First figures apply as they are: 0.3 gives 0.7; unknown gives 1.
+        assert_eq!(
+            (weight(&w, B0), weight(&w, B1), weight(&w, B2)),
+            (100, 100, 70)
+        );
+        // B2 at 0.8: averages 0.55 (factor 0.45, applied) then 0.675 (0.325,
+        // applied: a change of 0.125) then 0.7375 (0.2625, a change of 0.0625: held).
+        w.set(B2, |o| o.load = Some(0.8));
+        w.step(1000);
+        assert_eq!(weight(&w, B2), 45);
+        w.step(1000);
+        assert_eq!(weight(&w, B2), 32, "100 × 0.325, rounded");
+        let writes = w.bal.datapath().log.len();
+        w.step(1000);
+        assert_eq!(weight(&w, B2), 32, "a change under min_change is held");
+        assert_eq!(w.bal.datapath().log.len(), writes, "and rebuilds nothing");
+        // The shares follow the weights: 100 : 100 : 32 of the table.
+        let slots = w.slots(B2) as f64 / 257.0;
+        assert!((slots - 32.0 / 232.0).abs() < 0.03, "{slots}");
+        // Flows over max_flows count as load too: see load_level.
+        let r = w.life.record(web(), ip(B2)).unwrap();
+        assert!((r.load.unwrap() - 0.7375).abs() < 1e-9);
     }
 
     #[test]
