@@ -517,6 +517,9 @@ fn a_backend_reporting_high_load_gets_proportionally_fewer_new_flows() {
         .collect();
     let c = counts(&names);
     let (b0, b1, b2) = (c["b0"], c["b1"], c["b2"]);
+    eprintln!(
+        "900 new connections with b2 at load 0.75 (weights 100:100:25): b0 {b0}, b1 {b1}, b2 {b2}"
+    );
     // Shares 100:100:25 give b2 about 100 of 900 and the others about 400.
     assert!(
         b2 > 0 && b2 * 2 < b0.min(b1),
