@@ -189,6 +189,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         lifecycle = Lifecycle::load(&b.state_file)?;
         lifecycle.sync(b, wall_ms());
         lifecycle.place_all(&mut bal)?;
+        for (vip, backend) in lifecycle.disabled() {
+            bal.set_enabled(&vip, backend, false)?;
+            info!(vip, %backend, "disabled by an operator before the restart");
+        }
         lifecycle
             .save(&b.state_file)
             .context("the lifecycle state file must be writable")?;
@@ -789,8 +793,11 @@ async fn set_backend(
         .as_mut()
         .context("this agent runs no balancer")?;
     let changed = bal.set_enabled(vip, backend, enabled)?;
+    let pair = bal.pair_named(vip, backend)?;
     if changed {
         info!(vip, %backend, enabled, "backend set by the operator");
+        st.lifecycle.set_disabled(pair.0, pair.1, !enabled);
+        st.save_lifecycle();
     }
     Ok(Response::BackendSet { changed })
 }

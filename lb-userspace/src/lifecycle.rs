@@ -134,8 +134,12 @@ pub struct Record {
     pub last_error: Option<String>,
     /// Health checks passed in a row while returning.
     pub health_passes: u32,
-    /// Load level at the last step (0..1 of its capacity), if known.
+    /// Damped load level at the last step (0..1 of its capacity), if known.
     pub load: Option<f64>,
+    /// Disabled by an operator (`lbctl backend disable`); kept here so that
+    /// it survives a restart.
+    #[serde(default)]
+    pub disabled: bool,
 }
 
 impl Record {
@@ -152,6 +156,7 @@ impl Record {
             last_error: None,
             health_passes: 0,
             load: None,
+            disabled: false,
         }
     }
 
@@ -351,6 +356,30 @@ impl Lifecycle {
 
     pub fn vip(&self, vip: VipIdent) -> Option<&VipLife> {
         self.vips.get(&vip)
+    }
+
+    /// Records an operator's `lbctl backend enable|disable` (to persist it).
+    pub fn set_disabled(&mut self, vip: VipIdent, backend: IpAddr, disabled: bool) {
+        if let Some(r) = self
+            .vips
+            .get_mut(&vip)
+            .and_then(|l| l.backends.get_mut(&backend))
+        {
+            r.disabled = disabled;
+        }
+    }
+
+    /// (VIP name, backend) of every backend an operator disabled.
+    pub fn disabled(&self) -> Vec<(String, IpAddr)> {
+        self.vips
+            .values()
+            .flat_map(|l| {
+                l.backends
+                    .iter()
+                    .filter(|(_, r)| r.disabled)
+                    .map(|(a, _)| (l.name.clone(), *a))
+            })
+            .collect()
     }
 
     fn vip_named(&self, name: &str) -> Result<VipIdent> {

@@ -472,6 +472,18 @@ fn an_operator_disables_and_enables_a_backend() {
         .map(|r| r.expect("connection"))
         .collect();
     assert!(!counts(&names).contains_key("b0"), "{:?}", counts(&names));
+    // The setting survives an agent restart.
+    t.stop_lb();
+    t.start_lb();
+    assert_eq!(
+        vip_named(&t.status_json(), "web")["backends"][0]["health"],
+        "disabled"
+    );
+    let names: Vec<String> = many_connections(&t, vip(VIP_V4, 80), 60)
+        .into_iter()
+        .map(|r| r.expect("connection"))
+        .collect();
+    assert!(!counts(&names).contains_key("b0"), "{:?}", counts(&names));
     let out = t.lbctl(&["backend", "enable", "web", "198.18.0.11"]);
     assert!(out.status.success());
     assert_eq!(
