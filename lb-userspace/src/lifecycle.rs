@@ -827,7 +827,28 @@ fn step_vip(
         .map(|b| (obs.get(&b.address).is_some_and(|o| o.healthy), b.address))
         .collect();
     pending.sort_by_key(|(healthy, _)| *healthy);
+    // With load reports configured, capacity is unknown until every healthy
+    // backend has reported (after a start, say): no drain starts blind.
+    let unreported: Vec<IpAddr> = if cfg.feedback.is_some() {
+        obs.iter()
+            .filter(|(_, o)| o.healthy && o.load.is_none())
+            .map(|(a, _)| *a)
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (healthy, a) in pending {
+        if healthy && !unreported.is_empty() {
+            life.held = Some(format!(
+                "waiting for the load reports of {}",
+                unreported
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            break;
+        }
         if !failed.is_empty() {
             life.held = Some(format!(
                 "halted: the hook of {} failed",
@@ -905,6 +926,11 @@ mod tests {
     const B2: &str = "198.18.0.12";
 
     fn config(maintenance: &str, health: bool) -> BalancerConfig {
+        config_with(maintenance, health, "")
+    }
+
+    /// `extra`: more lines of the VIP's table.
+    fn config_with(maintenance: &str, health: bool, extra: &str) -> BalancerConfig {
         let health = if health {
             "health = { kind = \"tcp\", rise = 2 }\n"
         } else {
@@ -924,7 +950,7 @@ port = 80
 protocol = "tcp"
 backends = [ {{ address = "{B0}" }}, {{ address = "{B1}" }}, {{ address = "{B2}" }} ]
 maintenance = {{ {maintenance} }}
-{health}"#
+{health}{extra}"#
         );
         Config::from_toml(&text).unwrap().balancer.unwrap()
     }
@@ -949,7 +975,10 @@ maintenance = {{ {maintenance} }}
 
     impl World {
         fn new(maintenance: &str, health: bool) -> World {
-            let cfg = config(maintenance, health);
+            World::with(config(maintenance, health))
+        }
+
+        fn with(cfg: BalancerConfig) -> World {
             let sizes = MapSizes {
                 maglev_size: 257,
                 max_vips: 8,
@@ -1173,6 +1202,26 @@ maintenance = {{ {maintenance} }}
         assert_eq!(w.phase(B0), Phase::Draining);
         assert!(w.life.vip(web()).unwrap().spare.unwrap() >= 0.2);
         assert_eq!(w.life.vip(web()).unwrap().held, None);
+    }
+
+    #[test]
+    fn no_drain_starts_before_every_backend_reported_its_load() {
+        let cfg = config_with("min_spare = 0.2", false, "feedback = { port = 8081 }\n");
+        let mut w = World::with(cfg);
+        w.set(B2, |o| o.load = None);
+        w.life
+            .maintain(&mut w.bal, "web", ip(B0), w.now_ms)
+            .unwrap();
+        w.step(1000);
+        assert_eq!(w.phase(B0), Phase::MaintenancePending);
+        let held = w.life.vip(web()).unwrap().held.clone().unwrap();
+        assert!(
+            held.contains("waiting for the load reports of 198.18.0.12"),
+            "{held}"
+        );
+        w.set(B2, |o| o.load = Some(0.3));
+        w.step(1000);
+        assert_eq!(w.phase(B0), Phase::Draining);
     }
 
     #[test]

@@ -56,6 +56,24 @@ fn long_connection(vip: SocketAddr, rounds: usize) -> Result<String, String> {
     Ok(name.trim().to_string())
 }
 
+/// Waits until the agent has seen every backend of "web" at `load`.
+fn wait_for_loads(t: &Topology, load: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let web = maintenance_json(t);
+        let seen = web["backends"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|b| (b["load"].as_f64().unwrap_or(-1.0) - load).abs() < 0.01);
+        if seen {
+            return;
+        }
+        assert!(Instant::now() < deadline, "loads not seen: {web}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn maintenance_json(t: &Topology) -> serde_json::Value {
     let out = t.lbctl(&["maintenance", "status", "--json"]);
     assert!(
@@ -106,21 +124,7 @@ fn a_rollout_under_continuous_load_fails_no_connection() {
     for i in 0..3 {
         t.set_load(i, 0.3);
     }
-    // Wait until the agent has seen every backend's load.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let web = maintenance_json(&t);
-        let seen = web["backends"]
-            .as_object()
-            .unwrap()
-            .values()
-            .all(|b| (b["load"].as_f64().unwrap_or(0.0) - 0.3).abs() < 0.01);
-        if seen {
-            break;
-        }
-        assert!(Instant::now() < deadline, "loads not seen: {web}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_loads(&t, 0.3);
 
     // Continuous load: two threads of short connections, three of long ones.
     let stop = Arc::new(AtomicBool::new(false));
@@ -306,7 +310,7 @@ fn maintenance_commands_refuse_bad_input_and_a_restart_resumes() {
     for i in 0..3 {
         t.set_load(i, 0.7);
     }
-    std::thread::sleep(Duration::from_secs(1));
+    wait_for_loads(&t, 0.7);
     let out = t.lbctl(&["maintenance", "rollout", "web"]);
     assert!(out.status.success());
     std::thread::sleep(Duration::from_millis(800));
@@ -322,13 +326,20 @@ fn maintenance_commands_refuse_bad_input_and_a_restart_resumes() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("waiting: spare capacity"), "{text}");
 
-    // The agent restarts mid-rollout: the rollout is still there and, once
-    // the load allows, completes.
+    // The agent restarts mid-rollout: the rollout is still there, held (by
+    // capacity once the loads are reported again) and, once the load allows,
+    // completes.
     t.stop_lb();
     t.start_lb();
     let web = maintenance_json(&t);
     assert_eq!(web["generation"], 1, "{web:#}");
     assert!(web["rollout"]["finished_ms"].is_null(), "{web:#}");
+    wait_for_loads(&t, 0.7);
+    std::thread::sleep(Duration::from_millis(500));
+    let web = maintenance_json(&t);
+    for (a, b) in web["backends"].as_object().unwrap() {
+        assert_eq!(b["phase"], "maintenance-pending", "{a}: {web:#}");
+    }
     for i in 0..3 {
         t.set_load(i, 0.1);
     }
