@@ -365,3 +365,86 @@ fn maintenance_commands_refuse_bad_input_and_a_restart_resumes() {
     });
     assert!(results.iter().all(Result::is_ok));
 }
+
+#[test]
+fn a_failing_hook_keeps_its_backend_out_and_halts_the_rollout() {
+    let mut t = Topology::new(3);
+    let failing = backend_v4(1);
+    let log = t.dir.join("hooks.log");
+    let script = t.write(
+        "failing-hook.sh",
+        &format!(
+            "echo \"$LB_VIP_NAME $LB_BACKEND $LB_GENERATION\" >> {}\n\
+             if [ \"$LB_BACKEND\" = \"{failing}\" ]; then echo \"upgrade of $LB_BACKEND failed: package conflict\" >&2; exit 3; fi\n",
+            log.display()
+        ),
+    );
+    let default_hook = t.dir.join("hook.sh").display().to_string();
+    t.start_with(&[100, 100, 100], |c| {
+        c.replace(
+            "collect_interval_ms = 200",
+            "collect_interval_ms = 200\nclosed_timeout_s = 1",
+        )
+        .replace("max_parallel = 2", "max_parallel = 1")
+        .replace(&default_hook, &script.display().to_string())
+    });
+    wait_for_loads(&t, 0.0);
+    assert!(t.lbctl(&["maintenance", "rollout", "web"]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let web = loop {
+        let web = maintenance_json(&t);
+        if web["backends"][&failing]["phase"] == "hook-failed" {
+            break web;
+        }
+        assert!(Instant::now() < deadline, "no failure: {web:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let error = web["backends"][&failing]["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("exit status: 3") && error.contains("package conflict"),
+        "{error}"
+    );
+    // The rollout halts: the last backend stays pending; the failed one gets
+    // no traffic, and every connection still succeeds.
+    std::thread::sleep(Duration::from_secs(1));
+    let web = maintenance_json(&t);
+    assert_eq!(
+        web["backends"][backend_v4(2)]["phase"],
+        "maintenance-pending"
+    );
+    assert!(web["held"].as_str().unwrap().contains("halted"), "{web:#}");
+    let names: Vec<String> = t.from_client(|| {
+        (0..60)
+            .map(|_| {
+                connect_once(SocketAddr::new(VIP_V4.parse().unwrap(), 80)).expect("connection")
+            })
+            .collect()
+    });
+    assert!(!names.contains(&"b1".to_string()), "{names:?}");
+    let text = String::from_utf8_lossy(&t.lbctl(&["maintenance", "status"]).stdout).into_owned();
+    assert!(
+        text.contains("hook-failed") && text.contains("package conflict"),
+        "{text}"
+    );
+
+    // The operator returns it (the upgrade was finished by hand): it comes
+    // back once healthy and the rollout goes on to the end.
+    let out = t.lbctl(&["backend", "return", "web", &failing]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let web = maintenance_json(&t);
+        if web["rollout"]["finished_ms"].is_u64() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rollout stuck: {web:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut runs = t.hook_runs();
+    runs.sort();
+    assert_eq!(runs.len(), 3, "{runs:?}");
+}
