@@ -35,7 +35,7 @@ use crate::{
     balancer::Balancer,
     collector::{monotonic_ns, Collector},
     config::{Config, XdpModeSetting},
-    datapath::{self, DecapMaps, KernelDatapath, MapSizes},
+    datapath::{self, DecapMaps, FlowTable, KernelDatapath, MapSizes},
     lifecycle::{HookJob, Lifecycle, Observation},
     nexthop::{ChangeWatcher, NextHop, Resolver},
 };
@@ -162,6 +162,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let mut balancer = None;
+    let mut flow_table = None;
     let mut lifecycle = Lifecycle::default();
     if let Some(b) = &config.balancer {
         let mut local = BTreeSet::new();
@@ -169,6 +170,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             local.insert(resolver.ifindex(name).await?);
         }
         let dp = KernelDatapath::new(&mut ebpf, &sizes)?;
+        flow_table = Some(dp.flow_table()?);
         let mut bal = Balancer::new(dp, sizes, local);
         let addresses: Vec<IpAddr> = b
             .vips
@@ -249,9 +251,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         lifecycle,
     }));
     let mut tasks = Vec::new();
-    if let Some(v) = visibility {
+    if let (Some(v), Some(table)) = (visibility, flow_table) {
         tasks.push(tokio::spawn(collect(
             state.clone(),
+            table,
             Duration::from_millis(v.collect_interval_ms),
         )));
     }
@@ -320,12 +323,36 @@ async fn bind_socket(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// The collector's loop: one collection per interval.
-async fn collect(state: Shared, every: Duration) {
+/// The collector's loop: one collection per interval. The connection table
+/// is read and expired outside the state lock (a million flows take a good
+/// fraction of a second); the lock is held only to take the result in, read
+/// the counters and step the lifecycle.
+async fn collect(state: Shared, table: FlowTable, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut table = Some(table);
     loop {
         tick.tick().await;
+        let timeouts = state.lock().await.collector.timeouts;
+        let mut t = table.take().expect("the table comes back from each scan");
+        let pass = tokio::task::spawn_blocking(move || {
+            let scan = crate::collector::scan(&t, timeouts, monotonic_ns()).and_then(|mut s| {
+                crate::collector::expire(&mut t, &mut s)?;
+                Ok(s)
+            });
+            (t, scan)
+        })
+        .await;
+        let scan = match pass {
+            Ok((t, scan)) => {
+                table = Some(t);
+                scan
+            }
+            Err(e) => {
+                warn!("the collector's scan stopped: {e}");
+                return;
+            }
+        };
         let mut st = state.lock().await;
         let State {
             balancer,
@@ -335,7 +362,9 @@ async fn collect(state: Shared, every: Duration) {
         let Some(bal) = balancer.as_mut() else { return };
         let vips: Vec<u32> = bal.vips().iter().map(|(id, _)| *id).collect();
         let backends: Vec<u32> = bal.backend_ids().iter().map(|(id, _)| *id).collect();
-        if let Err(e) = collector.collect(bal.datapath_mut(), monotonic_ns(), &vips, &backends) {
+        if let Err(e) =
+            scan.and_then(|s| collector.absorb(s, bal.datapath(), monotonic_ns(), &vips, &backends))
+        {
             warn!("collecting flows: {e:#}");
             continue;
         }

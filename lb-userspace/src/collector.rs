@@ -1,6 +1,6 @@
 //! The one collector: it reads the connection table and the per-VIP and
 //! per-backend counters, expires idle flows, and keeps the aggregates that
-//! reports and metrics read (and the lifecycle logic will: one source of truth).
+//! reports, metrics and the lifecycle logic read: one source of truth.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -124,6 +124,17 @@ pub struct Presence {
 }
 
 impl Presence {
+    fn count(&mut self, phase: FlowPhase) {
+        match phase {
+            FlowPhase::Open => self.active += 1,
+            FlowPhase::HalfOpen => {
+                self.active += 1;
+                self.half_open += 1;
+            }
+            FlowPhase::ClosedFin | FlowPhase::ClosedRst => self.closing += 1,
+        }
+    }
+
     fn add(&mut self, other: &Presence) {
         self.active += other.active;
         self.half_open += other.half_open;
@@ -167,6 +178,111 @@ impl From<&VisibilityConfig> for Timeouts {
     }
 }
 
+/// The connection table as the collector reads it: the datapath itself, or
+/// (in the agent) a second handle on its map that needs no lock.
+pub trait FlowSource {
+    fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize>;
+    /// Removes an idle flow unless a packet came since it was scanned
+    /// (`last_ns` then moved). Returns whether it was removed.
+    fn remove_idle_flow(&mut self, key: &FlowKey, last_ns: u64) -> Result<bool>;
+}
+
+impl<D: Datapath> FlowSource for D {
+    fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize> {
+        Datapath::scan_flows(self, each)
+    }
+
+    fn remove_idle_flow(&mut self, key: &FlowKey, _: u64) -> Result<bool> {
+        self.remove_flow(key)?;
+        Ok(true)
+    }
+}
+
+/// One pass over the connection table.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub at_ns: u64,
+    /// Flows left in the table.
+    pub present: u64,
+    pub pair_presence: BTreeMap<(u32, u32), Presence>,
+    /// Idle flows: to expire, then (after `expire`) expired.
+    pub expired: Vec<(FlowKey, FlowState, FlowPhase)>,
+    top: Vec<(FlowKey, FlowState)>,
+}
+
+/// Reads the connection table at `now_ns`: what is present by VIP and
+/// backend, the largest flows, and the idle ones to expire.
+pub fn scan(flows: &dyn FlowSource, timeouts: Option<Timeouts>, now_ns: u64) -> Result<Scan> {
+    let timeouts = timeouts.unwrap_or(Timeouts {
+        tcp_idle_ns: u64::MAX,
+        udp_idle_ns: u64::MAX,
+        closed_ns: u64::MAX,
+        half_open_ns: u64::MAX,
+    });
+    let mut out = Scan {
+        at_ns: now_ns,
+        ..Scan::default()
+    };
+    let mut top: Vec<(FlowKey, FlowState)> = Vec::new();
+    let scanned = flows.scan_flows(&mut |key, state| {
+        let phase = FlowPhase::of(key, state);
+        // Without tracers (first_ns = 0) there is no idle time: the LRU
+        // alone retires such flows.
+        if state.first_ns != 0 {
+            let idle = now_ns.saturating_sub(state.last_ns);
+            let limit = match phase {
+                FlowPhase::ClosedFin | FlowPhase::ClosedRst => timeouts.closed_ns,
+                FlowPhase::HalfOpen => timeouts.half_open_ns,
+                FlowPhase::Open if key.proto == PROTO_TCP => timeouts.tcp_idle_ns,
+                FlowPhase::Open => timeouts.udp_idle_ns,
+            };
+            if idle > limit {
+                out.expired.push((*key, *state, phase));
+                return;
+            }
+        }
+        let p = out
+            .pair_presence
+            .entry((state.vip_id, state.backend_id))
+            .or_default();
+        p.count(phase);
+        // Keep the largest flows without sorting the whole table.
+        if top.len() < TOP_KEPT * 2 {
+            top.push((*key, *state));
+        } else {
+            top.sort_unstable_by_key(|f| std::cmp::Reverse(f.1.bytes_in));
+            top.truncate(TOP_KEPT);
+            top.push((*key, *state));
+        }
+    })?;
+    top.sort_unstable_by_key(|f| std::cmp::Reverse(f.1.bytes_in));
+    top.truncate(TOP_KEPT);
+    out.top = top;
+    out.present = (scanned - out.expired.len()) as u64;
+    Ok(out)
+}
+
+/// Removes the scan's idle flows from the table; a flow that saw a packet
+/// since the scan stays (and is counted present again).
+pub fn expire(flows: &mut dyn FlowSource, scan: &mut Scan) -> Result<()> {
+    let mut kept = Vec::new();
+    for (key, state, phase) in std::mem::take(&mut scan.expired) {
+        if flows.remove_idle_flow(&key, state.last_ns)? {
+            kept.push((key, state, phase));
+        } else {
+            // A packet came since: present after all (as it was scanned).
+            scan.present += 1;
+            let p = scan
+                .pair_presence
+                .entry((state.vip_id, state.backend_id))
+                .or_default();
+            p.count(phase);
+        }
+    }
+    scan.expired = kept;
+    Ok(())
+}
+
 #[derive(Default)]
 pub struct Collector {
     pub timeouts: Option<Timeouts>,
@@ -193,6 +309,8 @@ impl Collector {
     }
 
     /// One collection at `now_ns`: scan, expire, aggregate, snapshot counters.
+    /// (The agent runs the scan and the expiry outside its state lock; see
+    /// `scan`, `expire` and `absorb`.)
     pub fn collect<D: Datapath>(
         &mut self,
         dp: &mut D,
@@ -200,54 +318,24 @@ impl Collector {
         vip_ids: &[u32],
         backend_ids: &[u32],
     ) -> Result<()> {
-        let timeouts = self.timeouts.unwrap_or(Timeouts {
-            tcp_idle_ns: u64::MAX,
-            udp_idle_ns: u64::MAX,
-            closed_ns: u64::MAX,
-            half_open_ns: u64::MAX,
-        });
-        let mut pair_presence: BTreeMap<(u32, u32), Presence> = BTreeMap::new();
-        let mut expire: Vec<(FlowKey, FlowState, FlowPhase)> = Vec::new();
-        let mut top: Vec<(FlowKey, FlowState)> = Vec::new();
-        let scanned = dp.scan_flows(&mut |key, state| {
-            let phase = FlowPhase::of(key, state);
-            // Without tracers (first_ns = 0) there is no idle time: the LRU
-            // alone retires such flows.
-            if state.first_ns != 0 {
-                let idle = now_ns.saturating_sub(state.last_ns);
-                let limit = match phase {
-                    FlowPhase::ClosedFin | FlowPhase::ClosedRst => timeouts.closed_ns,
-                    FlowPhase::HalfOpen => timeouts.half_open_ns,
-                    FlowPhase::Open if key.proto == PROTO_TCP => timeouts.tcp_idle_ns,
-                    FlowPhase::Open => timeouts.udp_idle_ns,
-                };
-                if idle > limit {
-                    expire.push((*key, *state, phase));
-                    return;
-                }
-            }
-            let p = pair_presence
-                .entry((state.vip_id, state.backend_id))
-                .or_default();
-            match phase {
-                FlowPhase::Open => p.active += 1,
-                FlowPhase::HalfOpen => {
-                    p.active += 1;
-                    p.half_open += 1;
-                }
-                FlowPhase::ClosedFin | FlowPhase::ClosedRst => p.closing += 1,
-            }
-            // Keep the largest flows without sorting the whole table.
-            if top.len() < TOP_KEPT * 2 {
-                top.push((*key, *state));
-            } else {
-                top.sort_unstable_by_key(|f| std::cmp::Reverse(f.1.bytes_in));
-                top.truncate(TOP_KEPT);
-                top.push((*key, *state));
-            }
-        })?;
-        for (key, state, phase) in &expire {
-            dp.remove_flow(key)?;
+        let mut scan = scan(dp, self.timeouts, now_ns)?;
+        expire(dp, &mut scan)?;
+        self.absorb(scan, dp, now_ns, vip_ids, backend_ids)
+    }
+
+    /// Takes in a scan whose idle flows are expired, and snapshots the
+    /// VIP and backend counters, read at `counters_at_ns` (rates are computed
+    /// from these snapshots, so their time is the time of the read).
+    pub fn absorb<D: Datapath>(
+        &mut self,
+        scan: Scan,
+        dp: &D,
+        counters_at_ns: u64,
+        vip_ids: &[u32],
+        backend_ids: &[u32],
+    ) -> Result<()> {
+        let now_ns = scan.at_ns;
+        for (_, state, phase) in &scan.expired {
             for e in [
                 self.vip_expired.entry(state.vip_id).or_default(),
                 self.backend_expired.entry(state.backend_id).or_default(),
@@ -258,23 +346,21 @@ impl Collector {
                 }
             }
         }
-        top.sort_unstable_by_key(|f| std::cmp::Reverse(f.1.bytes_in));
-        top.truncate(TOP_KEPT);
-        self.top = top;
-        self.flows_in_table = (scanned - expire.len()) as u64;
+        self.top = scan.top;
+        self.flows_in_table = scan.present;
         let mut vip_presence: BTreeMap<u32, Presence> = BTreeMap::new();
         let mut backend_presence: BTreeMap<u32, Presence> = BTreeMap::new();
-        for ((vip, backend), p) in &pair_presence {
+        for ((vip, backend), p) in &scan.pair_presence {
             vip_presence.entry(*vip).or_default().add(p);
             backend_presence.entry(*backend).or_default().add(p);
         }
         self.vip_presence = vip_presence;
         self.backend_presence = backend_presence;
-        self.pair_presence = pair_presence;
+        self.pair_presence = scan.pair_presence;
         self.collected_at_ns = now_ns;
 
         let mut snap = Snapshot {
-            at_ns: now_ns,
+            at_ns: counters_at_ns,
             vip_expired: self.vip_expired.clone(),
             backend_expired: self.backend_expired.clone(),
             ..Snapshot::default()

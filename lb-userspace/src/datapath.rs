@@ -318,6 +318,48 @@ impl Datapath for KernelDatapath {
     }
 }
 
+/// A second handle on the connection table, for the collector: it reads and
+/// expires flows without holding the agent's state lock.
+pub struct FlowTable {
+    flows: HashMap<MapData, FlowKey, FlowState>,
+}
+
+impl KernelDatapath {
+    pub fn flow_table(&self) -> Result<FlowTable> {
+        let fd = self
+            .flows
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the connection table's fd")?;
+        let data = MapData::from_fd(fd).context("opening the connection table again")?;
+        let flows = HashMap::try_from(aya::maps::Map::LruHashMap(data))
+            .context("the connection table has an unexpected type")?;
+        Ok(FlowTable { flows })
+    }
+}
+
+impl crate::collector::FlowSource for FlowTable {
+    fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize> {
+        crate::batch::for_each(self.flows.map(), 8192, |k, v| each(k, v))
+            .context("scanning the connection table")
+    }
+
+    fn remove_idle_flow(&mut self, key: &FlowKey, last_ns: u64) -> Result<bool> {
+        match self.flows.get(key, 0) {
+            Ok(state) if state.last_ns != last_ns => return Ok(false),
+            Ok(_) => {}
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(true),
+            Err(e) => return Err(e).context("reading a flow"),
+        }
+        match self.flows.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(true),
+            Err(e) => Err(e).context("removing a flow"),
+        }
+    }
+}
+
 /// The decapsulator's maps.
 pub struct DecapMaps {
     addrs: HashMap<MapData, HostAddr, u32>,
