@@ -630,6 +630,48 @@ mod tests {
     }
 
     #[test]
+    fn a_flow_that_wakes_up_between_scan_and_expiry_stays() {
+        /// A table that, like the kernel one, removes only flows still idle.
+        struct Table(std::collections::HashMap<FlowKey, FlowState>);
+        impl FlowSource for Table {
+            fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize> {
+                self.0.iter().for_each(|(k, v)| each(k, v));
+                Ok(self.0.len())
+            }
+            fn remove_idle_flow(&mut self, key: &FlowKey, last_ns: u64) -> Result<bool> {
+                if self.0.get(key).is_some_and(|s| s.last_ns != last_ns) {
+                    return Ok(false);
+                }
+                self.0.remove(key);
+                Ok(true)
+            }
+        }
+        let now = 1000;
+        let mut t = Table(Default::default());
+        t.0.insert(
+            key(1, PROTO_TCP),
+            flow(TCP_SYN | TCP_ACK, 0, now - 400, 500),
+        );
+        t.0.insert(
+            key(2, PROTO_TCP),
+            flow(TCP_SYN | TCP_ACK, 0, now - 400, 500),
+        );
+        let mut scan = scan(&t, Some((&visibility()).into()), now * NS).unwrap();
+        assert_eq!((scan.expired.len(), scan.present), (2, 0));
+        // A packet for flow 2 arrives before the expiry.
+        t.0.get_mut(&key(2, PROTO_TCP)).unwrap().last_ns = now * NS;
+        expire(&mut t, &mut scan).unwrap();
+        assert_eq!(t.0.len(), 1, "only the idle flow went");
+        assert!(t.0.contains_key(&key(2, PROTO_TCP)));
+        assert_eq!((scan.expired.len(), scan.present), (1, 1));
+        let mut c = Collector::new(&visibility());
+        c.absorb(scan, &FakeDatapath::default(), now * NS, &[], &[])
+            .unwrap();
+        assert_eq!(c.vip_presence[&1].active, 1, "the woken flow counts");
+        assert_eq!(c.vip_expired(1).flows, 1);
+    }
+
+    #[test]
     fn counts_presence_and_expires_by_phase() {
         let mut dp = FakeDatapath::default();
         let now = 1000;

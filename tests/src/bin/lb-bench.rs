@@ -792,9 +792,7 @@ fn connection_table(report: &mut Report) {
         "",
         None,
     );
-    report
-        .json
-        .insert("scan.lock_held_s".into(), json!(inside));
+    report.json.insert("scan.lock_held_s".into(), json!(inside));
     report.row(
         "report scan",
         format!("read {n} flows, batch lookups"),
