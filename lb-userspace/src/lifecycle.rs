@@ -730,6 +730,14 @@ fn spare(
     (capacity > 0.0).then(|| 1.0 - demand / capacity)
 }
 
+/// "a, b, c" for log lines and reasons.
+fn addresses(list: &[IpAddr]) -> String {
+    list.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn step_vip(
     life: &mut VipLife,
     cfg: &VipConfig,
@@ -841,23 +849,12 @@ fn step_vip(
         if healthy && !unreported.is_empty() {
             life.held = Some(format!(
                 "waiting for the load reports of {}",
-                unreported
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                addresses(&unreported)
             ));
             break;
         }
         if !failed.is_empty() {
-            life.held = Some(format!(
-                "halted: the hook of {} failed",
-                failed
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            life.held = Some(format!("halted: the hook of {} failed", addresses(&failed)));
             break;
         }
         let out = life
