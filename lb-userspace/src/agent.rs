@@ -427,10 +427,16 @@ fn step_lifecycle(st: &mut State) -> Vec<HookJob> {
     match lifecycle.step(
         bal,
         &|vip, b| {
+            // Every configured pair is observed; were one not, it counts as
+            // serving with unknown load (the capacity rule still applies).
             observations
                 .get(&(vip, b.address))
                 .copied()
-                .unwrap_or_default()
+                .unwrap_or(Observation {
+                    flows: 0,
+                    load: None,
+                    healthy: true,
+                })
         },
         now,
     ) {
