@@ -50,6 +50,8 @@ pub(crate) struct State {
     pub(crate) interfaces: Vec<InterfaceStatus>,
     pub(crate) collector: Collector,
     pub(crate) lifecycle: Lifecycle,
+    /// A handle on the connection table for `lbctl flows`, read without the lock.
+    pub(crate) flows: Option<Arc<FlowTable>>,
 }
 
 impl State {
@@ -163,6 +165,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let mut balancer = None;
     let mut flow_table = None;
+    let mut listing_table = None;
     let mut lifecycle = Lifecycle::default();
     if let Some(b) = &config.balancer {
         let mut local = BTreeSet::new();
@@ -171,6 +174,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         let dp = KernelDatapath::new(&mut ebpf, &sizes)?;
         flow_table = Some(dp.flow_table()?);
+        listing_table = Some(Arc::new(dp.flow_table()?));
         let mut bal = Balancer::new(dp, sizes, local);
         let addresses: Vec<IpAddr> = b
             .vips
@@ -249,6 +253,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         interfaces,
         collector: visibility.map(|v| Collector::new(&v)).unwrap_or_default(),
         lifecycle,
+        flows: listing_table,
     }));
     let mut tasks = Vec::new();
     if let (Some(v), Some(table)) = (visibility, flow_table) {

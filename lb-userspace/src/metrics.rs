@@ -381,134 +381,99 @@ pub(crate) async fn render(state: &Shared) -> Result<String> {
 /// Backend states, loads and drain progress, and each VIP's rollout, from the
 /// lifecycle (the same figures `lbctl maintenance status` shows).
 fn lifecycle_series(out: &mut Exposition, st: &crate::agent::State) {
-    use crate::lifecycle::Phase;
-    let vips: Vec<_> = st.lifecycle.vips().map(|(l, _)| l).collect();
-    let pairs = || {
-        vips.iter()
-            .flat_map(|l| l.backends.iter().map(move |(a, r)| (*l, a.to_string(), r)))
-    };
+    use crate::lifecycle::{Phase, Record, VipLife};
+    let vips: Vec<&VipLife> = st.lifecycle.vips().map(|(l, _)| l).collect();
     out.family(
         "lb_backend_state",
         "gauge",
         "1 for the backend's lifecycle state in the VIP, 0 for the others.",
     );
-    for (l, a, r) in pairs() {
-        for p in Phase::ALL {
-            out.sample(
-                "lb_backend_state",
-                &[("vip", &l.name), ("backend", &a), ("state", p.name())],
-                u64::from(r.phase == p),
-            );
+    for l in &vips {
+        for (a, r) in &l.backends {
+            let a = a.to_string();
+            for p in Phase::ALL {
+                out.sample(
+                    "lb_backend_state",
+                    &[("vip", &l.name), ("backend", &a), ("state", p.name())],
+                    u64::from(r.phase == p),
+                );
+            }
         }
     }
-    out.family(
-        "lb_backend_up_to_date",
-        "gauge",
-        "1 when the backend has had the VIP's latest maintenance generation.",
-    );
-    for (l, a, r) in pairs() {
-        out.sample(
+    // One sample per (VIP, backend); `None` leaves the sample out.
+    type Value = fn(&VipLife, &Record) -> Option<f64>;
+    let per_backend: [(&str, &str, &str, Value); 6] = [
+        (
             "lb_backend_up_to_date",
-            &[("vip", &l.name), ("backend", &a)],
-            u64::from(l.up_to_date(r)),
-        );
-    }
-    out.family(
-        "lb_backend_load_ratio",
-        "gauge",
-        "Load level of the backend (0 idle, 1 at its capacity) from its load reports and active flows; absent when unknown.",
-    );
-    for (l, a, r) in pairs() {
-        if let Some(load) = r.load {
-            out.sample_f(
-                "lb_backend_load_ratio",
-                &[("vip", &l.name), ("backend", &a)],
-                load,
-            );
-        }
-    }
-    out.family(
-        "lb_backend_vip_flows",
-        "gauge",
-        "Flows (open or closing) of the VIP on the backend, as the lifecycle last saw them.",
-    );
-    for (l, a, r) in pairs() {
-        out.sample(
+            "gauge",
+            "1 when the backend has had the VIP's latest maintenance generation.",
+            |l, r| Some(f64::from(u8::from(l.up_to_date(r)))),
+        ),
+        (
+            "lb_backend_load_ratio",
+            "gauge",
+            "Load level of the backend (0 idle, 1 at its capacity) from its load reports and active flows; absent when unknown.",
+            |_, r| r.load,
+        ),
+        (
             "lb_backend_vip_flows",
-            &[("vip", &l.name), ("backend", &a)],
-            r.flows,
-        );
-    }
-    out.family(
-        "lb_backend_drain_progress_ratio",
-        "gauge",
-        "While draining: the share of the backend's flows at the start of the drain that are gone.",
-    );
-    for (l, a, r) in pairs() {
-        if let Some(p) = r.drain_progress() {
-            out.sample_f(
-                "lb_backend_drain_progress_ratio",
-                &[("vip", &l.name), ("backend", &a)],
-                p,
-            );
-        }
-    }
-    out.family(
-        "lb_backend_drain_flows_cut_total",
-        "counter",
-        "Flows cut because a drain timed out.",
-    );
-    for (l, a, r) in pairs() {
-        out.sample(
+            "gauge",
+            "Flows (open or closing) of the VIP on the backend, as the lifecycle last saw them.",
+            |_, r| Some(r.flows as f64),
+        ),
+        (
+            "lb_backend_drain_progress_ratio",
+            "gauge",
+            "While draining: the share of the backend's flows at the start of the drain that are gone.",
+            |_, r| r.drain_progress(),
+        ),
+        (
             "lb_backend_drain_flows_cut_total",
-            &[("vip", &l.name), ("backend", &a)],
-            r.flows_cut,
-        );
-    }
-    out.family(
-        "lb_backend_maintenance_hook_runs_total",
-        "counter",
-        "Maintenance hook runs started for the backend.",
-    );
-    for (l, a, r) in pairs() {
-        out.sample(
+            "counter",
+            "Flows cut because a drain timed out.",
+            |_, r| Some(r.flows_cut as f64),
+        ),
+        (
             "lb_backend_maintenance_hook_runs_total",
-            &[("vip", &l.name), ("backend", &a)],
-            u64::from(r.hook_runs),
-        );
-    }
-    out.family(
-        "lb_vip_spare_capacity_ratio",
-        "gauge",
-        "Spare capacity of the backends taking new flows (1 - demand / capacity at the load limit); absent when none does.",
-    );
-    for l in &vips {
-        if let Some(spare) = l.spare {
-            out.sample_f("lb_vip_spare_capacity_ratio", &[("vip", &l.name)], spare);
+            "counter",
+            "Maintenance hook runs started for the backend.",
+            |_, r| Some(f64::from(r.hook_runs)),
+        ),
+    ];
+    for (name, kind, help, value) in per_backend {
+        out.family(name, kind, help);
+        for l in &vips {
+            for (a, r) in &l.backends {
+                if let Some(v) = value(l, r) {
+                    out.sample_f(name, &[("vip", &l.name), ("backend", &a.to_string())], v);
+                }
+            }
         }
     }
-    out.family(
-        "lb_vip_maintenance_generation",
-        "gauge",
-        "The VIP's maintenance generation (raised by each rollout).",
-    );
-    for l in &vips {
-        out.sample(
+    type VipValue = fn(&VipLife) -> Option<f64>;
+    let per_vip: [(&str, &str, VipValue); 3] = [
+        (
+            "lb_vip_spare_capacity_ratio",
+            "Spare capacity of the backends taking new flows (1 - demand / capacity at the load limit); absent when none does.",
+            |l| l.spare,
+        ),
+        (
             "lb_vip_maintenance_generation",
-            &[("vip", &l.name)],
-            l.generation,
-        );
-    }
-    out.family(
-        "lb_vip_rollout_running",
-        "gauge",
-        "1 while a rollout of the VIP runs.",
-    );
-    for l in &vips {
-        out.sample(
+            "The VIP's maintenance generation (raised by each rollout).",
+            |l| Some(l.generation as f64),
+        ),
+        (
             "lb_vip_rollout_running",
-            &[("vip", &l.name)],
-            u64::from(l.rollout.as_ref().is_some_and(|r| r.running())),
-        );
+            "1 while a rollout of the VIP runs.",
+            |l| Some(f64::from(u8::from(l.rollout.as_ref().is_some_and(|r| r.running())))),
+        ),
+    ];
+    for (name, help, value) in per_vip {
+        out.family(name, "gauge", help);
+        for l in &vips {
+            if let Some(v) = value(l) {
+                out.sample_f(name, &[("vip", &l.name)], v);
+            }
+        }
     }
 }

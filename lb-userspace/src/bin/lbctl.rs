@@ -506,35 +506,36 @@ async fn run(cli: Cli) -> Result<()> {
                 other => bail!("unexpected response: {other:?}"),
             }
         }
-        Command::Maintenance {
-            action: MaintenanceAction::Status { json },
-        } => match call(&cli.socket, &Request::MaintenanceStatus).await? {
-            Response::MaintenanceStatus { vips } if json => {
-                println!("{}", serde_json::to_string_pretty(&vips)?)
+        Command::Maintenance { action } => match action {
+            MaintenanceAction::Status { json } => {
+                match call(&cli.socket, &Request::MaintenanceStatus).await? {
+                    Response::MaintenanceStatus { vips } if json => {
+                        println!("{}", serde_json::to_string_pretty(&vips)?)
+                    }
+                    Response::MaintenanceStatus { vips } => print_maintenance(&vips),
+                    Response::Error { message } => bail!("{message}"),
+                    other => bail!("unexpected response: {other:?}"),
+                }
             }
-            Response::MaintenanceStatus { vips } => print_maintenance(&vips),
-            Response::Error { message } => bail!("{message}"),
-            other => bail!("unexpected response: {other:?}"),
+            MaintenanceAction::Rollout { vip } => {
+                maintenance(&cli.socket, MaintenanceCommand::Rollout { vip }).await?
+            }
+            MaintenanceAction::Cancel { vip } => {
+                maintenance(&cli.socket, MaintenanceCommand::Cancel { vip }).await?
+            }
         },
-        Command::Maintenance { action } => {
-            let cmd = match action {
-                MaintenanceAction::Rollout { vip } => MaintenanceCommand::Rollout { vip },
-                MaintenanceAction::Cancel { vip } => MaintenanceCommand::Cancel { vip },
-                MaintenanceAction::Status { .. } => unreachable!("handled above"),
-            };
-            maintenance(&cli.socket, cmd).await?;
-        }
-        Command::Backend {
-            action: BackendAction::Maintain { vip, backend },
-        } => maintenance(&cli.socket, MaintenanceCommand::Maintain { vip, backend }).await?,
-        Command::Backend {
-            action: BackendAction::Return { vip, backend },
-        } => maintenance(&cli.socket, MaintenanceCommand::Return { vip, backend }).await?,
         Command::Backend { action } => {
             let (vip, backend, enabled) = match action {
                 BackendAction::Enable { vip, backend } => (vip, backend, true),
                 BackendAction::Disable { vip, backend } => (vip, backend, false),
-                _ => unreachable!("handled above"),
+                BackendAction::Maintain { vip, backend } => {
+                    return maintenance(&cli.socket, MaintenanceCommand::Maintain { vip, backend })
+                        .await;
+                }
+                BackendAction::Return { vip, backend } => {
+                    return maintenance(&cli.socket, MaintenanceCommand::Return { vip, backend })
+                        .await;
+                }
             };
             let request = Request::SetBackend {
                 vip: vip.clone(),
