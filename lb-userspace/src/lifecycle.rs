@@ -382,21 +382,34 @@ impl Lifecycle {
             .collect()
     }
 
-    fn vip_named(&self, name: &str) -> Result<VipIdent> {
-        self.vips
-            .iter()
-            .find(|(_, l)| l.name == name)
-            .map(|(k, _)| *k)
-            .with_context(|| format!("no VIP named {name:?}"))
+    /// The VIP an operator names (the balancer resolves names and refuses
+    /// unknown ones).
+    fn life_named<D: Datapath>(
+        &mut self,
+        bal: &Balancer<D>,
+        name: &str,
+    ) -> Result<(VipIdent, &mut VipLife)> {
+        let vip = bal.vip_named(name)?;
+        let life = self
+            .vips
+            .get_mut(&vip)
+            .with_context(|| format!("{name} has no lifecycle yet"))?;
+        Ok((vip, life))
     }
 
-    fn record_named(&mut self, name: &str, backend: IpAddr) -> Result<(VipIdent, &mut Record)> {
-        let vip = self.vip_named(name)?;
+    /// The backend of a VIP an operator names.
+    fn record_named<D: Datapath>(
+        &mut self,
+        bal: &Balancer<D>,
+        name: &str,
+        backend: IpAddr,
+    ) -> Result<(VipIdent, &mut Record)> {
+        let (vip, backend) = bal.pair_named(name, backend)?;
         let r = self
             .vips
             .get_mut(&vip)
             .and_then(|l| l.backends.get_mut(&backend))
-            .with_context(|| format!("{backend} is not a backend of {name}"))?;
+            .with_context(|| format!("{backend} of {name} has no lifecycle yet"))?;
         Ok((vip, r))
     }
 
@@ -409,12 +422,12 @@ impl Lifecycle {
         backend: IpAddr,
         now_ms: u64,
     ) -> Result<Phase> {
-        let vip = self.vip_named(name)?;
+        let vip = bal.vip_named(name)?;
         let has_hook = self
             .configs
             .get(&vip)
             .is_some_and(|c| c.maintenance.hook.is_some());
-        let (vip, r) = self.record_named(name, backend)?;
+        let (vip, r) = self.record_named(bal, name, backend)?;
         match r.phase {
             Phase::Active => r.enter(Phase::MaintenancePending, now_ms),
             Phase::HookFailed if has_hook => {
@@ -444,7 +457,7 @@ impl Lifecycle {
         backend: IpAddr,
         now_ms: u64,
     ) -> Result<()> {
-        let (vip, r) = self.record_named(name, backend)?;
+        let (vip, r) = self.record_named(bal, name, backend)?;
         match (r.phase, r.hook) {
             (Phase::InMaintenance, HookRun::Idle) | (Phase::HookFailed, _) => {
                 r.enter(Phase::Returning, now_ms);
@@ -469,8 +482,7 @@ impl Lifecycle {
         name: &str,
         now_ms: u64,
     ) -> Result<usize> {
-        let vip = self.vip_named(name)?;
-        let life = self.vips.get_mut(&vip).expect("named VIP exists");
+        let (vip, life) = self.life_named(bal, name)?;
         if let Some(r) = life.rollout.as_ref().filter(|r| r.running()) {
             bail!(
                 "a rollout of {name} (generation {}) is already running; `lbctl maintenance status` shows it",
@@ -506,8 +518,7 @@ impl Lifecycle {
         name: &str,
         now_ms: u64,
     ) -> Result<usize> {
-        let vip = self.vip_named(name)?;
-        let life = self.vips.get_mut(&vip).expect("named VIP exists");
+        let (vip, life) = self.life_named(bal, name)?;
         let mut returned = 0;
         for r in life.backends.values_mut() {
             if matches!(r.phase, Phase::MaintenancePending | Phase::Draining) {
