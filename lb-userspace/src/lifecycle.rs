@@ -626,28 +626,12 @@ impl Lifecycle {
                 continue;
             };
             let life = self.vips.get_mut(&vip).expect("key listed above");
-            let before = life.clone();
             let obs: BTreeMap<IpAddr, Observation> = cfg
                 .backends
                 .iter()
                 .map(|b| (b.address, observe(vip, b)))
                 .collect();
-            step_vip(life, &cfg, &obs, now_ms, &mut jobs);
-            // Flows and loads move at every step; only the rest is persisted news.
-            let mut a = before.clone();
-            let mut b = life.clone();
-            for l in [&mut a, &mut b] {
-                l.spare = None;
-                l.held = None;
-                for r in l.backends.values_mut() {
-                    r.flows = 0;
-                    r.load = None;
-                }
-                if let Some(r) = l.rollout.as_mut() {
-                    r.min_spare_seen = None;
-                }
-            }
-            changed |= a != b;
+            changed |= step_vip(life, &cfg, &obs, now_ms, &mut jobs);
             self.place(bal, vip)?;
         }
         Ok((jobs, changed))
@@ -755,7 +739,10 @@ fn step_vip(
     obs: &BTreeMap<IpAddr, Observation>,
     now_ms: u64,
     jobs: &mut Vec<HookJob>,
-) {
+) -> bool {
+    // Whether a phase, a hook or the rollout moved: news to persist (flows,
+    // loads and spare capacity move at every step and are not).
+    let mut changed = false;
     let m = &cfg.maintenance;
     let (smoothing, _) = damping(cfg);
     for (a, r) in life.backends.iter_mut() {
@@ -784,6 +771,7 @@ fn step_vip(
             info!(vip = life.name, backend = %a, "drained");
         }
         r.enter(Phase::InMaintenance, now_ms);
+        changed = true;
         r.hook = if m.hook.is_some() {
             HookRun::Due
         } else {
@@ -796,6 +784,7 @@ fn step_vip(
         if r.phase != Phase::InMaintenance || r.hook != HookRun::Due {
             continue;
         }
+        changed = true;
         let Some(argv) = &m.hook else {
             r.hook = HookRun::Idle;
             continue;
@@ -825,6 +814,7 @@ fn step_vip(
         for (a, r) in life.backends.iter_mut() {
             if r.phase == Phase::Returning {
                 r.enter(Phase::Active, now_ms);
+                changed = true;
                 r.generation = generation;
                 info!(vip = life.name, backend = %a, generation, "back from maintenance, up to date");
             }
@@ -898,6 +888,7 @@ fn step_vip(
         }
         let r = life.backends.get_mut(&a).expect("pending backend exists");
         r.enter(Phase::Draining, now_ms);
+        changed = true;
         r.flows_at_drain = r.flows;
         info!(vip = life.name, backend = %a, flows = r.flows, "draining");
     }
@@ -914,6 +905,7 @@ fn step_vip(
             .all(|b| b.phase == Phase::Active && b.generation >= r.generation);
         if done {
             r.finished_ms = Some(now_ms);
+            changed = true;
             info!(
                 vip = life.name,
                 generation = r.generation,
@@ -921,6 +913,7 @@ fn step_vip(
             );
         }
     }
+    changed
 }
 
 #[cfg(test)]
