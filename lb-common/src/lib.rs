@@ -11,6 +11,28 @@
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
+/// An address as the maps store it (16 bytes, IPv4 in the first 4), and its
+/// family tag.
+pub fn addr_bytes(addr: core::net::IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match addr {
+        core::net::IpAddr::V4(a) => {
+            out[..4].copy_from_slice(&a.octets());
+            (out, FAMILY_V4)
+        }
+        core::net::IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+/// The inverse of `addr_bytes`.
+pub fn addr_from_bytes(addr: [u8; 16], family: u8) -> core::net::IpAddr {
+    if family == FAMILY_V4 {
+        core::net::IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        core::net::IpAddr::from(addr)
+    }
+}
+
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_IPIP: u8 = 4;

@@ -8,8 +8,8 @@ use lb_common::{FlowKey, Outcome, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     balance::lookup_vip,
+    forward::{forward, pass, Verdict},
     headers::{ptr_at, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, IPV6_LEN},
-    ingress::{forward, pass, Verdict},
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;

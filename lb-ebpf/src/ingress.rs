@@ -1,34 +1,19 @@
 //! `lb_ingress`: parse, find the VIP and the backend, encapsulate, send.
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
-    FlowKey, Outcome, VipInfo, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    FlowKey, Outcome, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    balance::{choose_backend, is_vip_address, lookup_vip},
+    balance::{is_vip_address, lookup_vip},
     counters,
-    encap::{encapsulate, send},
+    forward::{drop, forward, pass, Verdict},
     headers::{
         len_from, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6,
-        IPV4_LEN, IPV6_LEN,
+        IPV6_LEN,
     },
     icmp,
-    maps::SETTINGS,
-    trace,
 };
-
-/// The verdict for a packet and the outcome it is counted under.
-pub type Verdict = (u32, Outcome);
-
-#[inline(always)]
-pub const fn pass(o: Outcome) -> Verdict {
-    (xdp_action::XDP_PASS, o)
-}
-
-#[inline(always)]
-pub const fn drop(o: Outcome) -> Verdict {
-    (xdp_action::XDP_DROP, o)
-}
 
 #[xdp]
 pub fn lb_ingress(ctx: XdpContext) -> u32 {
@@ -163,79 +148,3 @@ fn forward_l4(
 
 /// Offset of the flags byte in the TCP header.
 const TCP_FLAGS_OFFSET: usize = 13;
-
-/// Sends the IP packet after the Ethernet header to the backend of the flow
-/// `key` of `vip`. `icmp` marks an ICMP error about the flow: it follows the
-/// flow but is neither recorded nor traced as part of it.
-#[inline(always)]
-pub fn forward(
-    ctx: &XdpContext,
-    key: &FlowKey,
-    vip: &VipInfo,
-    ip_len: u16,
-    tcp_flags: u8,
-    icmp: bool,
-) -> Verdict {
-    let Some(settings) = SETTINGS.get(0) else {
-        return drop(Outcome::DropNoBackend);
-    };
-    let Some(choice) = choose_backend(key, vip, settings.maglev_size) else {
-        return drop(Outcome::DropNoBackend);
-    };
-    if choice.backend.ifindex == 0 {
-        return drop(Outcome::DropNoNextHop);
-    }
-    // Counted as received, before the outer header is added.
-    let bytes_in = (ctx.data_end() - ctx.data()) as u64;
-    let outer = if choice.backend.family == FAMILY_V4 {
-        IPV4_LEN
-    } else {
-        IPV6_LEN
-    } as u64;
-    if encapsulate(
-        ctx,
-        &choice.backend,
-        settings,
-        choice.hash,
-        key.family == FAMILY_V4,
-        ip_len,
-    )
-    .is_err()
-    {
-        return drop(Outcome::DropEncapFailed);
-    }
-    let Some((action, redirected)) = send(ctx, &choice.backend) else {
-        return drop(Outcome::DropRedirectFailed);
-    };
-    let new_flow = choice.flow.is_none() && !icmp;
-    counters::forwarded(
-        vip.vip_id,
-        choice.backend_id,
-        bytes_in,
-        bytes_in + outer,
-        new_flow,
-    );
-    if !icmp {
-        let packet = trace::Packet {
-            key,
-            vip_id: vip.vip_id,
-            backend_id: choice.backend_id,
-            hash: choice.hash,
-            tcp_flags,
-            bytes_in,
-            bytes_out: bytes_in + outer,
-        };
-        match choice.flow {
-            Some(state) => trace::known_flow(&packet, settings, state),
-            None => trace::new_flow(&packet, settings),
-        }
-    }
-    let outcome = if icmp {
-        Outcome::IcmpForwarded
-    } else if redirected {
-        Outcome::Redirected
-    } else {
-        Outcome::Forwarded
-    };
-    (action, outcome)
-}

@@ -6,6 +6,7 @@
 //! - `counters`: per-CPU counters, updated in one place per packet.
 //! - `balance`: VIP lookup, connection table and Maglev backend choice.
 //! - `encap`: IPIP / IPv6 encapsulation toward a backend and the send decision.
+//! - `forward`: `Verdict`, and sending a packet to its flow's backend.
 //! - `icmp`: ICMP "fragmentation needed" / ICMPv6 "packet too big" about VIP flows.
 //! - `trace`: connection and traffic tracers, flow events.
 //! - `ingress`: the `lb_ingress` entry point (parse, balance, encapsulate, send).
@@ -17,6 +18,7 @@ mod balance;
 mod counters;
 mod decap;
 mod encap;
+mod forward;
 mod headers;
 mod icmp;
 mod ingress;

@@ -11,6 +11,10 @@ use tokio::{
 };
 
 use crate::config::Protocol;
+pub use crate::{
+    balancer::ApplySummary,
+    collector::{EventRecord, FlowRecord, FlowReport, Leg},
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
@@ -226,16 +230,6 @@ pub struct VipMaintenance {
     pub life: crate::lifecycle::VipLife,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApplySummary {
-    pub vips_added: u32,
-    pub vips_removed: u32,
-    pub vips_changed: u32,
-    pub vips_unchanged: u32,
-    pub backends_added: u32,
-    pub backends_removed: u32,
-}
-
 /// Sends one request to the agent and waits for its response.
 pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
@@ -257,36 +251,6 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
     serde_json::from_str(&reply).context("lb-agent sent a response lbctl does not understand")
 }
 
-/// Packets and bytes on one leg of a flow's path.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Leg {
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-/// What happened to flows of a VIP or a backend.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct FlowReport {
-    /// New flows per second over the report's window.
-    pub new_flows_per_s: f64,
-    /// Flows opened, closed and expired in the window.
-    pub new_flows: u64,
-    pub closed_fin: u64,
-    pub closed_rst: u64,
-    pub expired: u64,
-    /// Half-open flows (SYN and nothing after it) that expired in the window.
-    pub half_open_expired: u64,
-    /// In the connection table at the last collection: open (not closed),
-    /// of which half-open, and closed but not yet expired.
-    pub active: u64,
-    pub half_open: u64,
-    pub closing: u64,
-    /// Client to LB, as received, in the window.
-    pub client_to_lb: Leg,
-    /// LB to backend, as sent (encapsulation included), in the window.
-    pub lb_to_backend: Leg,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VipReport {
     pub name: String,
@@ -305,35 +269,6 @@ pub struct BackendReport {
     /// What the backend's `lb_decap` decapsulated (filled by `lbctl report
     /// --decap-socket`), to compare with `lb_to_backend`.
     pub delivered: Option<Leg>,
-}
-
-/// One flow of the connection table.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FlowRecord {
-    pub client: std::net::SocketAddr,
-    pub vip: std::net::SocketAddr,
-    pub protocol: String,
-    pub backend: Option<IpAddr>,
-    /// "open", "half-open", "closed-fin" or "closed-rst".
-    pub state: String,
-    /// TCP flags seen from the client, e.g. "SYN|ACK|FIN".
-    pub tcp_flags: String,
-    pub age_s: f64,
-    pub idle_s: f64,
-    pub client_to_lb: Leg,
-    pub lb_to_backend: Leg,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EventRecord {
-    /// "open", "close-fin" or "close-rst".
-    pub kind: String,
-    pub client: std::net::SocketAddr,
-    pub vip: std::net::SocketAddr,
-    pub protocol: String,
-    pub backend: Option<IpAddr>,
-    /// Seconds before the report was made.
-    pub ago_s: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

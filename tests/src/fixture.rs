@@ -7,9 +7,9 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use lb_common::{FlowKey, FlowState, Outcome, PacketCounter};
+use lb_common::{addr_bytes, FlowKey, FlowState, Outcome, PacketCounter};
 use lb_userspace::{
-    balancer::{addr_bytes, Balancer},
+    balancer::Balancer,
     config::{BalancerConfig, Config},
     datapath::{load, Datapath as _, DecapMaps, KernelDatapath, MapSizes},
     nexthop::NextHop,
@@ -157,12 +157,10 @@ impl Fixture {
     pub fn backend_id(&self, addr: &str) -> u32 {
         let addr: IpAddr = addr.parse().expect("address");
         self.balancer
-            .backend_status()
-            .expect("status")
-            .into_iter()
-            .find(|b| b.address == addr)
+            .backends()
+            .find(|(a, _, _)| *a == addr)
             .expect("backend present")
-            .backend_id
+            .1
     }
 
     pub fn outcome(&self, o: Outcome) -> u64 {

@@ -47,9 +47,7 @@ fn maglev_pick(f: &Fixture, backends: &[(&str, u32)], key: &lb_common::FlowKey) 
         .iter()
         .map(|(a, w)| maglev::Entry {
             id: f.backend_id(a),
-            identity: lb_userspace::balancer::addr_bytes(a.parse().unwrap())
-                .0
-                .to_vec(),
+            identity: lb_common::addr_bytes(a.parse().unwrap()).0.to_vec(),
             weight: *w,
         })
         .collect();
@@ -142,19 +140,20 @@ fn ipv4_tcp_syn_is_encapsulated_to_the_maglev_backend() {
     let flows = f.flows();
     assert_eq!(flows.len(), 20);
     assert!(flows.iter().all(|(k, v)| f.flow(k) == Some(*v)));
-    let status = f.balancer.vip_status().unwrap();
-    let web = status
-        .iter()
-        .find(|v| v.port == 80 && v.address == IpAddr::V4(VIP4))
+    let dp = f.balancer.datapath();
+    let (web_id, _) = f
+        .balancer
+        .vips()
+        .into_iter()
+        .find(|(_, v)| v.port == 80 && v.address == IpAddr::V4(VIP4))
         .unwrap();
-    assert_eq!(web.counters.new_flows, 20);
-    assert_eq!(web.counters.packets, 20);
+    let web = dp.vip_counters(web_id).unwrap();
+    assert_eq!(web.new_flows, 20);
+    assert_eq!(web.packets, 20);
     let per_backend: u64 = f
         .balancer
-        .backend_status()
-        .unwrap()
-        .iter()
-        .map(|b| b.counters.new_flows)
+        .backends()
+        .map(|(_, id, _)| dp.backend_counters(id).unwrap().new_flows)
         .sum();
     assert_eq!(per_backend, 20);
 }

@@ -694,7 +694,7 @@ fn connection_table(report: &mut Report) {
     for _ in 0..ROUNDS {
         let t = Instant::now();
         let mut count = 0usize;
-        lb_userspace::batch::for_each(flows_map, 8192, |_: &FlowKey, _: &FlowState| count += 1)
+        lb_userspace::datapath::for_each(flows_map, 8192, |_: &FlowKey, _: &FlowState| count += 1)
             .expect("scan");
         batch.push(t.elapsed().as_secs_f64());
         assert!(count >= n * 99 / 100, "scan saw {count} of {n}");

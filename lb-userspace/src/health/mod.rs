@@ -1,6 +1,6 @@
 //! Probes of backends: health checks (TCP connect or HTTP GET with an
 //! expected status) with the rise/fall thresholds that turn results into
-//! up/down, and load reports with the damping that turns them into weights.
+//! up/down, load reports, and the schedule that runs both per (VIP, backend).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -9,6 +9,10 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
+
+mod schedule;
+
+pub use schedule::{Probe, Schedule};
 
 use crate::config::{HealthCheck, HealthKind};
 
@@ -84,11 +88,6 @@ pub async fn check(target: SocketAddr, hc: &HealthCheck) -> Result<()> {
     .context("timed out")?
 }
 
-/// The weight factor for a load: a fully loaded backend keeps a trickle.
-pub fn weight_factor(load: f64) -> f64 {
-    (1.0 - load).clamp(0.05, 1.0)
-}
-
 /// Fetches a backend's load report: `GET path` answering `{"load": x}`.
 pub async fn fetch_load(target: SocketAddr, path: &str, timeout_ms: u64) -> Result<f64> {
     tokio::time::timeout(Duration::from_millis(timeout_ms), async {
@@ -142,14 +141,6 @@ mod tests {
         assert_eq!(t.record(true, 2, 3), None);
         assert_eq!(t.record(true, 2, 3), Some(true));
         assert!(t.up);
-    }
-
-    #[test]
-    fn weight_factor_keeps_a_trickle() {
-        assert_eq!(weight_factor(0.0), 1.0);
-        assert!((weight_factor(0.75) - 0.25).abs() < 1e-12);
-        assert_eq!(weight_factor(1.0), 0.05);
-        assert_eq!(weight_factor(-3.0), 1.0);
     }
 
     #[tokio::test]

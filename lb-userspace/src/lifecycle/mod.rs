@@ -12,8 +12,8 @@
 //! - `hook-failed`: the hook failed; the backend stays out and the VIP's
 //!   rollout halts until an operator retries (`maintain`) or returns it.
 //!
-//! *Down* (failed health checks) and *disabled* (by an operator) are kept by
-//! the balancer, beside the phase; either takes a backend out whatever its
+//! *Down* (failed health checks) is kept by the balancer and *disabled* (by an
+//! operator) here, beside the phase; either takes a backend out whatever its
 //! phase.
 //!
 //! The capacity rule: backend i has capacity weight_i and a load level load_i
@@ -29,6 +29,11 @@
 //! since the Unix epoch), so it is unit-tested with a fake datapath and a
 //! fake clock. The state is persisted as JSON after every change, so an agent
 //! restart resumes a rollout; a hook that was running is run again.
+//!
+//! - `record`: what is kept per VIP and backend, hooks and observations.
+//! - `step`: one step of a VIP (drains, hooks, capacity, rollouts).
+//! - `load`: load levels, their damping, and weight factors.
+//! - `hook`: the hook runner.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -36,216 +41,25 @@ use std::{
     path::Path,
 };
 
+mod hook;
+mod load;
+mod record;
+mod step;
+
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+pub use hook::run_hook;
+pub use load::{load_level, weight_factor};
+pub use record::{HookJob, HookRun, Observation, Phase, Record, Rollout, VipLife};
+
 use crate::{
     balancer::{Balancer, Placement, Service, VipIdent},
-    config::{BackendConfig, BalancerConfig, Protocol, VipConfig},
+    config::{BackendConfig, BalancerConfig, VipConfig},
     datapath::Datapath,
-    health::weight_factor,
 };
-
-/// How load levels are damped (weight of a new observation in the moving
-/// average) and the smallest weight-factor change that rebuilds a table: the
-/// VIP's feedback settings, or 0.5 and 0.1 without them.
-fn damping(cfg: &VipConfig) -> (f64, f64) {
-    cfg.feedback
-        .as_ref()
-        .map_or((0.5, 0.1), |f| (f.smoothing, f.min_change))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    Active,
-    MaintenancePending,
-    Draining,
-    InMaintenance,
-    Returning,
-    HookFailed,
-}
-
-impl Phase {
-    pub const ALL: [Phase; 6] = [
-        Phase::Active,
-        Phase::MaintenancePending,
-        Phase::Draining,
-        Phase::InMaintenance,
-        Phase::Returning,
-        Phase::HookFailed,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Active => "active",
-            Phase::MaintenancePending => "maintenance-pending",
-            Phase::Draining => "draining",
-            Phase::InMaintenance => "in-maintenance",
-            Phase::Returning => "returning",
-            Phase::HookFailed => "hook-failed",
-        }
-    }
-
-    /// Where the balancer puts a backend in this phase.
-    pub fn service(self) -> Service {
-        match self {
-            Phase::Active | Phase::MaintenancePending => Service::Serving,
-            Phase::Draining => Service::Draining,
-            Phase::InMaintenance | Phase::Returning | Phase::HookFailed => Service::Out,
-        }
-    }
-
-    /// Out of the table for maintenance (counts against `max_parallel`).
-    fn out_for_maintenance(self) -> bool {
-        !matches!(self, Phase::Active | Phase::MaintenancePending)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum HookRun {
-    /// Not running and not due.
-    #[default]
-    Idle,
-    /// To be started at the next step.
-    Due,
-    Running,
-}
-
-/// One backend of a VIP.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    pub phase: Phase,
-    /// When the phase was entered (ms since the Unix epoch).
-    pub since_ms: u64,
-    /// The VIP generation of the backend's last completed maintenance.
-    pub generation: u64,
-    /// Flows (open or closing) it had when its drain started.
-    pub flows_at_drain: u64,
-    /// Flows (open or closing) at the last step.
-    pub flows: u64,
-    /// Flows cut by drain timeouts, over its lifetime.
-    pub flows_cut: u64,
-    pub hook_runs: u32,
-    pub hook: HookRun,
-    /// The last hook failure.
-    pub last_error: Option<String>,
-    /// Health checks passed in a row while returning.
-    pub health_passes: u32,
-    /// Damped load level at the last step (0..1 of its capacity), if known.
-    pub load: Option<f64>,
-    /// Disabled by an operator (`lbctl backend disable`); kept here so that
-    /// it survives a restart.
-    #[serde(default)]
-    pub disabled: bool,
-}
-
-impl Record {
-    fn new(generation: u64, now_ms: u64) -> Self {
-        Record {
-            phase: Phase::Active,
-            since_ms: now_ms,
-            generation,
-            flows_at_drain: 0,
-            flows: 0,
-            flows_cut: 0,
-            hook_runs: 0,
-            hook: HookRun::Idle,
-            last_error: None,
-            health_passes: 0,
-            load: None,
-            disabled: false,
-        }
-    }
-
-    fn enter(&mut self, phase: Phase, now_ms: u64) {
-        self.phase = phase;
-        self.since_ms = now_ms;
-    }
-
-    /// Share of the flows it had at the start of its drain that are gone.
-    pub fn drain_progress(&self) -> Option<f64> {
-        match self.phase {
-            Phase::Draining if self.flows_at_drain == 0 => Some(1.0),
-            Phase::Draining => Some(
-                1.0 - (self.flows.min(self.flows_at_drain) as f64 / self.flows_at_drain as f64),
-            ),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Rollout {
-    pub generation: u64,
-    pub started_ms: u64,
-    pub finished_ms: Option<u64>,
-    pub cancelled_ms: Option<u64>,
-    /// Lowest spare capacity seen while it ran.
-    pub min_spare_seen: Option<f64>,
-}
-
-impl Rollout {
-    pub fn running(&self) -> bool {
-        self.finished_ms.is_none() && self.cancelled_ms.is_none()
-    }
-}
-
-/// The lifecycle of one VIP's backends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VipLife {
-    pub name: String,
-    pub address: IpAddr,
-    pub port: u16,
-    pub protocol: Protocol,
-    pub generation: u64,
-    pub rollout: Option<Rollout>,
-    pub backends: BTreeMap<IpAddr, Record>,
-    /// Spare capacity of the backends taking new flows at the last step
-    /// (`None`: none takes new flows).
-    pub spare: Option<f64>,
-    /// Why a pending backend is not draining yet.
-    pub held: Option<String>,
-}
-
-impl VipLife {
-    pub fn up_to_date(&self, r: &Record) -> bool {
-        r.generation >= self.generation
-    }
-}
-
-/// A hook to run: the program and arguments, its environment and timeout.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HookJob {
-    pub vip: VipIdent,
-    pub backend: IpAddr,
-    pub argv: Vec<String>,
-    pub env: Vec<(String, String)>,
-    pub timeout_s: u64,
-}
-
-/// What the agent observes of a backend of a VIP at a step.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Observation {
-    /// Flows of the VIP on the backend, open or closing.
-    pub flows: u64,
-    /// Load level (0..1 of its capacity), if known.
-    pub load: Option<f64>,
-    /// Neither down by health checks nor disabled by an operator.
-    pub healthy: bool,
-}
-
-/// A backend's load level from what is known of it: the larger of its damped
-/// load report and its active flows over `max_flows`.
-pub fn load_level(reported: Option<f64>, active_flows: u64, max_flows: Option<u32>) -> Option<f64> {
-    let from_flows = max_flows.map(|m| active_flows as f64 / f64::from(m));
-    match (reported, from_flows) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
-    }
-}
+use step::step_vip;
 
 #[derive(Debug, Default)]
 pub struct Lifecycle {
@@ -358,15 +172,60 @@ impl Lifecycle {
         self.vips.get(&vip)
     }
 
-    /// Records an operator's `lbctl backend enable|disable` (to persist it).
-    pub fn set_disabled(&mut self, vip: VipIdent, backend: IpAddr, disabled: bool) {
+    /// `lbctl backend enable|disable`: an operator takes a backend of a VIP
+    /// out of service or puts it back, whatever its phase. Unknown VIPs and
+    /// backends are refused. Returns whether anything changed.
+    pub fn set_disabled<D: Datapath>(
+        &mut self,
+        bal: &mut Balancer<D>,
+        name: &str,
+        backend: IpAddr,
+        disabled: bool,
+    ) -> Result<bool> {
+        let (vip, r) = self.record_named(bal, name, backend)?;
+        if r.disabled == disabled {
+            return Ok(false);
+        }
+        r.disabled = disabled;
+        info!(vip = name, %backend, disabled, "backend set by the operator");
+        self.place(bal, vip)?;
+        Ok(true)
+    }
+
+    /// Records the load a backend of a VIP reported; the next step turns it,
+    /// with the backend's flows, into a load level and a weight.
+    pub fn set_reported_load(&mut self, vip: VipIdent, backend: IpAddr, load: f64) {
         if let Some(r) = self
             .vips
             .get_mut(&vip)
             .and_then(|l| l.backends.get_mut(&backend))
         {
-            r.disabled = disabled;
+            r.reported_load = Some(load.clamp(0.0, 1.0));
         }
+    }
+
+    /// What a step sees of a backend of a VIP, from its flows (of this VIP,
+    /// and of all VIPs on the host), its load report and its health.
+    pub fn observe<D: Datapath>(
+        &self,
+        bal: &Balancer<D>,
+        vip: VipIdent,
+        b: &BackendConfig,
+        flows: u64,
+        host_flows: u64,
+    ) -> Observation {
+        let r = self.record(vip, b.address);
+        Observation {
+            flows,
+            load: load_level(r.and_then(|r| r.reported_load), host_flows, b.max_flows),
+            healthy: self.serves(bal, vip, b.address),
+        }
+    }
+
+    /// Neither down by its health checks nor disabled by an operator (the
+    /// phase aside).
+    pub fn serves<D: Datapath>(&self, bal: &Balancer<D>, vip: VipIdent, backend: IpAddr) -> bool {
+        bal.up(vip, backend) && !self.record(vip, backend).is_some_and(|r| r.disabled)
     }
 
     /// (VIP name, backend) of every backend an operator disabled.
@@ -658,35 +517,26 @@ impl Lifecycle {
             && life.backends.iter().any(|(a, r)| {
                 r.phase == Phase::Active
                     && life.up_to_date(r)
-                    && bal.healthy(vip, *a)
+                    && self.serves(bal, vip, *a)
                     && r.load.unwrap_or(0.0) < limit
             });
-        let (_, min_change) = damping(cfg);
+        let (_, min_change) = load::damping(cfg);
         let changes: Vec<Placement> = life
             .backends
             .iter()
-            .map(|(a, r)| {
-                let preference = if prefer && !life.up_to_date(r) {
+            .map(|(a, r)| Placement {
+                backend: *a,
+                service: if r.disabled {
+                    Service::Out
+                } else {
+                    r.phase.service()
+                },
+                preference: if prefer && !life.up_to_date(r) {
                     cfg.maintenance.prefer_up_to_date
                 } else {
                     1.0
-                };
-                // Hysteresis: the factor moves only by min_change or more, so
-                // noise in the load does not rebuild the table.
-                let applied = bal.load_factor(vip, *a);
-                let wanted = r.load.map_or(1.0, weight_factor);
-                let diff = (wanted - applied).abs();
-                let load_factor = if diff > 1e-12 && diff + 1e-9 >= min_change {
-                    wanted
-                } else {
-                    applied
-                };
-                Placement {
-                    backend: *a,
-                    service: r.phase.service(),
-                    preference,
-                    load_factor,
-                }
+                },
+                load_factor: load::next_factor(bal.load_factor(vip, *a), r.load, min_change),
             })
             .collect();
         bal.set_service(vip, &changes)?;
@@ -694,232 +544,13 @@ impl Lifecycle {
     }
 }
 
-/// Spare capacity of the VIP's backends with `without` taken out of service
-/// (see the module comment); `None` when no capacity would be left.
-fn spare(
-    life: &VipLife,
-    cfg: &VipConfig,
-    obs: &BTreeMap<IpAddr, Observation>,
-    without: Option<IpAddr>,
-) -> Option<f64> {
-    let mut demand = 0.0;
-    let mut capacity = 0.0;
-    for b in &cfg.backends {
-        let (Some(r), Some(o)) = (life.backends.get(&b.address), obs.get(&b.address)) else {
-            continue;
-        };
-        if !o.healthy {
-            continue;
-        }
-        let weight = f64::from(b.weight);
-        if matches!(
-            r.phase,
-            Phase::Active | Phase::MaintenancePending | Phase::Draining
-        ) {
-            demand += o.load.unwrap_or(0.0) * weight;
-        }
-        if r.phase.service() == Service::Serving && Some(b.address) != without {
-            capacity += cfg.maintenance.load_limit * weight;
-        }
-    }
-    (capacity > 0.0).then(|| 1.0 - demand / capacity)
-}
-
-/// "a, b, c" for log lines and reasons.
-fn addresses(list: &[IpAddr]) -> String {
-    list.iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn step_vip(
-    life: &mut VipLife,
-    cfg: &VipConfig,
-    obs: &BTreeMap<IpAddr, Observation>,
-    now_ms: u64,
-    jobs: &mut Vec<HookJob>,
-) -> bool {
-    // Whether a phase, a hook or the rollout moved: news to persist (flows,
-    // loads and spare capacity move at every step and are not).
-    let mut changed = false;
-    let m = &cfg.maintenance;
-    let (smoothing, _) = damping(cfg);
-    for (a, r) in life.backends.iter_mut() {
-        if let Some(o) = obs.get(a) {
-            r.flows = o.flows;
-            r.load = match (r.load, o.load) {
-                (Some(prev), Some(now)) => Some(prev + smoothing * (now - prev)),
-                (_, now) => now,
-            };
-        }
-    }
-
-    // Drains that are over.
-    for (a, r) in life.backends.iter_mut() {
-        if r.phase != Phase::Draining {
-            continue;
-        }
-        let timed_out = now_ms.saturating_sub(r.since_ms) >= m.drain_timeout_s * 1000;
-        if r.flows > 0 && !timed_out {
-            continue;
-        }
-        if r.flows > 0 {
-            warn!(vip = life.name, backend = %a, flows_cut = r.flows, "drain timeout: taking the backend out with flows left");
-            r.flows_cut += r.flows;
-        } else {
-            info!(vip = life.name, backend = %a, "drained");
-        }
-        r.enter(Phase::InMaintenance, now_ms);
-        changed = true;
-        r.hook = if m.hook.is_some() {
-            HookRun::Due
-        } else {
-            HookRun::Idle
-        };
-    }
-
-    // Hooks to start.
-    for (a, r) in life.backends.iter_mut() {
-        if r.phase != Phase::InMaintenance || r.hook != HookRun::Due {
-            continue;
-        }
-        changed = true;
-        let Some(argv) = &m.hook else {
-            r.hook = HookRun::Idle;
-            continue;
-        };
-        r.hook = HookRun::Running;
-        r.hook_runs += 1;
-        jobs.push(HookJob {
-            vip: (cfg.address, cfg.port, cfg.protocol),
-            backend: *a,
-            argv: argv.clone(),
-            env: vec![
-                ("LB_VIP_NAME".into(), cfg.name.clone()),
-                ("LB_VIP_ADDRESS".into(), cfg.address.to_string()),
-                ("LB_VIP_PORT".into(), cfg.port.to_string()),
-                ("LB_VIP_PROTOCOL".into(), cfg.protocol.to_string()),
-                ("LB_BACKEND".into(), a.to_string()),
-                ("LB_GENERATION".into(), life.generation.to_string()),
-                ("LB_FLOWS_CUT".into(), r.flows_cut.to_string()),
-            ],
-            timeout_s: m.hook_timeout_s,
-        });
-    }
-
-    // Without health checks, a backend whose hook succeeded is back at once.
-    if cfg.health.is_none() {
-        let generation = life.generation;
-        for (a, r) in life.backends.iter_mut() {
-            if r.phase == Phase::Returning {
-                r.enter(Phase::Active, now_ms);
-                changed = true;
-                r.generation = generation;
-                info!(vip = life.name, backend = %a, generation, "back from maintenance, up to date");
-            }
-        }
-    }
-
-    // Drains to start, unhealthy backends first (they cost no capacity).
-    life.held = None;
-    let failed: Vec<IpAddr> = life
-        .backends
-        .iter()
-        .filter(|(_, r)| r.phase == Phase::HookFailed)
-        .map(|(a, _)| *a)
-        .collect();
-    let mut pending: Vec<(bool, IpAddr)> = cfg
-        .backends
-        .iter()
-        .filter(|b| life.backends[&b.address].phase == Phase::MaintenancePending)
-        .map(|b| (obs.get(&b.address).is_some_and(|o| o.healthy), b.address))
-        .collect();
-    pending.sort_by_key(|(healthy, _)| *healthy);
-    // With load reports configured, capacity is unknown until every healthy
-    // backend has reported (after a start, say): no drain starts blind.
-    let unreported: Vec<IpAddr> = if cfg.feedback.is_some() {
-        obs.iter()
-            .filter(|(_, o)| o.healthy && o.load.is_none())
-            .map(|(a, _)| *a)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    for (healthy, a) in pending {
-        if healthy && !unreported.is_empty() {
-            life.held = Some(format!(
-                "waiting for the load reports of {}",
-                addresses(&unreported)
-            ));
-            break;
-        }
-        if !failed.is_empty() {
-            life.held = Some(format!("halted: the hook of {} failed", addresses(&failed)));
-            break;
-        }
-        let out = life
-            .backends
-            .values()
-            .filter(|r| r.phase.out_for_maintenance())
-            .count() as u32;
-        if out >= m.max_parallel {
-            life.held = Some(format!(
-                "{out} backend(s) out for maintenance, max_parallel = {}",
-                m.max_parallel
-            ));
-            break;
-        }
-        if healthy {
-            match spare(life, cfg, obs, Some(a)) {
-                Some(s) if s >= m.min_spare => {}
-                s => {
-                    life.held = Some(match s {
-                        Some(s) => format!(
-                            "spare capacity without {a} would be {:.0}%, under min_spare {:.0}%",
-                            s * 100.0,
-                            m.min_spare * 100.0
-                        ),
-                        None => format!("{a} is the last backend taking new flows"),
-                    });
-                    break;
-                }
-            }
-        }
-        let r = life.backends.get_mut(&a).expect("pending backend exists");
-        r.enter(Phase::Draining, now_ms);
-        changed = true;
-        r.flows_at_drain = r.flows;
-        info!(vip = life.name, backend = %a, flows = r.flows, "draining");
-    }
-
-    life.spare = spare(life, cfg, obs, None);
-    if let Some(r) = life.rollout.as_mut().filter(|r| r.running()) {
-        r.min_spare_seen = match (r.min_spare_seen, life.spare) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let done = life
-            .backends
-            .values()
-            .all(|b| b.phase == Phase::Active && b.generation >= r.generation);
-        if done {
-            r.finished_ms = Some(now_ms);
-            changed = true;
-            info!(
-                vip = life.name,
-                generation = r.generation,
-                "rollout complete"
-            );
-        }
-    }
-    changed
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{balancer::fake::FakeDatapath, config::Config, datapath::MapSizes};
+    use crate::{
+        config::{Config, Protocol},
+        datapath::{fake::FakeDatapath, MapSizes},
+    };
     use std::{cell::RefCell, collections::HashMap};
 
     const B0: &str = "198.18.0.10";
@@ -1037,13 +668,16 @@ maintenance = {{ {maintenance} }}
         }
 
         fn slots(&self, b: &str) -> u32 {
-            let status = self.bal.vip_status().unwrap();
-            status[0]
-                .backends
+            self.bal.slots(web(), ip(b))
+        }
+
+        /// (address, weight in the table) of every backend of `web`.
+        fn weights(&self) -> Vec<(IpAddr, u32)> {
+            let cfg = self.bal.vips()[0].1.clone();
+            cfg.backends
                 .iter()
-                .find(|x| x.address == ip(b))
-                .unwrap()
-                .maglev_slots
+                .map(|b| (b.address, self.bal.effective_weight(&cfg, b)))
+                .collect()
         }
 
         fn usable(&self, b: &str) -> bool {
@@ -1338,15 +972,14 @@ maintenance = {{ {maintenance} }}
             w.step(1000); // back (no health check)
                           // Up-to-date backends are preferred: pending ones weigh half.
                           // (Every backend is at load 0.3: a weight factor of 0.7.)
-            let status = w.bal.vip_status().unwrap();
-            for b in &status[0].backends {
-                let r = w.life.record(web(), b.address).unwrap();
+            for (address, weight) in w.weights() {
+                let r = w.life.record(web(), address).unwrap();
                 let expect = match r.phase {
                     Phase::MaintenancePending => 35,
                     Phase::Active => 70,
                     _ => 0,
                 };
-                assert_eq!(b.effective_weight, expect, "{} {:?}", b.address, r.phase);
+                assert_eq!(weight, expect, "{address} {:?}", r.phase);
             }
         }
         order.sort();
@@ -1360,8 +993,7 @@ maintenance = {{ {maintenance} }}
             .backends
             .values()
             .all(|r| life.up_to_date(r) && r.phase == Phase::Active));
-        let status = w.bal.vip_status().unwrap();
-        assert!(status[0].backends.iter().all(|b| b.effective_weight == 70));
+        assert!(w.weights().iter().all(|(_, weight)| *weight == 70));
         assert_eq!(life.generation, 1);
     }
 
@@ -1478,16 +1110,61 @@ maintenance = {{ {maintenance} }}
     }
 
     #[test]
+    fn disabled_and_down_are_both_needed_to_clear() {
+        let mut w = World::new("", true);
+        let addr = ip(B2);
+        let id = w
+            .bal
+            .backend_ids()
+            .into_iter()
+            .find(|(_, a)| *a == addr)
+            .unwrap()
+            .0;
+        let in_ring = |w: &World| {
+            let dp = w.bal.datapath();
+            let (a, port, proto) = web();
+            let live = dp.vips[&crate::balancer::vip_key(a, port, proto)].ring;
+            dp.rings[&live].contains(&id)
+        };
+        assert!(w.life.set_disabled(&mut w.bal, "web", addr, true).unwrap());
+        assert!(!in_ring(&w));
+        assert!(!w.usable(B2));
+        assert!(!w.life.serves(&w.bal, web(), addr));
+        assert!(w.bal.set_health(web(), addr, false).unwrap());
+        assert!(w.life.set_disabled(&mut w.bal, "web", addr, false).unwrap());
+        assert!(!in_ring(&w), "still down");
+        assert!(!w.usable(B2));
+        assert!(w.bal.set_health(web(), addr, true).unwrap());
+        assert!(in_ring(&w));
+        assert!(w.usable(B2));
+        assert_eq!(
+            w.bal.datapath().backends[&id].flags,
+            lb_common::BACKEND_USABLE | lb_common::BACKEND_AVAILABLE
+        );
+        // Unknown names and backends are refused and change nothing.
+        let before = w.bal.datapath().log.len();
+        assert!(w.life.set_disabled(&mut w.bal, "nope", addr, true).is_err());
+        assert!(w
+            .life
+            .set_disabled(&mut w.bal, "web", ip("198.18.0.99"), true)
+            .is_err());
+        assert_eq!(w.bal.datapath().log.len(), before);
+        // A disabled backend stays out whatever its phase, and the setting
+        // is persisted.
+        assert!(w.life.set_disabled(&mut w.bal, "web", addr, true).unwrap());
+        assert_eq!(w.life.disabled(), vec![("web".to_string(), addr)]);
+    }
+
+    #[test]
     fn load_levels_become_weights_damped_and_with_hysteresis() {
         // Default damping without a feedback section: smoothing 0.5, min_change 0.1.
         let mut w = World::new("", false);
         let weight = |w: &World, b: &str| {
-            w.bal.vip_status().unwrap()[0]
-                .backends
-                .iter()
-                .find(|x| x.address == ip(b))
+            w.weights()
+                .into_iter()
+                .find(|(a, _)| *a == ip(b))
                 .unwrap()
-                .effective_weight
+                .1
         };
         w.set(B0, |o| o.load = Some(0.0));
         w.set(B1, |o| o.load = None);
@@ -1514,14 +1191,5 @@ maintenance = {{ {maintenance} }}
         // Flows over max_flows count as load too: see load_level.
         let r = w.life.record(web(), ip(B2)).unwrap();
         assert!((r.load.unwrap() - 0.7375).abs() < 1e-9);
-    }
-
-    #[test]
-    fn load_level_takes_the_larger_known_figure() {
-        assert_eq!(load_level(None, 10, None), None);
-        assert_eq!(load_level(Some(0.3), 10, None), Some(0.3));
-        assert_eq!(load_level(None, 50, Some(100)), Some(0.5));
-        assert_eq!(load_level(Some(0.3), 50, Some(100)), Some(0.5));
-        assert_eq!(load_level(Some(0.7), 50, Some(100)), Some(0.7));
     }
 }

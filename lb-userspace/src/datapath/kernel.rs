@@ -1,8 +1,4 @@
-//! The narrow interface between control logic and the kernel maps, and its
-//! implementation over the loaded eBPF object.
-//!
-//! Control logic (`balancer`) only talks to `Datapath`, so it is unit-tested
-//! with an in-memory fake and no kernel.
+//! The balancer's maps in a loaded eBPF object, behind `Datapath`.
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
@@ -13,79 +9,11 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    BackendInfo, FlowKey, FlowState, HostAddr, MaglevChunk, PacketCounter, Settings,
-    TrafficCounters, VipInfo, VipKey, DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT,
+    BackendInfo, FlowKey, FlowState, MaglevChunk, PacketCounter, Settings, TrafficCounters,
+    VipInfo, VipKey, MAGLEV_LANES, OUTCOME_COUNT,
 };
 
-/// What the balancer logic needs from the datapath.
-pub trait Datapath {
-    fn set_settings(&mut self, settings: &Settings) -> Result<()>;
-    fn set_backend(&mut self, id: u32, backend: &BackendInfo) -> Result<()>;
-    /// Writes a whole Maglev ring (its `maglev_size` slots).
-    fn set_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()>;
-    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()>;
-    fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
-    fn clear_vip_counters(&mut self, vip_id: u32) -> Result<()>;
-    fn clear_backend_counters(&mut self, id: u32) -> Result<()>;
-    /// Allows redirects to `ifindex` (an interface other than the receiving one).
-    fn add_tx_port(&mut self, ifindex: u32) -> Result<()>;
-    fn vip_counters(&self, vip_id: u32) -> Result<TrafficCounters>;
-    fn backend_counters(&self, id: u32) -> Result<TrafficCounters>;
-    /// `lb_ingress` outcome counters, indexed by `Outcome`.
-    fn outcomes(&self) -> Result<Vec<PacketCounter>>;
-    /// Hands every connection-table entry to `each`; returns how many.
-    fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize>;
-    /// Deletes a flow (expiry). A flow already gone is not an error.
-    fn remove_flow(&mut self, key: &FlowKey) -> Result<()>;
-    /// Flow events sent and dropped (ring buffer full).
-    fn event_stats(&self) -> Result<(u64, u64)>;
-}
-
-/// Map sizes set before the object is loaded.
-#[derive(Debug, Clone, Copy)]
-pub struct MapSizes {
-    pub maglev_size: u32,
-    pub max_vips: u32,
-    pub max_backends: u32,
-    pub flow_table_size: u32,
-}
-
-impl MapSizes {
-    /// Smallest sizes, for an agent that only decapsulates.
-    pub const DECAP_ONLY: MapSizes = MapSizes {
-        maglev_size: 7,
-        max_vips: 1,
-        max_backends: 1,
-        flow_table_size: 1,
-    };
-
-    /// Maglev rings: two per VIP, so a changed table is written beside the
-    /// live one and switched in.
-    pub fn rings(&self) -> u32 {
-        2 * self.max_vips
-    }
-}
-
-/// The eBPF object, embedded at build time (`cargo xtask build-ebpf`).
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
-
-/// Loads the embedded object with the given sizes. Programs are not attached.
-pub fn load(sizes: &MapSizes) -> Result<Ebpf> {
-    let slots = u64::from(sizes.rings()) * u64::from(sizes.maglev_size);
-    let chunks = slots.div_ceil(u64::from(MAGLEV_LANES));
-    let chunks = u32::try_from(chunks).context("Maglev rings do not fit a BPF array")?;
-    aya::EbpfLoader::new()
-        // VIP entries of the old and the new configuration coexist during an
-        // apply, plus one address marker per VIP address.
-        .map_max_entries("VIPS", 4 * sizes.max_vips)
-        .map_max_entries("MAGLEV", chunks)
-        .map_max_entries("BACKENDS", sizes.max_backends)
-        .map_max_entries("FLOWS", sizes.flow_table_size)
-        .map_max_entries("VIP_STATS", sizes.max_vips)
-        .map_max_entries("BACKEND_STATS", sizes.max_backends)
-        .load(EBPF_OBJECT)
-        .context("loading the eBPF object")
-}
+use super::{Datapath, MapSizes};
 
 /// The Maglev ring array, mapped into the agent's memory (the map is created
 /// with `BPF_F_MMAPABLE`): writing a ring is one copy, where a syscall per slot
@@ -157,13 +85,13 @@ pub struct KernelDatapath {
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     outcomes: PerCpuArray<MapData, PacketCounter>,
-    flows: HashMap<MapData, FlowKey, FlowState>,
+    pub(super) flows: HashMap<MapData, FlowKey, FlowState>,
     event_stats: PerCpuArray<MapData, u64>,
     maglev_size: u32,
     cpus: usize,
 }
 
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+pub(super) fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &str,
 ) -> Result<T> {
@@ -298,7 +226,7 @@ impl Datapath for KernelDatapath {
     }
 
     fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize> {
-        crate::batch::for_each(self.flows.map(), 8192, |k, v| each(k, v))
+        super::batch::for_each(self.flows.map(), 8192, |k, v| each(k, v))
             .context("scanning the connection table")
     }
 
@@ -315,89 +243,5 @@ impl Datapath for KernelDatapath {
             sum(lb_common::EVENTS_SENT)?,
             sum(lb_common::EVENTS_DROPPED)?,
         ))
-    }
-}
-
-/// A second handle on the connection table, for the collector: it reads and
-/// expires flows without holding the agent's state lock.
-pub struct FlowTable {
-    flows: HashMap<MapData, FlowKey, FlowState>,
-}
-
-impl KernelDatapath {
-    pub fn flow_table(&self) -> Result<FlowTable> {
-        let fd = self
-            .flows
-            .map()
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .context("duplicating the connection table's fd")?;
-        let data = MapData::from_fd(fd).context("opening the connection table again")?;
-        let flows = HashMap::try_from(aya::maps::Map::LruHashMap(data))
-            .context("the connection table has an unexpected type")?;
-        Ok(FlowTable { flows })
-    }
-}
-
-impl crate::collector::FlowSource for FlowTable {
-    fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize> {
-        crate::batch::for_each(self.flows.map(), 8192, |k, v| each(k, v))
-            .context("scanning the connection table")
-    }
-
-    fn remove_idle_flow(&mut self, key: &FlowKey, last_ns: u64) -> Result<bool> {
-        match self.flows.get(key, 0) {
-            Ok(state) if state.last_ns != last_ns => return Ok(false),
-            Ok(_) => {}
-            Err(aya::maps::MapError::KeyNotFound) => return Ok(true),
-            Err(e) => return Err(e).context("reading a flow"),
-        }
-        match self.flows.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(true),
-            Err(e) => Err(e).context("removing a flow"),
-        }
-    }
-}
-
-/// The decapsulator's maps.
-pub struct DecapMaps {
-    addrs: HashMap<MapData, HostAddr, u32>,
-    outcomes: PerCpuArray<MapData, PacketCounter>,
-}
-
-impl DecapMaps {
-    pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
-        Ok(Self {
-            addrs: take(ebpf, "DECAP_ADDRS")?,
-            outcomes: take(ebpf, "DECAP_OUTCOMES")?,
-        })
-    }
-
-    pub fn add_address(&mut self, addr: std::net::IpAddr) -> Result<()> {
-        let (addr, family) = crate::balancer::addr_bytes(addr);
-        let key = HostAddr {
-            addr,
-            family,
-            _pad: [0; 3],
-        };
-        self.addrs.insert(key, 1, 0).context("writing DECAP_ADDRS")
-    }
-
-    /// The addresses decapsulated for, as the map holds them.
-    pub fn addresses(&self) -> Result<Vec<std::net::IpAddr>> {
-        self.addrs
-            .keys()
-            .map(|k| {
-                let k = k.context("reading DECAP_ADDRS")?;
-                Ok(crate::balancer::addr_from_bytes(k.addr, k.family))
-            })
-            .collect()
-    }
-
-    pub fn outcomes(&self) -> Result<Vec<PacketCounter>> {
-        (0..DECAP_OUTCOME_COUNT)
-            .map(|i| Ok(sum_packets(&self.outcomes.get(&i, 0)?)))
-            .collect()
     }
 }

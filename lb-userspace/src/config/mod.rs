@@ -1412,9 +1412,9 @@ backends = [ { address = "fd00::12" } ]
 
     #[test]
     fn shipped_examples_are_valid() {
-        let lb = Config::from_toml(include_str!("../../examples/lb.toml")).unwrap();
+        let lb = Config::from_toml(include_str!("../../../examples/lb.toml")).unwrap();
         assert_eq!(lb.balancer.unwrap().vips.len(), 2);
-        let backend = Config::from_toml(include_str!("../../examples/backend.toml")).unwrap();
+        let backend = Config::from_toml(include_str!("../../../examples/backend.toml")).unwrap();
         assert!(backend.decap.is_some());
     }
 

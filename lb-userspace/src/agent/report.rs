@@ -5,11 +5,12 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Context as _, Result};
 
+use super::state::Shared;
 use crate::{
-    agent::Shared,
     api::{BackendReport, EventStats, FlowQuery, Report, ReportQuery, Response, VipReport},
-    collector::{flow_record, monotonic_ns, phase_matches, FlowPhase, FlowSource as _},
-    datapath::Datapath as _,
+    collector::{flow_record, monotonic_ns, phase_matches, FlowPhase, Leg},
+    config::VipConfig,
+    datapath::{Datapath as _, FlowSource as _},
 };
 
 const STATES: [&str; 6] = [
@@ -21,10 +22,19 @@ const STATES: [&str; 6] = [
     "all",
 ];
 
+/// Backend ids and addresses, as the balancer has them.
+struct BackendIds(Vec<(u32, IpAddr)>);
+
+impl BackendIds {
+    fn address(&self, id: u32) -> Option<IpAddr> {
+        self.0.iter().find(|(b, _)| *b == id).map(|(_, a)| *a)
+    }
+}
+
 /// The vip id and backend id that `--vip` / `--backend` name.
 fn filters(
-    vips: &[(u32, &crate::config::VipConfig)],
-    backends: &[(u32, IpAddr)],
+    vips: &[(u32, &VipConfig)],
+    backends: &BackendIds,
     vip: Option<&str>,
     backend: Option<IpAddr>,
 ) -> Result<(Option<u32>, Option<u32>)> {
@@ -40,6 +50,7 @@ fn filters(
     let backend_id = match backend {
         Some(addr) => Some(
             backends
+                .0
                 .iter()
                 .find(|(_, a)| *a == addr)
                 .map(|(id, _)| *id)
@@ -52,20 +63,16 @@ fn filters(
 
 pub(crate) async fn report(state: &Shared, q: &ReportQuery) -> Result<Report> {
     let st = state.lock().await;
-    let bal = st
-        .balancer
-        .as_ref()
-        .context("this agent runs no balancer")?;
+    let bal = st.balancer()?;
     let c = &st.collector;
     let vips = bal.vips();
-    let backends = bal.backend_ids();
+    let backends = BackendIds(bal.backend_ids());
     let (vip_id, backend_id) = filters(&vips, &backends, q.vip.as_deref(), q.backend)?;
     if let Some(s) = q.since_s {
         if !(s > 0.0 && s.is_finite()) {
             bail!("--since must be a positive duration");
         }
     }
-    let backend_of = |id: u32| backends.iter().find(|(b, _)| *b == id).map(|(_, a)| *a);
     let now = monotonic_ns();
     let mut report = Report {
         window_s: c.window_s(q.since_s),
@@ -91,7 +98,7 @@ pub(crate) async fn report(state: &Shared, q: &ReportQuery) -> Result<Report> {
             flows: c.vip_report(*id, q.since_s),
         });
     }
-    for (id, addr) in &backends {
+    for (id, addr) in &backends.0 {
         if backend_id.is_some_and(|want| want != *id)
             || (vip_id.is_some() && !vip_backends.contains(addr))
         {
@@ -101,7 +108,7 @@ pub(crate) async fn report(state: &Shared, q: &ReportQuery) -> Result<Report> {
         report.backends.push(BackendReport {
             address: *addr,
             flows: c.backend_report(*id, q.since_s),
-            sent_total: crate::api::Leg {
+            sent_total: Leg {
                 packets: total.packets,
                 bytes: total.bytes_out,
             },
@@ -113,7 +120,7 @@ pub(crate) async fn report(state: &Shared, q: &ReportQuery) -> Result<Report> {
             vip_id.is_none_or(|v| s.vip_id == v) && backend_id.is_none_or(|b| s.backend_id == b)
         })
         .iter()
-        .map(|(k, s)| flow_record(k, s, backend_of(s.backend_id), now))
+        .map(|(k, s)| flow_record(k, s, backends.address(s.backend_id), now))
         .collect();
     let (sent, dropped) = bal.datapath().event_stats()?;
     report.events = EventStats {
@@ -142,12 +149,9 @@ pub(crate) async fn flows(state: &Shared, q: &FlowQuery) -> Result<Response> {
     // million flows take a good fraction of a second), as the collector does.
     let (vip_id, backend_id, backends, table) = {
         let st = state.lock().await;
-        let bal = st
-            .balancer
-            .as_ref()
-            .context("this agent runs no balancer")?;
+        let bal = st.balancer()?;
         let vips = bal.vips();
-        let backends = bal.backend_ids();
+        let backends = BackendIds(bal.backend_ids());
         let (vip_id, backend_id) = filters(&vips, &backends, q.vip.as_deref(), q.backend)?;
         let table = st
             .flows
@@ -176,11 +180,10 @@ pub(crate) async fn flows(state: &Shared, q: &FlowQuery) -> Result<Response> {
     matched.sort_unstable_by_key(|f| std::cmp::Reverse(f.1.bytes_in));
     matched.truncate(q.limit);
     let now = monotonic_ns();
-    let backend_of = |id: u32| backends.iter().find(|(b, _)| *b == id).map(|(_, a)| *a);
     Ok(Response::Flows {
         flows: matched
             .iter()
-            .map(|(k, s)| flow_record(k, s, backend_of(s.backend_id), now))
+            .map(|(k, s)| flow_record(k, s, backends.address(s.backend_id), now))
             .collect(),
         matched: count,
     })
@@ -188,15 +191,13 @@ pub(crate) async fn flows(state: &Shared, q: &FlowQuery) -> Result<Response> {
 
 pub(crate) async fn events(state: &Shared, limit: usize) -> Result<Response> {
     let st = state.lock().await;
-    let bal = st
-        .balancer
-        .as_ref()
-        .context("this agent runs no balancer")?;
-    let backends = bal.backend_ids();
+    let bal = st.balancer()?;
+    let backends = BackendIds(bal.backend_ids());
     let (sent, dropped) = bal.datapath().event_stats()?;
-    let backend_of = |id: u32| backends.iter().find(|(b, _)| *b == id).map(|(_, a)| *a);
     Ok(Response::Events {
-        events: st.collector.events(limit, backend_of, monotonic_ns()),
+        events: st
+            .collector
+            .events(limit, |id| backends.address(id), monotonic_ns()),
         stats: EventStats {
             sent,
             dropped,

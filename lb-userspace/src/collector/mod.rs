@@ -4,20 +4,24 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
 };
 
 use anyhow::Result;
 use lb_common::{
     FlowEvent, FlowKey, FlowState, TrafficCounters, EVENT_CLOSE_FIN, EVENT_CLOSE_RST,
-    FLOW_CLOSED_FIN, FLOW_CLOSED_RST, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    FLOW_CLOSED_FIN, FLOW_CLOSED_RST, PROTO_TCP, TCP_SYN,
 };
 
 use crate::{
-    api::{EventRecord, FlowRecord, FlowReport, Leg},
-    balancer::addr_from_bytes,
     config::VisibilityConfig,
-    datapath::Datapath,
+    datapath::{Datapath, FlowSource},
+};
+
+mod records;
+use records::protocol_name;
+pub use records::{
+    endpoints, flow_record, tcp_flags_text, EventRecord, FlowRecord, FlowReport, Leg,
 };
 
 /// CLOCK_MONOTONIC_COARSE in ns, the clock the datapath's tracers read
@@ -74,45 +78,6 @@ impl FlowPhase {
     fn closed(self) -> bool {
         matches!(self, FlowPhase::ClosedFin | FlowPhase::ClosedRst)
     }
-}
-
-pub fn tcp_flags_text(flags: u8) -> String {
-    let names = [
-        (TCP_SYN, "SYN"),
-        (TCP_ACK, "ACK"),
-        (TCP_FIN, "FIN"),
-        (TCP_RST, "RST"),
-        (0x08, "PSH"),
-        (0x20, "URG"),
-    ];
-    let set: Vec<&str> = names
-        .iter()
-        .filter(|(b, _)| flags & b != 0)
-        .map(|(_, n)| *n)
-        .collect();
-    set.join("|")
-}
-
-fn protocol_name(proto: u8) -> String {
-    match proto {
-        lb_common::PROTO_TCP => "tcp".into(),
-        lb_common::PROTO_UDP => "udp".into(),
-        other => other.to_string(),
-    }
-}
-
-/// The client and VIP ends of a flow key.
-pub fn endpoints(key: &FlowKey) -> (SocketAddr, SocketAddr) {
-    (
-        SocketAddr::new(
-            addr_from_bytes(key.src, key.family),
-            u16::from_be(key.sport),
-        ),
-        SocketAddr::new(
-            addr_from_bytes(key.dst, key.family),
-            u16::from_be(key.dport),
-        ),
-    )
 }
 
 /// Present flows of one VIP or backend at the last collection.
@@ -175,26 +140,6 @@ impl From<&VisibilityConfig> for Timeouts {
             closed_ns: v.closed_timeout_s * NS,
             half_open_ns: v.half_open_timeout_s * NS,
         }
-    }
-}
-
-/// The connection table as the collector reads it: the datapath itself, or
-/// (in the agent) a second handle on its map that needs no lock.
-pub trait FlowSource {
-    fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize>;
-    /// Removes an idle flow unless a packet came since it was scanned
-    /// (`last_ns` then moved). Returns whether it was removed.
-    fn remove_idle_flow(&mut self, key: &FlowKey, last_ns: u64) -> Result<bool>;
-}
-
-impl<D: Datapath> FlowSource for D {
-    fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize> {
-        Datapath::scan_flows(self, each)
-    }
-
-    fn remove_idle_flow(&mut self, key: &FlowKey, _: u64) -> Result<bool> {
-        self.remove_flow(key)?;
-        Ok(true)
     }
 }
 
@@ -545,41 +490,6 @@ impl Collector {
     }
 }
 
-/// A flow as `lbctl flows` and reports show it.
-pub fn flow_record(
-    key: &FlowKey,
-    state: &FlowState,
-    backend: Option<IpAddr>,
-    now_ns: u64,
-) -> FlowRecord {
-    let (client, vip) = endpoints(key);
-    let secs = |ns: u64| {
-        if ns == 0 {
-            0.0
-        } else {
-            now_ns.saturating_sub(ns) as f64 / NS as f64
-        }
-    };
-    FlowRecord {
-        client,
-        vip,
-        protocol: protocol_name(key.proto),
-        backend,
-        state: FlowPhase::of(key, state).name().into(),
-        tcp_flags: tcp_flags_text(state.tcp_flags),
-        age_s: secs(state.first_ns),
-        idle_s: secs(state.last_ns),
-        client_to_lb: Leg {
-            packets: state.packets_in,
-            bytes: state.bytes_in,
-        },
-        lb_to_backend: Leg {
-            packets: state.packets_in,
-            bytes: state.bytes_out,
-        },
-    }
-}
-
 /// Whether a flow in `phase` matches a `--state` filter.
 pub fn phase_matches(phase: FlowPhase, filter: &str) -> bool {
     match filter {
@@ -592,7 +502,8 @@ pub fn phase_matches(phase: FlowPhase, filter: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::fake::FakeDatapath;
+    use crate::datapath::fake::FakeDatapath;
+    use lb_common::{TCP_ACK, TCP_FIN, TCP_RST};
 
     fn key(sport: u16, proto: u8) -> FlowKey {
         FlowKey::v4(

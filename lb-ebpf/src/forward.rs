@@ -1,0 +1,104 @@
+//! `forward`: send a packet to the backend of its flow, and the `Verdict` type.
+//!
+//! Shared by `ingress` (TCP and UDP packets) and `icmp` (errors about those
+//! flows), so neither imports the other for it.
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{FlowKey, Outcome, VipInfo, FAMILY_V4};
+
+use crate::{
+    balance::choose_backend,
+    counters,
+    encap::{encapsulate, send},
+    headers::{IPV4_LEN, IPV6_LEN},
+    maps::SETTINGS,
+    trace,
+};
+
+/// The verdict for a packet and the outcome it is counted under.
+pub type Verdict = (u32, Outcome);
+
+#[inline(always)]
+pub const fn pass(o: Outcome) -> Verdict {
+    (xdp_action::XDP_PASS, o)
+}
+
+#[inline(always)]
+pub const fn drop(o: Outcome) -> Verdict {
+    (xdp_action::XDP_DROP, o)
+}
+
+/// Sends the IP packet after the Ethernet header to the backend of the flow
+/// `key` of `vip`. `icmp` marks an ICMP error about the flow: it follows the
+/// flow but is neither recorded nor traced as part of it.
+#[inline(always)]
+pub fn forward(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    vip: &VipInfo,
+    ip_len: u16,
+    tcp_flags: u8,
+    icmp: bool,
+) -> Verdict {
+    let Some(settings) = SETTINGS.get(0) else {
+        return drop(Outcome::DropNoBackend);
+    };
+    let Some(choice) = choose_backend(key, vip, settings.maglev_size) else {
+        return drop(Outcome::DropNoBackend);
+    };
+    if choice.backend.ifindex == 0 {
+        return drop(Outcome::DropNoNextHop);
+    }
+    // Counted as received, before the outer header is added.
+    let bytes_in = (ctx.data_end() - ctx.data()) as u64;
+    let outer = if choice.backend.family == FAMILY_V4 {
+        IPV4_LEN
+    } else {
+        IPV6_LEN
+    } as u64;
+    if encapsulate(
+        ctx,
+        &choice.backend,
+        settings,
+        choice.hash,
+        key.family == FAMILY_V4,
+        ip_len,
+    )
+    .is_err()
+    {
+        return drop(Outcome::DropEncapFailed);
+    }
+    let Some((action, redirected)) = send(ctx, &choice.backend) else {
+        return drop(Outcome::DropRedirectFailed);
+    };
+    let new_flow = choice.flow.is_none() && !icmp;
+    counters::forwarded(
+        vip.vip_id,
+        choice.backend_id,
+        bytes_in,
+        bytes_in + outer,
+        new_flow,
+    );
+    if !icmp {
+        let packet = trace::Packet {
+            key,
+            vip_id: vip.vip_id,
+            backend_id: choice.backend_id,
+            hash: choice.hash,
+            tcp_flags,
+            bytes_in,
+            bytes_out: bytes_in + outer,
+        };
+        match choice.flow {
+            Some(state) => trace::known_flow(&packet, settings, state),
+            None => trace::new_flow(&packet, settings),
+        }
+    }
+    let outcome = if icmp {
+        Outcome::IcmpForwarded
+    } else if redirected {
+        Outcome::Redirected
+    } else {
+        Outcome::Forwarded
+    };
+    (action, outcome)
+}

@@ -1,0 +1,518 @@
+//! Prometheus text exposition (format 0.0.4) of the datapath counters and the
+//! collector's aggregates, on the TCP address in `[metrics] listen`.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use axum::{http::header::CONTENT_TYPE, http::StatusCode, routing::get, Router};
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use super::{
+    state::{Shared, State},
+    status,
+};
+use crate::{
+    api::{BackendStatus, Counters, OutcomeStatus, VipBackendStatus},
+    collector::{Collector, Expired, Presence},
+    datapath::Datapath as _,
+    lifecycle::{Phase, Record, VipLife},
+};
+
+pub(crate) async fn serve(listener: TcpListener, state: Shared) {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let state = state.clone();
+            async move {
+                match render(&state).await {
+                    Ok(text) => (
+                        StatusCode::OK,
+                        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        text,
+                    ),
+                    Err(e) => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        [(CONTENT_TYPE, "text/plain")],
+                        format!("{e:#}\n"),
+                    ),
+                }
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        warn!("metrics server stopped: {e}");
+    }
+}
+
+/// Text exposition writer: one `# HELP`/`# TYPE` per family, escaped labels.
+#[derive(Default)]
+struct Exposition {
+    text: String,
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// One metric family over rows of `R`: `parts` gives (value of the `extra`
+/// label, sample value) pairs for a row.
+struct Family<R> {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    extra: Option<&'static str>,
+    parts: fn(&R) -> Vec<(&str, u64)>,
+}
+
+/// A row of a family: its labels and what its samples are read from.
+struct Row<'a, R> {
+    labels: Vec<(&'static str, String)>,
+    data: &'a R,
+}
+
+impl Exposition {
+    /// Every family of `families` over every row.
+    fn table<R>(&mut self, families: &[Family<R>], rows: &[Row<'_, R>]) {
+        for f in families {
+            self.family(f.name, f.kind, f.help);
+            for r in rows {
+                for (label, value) in (f.parts)(r.data) {
+                    let mut l: Vec<(&str, &str)> =
+                        r.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    if let Some(key) = f.extra {
+                        l.push((key, label));
+                    }
+                    self.sample(f.name, &l, value);
+                }
+            }
+        }
+    }
+
+    /// A program's packets and bytes by outcome, as two counter families;
+    /// `bytes_as` says how its bytes are counted.
+    fn outcomes(&mut self, prefix: &str, program: &str, bytes_as: &str, list: &[OutcomeStatus]) {
+        let packets = format!("{prefix}_packets_total");
+        self.family(
+            &packets,
+            "counter",
+            &format!("{program} packets by outcome."),
+        );
+        for o in list {
+            self.sample(&packets, &[("outcome", &o.outcome)], o.packets);
+        }
+        let bytes = format!("{prefix}_bytes_total");
+        let help = format!("{program} bytes ({bytes_as}) by outcome.");
+        self.family(&bytes, "counter", &help);
+        for o in list {
+            self.sample(&bytes, &[("outcome", &o.outcome)], o.bytes);
+        }
+    }
+
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}");
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.sample_text(name, labels, &value.to_string());
+    }
+
+    /// A fractional sample; non-finite values are left out.
+    fn sample_f(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        if value.is_finite() {
+            self.sample_text(name, labels, &value.to_string());
+        }
+    }
+
+    fn sample_text(&mut self, name: &str, labels: &[(&str, &str)], value: &str) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            let l: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                .collect();
+            let _ = write!(self.text, "{{{}}}", l.join(","));
+        }
+        let _ = writeln!(self.text, " {value}");
+    }
+}
+
+/// What a VIP's series are read from.
+struct VipData {
+    t: Counters,
+    e: Expired,
+    p: Presence,
+}
+
+const VIP_FAMILIES: [Family<VipData>; 7] = [
+    Family {
+        name: "lb_vip_packets_total",
+        kind: "counter",
+        help: "Packets from clients to the VIP (each sent on to a backend).",
+        extra: None,
+        parts: |r| vec![("", r.t.packets)],
+    },
+    Family {
+        name: "lb_vip_bytes_total",
+        kind: "counter",
+        help: "Bytes per leg: client_to_lb as received, lb_to_backend as sent (encapsulation included).",
+        extra: Some("leg"),
+        parts: |r| vec![("client_to_lb", r.t.bytes), ("lb_to_backend", r.t.bytes_out)],
+    },
+    Family {
+        name: "lb_vip_flows_opened_total",
+        kind: "counter",
+        help: "Flows the VIP's Maglev table placed.",
+        extra: None,
+        parts: |r| vec![("", r.t.new_flows)],
+    },
+    Family {
+        name: "lb_vip_flows_closed_total",
+        kind: "counter",
+        help: "Flows closed by the client (fin, rst) or expired by the agent.",
+        extra: Some("reason"),
+        parts: |r| {
+            vec![
+                ("fin", r.t.closed_fin),
+                ("rst", r.t.closed_rst),
+                ("expired", r.e.flows),
+            ]
+        },
+    },
+    Family {
+        name: "lb_vip_flows_half_open_expired_total",
+        kind: "counter",
+        help: "Half-open flows (a SYN and nothing after it) that expired.",
+        extra: None,
+        parts: |r| vec![("", r.e.half_open)],
+    },
+    Family {
+        name: "lb_vip_flows_active",
+        kind: "gauge",
+        help: "Open flows in the connection table at the last collection.",
+        extra: None,
+        parts: |r| vec![("", r.p.active)],
+    },
+    Family {
+        name: "lb_vip_flows_half_open",
+        kind: "gauge",
+        help: "Half-open flows in the connection table at the last collection.",
+        extra: None,
+        parts: |r| vec![("", r.p.half_open)],
+    },
+];
+
+/// What a backend's series are read from: its status, as `lbctl` shows it,
+/// and what the collector expired.
+struct BackendData {
+    status: BackendStatus,
+    expired: Expired,
+}
+
+const BACKEND_FAMILIES: [Family<BackendData>; 6] = [
+    Family {
+        name: "lb_backend_packets_total",
+        kind: "counter",
+        help: "Packets sent to the backend, over all its VIPs.",
+        extra: None,
+        parts: |b| vec![("", b.status.counters.packets)],
+    },
+    Family {
+        name: "lb_backend_bytes_total",
+        kind: "counter",
+        help: "Bytes per leg for the backend's flows, over all its VIPs.",
+        extra: Some("leg"),
+        parts: |b| {
+            vec![
+                ("client_to_lb", b.status.counters.bytes),
+                ("lb_to_backend", b.status.counters.bytes_out),
+            ]
+        },
+    },
+    Family {
+        name: "lb_backend_flows_opened_total",
+        kind: "counter",
+        help: "Flows placed on the backend.",
+        extra: None,
+        parts: |b| vec![("", b.status.counters.new_flows)],
+    },
+    Family {
+        name: "lb_backend_flows_closed_total",
+        kind: "counter",
+        help: "Backend flows closed by the client (fin, rst) or expired.",
+        extra: Some("reason"),
+        parts: |b| {
+            vec![
+                ("fin", b.status.counters.closed_fin),
+                ("rst", b.status.counters.closed_rst),
+                ("expired", b.expired.flows),
+            ]
+        },
+    },
+    Family {
+        name: "lb_backend_flows_active",
+        kind: "gauge",
+        help: "Open flows on the backend at the last collection.",
+        extra: None,
+        parts: |b| vec![("", b.status.active_flows)],
+    },
+    Family {
+        name: "lb_backend_next_hop_resolved",
+        kind: "gauge",
+        help: "1 when the backend's next-hop MAC is known.",
+        extra: None,
+        parts: |b| vec![("", u64::from(b.status.next_hop.is_some()))],
+    },
+];
+
+/// Per (VIP, backend) series, from the VIPs' status rows. `lb_backend_up`
+/// carries the backend's standing (up, down, disabled, unchecked) as its
+/// `health` label.
+const PAIR_FAMILIES: [Family<VipBackendStatus>; 4] = [
+    Family {
+        name: "lb_backend_weight",
+        kind: "gauge",
+        help: "Configured weight of the backend in the VIP.",
+        extra: None,
+        parts: |b| vec![("", u64::from(b.weight))],
+    },
+    Family {
+        name: "lb_backend_effective_weight",
+        kind: "gauge",
+        help: "Weight of the backend in the VIP's table now: 0 while out, scaled by its load.",
+        extra: None,
+        parts: |b| vec![("", u64::from(b.effective_weight))],
+    },
+    Family {
+        name: "lb_backend_up",
+        kind: "gauge",
+        help: "1 when the backend is in service in the VIP: neither down by its health check nor disabled.",
+        extra: Some("health"),
+        parts: |b| {
+            let up = b.health != "down" && b.health != "disabled";
+            vec![(b.health.as_str(), u64::from(up))]
+        },
+    },
+    Family {
+        name: "lb_backend_maglev_slots",
+        kind: "gauge",
+        help: "Slots the backend holds in the VIP's Maglev table.",
+        extra: None,
+        parts: |b| vec![("", u64::from(b.maglev_slots))],
+    },
+];
+
+/// The exposition text for the agent's current state.
+pub(crate) async fn render(state: &Shared) -> Result<String> {
+    let st = state.lock().await;
+    let mut out = Exposition::default();
+    if st.balancer.is_some() {
+        balancer_series(&mut out, &st)?;
+        lifecycle_series(&mut out, &st);
+        datapath_series(&mut out, &st)?;
+    }
+    if let Some(d) = &st.decap {
+        let decap = status::decap(d)?;
+        out.outcomes(
+            "lb_decap",
+            "lb_decap",
+            "as received, outer header included",
+            &decap.outcomes,
+        );
+    }
+    Ok(out.text)
+}
+
+/// Per-VIP, per-backend and per-pair series, from the same rows as
+/// `lbctl status`.
+fn balancer_series(out: &mut Exposition, st: &State) -> Result<()> {
+    let bal = st.balancer()?;
+    let c: &Collector = &st.collector;
+    let vips = status::vips(bal, &st.lifecycle, c)?;
+    let vip_data: Vec<VipData> = vips
+        .iter()
+        .map(|v| VipData {
+            t: v.counters,
+            e: c.vip_expired(v.vip_id),
+            p: c.vip_presence.get(&v.vip_id).copied().unwrap_or_default(),
+        })
+        .collect();
+    let rows: Vec<Row<'_, VipData>> = vips
+        .iter()
+        .zip(&vip_data)
+        .map(|(v, data)| Row {
+            labels: vec![
+                ("vip", v.name.clone()),
+                ("address", v.address.to_string()),
+                ("port", v.port.to_string()),
+                ("protocol", v.protocol.to_string()),
+            ],
+            data,
+        })
+        .collect();
+    out.table(&VIP_FAMILIES, &rows);
+    let backend_data: Vec<BackendData> = status::backends(bal, c)?
+        .into_iter()
+        .map(|status| BackendData {
+            expired: c.backend_expired(status.backend_id),
+            status,
+        })
+        .collect();
+    let rows: Vec<Row<'_, BackendData>> = backend_data
+        .iter()
+        .map(|data| Row {
+            labels: vec![("backend", data.status.address.to_string())],
+            data,
+        })
+        .collect();
+    out.table(&BACKEND_FAMILIES, &rows);
+    let rows: Vec<Row<'_, VipBackendStatus>> = vips
+        .iter()
+        .flat_map(|v| {
+            v.backends.iter().map(|data| Row {
+                labels: vec![
+                    ("vip", v.name.clone()),
+                    ("backend", data.address.to_string()),
+                ],
+                data,
+            })
+        })
+        .collect();
+    out.table(&PAIR_FAMILIES, &rows);
+    Ok(())
+}
+
+/// Outcome counters, the connection table's size and the flow events.
+fn datapath_series(out: &mut Exposition, st: &State) -> Result<()> {
+    let bal = st.balancer()?;
+    let dp = bal.datapath();
+    let c = &st.collector;
+    out.outcomes(
+        "lb_datapath",
+        "lb_ingress",
+        "as received",
+        &status::ingress_outcomes(bal)?,
+    );
+    out.family(
+        "lb_connection_table_flows",
+        "gauge",
+        "Entries in the connection table at the last collection.",
+    );
+    out.sample("lb_connection_table_flows", &[], c.flows_in_table);
+    let (sent, dropped) = dp.event_stats()?;
+    out.family(
+        "lb_flow_events_total",
+        "counter",
+        "Flow events sent by the datapath, dropped (ring buffer full), received by the agent.",
+    );
+    for (result, v) in [
+        ("sent", sent),
+        ("dropped", dropped),
+        ("received", c.events_received),
+    ] {
+        out.sample("lb_flow_events_total", &[("result", result)], v);
+    }
+    Ok(())
+}
+
+/// Backend states, loads and drain progress, and each VIP's rollout, from the
+/// lifecycle (the same figures `lbctl maintenance status` shows).
+fn lifecycle_series(out: &mut Exposition, st: &State) {
+    let vips: Vec<&VipLife> = st.lifecycle.vips().map(|(l, _)| l).collect();
+    out.family(
+        "lb_backend_state",
+        "gauge",
+        "1 for the backend's lifecycle state in the VIP, 0 for the others.",
+    );
+    for l in &vips {
+        for (a, r) in &l.backends {
+            let a = a.to_string();
+            for p in Phase::ALL {
+                out.sample(
+                    "lb_backend_state",
+                    &[("vip", &l.name), ("backend", &a), ("state", p.name())],
+                    u64::from(r.phase == p),
+                );
+            }
+        }
+    }
+    // One sample per (VIP, backend); `None` leaves the sample out.
+    type Value = fn(&VipLife, &Record) -> Option<f64>;
+    let per_backend: [(&str, &str, &str, Value); 6] = [
+        (
+            "lb_backend_up_to_date",
+            "gauge",
+            "1 when the backend has had the VIP's latest maintenance generation.",
+            |l, r| Some(f64::from(u8::from(l.up_to_date(r)))),
+        ),
+        (
+            "lb_backend_load_ratio",
+            "gauge",
+            "Load level of the backend (0 idle, 1 at its capacity) from its load reports and active flows; absent when unknown.",
+            |_, r| r.load,
+        ),
+        (
+            "lb_backend_vip_flows",
+            "gauge",
+            "Flows (open or closing) of the VIP on the backend, as the lifecycle last saw them.",
+            |_, r| Some(r.flows as f64),
+        ),
+        (
+            "lb_backend_drain_progress_ratio",
+            "gauge",
+            "While draining: the share of the backend's flows at the start of the drain that are gone.",
+            |_, r| r.drain_progress(),
+        ),
+        (
+            "lb_backend_drain_flows_cut_total",
+            "counter",
+            "Flows cut because a drain timed out.",
+            |_, r| Some(r.flows_cut as f64),
+        ),
+        (
+            "lb_backend_maintenance_hook_runs_total",
+            "counter",
+            "Maintenance hook runs started for the backend.",
+            |_, r| Some(f64::from(r.hook_runs)),
+        ),
+    ];
+    for (name, kind, help, value) in per_backend {
+        out.family(name, kind, help);
+        for l in &vips {
+            for (a, r) in &l.backends {
+                if let Some(v) = value(l, r) {
+                    out.sample_f(name, &[("vip", &l.name), ("backend", &a.to_string())], v);
+                }
+            }
+        }
+    }
+    type VipValue = fn(&VipLife) -> Option<f64>;
+    let per_vip: [(&str, &str, VipValue); 3] = [
+        (
+            "lb_vip_spare_capacity_ratio",
+            "Spare capacity of the backends taking new flows (1 - demand / capacity at the load limit); absent when none does.",
+            |l| l.spare,
+        ),
+        (
+            "lb_vip_maintenance_generation",
+            "The VIP's maintenance generation (raised by each rollout).",
+            |l| Some(l.generation as f64),
+        ),
+        (
+            "lb_vip_rollout_running",
+            "1 while a rollout of the VIP runs.",
+            |l| Some(f64::from(u8::from(l.rollout.as_ref().is_some_and(|r| r.running())))),
+        ),
+    ];
+    for (name, help, value) in per_vip {
+        out.family(name, "gauge", help);
+        for l in &vips {
+            if let Some(v) = value(l) {
+                out.sample_f(name, &[("vip", &l.name)], v);
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! How the balancer's state is written into map entries: VIP keys, address
+//! markers, backend entries and the datapath settings.
+
+use std::net::IpAddr;
+
+use lb_common::{addr_bytes, BackendInfo, Settings, VipKey, BACKEND_AVAILABLE, BACKEND_USABLE};
+
+use crate::{
+    config::{EncapConfig, Protocol, VisibilityConfig},
+    nexthop::NextHop,
+};
+
+/// The datapath key of a VIP.
+pub fn vip_key(address: IpAddr, port: u16, protocol: Protocol) -> VipKey {
+    let (addr, family) = addr_bytes(address);
+    VipKey {
+        addr,
+        port: port.to_be(),
+        proto: protocol.number(),
+        family,
+    }
+}
+
+/// The marker entry that makes an address known as a VIP address.
+pub(super) fn marker_key(address: IpAddr) -> VipKey {
+    let (addr, family) = addr_bytes(address);
+    VipKey {
+        addr,
+        port: 0,
+        proto: 0,
+        family,
+    }
+}
+
+/// Datapath settings: table size, tracers and events, encapsulation sources.
+pub fn settings(maglev_size: u32, encap: &EncapConfig, visibility: &VisibilityConfig) -> Settings {
+    let mut s = Settings {
+        maglev_size,
+        flags: if visibility.trace_flows {
+            lb_common::SETTING_TRACE_FLOWS
+        } else {
+            0
+        },
+        event_sample: visibility.event_sample,
+        ..Settings::default()
+    };
+    if let Some(v4) = encap.source_v4 {
+        s.src_v4 = u32::from(v4.network()).to_be();
+        s.src_v4_hostmask = u32::from(v4.hostmask()).to_be();
+    }
+    if let Some(v6) = encap.source_v6 {
+        s.src_v6 = v6.network().octets();
+        let host_bits = 128 - u32::from(v6.prefix_len());
+        let mask = if host_bits >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << host_bits) - 1
+        };
+        s.src_v6_hostmask = mask.to_be();
+    }
+    s
+}
+
+/// A backend's entry: its address, whether its flows may use it, and where
+/// frames to it leave.
+pub(super) fn backend_info(
+    address: IpAddr,
+    usable: bool,
+    next_hop: Option<NextHop>,
+) -> BackendInfo {
+    let (addr, family) = addr_bytes(address);
+    let mut info = BackendInfo {
+        addr,
+        family,
+        flags: if usable {
+            BACKEND_USABLE | BACKEND_AVAILABLE
+        } else {
+            0
+        },
+        ..BackendInfo::default()
+    };
+    if let Some(nh) = next_hop {
+        info.ifindex = nh.ifindex;
+        info.src_mac = nh.src_mac;
+        info.dst_mac = nh.dst_mac;
+    }
+    info
+}

@@ -1,0 +1,101 @@
+//! The narrow interface between control logic and the kernel maps.
+//!
+//! Control logic (`balancer`, `lifecycle`, `collector`) only talks to
+//! `Datapath`, so it is unit-tested with the in-memory fake (`fake`) and no
+//! kernel.
+//!
+//! - `kernel`: the balancer's maps in a loaded object (`KernelDatapath`).
+//! - `flows`: the connection table as the collector reads it (`FlowSource`,
+//!   and `FlowTable`, a second handle read without the agent's lock).
+//! - `batch`: `BPF_MAP_LOOKUP_BATCH` scans.
+//! - `decap`: the decapsulator's maps.
+//! - `fake`: the in-memory datapath for unit tests.
+
+mod batch;
+mod decap;
+#[cfg(test)]
+pub mod fake;
+mod flows;
+mod kernel;
+
+use anyhow::{Context as _, Result};
+use aya::Ebpf;
+use lb_common::{
+    BackendInfo, FlowKey, FlowState, PacketCounter, Settings, TrafficCounters, VipInfo, VipKey,
+    MAGLEV_LANES,
+};
+
+pub use batch::for_each;
+pub use decap::DecapMaps;
+pub use flows::{FlowSource, FlowTable};
+pub use kernel::{sum_packets, KernelDatapath};
+
+/// What the balancer logic needs from the datapath.
+pub trait Datapath {
+    fn set_settings(&mut self, settings: &Settings) -> Result<()>;
+    fn set_backend(&mut self, id: u32, backend: &BackendInfo) -> Result<()>;
+    /// Writes a whole Maglev ring (its `maglev_size` slots).
+    fn set_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()>;
+    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()>;
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
+    fn clear_vip_counters(&mut self, vip_id: u32) -> Result<()>;
+    fn clear_backend_counters(&mut self, id: u32) -> Result<()>;
+    /// Allows redirects to `ifindex` (an interface other than the receiving one).
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<()>;
+    fn vip_counters(&self, vip_id: u32) -> Result<TrafficCounters>;
+    fn backend_counters(&self, id: u32) -> Result<TrafficCounters>;
+    /// `lb_ingress` outcome counters, indexed by `Outcome`.
+    fn outcomes(&self) -> Result<Vec<PacketCounter>>;
+    /// Hands every connection-table entry to `each`; returns how many.
+    fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize>;
+    /// Deletes a flow (expiry). A flow already gone is not an error.
+    fn remove_flow(&mut self, key: &FlowKey) -> Result<()>;
+    /// Flow events sent and dropped (ring buffer full).
+    fn event_stats(&self) -> Result<(u64, u64)>;
+}
+
+/// Map sizes set before the object is loaded.
+#[derive(Debug, Clone, Copy)]
+pub struct MapSizes {
+    pub maglev_size: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub flow_table_size: u32,
+}
+
+impl MapSizes {
+    /// Smallest sizes, for an agent that only decapsulates.
+    pub const DECAP_ONLY: MapSizes = MapSizes {
+        maglev_size: 7,
+        max_vips: 1,
+        max_backends: 1,
+        flow_table_size: 1,
+    };
+
+    /// Maglev rings: two per VIP, so a changed table is written beside the
+    /// live one and switched in.
+    pub fn rings(&self) -> u32 {
+        2 * self.max_vips
+    }
+}
+
+/// The eBPF object, embedded at build time (`cargo xtask build-ebpf`).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
+
+/// Loads the embedded object with the given sizes. Programs are not attached.
+pub fn load(sizes: &MapSizes) -> Result<Ebpf> {
+    let slots = u64::from(sizes.rings()) * u64::from(sizes.maglev_size);
+    let chunks = slots.div_ceil(u64::from(MAGLEV_LANES));
+    let chunks = u32::try_from(chunks).context("Maglev rings do not fit a BPF array")?;
+    aya::EbpfLoader::new()
+        // VIP entries of the old and the new configuration coexist during an
+        // apply, plus one address marker per VIP address.
+        .map_max_entries("VIPS", 4 * sizes.max_vips)
+        .map_max_entries("MAGLEV", chunks)
+        .map_max_entries("BACKENDS", sizes.max_backends)
+        .map_max_entries("FLOWS", sizes.flow_table_size)
+        .map_max_entries("VIP_STATS", sizes.max_vips)
+        .map_max_entries("BACKEND_STATS", sizes.max_backends)
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF object")
+}
