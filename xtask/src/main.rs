@@ -1,4 +1,6 @@
-//! Project tasks: `cargo xtask build-ebpf | build | test | demo`.
+//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench | modules`.
+
+mod modules;
 
 use std::{
     path::{Path, PathBuf},
@@ -41,6 +43,8 @@ enum Task {
         /// results files are written only for a full run.
         sections: Vec<String>,
     },
+    /// Check that no crate's top-level modules import each other in a circle.
+    Modules,
 }
 
 fn root() -> PathBuf {
@@ -98,6 +102,7 @@ fn build(release: bool) -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => build_ebpf(),
+        Task::Modules => modules::check(&root()),
         Task::Build { release } => build(release),
         Task::Test { args } => {
             build(false)?;

@@ -418,6 +418,67 @@ fn datapath_series(out: &mut Exposition, st: &State) -> Result<()> {
     Ok(())
 }
 
+// One sample per (VIP, backend); `None` leaves the sample out.
+type PairValue = fn(&VipLife, &Record) -> Option<f64>;
+const LIFECYCLE_PAIR_SERIES: [(&str, &str, &str, PairValue); 6] = [
+    (
+        "lb_backend_up_to_date",
+        "gauge",
+        "1 when the backend has had the VIP's latest maintenance generation.",
+        |l, r| Some(f64::from(u8::from(l.up_to_date(r)))),
+    ),
+    (
+        "lb_backend_load_ratio",
+        "gauge",
+        "Load level of the backend (0 idle, 1 at its capacity) from its load reports and active flows; absent when unknown.",
+        |_, r| r.load,
+    ),
+    (
+        "lb_backend_vip_flows",
+        "gauge",
+        "Flows (open or closing) of the VIP on the backend, as the lifecycle last saw them.",
+        |_, r| Some(r.flows as f64),
+    ),
+    (
+        "lb_backend_drain_progress_ratio",
+        "gauge",
+        "While draining: the share of the backend's flows at the start of the drain that are gone.",
+        |_, r| r.drain_progress(),
+    ),
+    (
+        "lb_backend_drain_flows_cut_total",
+        "counter",
+        "Flows cut because a drain timed out.",
+        |_, r| Some(r.flows_cut as f64),
+    ),
+    (
+        "lb_backend_maintenance_hook_runs_total",
+        "counter",
+        "Maintenance hook runs started for the backend.",
+        |_, r| Some(f64::from(r.hook_runs)),
+    ),
+];
+
+/// One sample per VIP; `None` leaves the sample out.
+type VipValue = fn(&VipLife) -> Option<f64>;
+const LIFECYCLE_VIP_SERIES: [(&str, &str, VipValue); 3] = [
+    (
+        "lb_vip_spare_capacity_ratio",
+        "Spare capacity of the backends taking new flows (1 - demand / capacity at the load limit); absent when none does.",
+        |l| l.spare,
+    ),
+    (
+        "lb_vip_maintenance_generation",
+        "The VIP's maintenance generation (raised by each rollout).",
+        |l| Some(l.generation as f64),
+    ),
+    (
+        "lb_vip_rollout_running",
+        "1 while a rollout of the VIP runs.",
+        |l| Some(f64::from(u8::from(l.rollout.as_ref().is_some_and(|r| r.running())))),
+    ),
+];
+
 /// Backend states, loads and drain progress, and each VIP's rollout, from the
 /// lifecycle (the same figures `lbctl maintenance status` shows).
 fn lifecycle_series(out: &mut Exposition, st: &State) {
@@ -439,47 +500,7 @@ fn lifecycle_series(out: &mut Exposition, st: &State) {
             }
         }
     }
-    // One sample per (VIP, backend); `None` leaves the sample out.
-    type Value = fn(&VipLife, &Record) -> Option<f64>;
-    let per_backend: [(&str, &str, &str, Value); 6] = [
-        (
-            "lb_backend_up_to_date",
-            "gauge",
-            "1 when the backend has had the VIP's latest maintenance generation.",
-            |l, r| Some(f64::from(u8::from(l.up_to_date(r)))),
-        ),
-        (
-            "lb_backend_load_ratio",
-            "gauge",
-            "Load level of the backend (0 idle, 1 at its capacity) from its load reports and active flows; absent when unknown.",
-            |_, r| r.load,
-        ),
-        (
-            "lb_backend_vip_flows",
-            "gauge",
-            "Flows (open or closing) of the VIP on the backend, as the lifecycle last saw them.",
-            |_, r| Some(r.flows as f64),
-        ),
-        (
-            "lb_backend_drain_progress_ratio",
-            "gauge",
-            "While draining: the share of the backend's flows at the start of the drain that are gone.",
-            |_, r| r.drain_progress(),
-        ),
-        (
-            "lb_backend_drain_flows_cut_total",
-            "counter",
-            "Flows cut because a drain timed out.",
-            |_, r| Some(r.flows_cut as f64),
-        ),
-        (
-            "lb_backend_maintenance_hook_runs_total",
-            "counter",
-            "Maintenance hook runs started for the backend.",
-            |_, r| Some(f64::from(r.hook_runs)),
-        ),
-    ];
-    for (name, kind, help, value) in per_backend {
+    for (name, kind, help, value) in LIFECYCLE_PAIR_SERIES {
         out.family(name, kind, help);
         for l in &vips {
             for (a, r) in &l.backends {
@@ -489,25 +510,7 @@ fn lifecycle_series(out: &mut Exposition, st: &State) {
             }
         }
     }
-    type VipValue = fn(&VipLife) -> Option<f64>;
-    let per_vip: [(&str, &str, VipValue); 3] = [
-        (
-            "lb_vip_spare_capacity_ratio",
-            "Spare capacity of the backends taking new flows (1 - demand / capacity at the load limit); absent when none does.",
-            |l| l.spare,
-        ),
-        (
-            "lb_vip_maintenance_generation",
-            "The VIP's maintenance generation (raised by each rollout).",
-            |l| Some(l.generation as f64),
-        ),
-        (
-            "lb_vip_rollout_running",
-            "1 while a rollout of the VIP runs.",
-            |l| Some(f64::from(u8::from(l.rollout.as_ref().is_some_and(|r| r.running())))),
-        ),
-    ];
-    for (name, help, value) in per_vip {
+    for (name, help, value) in LIFECYCLE_VIP_SERIES {
         out.family(name, "gauge", help);
         for l in &vips {
             if let Some(v) = value(l) {

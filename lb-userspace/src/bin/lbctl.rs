@@ -1,16 +1,22 @@
 //! `lbctl`: the operator's CLI against a running `lb-agent`.
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
     api::{
-        call, FlowQuery, FlowRecord, FlowReport, Leg, MaintenanceCommand, Report, ReportQuery,
-        Request, Response, Status, VipMaintenance,
+        call, BackendStatus, EventRecord, EventStats, FlowQuery, FlowRecord, FlowReport, Leg,
+        MaintenanceCommand, OutcomeStatus, Report, ReportQuery, Request, Response, Status,
+        VipMaintenance, VipStatus,
     },
     config::{socket_text, Config, DEFAULT_SOCKET},
     lifecycle::Phase,
 };
+use serde::{Serialize, Serializer};
 
 #[derive(Parser)]
 #[command(version, about = "Control a running lb-agent")]
@@ -223,79 +229,16 @@ fn print_status(s: &Status) {
         println!("interface {:<12} {:<11} {}", i.name, i.program, i.mode);
     }
     for v in &s.vips {
-        println!();
-        println!(
-            "VIP {} {} {}  packets {}  bytes {}  new flows {}",
-            v.name,
-            v.protocol,
-            socket_text(v.address, v.port),
-            v.counters.packets,
-            human_bytes(v.counters.bytes),
-            v.counters.new_flows
-        );
-        println!(
-            "  {:<40} {:>6} {:>9} {:>7} {:>9} {:<20} {:>5} {:>6} {:>6}",
-            "backend", "weight", "effective", "share", "health", "state", "load", "flows", "drain"
-        );
-        for b in &v.backends {
-            let share = if s.maglev_table_size > 0 {
-                100.0 * f64::from(b.maglev_slots) / f64::from(s.maglev_table_size)
-            } else {
-                0.0
-            };
-            let state = if b.up_to_date || b.state != "active" {
-                b.state.clone()
-            } else {
-                "active (outdated)".into()
-            };
-            println!(
-                "  {:<40} {:>6} {:>9} {:>6.1}% {:>9} {:<20} {:>5} {:>6} {:>6}",
-                b.address.to_string(),
-                b.weight,
-                b.effective_weight,
-                share,
-                b.health,
-                state,
-                percent(b.load),
-                b.active_flows,
-                percent(b.drain_progress)
-            );
-        }
+        print_vip_status(v, s.maglev_table_size);
     }
     if !s.backends.is_empty() {
-        println!();
-        println!("backends (traffic over all their VIPs):");
-        println!(
-            "  {:<40} {:>19} {:>10} {:>11} {:>10} {:>8}",
-            "backend", "next hop", "packets", "bytes", "new flows", "active"
-        );
-        for b in &s.backends {
-            let nh = b
-                .next_hop
-                .as_ref()
-                .map(|n| n.mac.clone())
-                .unwrap_or_else(|| "unresolved".into());
-            println!(
-                "  {:<40} {:>19} {:>10} {:>11} {:>10} {:>8}",
-                b.address.to_string(),
-                nh,
-                b.counters.packets,
-                human_bytes(b.counters.bytes),
-                b.counters.new_flows,
-                b.active_flows
-            );
-        }
+        print_backend_traffic(&s.backends);
     }
     if !s.outcomes.is_empty() {
         println!();
         println!("datapath outcomes:");
         for o in s.outcomes.iter().filter(|o| o.packets > 0) {
-            println!(
-                "  {:<24} {:>12} packets {:>12}",
-                o.outcome,
-                o.packets,
-                human_bytes(o.bytes)
-            );
+            print_outcome(o);
         }
     }
     if let Some(d) = &s.decap {
@@ -303,14 +246,86 @@ fn print_status(s: &Status) {
         let addrs: Vec<String> = d.addresses.iter().map(|a| a.to_string()).collect();
         println!("decapsulating for {}:", addrs.join(", "));
         for o in &d.outcomes {
-            println!(
-                "  {:<24} {:>12} packets {:>12}",
-                o.outcome,
-                o.packets,
-                human_bytes(o.bytes)
-            );
+            print_outcome(o);
         }
     }
+}
+
+/// A VIP of `lbctl status` and the table of its backends.
+fn print_vip_status(v: &VipStatus, maglev_table_size: u32) {
+    println!();
+    println!(
+        "VIP {} {} {}  packets {}  bytes {}  new flows {}",
+        v.name,
+        v.protocol,
+        socket_text(v.address, v.port),
+        v.counters.packets,
+        human_bytes(v.counters.bytes),
+        v.counters.new_flows
+    );
+    println!(
+        "  {:<40} {:>6} {:>9} {:>7} {:>9} {:<20} {:>5} {:>6} {:>6}",
+        "backend", "weight", "effective", "share", "health", "state", "load", "flows", "drain"
+    );
+    for b in &v.backends {
+        let share = if maglev_table_size > 0 {
+            100.0 * f64::from(b.maglev_slots) / f64::from(maglev_table_size)
+        } else {
+            0.0
+        };
+        let state = if b.up_to_date || b.state != "active" {
+            b.state.clone()
+        } else {
+            "active (outdated)".into()
+        };
+        println!(
+            "  {:<40} {:>6} {:>9} {:>6.1}% {:>9} {:<20} {:>5} {:>6} {:>6}",
+            b.address.to_string(),
+            b.weight,
+            b.effective_weight,
+            share,
+            b.health,
+            state,
+            percent(b.load),
+            b.active_flows,
+            percent(b.drain_progress)
+        );
+    }
+}
+
+/// Traffic of each backend, over all the VIPs it serves.
+fn print_backend_traffic(backends: &[BackendStatus]) {
+    println!();
+    println!("backends (traffic over all their VIPs):");
+    println!(
+        "  {:<40} {:>19} {:>10} {:>11} {:>10} {:>8}",
+        "backend", "next hop", "packets", "bytes", "new flows", "active"
+    );
+    for b in backends {
+        let nh = b
+            .next_hop
+            .as_ref()
+            .map(|n| n.mac.clone())
+            .unwrap_or_else(|| "unresolved".into());
+        println!(
+            "  {:<40} {:>19} {:>10} {:>11} {:>10} {:>8}",
+            b.address.to_string(),
+            nh,
+            b.counters.packets,
+            human_bytes(b.counters.bytes),
+            b.counters.new_flows,
+            b.active_flows
+        );
+    }
+}
+
+fn print_outcome(o: &OutcomeStatus) {
+    println!(
+        "  {:<24} {:>12} packets {:>12}",
+        o.outcome,
+        o.packets,
+        human_bytes(o.bytes)
+    );
 }
 
 fn leg(l: &Leg) -> String {
@@ -410,14 +425,61 @@ fn print_report(r: &Report) {
     }
 }
 
+/// `value` as pretty JSON when `json`, otherwise as `text` prints it.
+fn print<T: Serialize + ?Sized>(json: bool, value: &T, text: impl FnOnce(&T)) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        text(value);
+    }
+    Ok(())
+}
+
+/// An answer other than the one a request expects.
+#[derive(Debug)]
+enum Refusal {
+    /// The agent answered with an error.
+    Error(String),
+    /// Another kind of response.
+    Unexpected(Response),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Error(message) => f.write_str(message),
+            Refusal::Unexpected(other) => write!(f, "unexpected response: {other:?}"),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// What `pick` takes out of `response` when it is the expected variant;
+/// `pick` hands any other response back, and it becomes a `Refusal`.
+fn expect<T>(
+    response: Response,
+    pick: impl FnOnce(Response) -> Result<T, Response>,
+) -> Result<T, Refusal> {
+    pick(response).map_err(|other| match other {
+        Response::Error { message } => Refusal::Error(message),
+        other => Refusal::Unexpected(other),
+    })
+}
+
 /// Fills `delivered` from backend agents' lb_decap counters.
 async fn add_delivered(report: &mut Report, sockets: &[PathBuf]) -> Result<()> {
     for s in sockets {
-        let status = match call(s, &Request::Status).await? {
-            Response::Status(st) => st,
-            Response::Error { message } => bail!("{}: {message}", s.display()),
-            other => bail!("{}: unexpected response {other:?}", s.display()),
-        };
+        let status = expect(call(s, &Request::Status).await?, |r| match r {
+            Response::Status(st) => Ok(st),
+            other => Err(other),
+        })
+        .map_err(|refusal| match refusal {
+            Refusal::Error(message) => anyhow!("{}: {message}", s.display()),
+            Refusal::Unexpected(other) => {
+                anyhow!("{}: unexpected response {other:?}", s.display())
+            }
+        })?;
         let decap = status
             .decap
             .with_context(|| format!("the agent at {} runs no lb_decap", s.display()))?;
@@ -437,7 +499,9 @@ async fn add_delivered(report: &mut Report, sockets: &[PathBuf]) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let socket = cli.socket.as_path();
     match cli.command {
+        Command::Status { json } => run_status(socket, json).await,
         Command::Report {
             json,
             vip,
@@ -453,28 +517,7 @@ async fn run(cli: Cli) -> Result<()> {
                 top,
                 since_s: since.map(|d| d.as_secs_f64()),
             };
-            loop {
-                let mut report = match call(&cli.socket, &Request::Report(query.clone())).await? {
-                    Response::Report(r) => r,
-                    Response::Error { message } => bail!("{message}"),
-                    other => bail!("unexpected response: {other:?}"),
-                };
-                add_delivered(&mut report, &decap_sockets).await?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    if watch.is_some() {
-                        print!("\x1b[2J\x1b[H");
-                    }
-                    print_report(&report);
-                }
-                match watch {
-                    Some(secs) => {
-                        tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))).await
-                    }
-                    None => break,
-                }
-            }
+            run_report(socket, query, json, watch, &decap_sockets).await
         }
         Command::Flows {
             json,
@@ -489,140 +532,211 @@ async fn run(cli: Cli) -> Result<()> {
                 state,
                 limit,
             };
-            match call(&cli.socket, &Request::Flows(query)).await? {
-                Response::Flows { flows, matched } if json => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(
-                            &serde_json::json!({ "matched": matched, "flows": flows })
-                        )?
-                    )
-                }
-                Response::Flows { flows, matched } => {
-                    println!("{matched} flows match; the {} largest:", flows.len());
-                    print_flows(&flows);
-                }
-                Response::Error { message } => bail!("{message}"),
-                other => bail!("unexpected response: {other:?}"),
-            }
+            run_flows(socket, query, json).await
         }
-        Command::Maintenance { action } => match action {
-            MaintenanceAction::Status { json } => {
-                match call(&cli.socket, &Request::MaintenanceStatus).await? {
-                    Response::MaintenanceStatus { vips } if json => {
-                        println!("{}", serde_json::to_string_pretty(&vips)?)
-                    }
-                    Response::MaintenanceStatus { vips } => print_maintenance(&vips),
-                    Response::Error { message } => bail!("{message}"),
-                    other => bail!("unexpected response: {other:?}"),
-                }
+        Command::Events { json, limit } => run_events(socket, limit, json).await,
+        Command::Backend { action } => run_backend(socket, action).await,
+        Command::Maintenance { action } => run_maintenance(socket, action).await,
+        Command::Apply { file, json } => run_apply(socket, &file, json).await,
+    }
+}
+
+async fn run_status(socket: &Path, json: bool) -> Result<()> {
+    let status = expect(call(socket, &Request::Status).await?, |r| match r {
+        Response::Status(s) => Ok(s),
+        other => Err(other),
+    })?;
+    print(json, &*status, print_status)
+}
+
+/// The report, once or, with `watch`, every `watch` seconds until interrupted.
+async fn run_report(
+    socket: &Path,
+    query: ReportQuery,
+    json: bool,
+    watch: Option<u64>,
+    decap_sockets: &[PathBuf],
+) -> Result<()> {
+    loop {
+        let mut report = expect(
+            call(socket, &Request::Report(query.clone())).await?,
+            |r| match r {
+                Response::Report(r) => Ok(r),
+                other => Err(other),
+            },
+        )?;
+        add_delivered(&mut report, decap_sockets).await?;
+        print(json, &*report, |r| {
+            if watch.is_some() {
+                print!("\x1b[2J\x1b[H");
             }
-            MaintenanceAction::Rollout { vip } => {
-                maintenance(&cli.socket, MaintenanceCommand::Rollout { vip }).await?
-            }
-            MaintenanceAction::Cancel { vip } => {
-                maintenance(&cli.socket, MaintenanceCommand::Cancel { vip }).await?
-            }
+            print_report(r);
+        })?;
+        match watch {
+            Some(secs) => tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))).await,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// What `lbctl flows` prints: the largest flows, and how many matched.
+struct FlowList<'a> {
+    flows: &'a [FlowRecord],
+    matched: usize,
+}
+
+/// As a `serde_json::Value`, whose keys are sorted at every level: the JSON
+/// `lbctl flows --json` has always printed.
+impl Serialize for FlowList<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serde_json::json!({ "matched": self.matched, "flows": self.flows }).serialize(serializer)
+    }
+}
+
+async fn run_flows(socket: &Path, query: FlowQuery, json: bool) -> Result<()> {
+    let (flows, matched) = expect(call(socket, &Request::Flows(query)).await?, |r| match r {
+        Response::Flows { flows, matched } => Ok((flows, matched)),
+        other => Err(other),
+    })?;
+    let list = FlowList {
+        flows: &flows,
+        matched,
+    };
+    print(json, &list, |l| {
+        println!("{} flows match; the {} largest:", l.matched, l.flows.len());
+        print_flows(l.flows);
+    })
+}
+
+/// What `lbctl events` prints: recent flow events and the event counters.
+struct EventList {
+    events: Vec<EventRecord>,
+    stats: EventStats,
+}
+
+/// As a `serde_json::Value`, whose keys are sorted at every level: the JSON
+/// `lbctl events --json` has always printed.
+impl Serialize for EventList {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serde_json::json!({ "stats": self.stats, "events": self.events }).serialize(serializer)
+    }
+}
+
+async fn run_events(socket: &Path, limit: usize, json: bool) -> Result<()> {
+    let list = expect(
+        call(socket, &Request::Events { limit }).await?,
+        |r| match r {
+            Response::Events { events, stats } => Ok(EventList { events, stats }),
+            other => Err(other),
         },
-        Command::Backend { action } => {
-            let (vip, backend, enabled) = match action {
-                BackendAction::Enable { vip, backend } => (vip, backend, true),
-                BackendAction::Disable { vip, backend } => (vip, backend, false),
-                BackendAction::Maintain { vip, backend } => {
-                    return maintenance(&cli.socket, MaintenanceCommand::Maintain { vip, backend })
-                        .await;
-                }
-                BackendAction::Return { vip, backend } => {
-                    return maintenance(&cli.socket, MaintenanceCommand::Return { vip, backend })
-                        .await;
-                }
-            };
-            let request = Request::SetBackend {
-                vip: vip.clone(),
-                backend,
-                enabled,
-            };
-            match call(&cli.socket, &request).await? {
-                Response::BackendSet { changed } => {
-                    let state = if enabled { "enabled" } else { "disabled" };
-                    if changed {
-                        println!("{backend} {state} in {vip}");
-                    } else {
-                        println!("{backend} was already {state} in {vip}");
-                    }
-                }
-                Response::Error { message } => bail!("{message}"),
-                other => bail!("unexpected response: {other:?}"),
-            }
+    )?;
+    print(json, &list, |l| {
+        let stats = &l.stats;
+        println!(
+            "flow events: {} sent, {} dropped, {} received",
+            stats.sent, stats.dropped, stats.received
+        );
+        for e in &l.events {
+            println!(
+                "  {:>8.1} s ago  {:<9} {} {} → {}  backend {}",
+                e.ago_s,
+                e.kind,
+                e.protocol,
+                e.client,
+                e.vip,
+                e.backend
+                    .map(|b| b.to_string())
+                    .unwrap_or_else(|| "-".into())
+            );
         }
-        Command::Events { json, limit } => {
-            match call(&cli.socket, &Request::Events { limit }).await? {
-                Response::Events { events, stats } if json => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(
-                            &serde_json::json!({ "stats": stats, "events": events })
-                        )?
-                    )
-                }
-                Response::Events { events, stats } => {
-                    println!(
-                        "flow events: {} sent, {} dropped, {} received",
-                        stats.sent, stats.dropped, stats.received
-                    );
-                    for e in events {
-                        println!(
-                            "  {:>8.1} s ago  {:<9} {} {} → {}  backend {}",
-                            e.ago_s,
-                            e.kind,
-                            e.protocol,
-                            e.client,
-                            e.vip,
-                            e.backend
-                                .map(|b| b.to_string())
-                                .unwrap_or_else(|| "-".into())
-                        );
-                    }
-                }
-                Response::Error { message } => bail!("{message}"),
-                other => bail!("unexpected response: {other:?}"),
-            }
+    })
+}
+
+async fn run_backend(socket: &Path, action: BackendAction) -> Result<()> {
+    let (vip, backend, enabled) = match action {
+        BackendAction::Enable { vip, backend } => (vip, backend, true),
+        BackendAction::Disable { vip, backend } => (vip, backend, false),
+        BackendAction::Maintain { vip, backend } => {
+            return maintenance(socket, MaintenanceCommand::Maintain { vip, backend }).await;
         }
-        Command::Status { json } => match call(&cli.socket, &Request::Status).await? {
-            Response::Status(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
-            Response::Status(s) => print_status(&s),
-            Response::Error { message } => bail!("{message}"),
-            other => bail!("unexpected response: {other:?}"),
-        },
-        Command::Apply { file, json } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            // Same validation the agent does, so mistakes show before anything is sent.
-            Config::from_toml(&text)
-                .with_context(|| format!("invalid configuration {}", file.display()))?;
-            match call(&cli.socket, &Request::Apply { config: text }).await? {
-                Response::Applied(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
-                Response::Applied(s) => println!(
-                    "applied: {} VIPs added, {} changed, {} unchanged, {} removed; {} backends added, {} removed",
-                    s.vips_added, s.vips_changed, s.vips_unchanged, s.vips_removed, s.backends_added, s.backends_removed
-                ),
-                Response::Error { message } => bail!("the agent refused the configuration: {message}"),
-                other => bail!("unexpected response: {other:?}"),
-            }
+        BackendAction::Return { vip, backend } => {
+            return maintenance(socket, MaintenanceCommand::Return { vip, backend }).await;
         }
+    };
+    let request = Request::SetBackend {
+        vip: vip.clone(),
+        backend,
+        enabled,
+    };
+    let changed = expect(call(socket, &request).await?, |r| match r {
+        Response::BackendSet { changed } => Ok(changed),
+        other => Err(other),
+    })?;
+    let state = if enabled { "enabled" } else { "disabled" };
+    if changed {
+        println!("{backend} {state} in {vip}");
+    } else {
+        println!("{backend} was already {state} in {vip}");
     }
     Ok(())
 }
 
-async fn maintenance(socket: &std::path::Path, cmd: MaintenanceCommand) -> Result<()> {
-    match call(socket, &Request::Maintenance(cmd)).await? {
-        Response::Maintenance { message } => {
-            println!("{message}");
-            Ok(())
+async fn run_maintenance(socket: &Path, action: MaintenanceAction) -> Result<()> {
+    match action {
+        MaintenanceAction::Status { json } => {
+            let vips = expect(
+                call(socket, &Request::MaintenanceStatus).await?,
+                |r| match r {
+                    Response::MaintenanceStatus { vips } => Ok(vips),
+                    other => Err(other),
+                },
+            )?;
+            print(json, vips.as_slice(), print_maintenance)
         }
-        Response::Error { message } => bail!("{message}"),
-        other => bail!("unexpected response: {other:?}"),
+        MaintenanceAction::Rollout { vip } => {
+            maintenance(socket, MaintenanceCommand::Rollout { vip }).await
+        }
+        MaintenanceAction::Cancel { vip } => {
+            maintenance(socket, MaintenanceCommand::Cancel { vip }).await
+        }
     }
+}
+
+async fn run_apply(socket: &Path, file: &Path, json: bool) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    // Same validation the agent does, so mistakes show before anything is sent.
+    Config::from_toml(&text)
+        .with_context(|| format!("invalid configuration {}", file.display()))?;
+    let summary = expect(
+        call(socket, &Request::Apply { config: text }).await?,
+        |r| match r {
+            Response::Applied(s) => Ok(s),
+            other => Err(other),
+        },
+    )
+    .map_err(|refusal| match refusal {
+        Refusal::Error(message) => anyhow!("the agent refused the configuration: {message}"),
+        unexpected => unexpected.into(),
+    })?;
+    print(json, &summary, |s| {
+        println!(
+            "applied: {} VIPs added, {} changed, {} unchanged, {} removed; {} backends added, {} removed",
+            s.vips_added, s.vips_changed, s.vips_unchanged, s.vips_removed, s.backends_added, s.backends_removed
+        )
+    })
+}
+
+async fn maintenance(socket: &Path, cmd: MaintenanceCommand) -> Result<()> {
+    let message = expect(
+        call(socket, &Request::Maintenance(cmd)).await?,
+        |r| match r {
+            Response::Maintenance { message } => Ok(message),
+            other => Err(other),
+        },
+    )?;
+    println!("{message}");
+    Ok(())
 }
 
 fn main() -> ExitCode {
