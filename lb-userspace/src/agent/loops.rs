@@ -1,16 +1,16 @@
 //! The agent's loops, one function each: collecting flows (and stepping the
 //! lifecycle), health checks, load polls, flow events, and next hops.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tracing::{info, warn};
 
 use super::state::{wall_ms, Shared, State};
 use crate::{
     collector::monotonic_ns,
-    config::VipConfig,
+    config::{Feedback, HealthCheck, VipConfig},
     datapath::FlowTable,
-    health::{self, Schedule, Tracker},
+    health::{self, Probe, Schedule, Tracker},
     lifecycle::{self, HookJob},
     nexthop::{ChangeWatcher, Resolver},
 };
@@ -170,11 +170,22 @@ async fn hook(state: Shared, job: HookJob) {
     }
 }
 
-/// Runs every VIP's health checks at their intervals and applies the
-/// verdicts (rise/fall thresholds) to the balancer; returning backends count
-/// their passes.
-pub(crate) async fn check_health(state: Shared) {
-    let mut schedule: Schedule<Tracker> = Schedule::default();
+/// The loop of one kind of probe: every `PROBE_TICK`, the pairs due among
+/// the VIPs `select` picks (with the VIP's settings and the port to probe)
+/// are probed at once, outside the lock; `apply` takes the results under it.
+/// Ends when the agent runs no balancer.
+async fn probe_loop<T, S, R, Fut>(
+    state: Shared,
+    select: fn(&VipConfig) -> Option<(&T, u16)>,
+    interval: fn(&T) -> Duration,
+    probe: impl Fn(SocketAddr, T) -> Fut,
+    apply: impl Fn(&mut State, &mut Schedule<S>, Vec<(Probe<T>, R)>),
+) where
+    T: Clone,
+    S: Default,
+    Fut: Future<Output = R>,
+{
+    let mut schedule: Schedule<S> = Schedule::default();
     let mut tick = ticker(PROBE_TICK);
     loop {
         tick.tick().await;
@@ -182,56 +193,78 @@ pub(crate) async fn check_health(state: Shared) {
         let due = {
             let st = state.lock().await;
             let Some(b) = &st.config.balancer else { return };
-            schedule.due(b, now, |v: &VipConfig| {
-                v.health.as_ref().map(|h| (h, h.port))
-            })
+            schedule.due(b, now, select)
         };
         if due.is_empty() {
             continue;
         }
-        let results = schedule
-            .run(
-                due,
-                now,
-                |hc| Duration::from_millis(hc.interval_ms),
-                |target, hc| async move { health::check(target, &hc).await },
-            )
-            .await;
-        let mut verdicts = Vec::new();
-        for (p, result) in &results {
-            let hc = &p.settings;
-            let tracker = schedule
-                .kept(&p.pair)
-                .expect("a pair just probed is followed");
-            if let Some(up) = tracker.record(result.is_ok(), hc.rise, hc.fall) {
-                let vip = SocketAddr::new(p.pair.0 .0, p.pair.0 .1);
-                match result {
-                    Ok(()) => info!(%vip, backend = %p.target, "backend up"),
-                    Err(e) => warn!(%vip, backend = %p.target, "backend down: {e:#}"),
-                }
-                verdicts.push((p.pair, up));
-            }
-        }
+        let results = schedule.run(due, now, interval, &probe).await;
         let mut st = state.lock().await;
-        let Ok((bal, lifecycle)) = st.balancer_and_lifecycle() else {
+        if st.balancer.is_none() {
             return;
+        }
+        apply(&mut st, &mut schedule, results);
+    }
+}
+
+fn health_of(v: &VipConfig) -> Option<(&HealthCheck, u16)> {
+    v.health.as_ref().map(|h| (h, h.port))
+}
+
+fn feedback_of(v: &VipConfig) -> Option<(&Feedback, u16)> {
+    v.feedback.as_ref().map(|f| (f, f.port))
+}
+
+/// Runs every VIP's health checks at their intervals and applies the
+/// verdicts (rise/fall thresholds) to the balancer; returning backends count
+/// their passes.
+pub(crate) async fn check_health(state: Shared) {
+    probe_loop(
+        state,
+        health_of,
+        |hc| Duration::from_millis(hc.interval_ms),
+        |target, hc| async move { health::check(target, &hc).await },
+        apply_health,
+    )
+    .await;
+}
+
+fn apply_health(
+    st: &mut State,
+    trackers: &mut Schedule<Tracker>,
+    results: Vec<(Probe<HealthCheck>, anyhow::Result<()>)>,
+) {
+    let Ok((bal, lifecycle)) = st.balancer_and_lifecycle() else {
+        return;
+    };
+    for (p, result) in &results {
+        let (hc, (vip, backend)) = (&p.settings, p.pair);
+        let tracker = trackers
+            .kept(&p.pair)
+            .expect("a pair just probed is followed");
+        let Some(up) = tracker.record(result.is_ok(), hc.rise, hc.fall) else {
+            continue;
         };
-        for ((vip, backend), up) in verdicts {
-            if let Err(e) = bal.set_health(vip, backend, up) {
-                warn!(%backend, "applying a health verdict: {e:#}");
-            }
+        let vip_addr = SocketAddr::new(vip.0, vip.1);
+        match result {
+            Ok(()) => info!(vip = %vip_addr, backend = %p.target, "backend up"),
+            Err(e) => warn!(vip = %vip_addr, backend = %p.target, "backend down: {e:#}"),
         }
-        let mut returned = false;
-        for (p, result) in &results {
-            let ((vip, backend), rise) = (p.pair, p.settings.rise);
-            match lifecycle.health_result(bal, vip, backend, result.is_ok(), rise, wall_ms()) {
-                Ok(changed) => returned |= changed,
-                Err(e) => warn!(%backend, "lifecycle after a health check: {e:#}"),
-            }
+        if let Err(e) = bal.set_health(vip, backend, up) {
+            warn!(%backend, "applying a health verdict: {e:#}");
         }
-        if returned {
-            st.save_lifecycle();
+    }
+    // Then returning backends count their passes.
+    let mut returned = false;
+    for (p, result) in &results {
+        let ((vip, backend), rise) = (p.pair, p.settings.rise);
+        match lifecycle.health_result(bal, vip, backend, result.is_ok(), rise, wall_ms()) {
+            Ok(changed) => returned |= changed,
+            Err(e) => warn!(%backend, "lifecycle after a health check: {e:#}"),
         }
+    }
+    if returned {
+        st.save_lifecycle();
     }
 }
 
@@ -240,40 +273,21 @@ pub(crate) async fn check_health(state: Shared) {
 /// into damped load levels and weights. A backend that does not answer keeps
 /// its last report; its health check decides whether it is down.
 pub(crate) async fn poll_load(state: Shared) {
-    let mut schedule: Schedule = Schedule::default();
-    let mut tick = ticker(PROBE_TICK);
-    loop {
-        tick.tick().await;
-        let now = tokio::time::Instant::now();
-        let due = {
-            let st = state.lock().await;
-            let Some(b) = &st.config.balancer else { return };
-            schedule.due(b, now, |v: &VipConfig| {
-                v.feedback.as_ref().map(|f| (f, f.port))
-            })
-        };
-        if due.is_empty() {
-            continue;
-        }
-        let results =
-            schedule
-                .run(
-                    due,
-                    now,
-                    |fb| Duration::from_millis(fb.interval_ms),
-                    |target, fb| async move {
-                        health::fetch_load(target, &fb.path, fb.timeout_ms).await
-                    },
-                )
-                .await;
-        let mut st = state.lock().await;
-        for (p, result) in results {
-            match result {
-                Ok(load) => st.lifecycle.set_reported_load(p.pair.0, p.pair.1, load),
-                Err(e) => tracing::debug!(backend = %p.target, "load report: {e:#}"),
+    probe_loop(
+        state,
+        feedback_of,
+        |fb| Duration::from_millis(fb.interval_ms),
+        |target, fb| async move { health::fetch_load(target, &fb.path, fb.timeout_ms).await },
+        |st: &mut State, _: &mut Schedule, results| {
+            for (p, result) in results {
+                match result {
+                    Ok(load) => st.lifecycle.set_reported_load(p.pair.0, p.pair.1, load),
+                    Err(e) => tracing::debug!(backend = %p.target, "load report: {e:#}"),
+                }
             }
-        }
-    }
+        },
+    )
+    .await;
 }
 
 /// Moves flow events from the datapath's ring buffer into the collector.
