@@ -1,6 +1,7 @@
 //! `cargo xtask modules`: fails when the top-level modules of a crate import
 //! each other in a circle. Imports are read from `crate::` paths (and
-//! `super::` in top-level files), test modules left out.
+//! `super::` in top-level files); test modules (`#[cfg(test)] mod ... { }`
+//! blocks and `tests.rs` files) are left out.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -55,7 +56,9 @@ fn collect_rs(dir: &Path, out: &mut Vec<(std::path::PathBuf, bool)>) -> Result<(
         let path = entry?.path();
         if path.is_dir() {
             collect_rs(&path, out)?;
-        } else if path.extension().is_some_and(|e| e == "rs") {
+        } else if path.extension().is_some_and(|e| e == "rs")
+            && path.file_name().is_some_and(|n| n != "tests.rs")
+        {
             out.push((path, false));
         }
     }
