@@ -49,6 +49,14 @@ pub const BACKEND_AVAILABLE: u32 = 1 << 0;
 /// A backend without it (down, removed) loses even its established flows, which
 /// are re-balanced through Maglev.
 pub const BACKEND_USABLE: u32 = 1 << 1;
+/// Backend flag: the id is allocated to this backend (the datapath ignores
+/// it; a restarting agent reads it to adopt the backend ids in use).
+pub const BACKEND_ALLOCATED: u32 = 1 << 2;
+
+/// Version of the map layout (key and value types, map set). Pinned maps
+/// live under a directory named after it, so an agent with another layout
+/// never reads them as its own.
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// Key of the VIP table: (address, port, protocol). Port 0 matches every port.
 /// Aligned to 4 bytes so the datapath reads and writes it in words.

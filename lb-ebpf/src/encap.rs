@@ -10,6 +10,13 @@ use crate::{
     maps::TX_PORTS,
 };
 
+/// TTL of the outer IPv4 header; the `upgrade-test` build differs here, so
+/// the upgrade test has another program to switch to.
+#[cfg(not(feature = "upgrade-test"))]
+const OUTER_TTL: u8 = 64;
+#[cfg(feature = "upgrade-test")]
+const OUTER_TTL: u8 = 63;
+
 pub enum EncapError {
     AdjustFailed,
 }
@@ -70,7 +77,7 @@ pub fn encapsulate(
             tot_len: (inner_len.wrapping_add(IPV4_LEN as u16)).to_be(),
             id: 0,
             frag_off: 0x4000u16.to_be(), // DF: the path must carry the outer MTU
-            ttl: 64,
+            ttl: OUTER_TTL,
             proto: inner_proto,
             check: 0,
             src: src.to_be_bytes(),

@@ -38,6 +38,10 @@ pub enum Request {
     /// Lifecycle commands on a backend of a VIP, or on a whole VIP.
     Maintenance(MaintenanceCommand),
     MaintenanceStatus,
+    /// Stop the agent; with `detach`, remove its pinned datapath too.
+    Shutdown {
+        detach: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,6 +103,10 @@ pub enum Response {
     },
     MaintenanceStatus {
         vips: Vec<VipMaintenance>,
+    },
+    /// The agent stops once this answer is sent.
+    ShuttingDown {
+        detach: bool,
     },
     Error {
         message: String,

@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context};
 use futures::{Stream, StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use rtnetlink::packet_route::{
-    link::LinkAttribute,
+    link::{LinkAttribute, LinkXdp},
     neighbour::{NeighbourAttribute, NeighbourMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
     AddressFamily, RouteNetlinkMessage,
@@ -140,6 +140,22 @@ impl Resolver {
             .map_err(|e| refused(e, format_args!("no interface named {name:?}")))?
             .ok_or_else(|| anyhow!("no interface named {name:?}"))?;
         Ok(link.header.index)
+    }
+
+    /// The id of the XDP program attached to interface `name`, if any.
+    pub async fn xdp_program(&self, name: &str) -> anyhow::Result<Option<u32>> {
+        let link = first(self.handle.link().get().match_name(name).execute())
+            .await
+            .map_err(|e| refused(e, format_args!("no interface named {name:?}")))?
+            .ok_or_else(|| anyhow!("no interface named {name:?}"))?;
+        let id = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+                LinkXdp::ProgId(id) if *id != 0 => Some(*id),
+                _ => None,
+            }),
+            _ => None,
+        });
+        Ok(id)
     }
 
     /// Asks the kernel for the route it would use for `dst` (`ip route get`): output interface

@@ -121,7 +121,9 @@ impl Fixture {
     }
 
     pub fn add_decap_address(&mut self, addr: IpAddr) {
-        self.decap.add_address(addr).expect("decap address");
+        let mut addresses = self.decap.addresses().expect("decap addresses");
+        addresses.push(addr);
+        self.decap.set_addresses(&addresses).expect("decap address");
     }
 
     fn run(&self, program: &str, input: &[u8]) -> Run {

@@ -71,6 +71,27 @@ pub fn must(args: &[&str]) {
     );
 }
 
+/// `lb-agent` to run in network namespace `ns`. Unlike `ip netns exec`,
+/// which gives its command a mount namespace of its own (and so a bpffs of
+/// its own), the agent stays in this mount namespace: the datapath it pins
+/// under /sys/fs/bpf outlives it, as on a host.
+pub fn agent_command(ns: &str) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    let path = format!("/var/run/netns/{ns}");
+    let netns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut cmd = Command::new(bin("lb-agent"));
+    // SAFETY: setns(2) is async-signal-safe; the fd was opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Runs `f` in a new thread that has entered network namespace `ns`; sockets
 /// it creates belong to that namespace.
 pub fn in_netns<T: Send + 'static>(
@@ -100,6 +121,23 @@ fn remove_stale_namespaces() {
         };
         if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = sh(&["ip", "netns", "del", name]);
+        }
+    }
+    // Their agents' pinned datapaths and locks too.
+    for dir in [lb_userspace::datapath::PIN_ROOT, "/run/lb-agent"] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix("lbt").and_then(|r| r.split('x').next()) else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ =
+                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+            }
         }
     }
 }
@@ -387,7 +425,8 @@ impl Topology {
         let equal4 = list(&v4, &|_| 100);
         let equal6 = list(&v6, &|_| 100);
         format!(
-            r#"socket = "{socket}"
+            r#"instance = "{instance}"
+socket = "{socket}"
 [datapath]
 interfaces = ["eth0"]
 xdp_mode = "native"
@@ -441,6 +480,7 @@ port = 80
 protocol = "tcp"
 backends = [{equal6}]
 "#,
+            instance = self.instance("lb"),
             socket = self.lb_socket().display(),
             state = self.dir.join("lifecycle.json").display(),
             hook = self.hook_script().display(),
@@ -476,13 +516,21 @@ backends = [{equal6}]
         p
     }
 
+    /// The agent instance of `role`: its pinned datapath and lock are its own.
+    pub fn instance(&self, role: &str) -> String {
+        format!("{}-{role}", self.id)
+    }
+
     fn spawn_agent(&mut self, role: &str, config: &str) {
         let ns = self.ns(role);
-        let path = self.write(&format!("{role}.toml"), config);
+        let config = if config.contains("instance =") {
+            config.to_string()
+        } else {
+            format!("instance = \"{}\"\n{config}", self.instance(role))
+        };
+        let path = self.write(&format!("{role}.toml"), &config);
         let log = File::create(self.dir.join(format!("{role}.log"))).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(bin("lb-agent"))
+        let child = agent_command(&ns)
             .arg("--config")
             .arg(&path)
             .stdout(Stdio::null())
@@ -677,6 +725,71 @@ backends = [{equal6}]
         self.wait_ready("lb", &socket);
     }
 
+    /// Waits for the LB agent to exit by itself (`lbctl shutdown`).
+    pub fn wait_lb_exit(&mut self) -> std::process::ExitStatus {
+        let pos = self
+            .agents
+            .iter()
+            .position(|(r, _)| r == "lb")
+            .expect("lb agent running");
+        let (_, mut child) = self.agents.remove(pos);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the LB agent did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the LB agent with SIGKILL (no clean-up of its own) and waits.
+    pub fn kill_lb(&mut self) {
+        let pos = self
+            .agents
+            .iter()
+            .position(|(r, _)| r == "lb")
+            .expect("lb agent running");
+        let (_, mut child) = self.agents.remove(pos);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the LB agent with extra arguments (and the configuration it
+    /// last started with); fails the test if it does not become ready.
+    pub fn start_lb_with(&mut self, args: &[&str]) {
+        let ns = self.ns("lb");
+        let path = self.dir.join("lb.toml");
+        let log = File::create(self.dir.join("lb.log")).expect("log file");
+        let child = agent_command(&ns)
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn lb-agent");
+        self.agents.push(("lb".to_string(), child));
+        let socket = self.lb_socket();
+        self.wait_ready("lb", &socket);
+    }
+
+    /// Runs `lb-agent` once more with `config` in `role`'s namespace and
+    /// returns its output (for agents that must refuse to start).
+    pub fn run_agent(
+        &self,
+        role: &str,
+        config: &std::path::Path,
+        args: &[&str],
+    ) -> std::process::Output {
+        agent_command(&self.ns(role))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .output()
+            .expect("run lb-agent")
+    }
+
     /// Stops the LB agent with SIGTERM and waits for it.
     pub fn stop_lb(&mut self) -> std::process::ExitStatus {
         let pos = self
@@ -736,7 +849,6 @@ fn serve_tcp(mut stream: TcpStream, name: &str, stop: &AtomicBool) {
 }
 
 fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    // `ip netns exec` execs the agent, so the child's pid is the agent's.
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -752,10 +864,29 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
+/// `lb-agent --cleanup` with a role's configuration: its pinned datapath,
+/// lock and socket go.
+fn cleanup_agent(config: &std::path::Path) {
+    let _ = Command::new(bin("lb-agent"))
+        .arg("--cleanup")
+        .arg("--config")
+        .arg(config)
+        .stderr(Stdio::null())
+        .status();
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         for (_, child) in self.agents.iter_mut() {
             terminate(child);
+        }
+        // Agents leave their datapath pinned when they stop.
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                if e.path().extension().is_some_and(|x| x == "toml") {
+                    cleanup_agent(&e.path());
+                }
+            }
         }
         self.pass_through.clear();
         for i in 0..self.servers.len() {

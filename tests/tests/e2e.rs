@@ -227,7 +227,7 @@ fn reload_keeps_open_connections_and_applies_new_weights() {
 }
 
 #[test]
-fn bad_config_attaches_nothing_and_shutdown_detaches() {
+fn bad_config_attaches_nothing_and_shutdown_keeps_forwarding() {
     let mut t = Topology::new(1);
     let lb = t.ns("lb");
     let xdp_on_lb = || {
@@ -243,9 +243,7 @@ fn bad_config_attaches_nothing_and_shutdown_detaches() {
         &t.lb_config(&[100])
             .replace("protocol = \"tcp\"", "protocol = \"sctp\""),
     );
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &lb])
-        .arg(bin("lb-agent"))
+    let out = agent_command(&lb)
         .arg("--config")
         .arg(&bad)
         .output()
@@ -281,8 +279,16 @@ fn bad_config_attaches_nothing_and_shutdown_detaches() {
     assert!(connect_once_from(&t, vip(VIP_V4, 80)).is_ok());
     let status = t.stop_lb();
     assert!(status.success(), "agent exit status {status}");
-    assert!(!xdp_on_lb(), "XDP still attached after SIGTERM");
+    assert!(xdp_on_lb(), "SIGTERM leaves the datapath forwarding");
+    assert!(connect_once_from(&t, vip(VIP_V4, 80)).is_ok());
     assert!(!t.lb_socket().exists(), "control socket left behind");
+    let out = t.run_agent("lb", &t.dir.join("lb.toml"), &["--cleanup"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!xdp_on_lb(), "XDP still attached after --cleanup");
 }
 
 #[test]

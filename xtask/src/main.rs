@@ -67,7 +67,19 @@ fn ebpf_object() -> PathBuf {
     root().join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
 }
 
+/// The test build of the object that differs from the default one (feature
+/// `upgrade-test`), for the upgrade test.
+fn ebpf_upgrade_object() -> PathBuf {
+    root().join("target/ebpf-upgrade/bpfel-unknown-none/release/lb-ebpf")
+}
+
 fn build_ebpf() -> Result<()> {
+    build_ebpf_into("target/ebpf", &[])?;
+    println!("eBPF object: {}", ebpf_object().display());
+    Ok(())
+}
+
+fn build_ebpf_into(target: &str, extra: &[&str]) -> Result<()> {
     let dir = root().join("lb-ebpf");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&dir)
@@ -77,11 +89,10 @@ fn build_ebpf() -> Result<()> {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("CARGO")
-        .env("CARGO_TARGET_DIR", root().join("target/ebpf"))
-        .args(["build", "--release", "--locked"]);
-    run(&mut cmd).context("building the eBPF programs (did scripts/bootstrap.sh run?)")?;
-    println!("eBPF object: {}", ebpf_object().display());
-    Ok(())
+        .env("CARGO_TARGET_DIR", root().join(target))
+        .args(["build", "--release", "--locked"])
+        .args(extra);
+    run(&mut cmd).context("building the eBPF programs (did scripts/bootstrap.sh run?)")
 }
 
 fn cargo(args: &[&str]) -> Command {
@@ -106,11 +117,13 @@ fn main() -> Result<()> {
         Task::Build { release } => build(release),
         Task::Test { args } => {
             build(false)?;
+            build_ebpf_into("target/ebpf-upgrade", &["--features", "upgrade-test"])?;
             let mut cmd = cargo(&["test", "--locked", "--workspace"]);
             // The namespace tests share one kernel: run test binaries' cases one
             // at a time so their topologies and timing do not interfere.
             cmd.arg("--").arg("--test-threads=1").args(&args);
             cmd.env("LB_BIN_DIR", root().join("target/debug"));
+            cmd.env("LB_UPGRADE_OBJECT", ebpf_upgrade_object());
             run(&mut cmd)
         }
         Task::Bench { sections } => {

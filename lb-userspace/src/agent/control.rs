@@ -51,6 +51,9 @@ pub(crate) async fn serve(
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');
     write.write_all(out.as_bytes()).await?;
+    if let Response::ShuttingDown { .. } = response {
+        state.lock().await.stop.notify_one();
+    }
     Ok(())
 }
 
@@ -72,6 +75,7 @@ async fn handle(req: Request, state: &Shared, resolver: &Resolver) -> Response {
         } => set_backend(state, &vip, backend, enabled).await,
         Request::Maintenance(cmd) => maintenance(state, cmd).await,
         Request::MaintenanceStatus => Ok(maintenance_status(&*state.lock().await)),
+        Request::Shutdown { detach } => Ok(shutdown(&mut *state.lock().await, detach)),
     };
     result.unwrap_or_else(|e| Response::Error {
         message: format!("{e:#}"),
@@ -119,6 +123,13 @@ async fn maintenance(state: &Shared, cmd: MaintenanceCommand) -> Result<Response
     };
     st.save_lifecycle();
     Ok(Response::Maintenance { message })
+}
+
+/// `lbctl shutdown [--detach]`: the agent stops once the answer is sent.
+fn shutdown(st: &mut State, detach: bool) -> Response {
+    st.detach = detach;
+    info!(detach, "shutdown requested");
+    Response::ShuttingDown { detach }
 }
 
 /// `lbctl maintenance status`.

@@ -5,11 +5,13 @@
 //! configuration or a failed load leaves every interface as it was.
 //!
 //! - `state`: the state behind the lock (`State`, `Shared`).
+//! - `instance`: the instance lock, attaching through pinned links, cleanup.
 //! - `loops`: one function per loop (collect, health, load, events, next hops).
 //! - `control`: the control API and its handlers.
 //! - `status`, `report`, `metrics`: what the agent shows, read from the state.
 
 mod control;
+mod instance;
 mod loops;
 mod metrics;
 mod report;
@@ -26,19 +28,17 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use aya::{
     maps::{MapData, RingBuf},
-    programs::{Xdp, XdpMode},
+    programs::Xdp,
     Ebpf,
 };
-use tokio::{
-    net::{UnixListener, UnixStream},
-    sync::Mutex,
-    task::JoinHandle,
-};
+use tokio::{net::UnixListener, sync::Mutex, task::JoinHandle};
 use tracing::{info, warn};
 
+pub use instance::cleanup;
+use instance::InstanceLock;
 pub use state::wall_ms;
 use state::{Shared, State};
 
@@ -46,8 +46,8 @@ use crate::{
     api::InterfaceStatus,
     balancer::Balancer,
     collector::Collector,
-    config::{BalancerConfig, Config, DecapConfig, XdpModeSetting},
-    datapath::{self, DecapMaps, FlowTable, KernelDatapath, MapSizes},
+    config::{BalancerConfig, Config, DecapConfig},
+    datapath::{self, DecapMaps, FlowTable, KernelDatapath, MapSizes, Origin, Pins},
     lifecycle::Lifecycle,
     nexthop::{NextHop, Resolver},
 };
@@ -93,39 +93,6 @@ async fn resolve_all(
     }
 }
 
-fn attach(
-    ebpf: &mut Ebpf,
-    program: &str,
-    interface: &str,
-    mode: XdpModeSetting,
-) -> Result<InterfaceStatus> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(program)
-        .with_context(|| format!("the eBPF object has no program {program}"))?
-        .try_into()?;
-    let attached = match mode {
-        XdpModeSetting::Native => prog.attach(interface, XdpMode::Driver).map(|_| "native"),
-        XdpModeSetting::Generic => prog.attach(interface, XdpMode::Skb).map(|_| "generic"),
-        XdpModeSetting::NativeOrGeneric => match prog.attach(interface, XdpMode::Driver) {
-            Ok(_) => Ok("native"),
-            Err(e) => {
-                warn!(
-                    interface,
-                    "native XDP unavailable ({e}); falling back to generic"
-                );
-                prog.attach(interface, XdpMode::Skb).map(|_| "generic")
-            }
-        },
-    }
-    .with_context(|| format!("attaching {program} to {interface}"))?;
-    info!(interface, program, mode = attached, "attached");
-    Ok(InterfaceStatus {
-        name: interface.to_string(),
-        program: program.to_string(),
-        mode: attached.to_string(),
-    })
-}
-
 /// The balancer's part of the start: maps filled, the lifecycle resumed, a
 /// second handle on the connection table for the collector.
 struct Balancing {
@@ -137,12 +104,15 @@ struct Balancing {
 }
 
 /// Fills the balancer's maps from the configuration and resumes the
-/// lifecycle (a rollout in progress when the agent stopped goes on).
+/// lifecycle (a rollout in progress when the agent stopped goes on). Over a
+/// datapath a previous agent left (`origin`), the ids and rings in use are
+/// adopted first, so established flows keep their backends.
 async fn start_balancer(
     ebpf: &mut Ebpf,
     b: &BalancerConfig,
     sizes: &MapSizes,
     resolver: &Resolver,
+    origin: &Origin,
 ) -> Result<Balancing> {
     let mut local = BTreeSet::new();
     for name in &b.datapath.interfaces {
@@ -152,6 +122,25 @@ async fn start_balancer(
     let collector_table = dp.flow_table()?;
     let listing_table = Arc::new(dp.flow_table()?);
     let mut bal = Balancer::new(dp, *sizes, local);
+    match origin {
+        Origin::Fresh => {}
+        Origin::Adopted => {
+            let (vips, backends) = bal.adopt()?;
+            info!(vips, backends, "adopted the running datapath");
+        }
+        Origin::Migrating { old } => {
+            let old = datapath::OldMaps::open(old)?;
+            let (vips, backends) = bal.adopt_from(&old)?;
+            info!(vips, backends, "migrating the running datapath to new maps");
+        }
+    }
+    let mut lifecycle = Lifecycle::load(&b.state_file)?;
+    lifecycle.sync(b, wall_ms());
+    for (vip, backend) in lifecycle.disabled() {
+        info!(vip, %backend, "disabled by an operator before the restart");
+    }
+    // The first tables built already have the lifecycle's weights.
+    lifecycle.seed_all(&mut bal);
     let addresses: Vec<IpAddr> = b
         .vips
         .iter()
@@ -161,17 +150,15 @@ async fn start_balancer(
         .collect();
     let next_hops = resolve_all(resolver, &addresses, Duration::from_secs(2)).await;
     let summary = bal.apply(b, &next_hops)?;
+    for (address, nh) in &next_hops {
+        bal.set_next_hop(*address, Some(*nh))?;
+    }
     info!(
         ?summary,
         resolved = next_hops.len(),
         backends = addresses.len(),
         "configuration applied"
     );
-    let mut lifecycle = Lifecycle::load(&b.state_file)?;
-    lifecycle.sync(b, wall_ms());
-    for (vip, backend) in lifecycle.disabled() {
-        info!(vip, %backend, "disabled by an operator before the restart");
-    }
     lifecycle.place_all(&mut bal)?;
     lifecycle
         .save(&b.state_file)
@@ -195,15 +182,14 @@ async fn start_decap(ebpf: &mut Ebpf, d: &DecapConfig, resolver: &Resolver) -> R
         resolver.ifindex(name).await?;
     }
     let mut maps = DecapMaps::new(ebpf)?;
-    for a in &d.addresses {
-        maps.add_address(*a)?;
-    }
+    maps.set_addresses(&d.addresses)?;
     Ok(maps)
 }
 
-/// Loads the object and both programs (the verifier runs here).
-fn load_programs(sizes: &MapSizes) -> Result<Ebpf> {
-    let mut ebpf = datapath::load(sizes)?;
+/// Loads the object over the instance's pinned maps, and both programs (the
+/// verifier runs here).
+fn load_programs(pins: &Pins, sizes: &MapSizes, object: &[u8]) -> Result<(Ebpf, Origin)> {
+    let (mut ebpf, origin) = pins.load(sizes, object)?;
     for name in ["lb_ingress", "lb_decap"] {
         let prog: &mut Xdp = ebpf
             .program_mut(name)
@@ -212,24 +198,7 @@ fn load_programs(sizes: &MapSizes) -> Result<Ebpf> {
         prog.load()
             .with_context(|| format!("loading {name} (verifier)"))?;
     }
-    Ok(ebpf)
-}
-
-/// Attaches the programs the configuration asks for, last: everything they
-/// read is in place.
-fn attach_all(ebpf: &mut Ebpf, config: &Config) -> Result<Vec<InterfaceStatus>> {
-    let mut interfaces = Vec::new();
-    if let Some(b) = &config.balancer {
-        for name in &b.datapath.interfaces {
-            interfaces.push(attach(ebpf, "lb_ingress", name, b.datapath.xdp_mode)?);
-        }
-    }
-    if let Some(d) = &config.decap {
-        for name in &d.interfaces {
-            interfaces.push(attach(ebpf, "lb_decap", name, d.xdp_mode)?);
-        }
-    }
-    Ok(interfaces)
+    Ok((ebpf, origin))
 }
 
 /// Starts the loops the configuration needs.
@@ -263,13 +232,33 @@ async fn spawn_loops(
     Ok(tasks)
 }
 
-/// Runs the agent until `shutdown` completes. `config` is already validated.
+/// Runs the agent until `shutdown` completes or `lbctl shutdown` asks.
+/// `config` is already validated.
+///
+/// The datapath is pinned: when the agent stops (or dies), the programs keep
+/// forwarding with the last state, and the next agent of the instance adopts
+/// it. Only `lbctl shutdown --detach` or `lb-agent --cleanup` removes it.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    run_object(config, datapath::EBPF_OBJECT, shutdown).await
+}
+
+/// `run` with another eBPF object than the embedded one (`lb-agent
+/// --ebpf-object`): the object must have this build's map layout.
+pub async fn run_object(
+    config: Config,
+    object: &[u8],
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    // Before anything is read or written: a second agent changes nothing.
+    let _lock = InstanceLock::take(&config.instance)?;
     let resolver = Arc::new(Resolver::new().context("opening rtnetlink")?);
+    let pins = Pins::new(&config.instance);
+    instance::check_interfaces(&config, &pins, &resolver).await?;
+    instance::remove_stale_socket(&config.socket)?;
     let sizes = sizes(&config);
-    let mut ebpf = load_programs(&sizes)?;
-    let balancing = match &config.balancer {
-        Some(b) => Some(start_balancer(&mut ebpf, b, &sizes, &resolver).await?),
+    let (mut ebpf, origin) = load_programs(&pins, &sizes, object)?;
+    let mut balancing = match &config.balancer {
+        Some(b) => Some(start_balancer(&mut ebpf, b, &sizes, &resolver, &origin).await?),
         None => None,
     };
     let decap = match &config.decap {
@@ -277,9 +266,64 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
     let listener = bind_socket(&config.socket).await?;
-    let interfaces = attach_all(&mut ebpf, &config)?;
-
+    if let (Origin::Migrating { old }, Some(b)) = (&origin, balancing.as_mut()) {
+        // Flows last, just before the switch: few start in between.
+        let old = datapath::OldMaps::open(old)?;
+        let moved = b.balancer.datapath_mut().copy_flows_from(&old)?;
+        info!(flows = moved, "connection table migrated");
+    }
+    let interfaces = instance::attach_all(&mut ebpf, &config, &pins, &resolver).await?;
+    if let Origin::Migrating { .. } = origin {
+        pins.finish_migration()?;
+        info!("migration complete");
+    }
     let socket = config.socket.clone();
+    let state = shared_state(config.clone(), balancing, decap, interfaces);
+    let tasks = spawn_loops(&state.0, &config, state.1, &resolver).await?;
+    let state = state.0;
+    info!(socket = %socket.display(), instance = config.instance, "serving the control API");
+    let stop = state.lock().await.stop.clone();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = stop.notified() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (state, resolver) = (state.clone(), resolver.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = control::serve(stream, state, resolver).await {
+                            warn!("control connection: {e:#}");
+                        }
+                    });
+                }
+                Err(e) => warn!("accept: {e}"),
+            },
+        }
+    }
+    for t in tasks {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&socket);
+    let detach = state.lock().await.detach;
+    drop(state);
+    drop(ebpf);
+    if detach {
+        pins.remove()?;
+        info!("stopped: programs detached, pinned maps removed");
+    } else {
+        info!(pins = %pins.dir().display(), "stopped: the datapath keeps forwarding with its last state");
+    }
+    Ok(())
+}
+
+/// The state behind the lock, and what the loops take that is not in it.
+fn shared_state(
+    config: Config,
+    balancing: Option<Balancing>,
+    decap: Option<DecapMaps>,
+    interfaces: Vec<InterfaceStatus>,
+) -> (Shared, Option<(FlowTable, RingBuf<MapData>)>) {
     let collector = config
         .balancer
         .as_ref()
@@ -294,8 +338,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         None => (None, Lifecycle::default(), None, None),
     };
-    let loops_config = config.clone();
-    let state: Shared = Arc::new(Mutex::new(State {
+    let state = Arc::new(Mutex::new(State {
         config,
         balancer,
         decap,
@@ -303,46 +346,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         collector,
         lifecycle,
         flows,
+        stop: Arc::new(tokio::sync::Notify::new()),
+        detach: false,
     }));
-    let tasks = spawn_loops(&state, &loops_config, tables, &resolver).await?;
-    info!(socket = %socket.display(), "serving the control API");
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let (state, resolver) = (state.clone(), resolver.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = control::serve(stream, state, resolver).await {
-                            warn!("control connection: {e:#}");
-                        }
-                    });
-                }
-                Err(e) => warn!("accept: {e}"),
-            },
-        }
-    }
-    info!("shutting down: detaching programs");
-    for t in tasks {
-        t.abort();
-    }
-    let _ = std::fs::remove_file(&socket);
-    // Dropping the object detaches every program and frees the maps.
-    drop(state);
-    drop(ebpf);
-    Ok(())
+    (state, tables)
 }
 
+/// Binds the control socket (a stale one was removed at the start), for root
+/// only.
 async fn bind_socket(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            bail!("another agent is serving {}", path.display());
-        }
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;

@@ -24,6 +24,10 @@ pub(crate) struct State {
     pub(crate) lifecycle: Lifecycle,
     /// A handle on the connection table for `lbctl flows`, read without the lock.
     pub(crate) flows: Option<Arc<FlowTable>>,
+    /// Notified by `lbctl shutdown`.
+    pub(crate) stop: Arc<tokio::sync::Notify>,
+    /// `lbctl shutdown --detach`: remove the pinned datapath on the way out.
+    pub(crate) detach: bool,
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;

@@ -231,7 +231,8 @@ impl<D: Datapath> Balancer<D> {
         }
         for address in gone_backends {
             if let Some(state) = self.backends.remove(address) {
-                let info = backend_info(*address, false, state.next_hop);
+                let mut info = backend_info(*address, false, state.next_hop);
+                info.flags = 0;
                 self.dp.set_backend(state.id, &info)?;
                 self.backend_ids.rest(state.id);
                 summary.backends_removed += 1;

@@ -40,6 +40,12 @@ impl IdPool {
         Some(id)
     }
 
+    /// Marks `id` as in use (adopting a running datapath); false when it is
+    /// out of range or already in use.
+    pub(super) fn claim(&mut self, id: u32) -> bool {
+        self.free.remove(&id)
+    }
+
     pub(super) fn rest(&mut self, id: u32) {
         self.resting.push(id);
     }

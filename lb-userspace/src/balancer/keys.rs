@@ -3,7 +3,9 @@
 
 use std::net::IpAddr;
 
-use lb_common::{addr_bytes, BackendInfo, Settings, VipKey, BACKEND_AVAILABLE, BACKEND_USABLE};
+use lb_common::{
+    addr_bytes, BackendInfo, Settings, VipKey, BACKEND_ALLOCATED, BACKEND_AVAILABLE, BACKEND_USABLE,
+};
 
 use crate::{
     config::{EncapConfig, Protocol, VisibilityConfig},
@@ -61,8 +63,8 @@ pub fn settings(maglev_size: u32, encap: &EncapConfig, visibility: &VisibilityCo
     s
 }
 
-/// A backend's entry: its address, whether its flows may use it, and where
-/// frames to it leave.
+/// A live backend's entry: its address, whether its flows may use it, and
+/// where frames to it leave. A removed backend's entry has no flags at all.
 pub(super) fn backend_info(
     address: IpAddr,
     usable: bool,
@@ -73,9 +75,9 @@ pub(super) fn backend_info(
         addr,
         family,
         flags: if usable {
-            BACKEND_USABLE | BACKEND_AVAILABLE
+            BACKEND_ALLOCATED | BACKEND_USABLE | BACKEND_AVAILABLE
         } else {
-            0
+            BACKEND_ALLOCATED
         },
         ..BackendInfo::default()
     };

@@ -25,7 +25,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use lb_common::{addr_bytes, BackendInfo};
+use lb_common::{addr_bytes, addr_from_bytes, BackendInfo, BACKEND_ALLOCATED, BACKEND_USABLE};
 
 pub use apply::ApplySummary;
 use ids::IdPool;
@@ -34,8 +34,8 @@ use pairs::PairState;
 pub use pairs::{Pair, Placement, Service, VipIdent};
 
 use crate::{
-    config::{BackendConfig, VipConfig},
-    datapath::{Datapath, MapSizes},
+    config::{BackendConfig, Protocol, VipConfig},
+    datapath::{Datapath, KernelDatapath, MapSizes, OldMaps},
     maglev,
     nexthop::NextHop,
 };
@@ -61,6 +61,35 @@ struct BackendState {
 impl BackendState {
     fn info(&self, address: IpAddr) -> BackendInfo {
         keys::backend_info(address, self.usable, self.next_hop)
+    }
+}
+
+impl Balancer<KernelDatapath> {
+    /// Adopts the ids of a datapath being migrated to new maps (see
+    /// `datapath::pins`): backend entries and the redirect ports are written
+    /// into the new maps and the counters copied. The next apply builds every
+    /// table.
+    pub fn adopt_from(&mut self, old: &OldMaps) -> Result<(usize, usize)> {
+        let counts = self.adopt_entries(old.vip_entries()?, old.backend_entries()?)?;
+        for (address, state) in &self.backends {
+            self.dp.set_backend(state.id, &state.info(*address))?;
+        }
+        for port in &self.tx_ports {
+            self.dp.add_tx_port(*port)?;
+        }
+        let vip_ids: Vec<u32> = self.vips.values().map(|v| v.vip_id).collect();
+        let backend_ids: Vec<u32> = self.backends.values().map(|b| b.id).collect();
+        self.dp.copy_counters_from(old, &vip_ids, &backend_ids)?;
+        Ok(counts)
+    }
+}
+
+fn place(pairs: &mut BTreeMap<Pair, PairState>, vip: VipIdent, placements: &[Placement]) {
+    for c in placements {
+        let p = pairs.entry((vip, c.backend)).or_default();
+        p.service = c.service;
+        p.preference = c.preference;
+        p.load_factor = c.load_factor.clamp(0.0, 1.0);
     }
 }
 
@@ -105,6 +134,90 @@ impl<D: Datapath> Balancer<D> {
         &self.dp
     }
 
+    /// Takes over what a previous agent left in the maps: the VIPs' ids and
+    /// rings, the backends' ids and next hops. Flows in the connection table
+    /// keep their backends and counters keep counting. The configuration of
+    /// an adopted VIP is not in the maps, so the next apply rebuilds its
+    /// table (the same backends and weights give the same table) and removes
+    /// what the configuration no longer has. Returns (VIPs, backends).
+    pub fn adopt(&mut self) -> Result<(usize, usize)> {
+        let (vips, backends) = (self.dp.vip_entries()?, self.dp.backend_entries()?);
+        self.adopt_entries(vips, backends)
+    }
+
+    fn adopt_entries(
+        &mut self,
+        vip_entries: Vec<(lb_common::VipKey, lb_common::VipInfo)>,
+        backend_entries: Vec<(u32, BackendInfo)>,
+    ) -> Result<(usize, usize)> {
+        for (key, info) in vip_entries {
+            let Some(protocol) = Protocol::from_number(key.proto) else {
+                continue; // an address marker
+            };
+            let (address, port) = (
+                addr_from_bytes(key.addr, key.family),
+                u16::from_be(key.port),
+            );
+            if !self.vip_ids.claim(info.vip_id) || !self.rings.claim(info.ring) {
+                bail!(
+                    "the pinned VIP {address} port {port} has vip id {} and ring {}, outside this agent's sizes or used twice",
+                    info.vip_id,
+                    info.ring
+                );
+            }
+            let config = VipConfig {
+                name: String::new(),
+                address,
+                port,
+                protocol,
+                backends: Vec::new(),
+                health: None,
+                feedback: None,
+                maintenance: Default::default(),
+            };
+            let state = VipState {
+                config,
+                vip_id: info.vip_id,
+                ring: info.ring,
+                slots: BTreeMap::new(),
+            };
+            self.vips.insert((address, port, protocol), state);
+        }
+        for (id, info) in backend_entries {
+            if info.flags & BACKEND_ALLOCATED == 0 {
+                continue;
+            }
+            let address = addr_from_bytes(info.addr, info.family);
+            if !self.backend_ids.claim(id) {
+                bail!("the pinned backend {address} has id {id}, outside this agent's sizes");
+            }
+            let next_hop = (info.ifindex != 0).then_some(NextHop {
+                ifindex: info.ifindex,
+                src_mac: info.src_mac,
+                dst_mac: info.dst_mac,
+            });
+            if let Some(nh) = next_hop {
+                if !self.local_ports.contains(&nh.ifindex) {
+                    self.tx_ports.insert(nh.ifindex);
+                }
+            }
+            let state = BackendState {
+                id,
+                next_hop,
+                usable: info.flags & BACKEND_USABLE != 0,
+            };
+            self.backends.insert(address, state);
+        }
+        Ok((self.vips.len(), self.backends.len()))
+    }
+
+    /// Places a VIP's backends before its table is first built (after an
+    /// adoption, so that the first table already has the lifecycle's
+    /// weights); writes nothing.
+    pub fn seed(&mut self, vip: VipIdent, placements: &[Placement]) {
+        place(&mut self.pairs, vip, placements);
+    }
+
     /// A backend as the VIP's Maglev table takes it: no slots while out,
     /// its weight scaled by its load otherwise.
     fn entry(&self, vip: &VipConfig, b: &BackendConfig) -> maglev::Entry {
@@ -147,14 +260,7 @@ impl<D: Datapath> Balancer<D> {
     /// The lifecycle's placement of a VIP's backends, applied in one go (one
     /// table rebuild at most).
     pub fn set_service(&mut self, vip: VipIdent, changes: &[Placement]) -> Result<bool> {
-        self.update(vip, |pairs| {
-            for c in changes {
-                let p = pairs.entry((vip, c.backend)).or_default();
-                p.service = c.service;
-                p.preference = c.preference;
-                p.load_factor = c.load_factor.clamp(0.0, 1.0);
-            }
-        })
+        self.update(vip, |pairs| place(pairs, vip, changes))
     }
 
     /// The weight factor the backend's load gives it in the VIP now.

@@ -6,7 +6,7 @@ use crate::{
     datapath::fake::*,
 };
 use keys::marker_key;
-use lb_common::{VipKey, BACKEND_AVAILABLE, BACKEND_USABLE};
+use lb_common::{VipKey, BACKEND_ALLOCATED, BACKEND_AVAILABLE, BACKEND_USABLE};
 
 const SIZES: MapSizes = MapSizes {
     maglev_size: 257,
@@ -71,7 +71,7 @@ fn first_apply_writes_backends_rings_vips_and_markers() {
     assert!(dp
         .backends
         .values()
-        .all(|i| i.flags == BACKEND_USABLE | BACKEND_AVAILABLE));
+        .all(|i| i.flags == BACKEND_ALLOCATED | BACKEND_USABLE | BACKEND_AVAILABLE));
     assert!(dp.vips.contains_key(&key("198.18.10.1", 80)));
     assert!(dp
         .vips
@@ -255,7 +255,10 @@ fn a_down_backend_leaves_the_table_then_loses_its_flows_and_comes_back() {
         .iter()
         .position(|o| matches!(o, Op::Vip(k, _) if *k == key("198.18.10.1", 80)))
         .unwrap();
-    let unusable = log.iter().position(|o| *o == Op::Backend(id, 0)).unwrap();
+    let unusable = log
+        .iter()
+        .position(|o| *o == Op::Backend(id, BACKEND_ALLOCATED))
+        .unwrap();
     assert!(
         switch < unusable,
         "new flows stop before established ones move"
@@ -276,7 +279,7 @@ fn a_down_backend_leaves_the_table_then_loses_its_flows_and_comes_back() {
     let log = b.datapath().log[start..].to_vec();
     let usable = log
         .iter()
-        .position(|o| *o == Op::Backend(id, BACKEND_USABLE | BACKEND_AVAILABLE))
+        .position(|o| *o == Op::Backend(id, BACKEND_ALLOCATED | BACKEND_USABLE | BACKEND_AVAILABLE))
         .unwrap();
     let switch = log.iter().position(|o| matches!(o, Op::Vip(..))).unwrap();
     assert!(usable < switch, "usable again before new flows come");

@@ -1,5 +1,6 @@
 //! `lb-agent --config FILE`: validates the configuration, then runs the
-//! balancer and/or decapsulator until SIGINT or SIGTERM.
+//! balancer and/or decapsulator until SIGINT or SIGTERM (the pinned datapath
+//! keeps forwarding after it stops); `--cleanup` removes that datapath.
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
@@ -14,6 +15,15 @@ struct Args {
     /// Validate the configuration and exit without attaching anything.
     #[arg(long)]
     check: bool,
+    /// Remove the instance's pinned datapath (programs, maps, connection
+    /// table) and its socket, then exit. Refused while an agent runs it.
+    #[arg(long, conflicts_with = "check")]
+    cleanup: bool,
+    /// Load this eBPF object instead of the embedded one (a build of the
+    /// same map layout, e.g. a datapath fix): it replaces the running
+    /// program atomically.
+    #[arg(long, value_name = "PATH")]
+    ebpf_object: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +56,15 @@ fn main() -> ExitCode {
         println!("{}: valid", args.config.display());
         return ExitCode::SUCCESS;
     }
+    if args.cleanup {
+        return match agent::cleanup(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -53,7 +72,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agent::run(config, agent::shutdown_signal())) {
+    let object = match &args.ebpf_object {
+        Some(path) => match std::fs::read(path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                eprintln!("lb-agent: cannot read {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let run = agent::run_object(
+        config,
+        object
+            .as_deref()
+            .unwrap_or(lb_userspace::datapath::EBPF_OBJECT),
+        agent::shutdown_signal(),
+    );
+    match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb-agent: {e:#}");

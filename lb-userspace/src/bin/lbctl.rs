@@ -103,6 +103,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stop the agent. The pinned datapath keeps forwarding with its last
+    /// state until an agent of the same instance starts and adopts it.
+    Shutdown {
+        /// Also remove the pinned datapath: the programs detach and the
+        /// connection table is freed.
+        #[arg(long)]
+        detach: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -538,7 +546,24 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Backend { action } => run_backend(socket, action).await,
         Command::Maintenance { action } => run_maintenance(socket, action).await,
         Command::Apply { file, json } => run_apply(socket, &file, json).await,
+        Command::Shutdown { detach } => run_shutdown(socket, detach).await,
     }
+}
+
+async fn run_shutdown(socket: &Path, detach: bool) -> Result<()> {
+    let detach = expect(
+        call(socket, &Request::Shutdown { detach }).await?,
+        |r| match r {
+            Response::ShuttingDown { detach } => Ok(detach),
+            other => Err(other),
+        },
+    )?;
+    if detach {
+        println!("lb-agent stops and removes its datapath");
+    } else {
+        println!("lb-agent stops; the datapath keeps forwarding until an agent adopts it");
+    }
+    Ok(())
 }
 
 async fn run_status(socket: &Path, json: bool) -> Result<()> {

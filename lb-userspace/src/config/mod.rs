@@ -16,6 +16,8 @@ mod validate;
 pub use raw::*;
 
 pub const DEFAULT_SOCKET: &str = "/run/lb-agent/lb.sock";
+/// The agent instance when the file names none.
+pub const DEFAULT_INSTANCE: &str = "lb";
 const MAX_RING_ENTRIES: u64 = 1 << 28;
 
 /// A validation failure: which field, and what is wrong with it.
@@ -42,6 +44,9 @@ fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, Con
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    /// Names the agent's pinned datapath (`/sys/fs/bpf/lb-agent/INSTANCE`) and
+    /// its lock: one agent per instance.
+    pub instance: String,
     pub socket: PathBuf,
     pub balancer: Option<BalancerConfig>,
     pub decap: Option<DecapConfig>,
@@ -239,6 +244,15 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The protocol with this IP protocol number, if it is one a VIP can have.
+    pub const fn from_number(number: u8) -> Option<Protocol> {
+        match number {
+            lb_common::PROTO_TCP => Some(Protocol::Tcp),
+            lb_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
     pub const fn number(self) -> u8 {
         match self {
             Protocol::Tcp => lb_common::PROTO_TCP,
@@ -294,6 +308,9 @@ impl Config {
     /// Settings fixed at start-up (sizes, interfaces, socket) cannot change on a
     /// reload; VIPs, backends, weights and the encapsulation prefixes can.
     pub fn check_reload(&self, new: &Config) -> Result<(), ConfigError> {
+        if self.instance != new.instance {
+            return err("instance", "cannot change on reload; restart the agent");
+        }
         if self.socket != new.socket {
             return err("socket", "cannot change on reload; restart the agent");
         }

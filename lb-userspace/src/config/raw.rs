@@ -7,6 +7,7 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    pub instance: Option<String>,
     pub socket: Option<String>,
     pub datapath: Option<RawDatapath>,
     pub encap: Option<RawEncap>,

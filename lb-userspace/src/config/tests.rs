@@ -60,6 +60,11 @@ fn every_bad_field_is_named() {
             "socket",
         ),
         (
+            "socket = \"/run/lb-test/lb.sock\"",
+            "instance = \"../escape\"\nsocket = \"/run/lb-test/lb.sock\"",
+            "instance",
+        ),
+        (
             "interfaces = [\"eth0\"]",
             "interfaces = []",
             "datapath.interfaces",

@@ -13,8 +13,8 @@ use super::{
     err, socket_text, BackendConfig, BalancerConfig, Config, ConfigError, DatapathConfig,
     DecapConfig, EncapConfig, Feedback, HealthCheck, HealthKind, Maintenance, Protocol, RawBackend,
     RawConfig, RawDatapath, RawDecap, RawEncap, RawFeedback, RawHealth, RawMaintenance, RawVip,
-    RawVisibility, VipConfig, VisibilityConfig, XdpModeSetting, DEFAULT_SOCKET, DEFAULT_STATE_FILE,
-    MAX_RING_ENTRIES,
+    RawVisibility, VipConfig, VisibilityConfig, XdpModeSetting, DEFAULT_INSTANCE, DEFAULT_SOCKET,
+    DEFAULT_STATE_FILE, MAX_RING_ENTRIES,
 };
 use crate::maglev::is_prime;
 
@@ -67,6 +67,18 @@ fn in_range<T: TryFrom<i64>>(
 
 impl RawConfig {
     pub fn validate(self) -> Result<Config, ConfigError> {
+        let instance = self.instance.unwrap_or_else(|| DEFAULT_INSTANCE.into());
+        if instance.is_empty()
+            || instance.len() > 64
+            || !instance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return err(
+                "instance",
+                format!("{instance:?}: 1 to 64 letters, digits, '-' or '_'"),
+            );
+        }
         let socket = PathBuf::from(self.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()));
         if !socket.is_absolute() {
             return err("socket", "must be an absolute path");
@@ -129,6 +141,7 @@ impl RawConfig {
             }
         }
         Ok(Config {
+            instance,
             socket,
             balancer,
             decap,

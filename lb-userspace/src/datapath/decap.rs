@@ -25,14 +25,23 @@ impl DecapMaps {
         })
     }
 
-    pub fn add_address(&mut self, addr: IpAddr) -> Result<()> {
-        let (addr, family) = addr_bytes(addr);
-        let key = HostAddr {
-            addr,
-            family,
-            _pad: [0; 3],
-        };
-        self.addrs.insert(key, 1, 0).context("writing DECAP_ADDRS")
+    /// Makes the map hold exactly `wanted` (an adopted map may hold
+    /// addresses a new configuration dropped): new ones first, then the
+    /// others go.
+    pub fn set_addresses(&mut self, wanted: &[IpAddr]) -> Result<()> {
+        for a in wanted {
+            self.addrs
+                .insert(host_addr(*a), 1, 0)
+                .context("writing DECAP_ADDRS")?;
+        }
+        for a in self.addresses()? {
+            if !wanted.contains(&a) {
+                self.addrs
+                    .remove(&host_addr(a))
+                    .context("removing from DECAP_ADDRS")?;
+            }
+        }
+        Ok(())
     }
 
     /// The addresses decapsulated for, as the map holds them.
@@ -50,5 +59,14 @@ impl DecapMaps {
         (0..DECAP_OUTCOME_COUNT)
             .map(|i| Ok(sum_packets(&self.outcomes.get(&i, 0)?)))
             .collect()
+    }
+}
+
+fn host_addr(addr: IpAddr) -> HostAddr {
+    let (addr, family) = addr_bytes(addr);
+    HostAddr {
+        addr,
+        family,
+        _pad: [0; 3],
     }
 }

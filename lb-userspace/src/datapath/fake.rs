@@ -43,6 +43,19 @@ impl FakeDatapath {
 }
 
 impl Datapath for FakeDatapath {
+    fn vip_entries(&self) -> Result<Vec<(VipKey, VipInfo)>> {
+        Ok(self.vips.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn backend_entries(&self) -> Result<Vec<(u32, BackendInfo)>> {
+        let mut out: Vec<(u32, BackendInfo)> = self
+            .backends
+            .iter()
+            .filter(|(_, b)| b.flags != 0)
+            .map(|(id, b)| (*id, *b))
+            .collect();
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out)
+    }
     fn set_settings(&mut self, settings: &Settings) -> Result<()> {
         self.settings = *settings;
         Ok(())

@@ -82,11 +82,11 @@ pub struct KernelDatapath {
     maglev: MappedRings,
     vips: HashMap<MapData, VipKey, VipInfo>,
     tx_ports: DevMapHash<MapData>,
-    vip_stats: PerCpuArray<MapData, TrafficCounters>,
-    backend_stats: PerCpuArray<MapData, TrafficCounters>,
-    outcomes: PerCpuArray<MapData, PacketCounter>,
+    pub(super) vip_stats: PerCpuArray<MapData, TrafficCounters>,
+    pub(super) backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    pub(super) outcomes: PerCpuArray<MapData, PacketCounter>,
     pub(super) flows: HashMap<MapData, FlowKey, FlowState>,
-    event_stats: PerCpuArray<MapData, u64>,
+    pub(super) event_stats: PerCpuArray<MapData, u64>,
     maglev_size: u32,
     cpus: usize,
 }
@@ -164,6 +164,24 @@ impl KernelDatapath {
 }
 
 impl Datapath for KernelDatapath {
+    fn vip_entries(&self) -> Result<Vec<(VipKey, VipInfo)>> {
+        self.vips
+            .iter()
+            .map(|e| e.context("reading VIPS"))
+            .collect()
+    }
+
+    fn backend_entries(&self) -> Result<Vec<(u32, BackendInfo)>> {
+        let mut out = Vec::new();
+        for id in 0..self.backends.len() {
+            let info = self.backends.get(&id, 0).context("reading BACKENDS")?;
+            if info.flags != 0 {
+                out.push((id, info));
+            }
+        }
+        Ok(out)
+    }
+
     fn set_settings(&mut self, settings: &Settings) -> Result<()> {
         self.settings
             .set(0, settings, 0)

@@ -9,6 +9,8 @@
 //!   and `FlowTable`, a second handle read without the agent's lock).
 //! - `batch`: `BPF_MAP_LOOKUP_BATCH` scans.
 //! - `decap`: the decapsulator's maps.
+//! - `pins`: the maps and links pinned under bpffs, adopted at start.
+//! - `migrate`: moving a running datapath into maps of new sizes.
 //! - `fake`: the in-memory datapath for unit tests.
 
 mod batch;
@@ -17,6 +19,8 @@ mod decap;
 pub mod fake;
 mod flows;
 mod kernel;
+mod migrate;
+mod pins;
 
 use anyhow::{Context as _, Result};
 use aya::Ebpf;
@@ -29,6 +33,8 @@ pub use batch::for_each;
 pub use decap::DecapMaps;
 pub use flows::{FlowSource, FlowTable};
 pub use kernel::{sum_packets, KernelDatapath};
+pub use migrate::OldMaps;
+pub use pins::{Origin, Pins, PINNED_MAPS, PIN_ROOT};
 
 /// What the balancer logic needs from the datapath.
 pub trait Datapath {
@@ -52,6 +58,10 @@ pub trait Datapath {
     fn remove_flow(&mut self, key: &FlowKey) -> Result<()>;
     /// Flow events sent and dropped (ring buffer full).
     fn event_stats(&self) -> Result<(u64, u64)>;
+    /// Every VIP entry (VIPs and address markers), to adopt a running datapath.
+    fn vip_entries(&self) -> Result<Vec<(VipKey, VipInfo)>>;
+    /// Every backend entry with any flag set, by id.
+    fn backend_entries(&self) -> Result<Vec<(u32, BackendInfo)>>;
 }
 
 /// Map sizes set before the object is loaded.
@@ -82,20 +92,35 @@ impl MapSizes {
 /// The eBPF object, embedded at build time (`cargo xtask build-ebpf`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
 
-/// Loads the embedded object with the given sizes. Programs are not attached.
-pub fn load(sizes: &MapSizes) -> Result<Ebpf> {
+/// `max_entries` of the maps whose size the configuration sets.
+pub(crate) fn max_entries(sizes: &MapSizes) -> Result<[(&'static str, u32); 6]> {
     let slots = u64::from(sizes.rings()) * u64::from(sizes.maglev_size);
     let chunks = slots.div_ceil(u64::from(MAGLEV_LANES));
     let chunks = u32::try_from(chunks).context("Maglev rings do not fit a BPF array")?;
-    aya::EbpfLoader::new()
+    Ok([
         // VIP entries of the old and the new configuration coexist during an
         // apply, plus one address marker per VIP address.
-        .map_max_entries("VIPS", 4 * sizes.max_vips)
-        .map_max_entries("MAGLEV", chunks)
-        .map_max_entries("BACKENDS", sizes.max_backends)
-        .map_max_entries("FLOWS", sizes.flow_table_size)
-        .map_max_entries("VIP_STATS", sizes.max_vips)
-        .map_max_entries("BACKEND_STATS", sizes.max_backends)
+        ("VIPS", 4 * sizes.max_vips),
+        ("MAGLEV", chunks),
+        ("BACKENDS", sizes.max_backends),
+        ("FLOWS", sizes.flow_table_size),
+        ("VIP_STATS", sizes.max_vips),
+        ("BACKEND_STATS", sizes.max_backends),
+    ])
+}
+
+fn loader(sizes: &MapSizes) -> Result<aya::EbpfLoader<'static>> {
+    let mut loader = aya::EbpfLoader::new();
+    for (name, size) in max_entries(sizes)? {
+        loader.map_max_entries(name, size);
+    }
+    Ok(loader)
+}
+
+/// Loads the embedded object with the given sizes and maps of its own (not
+/// pinned: for tests and benchmarks). Programs are not attached.
+pub fn load(sizes: &MapSizes) -> Result<Ebpf> {
+    loader(sizes)?
         .load(EBPF_OBJECT)
         .context("loading the eBPF object")
 }

@@ -505,12 +505,29 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Puts the VIP's backends where their phases say, with the rollout's
-    /// preference for up-to-date backends.
+    /// Gives the balancer every VIP's placements before its tables are first
+    /// built (see `Balancer::seed`).
+    pub fn seed_all<D: Datapath>(&self, bal: &mut Balancer<D>) {
+        for vip in self.vips.keys() {
+            if let Some(changes) = self.placements(bal, *vip) {
+                bal.seed(*vip, &changes);
+            }
+        }
+    }
+
+    /// Puts the VIP's backends where their phases say.
     fn place<D: Datapath>(&self, bal: &mut Balancer<D>, vip: VipIdent) -> Result<()> {
-        let (Some(life), Some(cfg)) = (self.vips.get(&vip), self.configs.get(&vip)) else {
-            return Ok(());
-        };
+        if let Some(changes) = self.placements(bal, vip) {
+            bal.set_service(vip, &changes)?;
+        }
+        Ok(())
+    }
+
+    /// Where the VIP's backends go: by phase (out whatever it is while
+    /// disabled), with the rollout's preference for up-to-date backends and
+    /// the load factor (with hysteresis).
+    fn placements<D: Datapath>(&self, bal: &Balancer<D>, vip: VipIdent) -> Option<Vec<Placement>> {
+        let (life, cfg) = (self.vips.get(&vip)?, self.configs.get(&vip)?);
         let limit = cfg.maintenance.load_limit;
         let rolling = life.rollout.as_ref().is_some_and(Rollout::running);
         let prefer = rolling
@@ -521,7 +538,7 @@ impl Lifecycle {
                     && r.load.unwrap_or(0.0) < limit
             });
         let (_, min_change) = load::damping(cfg);
-        let changes: Vec<Placement> = life
+        let changes = life
             .backends
             .iter()
             .map(|(a, r)| Placement {
@@ -539,8 +556,7 @@ impl Lifecycle {
                 load_factor: load::next_factor(bal.load_factor(vip, *a), r.load, min_change),
             })
             .collect();
-        bal.set_service(vip, &changes)?;
-        Ok(())
+        Some(changes)
     }
 }
 

@@ -593,7 +593,7 @@ fn disabled_and_down_are_both_needed_to_clear() {
     assert!(w.usable(B2));
     assert_eq!(
         w.bal.datapath().backends[&id].flags,
-        lb_common::BACKEND_USABLE | lb_common::BACKEND_AVAILABLE
+        lb_common::BACKEND_ALLOCATED | lb_common::BACKEND_USABLE | lb_common::BACKEND_AVAILABLE
     );
     // Unknown names and backends are refused and change nothing.
     let before = w.bal.datapath().log.len();

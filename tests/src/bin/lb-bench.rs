@@ -934,9 +934,18 @@ fn maglev_large_tables(report: &mut Report) {
     }
 }
 
-fn big_config(socket: &str, weight: u32) -> String {
+/// `lb-agent --cleanup`: removes the pinned datapath a stopped agent left.
+fn cleanup_agent(config: &std::path::Path) {
+    let _ = Command::new(topology::bin("lb-agent"))
+        .arg("--cleanup")
+        .arg("--config")
+        .arg(config)
+        .status();
+}
+
+fn big_config(instance: &str, socket: &str, weight: u32) -> String {
     let mut s = format!(
-        "socket = \"{socket}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nmaglev_table_size = 65537\nmax_vips = 1000\nmax_backends = 256\nflow_table_size = 65536\n[lifecycle]\nstate_file = \"{socket}.lifecycle.json\"\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n"
+        "instance = \"{instance}\"\nsocket = \"{socket}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nmaglev_table_size = 65537\nmax_vips = 1000\nmax_backends = 256\nflow_table_size = 65536\n[lifecycle]\nstate_file = \"{socket}.lifecycle.json\"\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n"
     );
     for i in 0..1000u32 {
         let backends: Vec<String> = (0..10u32)
@@ -971,6 +980,8 @@ fn control_plane(report: &mut Report) {
                 // SAFETY: plain kill(2) on our own child.
                 unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
                 let _ = c.wait();
+                // The agent leaves its datapath pinned: remove it.
+                cleanup_agent(&self.1.join("initial.toml"));
             }
             for n in &self.0 {
                 let _ = Command::new("ip").args(["netns", "del", n]).status();
@@ -1018,7 +1029,7 @@ fn control_plane(report: &mut Report) {
     let socket = dir.join("lb.sock");
     let socket_s = socket.display().to_string();
     let initial = dir.join("initial.toml");
-    let small = big_config(&socket_s, 100);
+    let small = big_config(&id, &socket_s, 100);
     let first_vip_end = small
         .match_indices("[[vips]]")
         .nth(1)
@@ -1026,9 +1037,7 @@ fn control_plane(report: &mut Report) {
         .expect("two vips");
     std::fs::write(&initial, &small[..first_vip_end]).expect("write");
     let log = std::fs::File::create(dir.join("agent.log")).expect("log");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .arg(topology::bin("lb-agent"))
+    let child = topology::agent_command(&ns)
         .arg("--config")
         .arg(&initial)
         .stderr(log)
@@ -1057,7 +1066,7 @@ fn control_plane(report: &mut Report) {
     for round in 0..ROUNDS as u32 {
         // Every round changes every VIP's weights: 1000 tables rebuilt and rewritten.
         let path = dir.join(format!("big{round}.toml"));
-        std::fs::write(&path, big_config(&socket_s, 100 + round * 10)).expect("write");
+        std::fs::write(&path, big_config(&id, &socket_s, 100 + round * 10)).expect("write");
         let t = Instant::now();
         let out = lbctl(&["apply", "-f", path.to_str().expect("utf-8")]);
         let elapsed = t.elapsed().as_secs_f64();
@@ -1208,13 +1217,14 @@ mod live {
         }
     }
 
-    struct Net(Vec<String>, Option<std::process::Child>);
+    struct Net(Vec<String>, Option<std::process::Child>, PathBuf);
     impl Drop for Net {
         fn drop(&mut self) {
             if let Some(c) = self.1.as_mut() {
                 // SAFETY: plain kill(2) on our own child.
                 unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
                 let _ = c.wait();
+                cleanup_agent(&self.2);
             }
             for n in &self.0 {
                 let _ = Command::new("ip").args(["netns", "del", n]).status();
@@ -1268,7 +1278,8 @@ mod live {
     fn measure() -> Result<Rows, String> {
         let id = format!("lbl{}", std::process::id());
         let (gen, lb) = (format!("{id}-gen"), format!("{id}-lb"));
-        let mut net = Net(vec![gen.clone(), lb.clone()], None);
+        let config = std::env::temp_dir().join(format!("{id}.toml"));
+        let mut net = Net(vec![gen.clone(), lb.clone()], None, config.clone());
         for n in [&gen, &lb] {
             topology::must(&["ip", "netns", "add", n]);
         }
@@ -1330,10 +1341,9 @@ mod live {
         // A UDP every-port VIP; the small flow table makes the rotating
         // new-flow mix miss on every packet.
         let socket = std::env::temp_dir().join(format!("{id}.sock"));
-        let config = std::env::temp_dir().join(format!("{id}.toml"));
         let state = std::env::temp_dir().join(format!("{id}.lifecycle.json"));
         std::fs::write(&config, format!(
-            "socket = \"{}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nflow_table_size = 16384\n[lifecycle]\nstate_file = \"{}\"\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n\
+            "instance = \"{id}\"\nsocket = \"{}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nflow_table_size = 16384\n[lifecycle]\nstate_file = \"{}\"\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n\
              [[vips]]\naddress = \"198.18.10.1\"\nprotocol = \"udp\"\nbackends = [{{ address = \"198.18.0.11\" }}, {{ address = \"198.18.0.12\" }}, {{ address = \"198.18.0.13\" }}]\n",
             socket.display(),
             state.display()
@@ -1376,9 +1386,7 @@ mod live {
         });
         let log = std::fs::File::create(std::env::temp_dir().join(format!("{id}.log")))
             .map_err(|e| e.to_string())?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lb])
-            .arg(topology::bin("lb-agent"))
+        let child = topology::agent_command(&lb)
             .arg("--config")
             .arg(&config)
             .stderr(log)

@@ -1,0 +1,123 @@
+//! Moving a running datapath into new maps (see `pins`): the old maps, opened
+//! from their pins, and what is copied from them: backend entries, counters
+//! and the connection table. VIP entries and Maglev rings are not copied: the
+//! agent rebuilds every table into the new maps before the switch.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use lb_common::{
+    BackendInfo, FlowKey, FlowState, PacketCounter, TrafficCounters, VipInfo, VipKey, OUTCOME_COUNT,
+};
+
+use super::{batch, KernelDatapath};
+
+/// The maps of the datapath being replaced.
+pub struct OldMaps {
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    backends: Array<MapData, BackendInfo>,
+    flows: MapData,
+    vip_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    outcomes: PerCpuArray<MapData, PacketCounter>,
+    event_stats: PerCpuArray<MapData, u64>,
+}
+
+fn open(dir: &Path, name: &str) -> Result<MapData> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+}
+
+impl OldMaps {
+    pub fn open(dir: &Path) -> Result<OldMaps> {
+        Ok(OldMaps {
+            vips: HashMap::try_from(Map::HashMap(open(dir, "VIPS")?))?,
+            backends: Array::try_from(Map::Array(open(dir, "BACKENDS")?))?,
+            flows: open(dir, "FLOWS")?,
+            vip_stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "VIP_STATS")?))?,
+            backend_stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "BACKEND_STATS")?))?,
+            outcomes: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "OUTCOMES")?))?,
+            event_stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "EVENT_STATS")?))?,
+        })
+    }
+
+    pub fn vip_entries(&self) -> Result<Vec<(VipKey, VipInfo)>> {
+        self.vips
+            .iter()
+            .map(|e| e.context("reading the old VIPS"))
+            .collect()
+    }
+
+    pub fn backend_entries(&self) -> Result<Vec<(u32, BackendInfo)>> {
+        let mut out = Vec::new();
+        for id in 0..self.backends.len() {
+            let info = self
+                .backends
+                .get(&id, 0)
+                .context("reading the old BACKENDS")?;
+            if info.flags != 0 {
+                out.push((id, info));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl KernelDatapath {
+    /// Copies the counters of the given VIP and backend ids, and the
+    /// outcome and event counters.
+    pub fn copy_counters_from(
+        &mut self,
+        old: &OldMaps,
+        vip_ids: &[u32],
+        backend_ids: &[u32],
+    ) -> Result<()> {
+        for id in vip_ids {
+            let v = old
+                .vip_stats
+                .get(id, 0)
+                .context("reading old VIP counters")?;
+            self.vip_stats
+                .set(*id, v, 0)
+                .context("writing VIP counters")?;
+        }
+        for id in backend_ids {
+            let v = old
+                .backend_stats
+                .get(id, 0)
+                .context("reading old backend counters")?;
+            self.backend_stats
+                .set(*id, v, 0)
+                .context("writing backend counters")?;
+        }
+        for i in 0..OUTCOME_COUNT {
+            let v = old.outcomes.get(&i, 0).context("reading old outcomes")?;
+            self.outcomes.set(i, v, 0).context("writing outcomes")?;
+        }
+        for i in 0..old.event_stats.len().min(self.event_stats.len()) {
+            let v = old
+                .event_stats
+                .get(&i, 0)
+                .context("reading old event counters")?;
+            self.event_stats
+                .set(i, v, 0)
+                .context("writing event counters")?;
+        }
+        Ok(())
+    }
+
+    /// Copies the connection table (a smaller new table keeps what fits, as
+    /// its LRU decides). Returns how many flows were copied.
+    pub fn copy_flows_from(&mut self, old: &OldMaps) -> Result<usize> {
+        let mut flows = Vec::new();
+        batch::for_each(&old.flows, 8192, |k: &FlowKey, v: &FlowState| {
+            flows.push((*k, *v))
+        })
+        .context("reading the old connection table")?;
+        for (k, v) in &flows {
+            self.flows.insert(k, v, 0).context("writing a flow")?;
+        }
+        Ok(flows.len())
+    }
+}

@@ -1,0 +1,208 @@
+//! The datapath pinned under bpffs, one directory per agent instance, so that
+//! it forwards while no agent runs (fail static) and a starting agent adopts
+//! it: `/sys/fs/bpf/lb-agent/INSTANCE/maps-vLAYOUT/MAP` for the maps and
+//! `/sys/fs/bpf/lb-agent/INSTANCE/links/PROGRAM@INTERFACE` for the XDP links.
+//!
+//! The layout version (`lb_common::LAYOUT_VERSION`) names the maps directory,
+//! so maps of another layout are never read as this agent's own. Maps of this
+//! layout but other sizes (a changed `flow_table_size`, say) are migrated: new
+//! maps are pinned beside them (`maps-vLAYOUT-next`: bpffs names have no dots), filled, and switched in
+//! with the program; then the old ones go.
+
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{maps::MapInfo, Ebpf};
+use lb_common::LAYOUT_VERSION;
+use tracing::info;
+
+use super::{loader, max_entries, MapSizes};
+
+/// Where every instance's directory is.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/lb-agent";
+
+/// Every map the programs and the agent share, pinned.
+pub const PINNED_MAPS: [&str; 13] = [
+    "SETTINGS",
+    "VIPS",
+    "MAGLEV",
+    "BACKENDS",
+    "FLOWS",
+    "TX_PORTS",
+    "VIP_STATS",
+    "BACKEND_STATS",
+    "OUTCOMES",
+    "FLOW_EVENTS",
+    "EVENT_STATS",
+    "DECAP_ADDRS",
+    "DECAP_OUTCOMES",
+];
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// What a load found pinned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Nothing: the maps are new, and now pinned.
+    Fresh,
+    /// Maps of this layout and sizes: the object uses them as they are.
+    Adopted,
+    /// Maps of this layout and other sizes, in `old`: the object has new maps;
+    /// the agent moves what it keeps, switches the links, then calls
+    /// `Pins::finish_migration`.
+    Migrating { old: PathBuf },
+}
+
+/// One instance's pinned datapath.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    dir: PathBuf,
+}
+
+impl Pins {
+    pub fn new(instance: &str) -> Pins {
+        Pins {
+            dir: Path::new(PIN_ROOT).join(instance),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn maps(&self) -> PathBuf {
+        self.dir.join(format!("maps-v{LAYOUT_VERSION}"))
+    }
+
+    fn maps_next(&self) -> PathBuf {
+        self.dir.join(format!("maps-v{LAYOUT_VERSION}-next"))
+    }
+
+    /// The pin of `program`'s link on `interface`.
+    pub fn link(&self, program: &str, interface: &str) -> PathBuf {
+        self.dir
+            .join("links")
+            .join(format!("{program}@{interface}"))
+    }
+
+    /// Loads `object` (the embedded one, or one an operator gave) over the
+    /// pinned maps (see `Origin`).
+    pub fn load(&self, sizes: &MapSizes, object: &[u8]) -> Result<(Ebpf, Origin)> {
+        ensure_bpffs()?;
+        let origin = self.origin(sizes)?;
+        let dir = match &origin {
+            Origin::Migrating { .. } => {
+                // Left by a migration that did not finish: start it afresh.
+                remove_tree(&self.maps_next())?;
+                self.maps_next()
+            }
+            _ => self.maps(),
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(self.dir.join("links"))?;
+        let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|n| (*n, dir.join(n))).collect();
+        let mut loader = loader(sizes)?;
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader
+            .load(object)
+            .with_context(|| format!("loading the eBPF object over {}", dir.display()))?;
+        info!(dir = %dir.display(), ?origin, "datapath maps");
+        Ok((ebpf, origin))
+    }
+
+    /// What is pinned for this layout, and whether its sizes are `sizes`.
+    fn origin(&self, sizes: &MapSizes) -> Result<Origin> {
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let other = name
+                    .strip_prefix("maps-v")
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .filter(|v| *v != LAYOUT_VERSION);
+                if let Some(v) = other {
+                    bail!(
+                        "{} holds a datapath of map layout {v}; this agent has layout {LAYOUT_VERSION} and cannot migrate it. `lb-agent --cleanup` removes it (its connection table is lost)",
+                        self.dir.display()
+                    );
+                }
+            }
+        }
+        let maps = self.maps();
+        if !maps.exists() {
+            return Ok(Origin::Fresh);
+        }
+        let wanted = max_entries(sizes)?;
+        for name in PINNED_MAPS {
+            let path = maps.join(name);
+            let Ok(info) = MapInfo::from_pin(&path) else {
+                return Ok(Origin::Migrating { old: maps });
+            };
+            let size = wanted.iter().find(|(n, _)| *n == name).map(|(_, s)| *s);
+            if size.is_some_and(|s| s != info.max_entries()) {
+                return Ok(Origin::Migrating { old: maps });
+            }
+        }
+        Ok(Origin::Adopted)
+    }
+
+    /// After a migration's switch: the old maps go and the new ones take
+    /// their place.
+    pub fn finish_migration(&self) -> Result<()> {
+        remove_tree(&self.maps())?;
+        std::fs::rename(self.maps_next(), self.maps()).context("renaming the migrated maps")
+    }
+
+    /// Whether anything of the instance is pinned.
+    pub fn exist(&self) -> bool {
+        self.dir.exists()
+    }
+
+    /// Unpins everything: links (the programs detach once no agent holds
+    /// them) and maps (freed once unused).
+    pub fn remove(&self) -> Result<()> {
+        remove_tree(&self.dir)
+    }
+}
+
+/// Removes a bpffs directory and what is pinned in it.
+fn remove_tree(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
+    }
+}
+
+/// Mounts bpffs on /sys/fs/bpf unless it is there (as systemd does at boot).
+fn ensure_bpffs() -> Result<()> {
+    let path = CString::new("/sys/fs/bpf").expect("no NUL");
+    // SAFETY: statfs on a valid C string into a zeroed struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let fstype = CString::new("bpf").expect("no NUL");
+    // SAFETY: mount(2) with valid C strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "bpffs is not mounted on /sys/fs/bpf and mounting it failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    info!("mounted bpffs on /sys/fs/bpf");
+    Ok(())
+}

@@ -1,0 +1,431 @@
+//! End to end: the datapath is pinned, so it forwards while no agent runs.
+//! An agent stopped (SIGTERM) or killed (SIGKILL) under load is restarted
+//! with no failed or stalled connection and no forwarding gap; a new program
+//! replaces the running one in its link; a changed map size migrates the
+//! connection table; cleanup removes everything and a second agent is
+//! refused without touching the first.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use lb_tests::topology::*;
+
+/// Long-lived connections kept busy, and a stream of new connections.
+struct Load {
+    stop: Arc<AtomicBool>,
+    new_ok: Arc<AtomicUsize>,
+    rounds: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// A connection: the backend's greeting read, ready for echoes.
+struct Conn {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+fn open(vip: SocketAddr) -> Result<Conn, String> {
+    let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(3))
+        .map_err(|e| format!("connect: {e}"))?;
+    // A stall longer than this is a failure.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(|e| e.to_string())?;
+    let writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream);
+    let mut name = String::new();
+    reader
+        .read_line(&mut name)
+        .map_err(|e| format!("greeting: {e}"))?;
+    if name.is_empty() {
+        return Err("closed before the greeting".into());
+    }
+    Ok(Conn { writer, reader })
+}
+
+fn echo(c: &mut Conn, msg: &str) -> Result<(), String> {
+    c.writer
+        .write_all(msg.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    let mut back = String::new();
+    c.reader
+        .read_line(&mut back)
+        .map_err(|e| format!("echo: {e}"))?;
+    if back != msg {
+        return Err(format!("echo {back:?} for {msg:?}"));
+    }
+    Ok(())
+}
+
+impl Load {
+    /// `long` connections in groups of 50 per thread, each echoing a line
+    /// every 100 ms, and one new connection every 10 ms.
+    fn start(t: &Topology, vip: SocketAddr, long: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let new_ok = Arc::new(AtomicUsize::new(0));
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let opened = Arc::new(AtomicUsize::new(0));
+        let mut threads = Vec::new();
+        for group in 0..long.div_ceil(50) {
+            let n = 50.min(long - group * 50);
+            let (stop, rounds, failures, opened) = (
+                stop.clone(),
+                rounds.clone(),
+                failures.clone(),
+                opened.clone(),
+            );
+            threads.push(in_netns(&t.ns("cl"), move || {
+                let mut conns = Vec::new();
+                for _ in 0..n {
+                    match open(vip) {
+                        Ok(c) => conns.push(c),
+                        Err(e) => failures.lock().unwrap().push(format!("long open: {e}")),
+                    }
+                    opened.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut round = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    for (i, c) in conns.iter_mut().enumerate() {
+                        if let Err(e) = echo(c, &format!("g{group} c{i} r{round}\n")) {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("long g{group} c{i} round {round}: {e}"));
+                        }
+                    }
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                    round += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while opened.load(Ordering::Relaxed) < long {
+            assert!(Instant::now() < deadline, "long connections not opened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (s, ok, f) = (stop.clone(), new_ok.clone(), failures.clone());
+        threads.push(in_netns(&t.ns("cl"), move || {
+            while !s.load(Ordering::Relaxed) {
+                match connect_once(vip) {
+                    Ok(_) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => f.lock().unwrap().push(format!("new connection: {e}")),
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }));
+        Load {
+            stop,
+            new_ok,
+            rounds,
+            failures,
+            threads,
+        }
+    }
+
+    fn failures(&self) -> Vec<String> {
+        self.failures.lock().unwrap().clone()
+    }
+
+    /// New connections that succeeded during `d`.
+    fn new_during(&self, d: Duration) -> usize {
+        let before = self.new_ok.load(Ordering::Relaxed);
+        std::thread::sleep(d);
+        self.new_ok.load(Ordering::Relaxed) - before
+    }
+
+    fn stop(self) -> (usize, usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("load thread");
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (
+            self.new_ok.load(Ordering::Relaxed),
+            self.rounds.load(Ordering::Relaxed),
+            failures,
+        )
+    }
+}
+
+fn web() -> SocketAddr {
+    SocketAddr::new(VIP_V4.parse().unwrap(), 80)
+}
+
+/// VIP web's counters in `lbctl status --json`.
+fn web_counters(t: &Topology) -> serde_json::Value {
+    let status = t.status_json();
+    status["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "web")
+        .expect("web")["counters"]
+        .clone()
+}
+
+/// The program attached to the LB's eth0, as `ip link` shows it.
+fn lb_prog_id(t: &Topology) -> Option<u32> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &t.ns("lb"), "-d", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let at = text.find("prog/xdp id ")?;
+    text[at + "prog/xdp id ".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Client to LB packets of every flow of VIP web in the connection table,
+/// by client address.
+fn flow_packets(t: &Topology) -> std::collections::BTreeMap<String, u64> {
+    let out = t.lbctl(&["flows", "--vip", "web", "--limit", "100000", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["client"].as_str().unwrap().to_string(),
+                f["client_to_lb"]["packets"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn pins_of(t: &Topology, role: &str) -> std::path::PathBuf {
+    Path::new(lb_userspace::datapath::PIN_ROOT).join(t.instance(role))
+}
+
+#[test]
+fn restarts_and_an_upgrade_under_load_lose_no_connection() {
+    let mut t = Topology::new(3);
+    t.start(&[100, 100, 100]);
+    let load = Load::start(&t, web(), 500);
+    std::thread::sleep(Duration::from_secs(1));
+    let before = web_counters(&t);
+    let flows_before = flow_packets(&t);
+    let prog = lb_prog_id(&t).expect("XDP on the LB");
+
+    // SIGTERM: the agent goes, the datapath stays.
+    t.stop_lb();
+    assert_eq!(lb_prog_id(&t), Some(prog), "the program stays attached");
+    let gap = load.new_during(Duration::from_millis(1500));
+    assert!(gap > 20, "only {gap} new connections while no agent ran");
+    assert!(load.failures().is_empty(), "{:?}", load.failures());
+    t.start_lb();
+    let after = web_counters(&t);
+    for c in ["packets", "new_flows"] {
+        assert!(
+            after[c].as_u64() > before[c].as_u64(),
+            "counter {c} went from {} to {} over the restart",
+            before[c],
+            after[c]
+        );
+    }
+    assert_ne!(
+        lb_prog_id(&t),
+        Some(prog),
+        "the new agent's program replaced it"
+    );
+    // The long-lived flows kept their entries, and their counters went on.
+    let flows_after = flow_packets(&t);
+    let kept = flows_before
+        .iter()
+        .filter(|(c, p)| flows_after.get(*c).is_some_and(|a| a > *p))
+        .count();
+    assert!(
+        kept >= 500,
+        "{kept} of {} flows kept counting",
+        flows_before.len()
+    );
+
+    // SIGKILL: the same.
+    t.kill_lb();
+    let gap = load.new_during(Duration::from_millis(1500));
+    assert!(gap > 20, "only {gap} new connections while no agent ran");
+    t.start_lb();
+
+    // An upgrade: another build of the program replaces the running one.
+    let upgrade =
+        std::env::var("LB_UPGRADE_OBJECT").expect("LB_UPGRADE_OBJECT (set by `cargo xtask test`)");
+    let old = lb_prog_id(&t);
+    t.stop_lb();
+    t.start_lb_with(&["--ebpf-object", &upgrade]);
+    let new = lb_prog_id(&t);
+    assert_ne!(new, old);
+    let tag = |id: Option<u32>| {
+        let out = std::process::Command::new("bpftool")
+            .args(["prog", "show", "id", &id.unwrap().to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .skip_while(|w| *w != "tag")
+            .nth(1)
+            .unwrap_or("")
+            .to_string()
+    };
+    let upgraded_tag = tag(new);
+    std::thread::sleep(Duration::from_secs(1));
+    // And back to the embedded build.
+    t.stop_lb();
+    t.start_lb();
+    assert_ne!(
+        tag(lb_prog_id(&t)),
+        upgraded_tag,
+        "the upgrade build differs"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    let (new_ok, rounds, failures) = load.stop();
+    assert!(
+        failures.is_empty(),
+        "{} failures: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    assert!(new_ok > 300, "{new_ok} new connections");
+    assert!(rounds > 10 * 30, "{rounds} rounds of the long connections");
+    println!(
+        "new connections {new_ok}, long-connection rounds {rounds} (500 connections), 0 failed"
+    );
+}
+
+#[test]
+fn a_changed_flow_table_size_migrates_the_connections() {
+    let mut t = Topology::new(3);
+    t.start(&[100, 100, 100]);
+    let load = Load::start(&t, web(), 100);
+    std::thread::sleep(Duration::from_secs(1));
+    t.stop_lb();
+    let path = t.dir.join("lb.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("flow_table_size = 65536", "flow_table_size = 131072"),
+    )
+    .unwrap();
+    t.start_lb();
+    assert!(
+        t.log("lb").contains("connection table migrated"),
+        "{}",
+        t.log("lb")
+    );
+    let maps = pins_of(&t, "lb").join("maps-v1");
+    let info = aya::maps::MapInfo::from_pin(maps.join("FLOWS")).expect("pinned FLOWS");
+    assert_eq!(info.max_entries(), 131072);
+    assert!(!pins_of(&t, "lb").join("maps-v1-next").exists());
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, _, failures) = load.stop();
+    assert!(
+        failures.is_empty(),
+        "{} failures: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+}
+
+#[test]
+fn cleanup_removes_everything_and_a_second_agent_is_refused() {
+    let mut t = Topology::new(1);
+    t.start(&[100]);
+    let config = t.dir.join("lb.toml");
+    let state_file = t.dir.join("lifecycle.json");
+    let state_before = std::fs::read(&state_file).unwrap();
+
+    // The same instance: refused by its lock, the first untouched.
+    let out = t.run_agent("lb", &config, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another agent runs instance"), "{err}");
+    assert_eq!(std::fs::read(&state_file).unwrap(), state_before);
+    assert!(t.lb_socket().exists());
+    assert!(t.from_client(|| connect_once(web())).is_ok());
+
+    // Another instance on the same interface: refused, nothing pinned for it.
+    let other = t.write(
+        "other.toml",
+        &std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(&t.instance("lb"), &format!("{}-other", t.id))
+            .replace("lb.sock", "other.sock"),
+    );
+    let out = t.run_agent("lb", &other, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already has an XDP program"), "{err}");
+    assert!(!Path::new(lb_userspace::datapath::PIN_ROOT)
+        .join(format!("{}-other", t.id))
+        .exists());
+    assert!(!t.dir.join("other.sock").exists());
+
+    // A socket path that is a regular file is left alone.
+    let file = t.write("not-a-socket", "keep me");
+    let decap = t.write(
+        "decap.toml",
+        &format!(
+            "instance = \"{}-file\"\nsocket = \"{}\"\n[decap]\ninterfaces = [\"eth0\"]\naddresses = [\"198.18.0.1\"]\n",
+            t.id,
+            file.display()
+        ),
+    );
+    let out = t.run_agent("cl", &decap, &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a socket"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+
+    // Cleanup is refused while the agent runs.
+    let out = t.run_agent("lb", &config, &["--cleanup"]);
+    assert!(!out.status.success());
+
+    // `lbctl shutdown --detach`: nothing is left.
+    let out = t.lbctl(&["shutdown", "--detach"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(t.wait_lb_exit().success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pins_of(&t, "lb").exists() || lb_prog_id(&t).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "shutdown --detach left the datapath"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!t.lb_socket().exists());
+
+    // Started again, stopped: the datapath stays until `lb-agent --cleanup`.
+    t.start_lb();
+    t.stop_lb();
+    assert!(pins_of(&t, "lb").exists());
+    assert!(lb_prog_id(&t).is_some());
+    let out = t.run_agent("lb", &config, &["--cleanup"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins_of(&t, "lb").exists());
+    assert_eq!(lb_prog_id(&t), None, "the program is detached");
+    assert!(!t.lb_socket().exists());
+}
