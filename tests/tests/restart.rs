@@ -22,6 +22,8 @@ use lb_tests::topology::*;
 struct Load {
     stop: Arc<AtomicBool>,
     new_ok: Arc<AtomicUsize>,
+    /// The longest time between two new connections that succeeded, in ms.
+    max_gap_ms: Arc<AtomicUsize>,
     rounds: Arc<AtomicUsize>,
     failures: Arc<Mutex<Vec<String>>>,
     threads: Vec<JoinHandle<()>>,
@@ -114,12 +116,22 @@ impl Load {
             assert!(Instant::now() < deadline, "long connections not opened");
             std::thread::sleep(Duration::from_millis(50));
         }
-        let (s, ok, f) = (stop.clone(), new_ok.clone(), failures.clone());
+        let max_gap_ms = Arc::new(AtomicUsize::new(0));
+        let (s, ok, f, gap) = (
+            stop.clone(),
+            new_ok.clone(),
+            failures.clone(),
+            max_gap_ms.clone(),
+        );
         threads.push(in_netns(&t.ns("cl"), move || {
+            let mut last = Instant::now();
             while !s.load(Ordering::Relaxed) {
                 match connect_once(vip) {
                     Ok(_) => {
                         ok.fetch_add(1, Ordering::Relaxed);
+                        let ms = last.elapsed().as_millis() as usize;
+                        gap.fetch_max(ms, Ordering::Relaxed);
+                        last = Instant::now();
                     }
                     Err(e) => f.lock().unwrap().push(format!("new connection: {e}")),
                 }
@@ -129,6 +141,7 @@ impl Load {
         Load {
             stop,
             new_ok,
+            max_gap_ms,
             rounds,
             failures,
             threads,
@@ -147,6 +160,10 @@ impl Load {
     }
 
     fn stop(self) -> (usize, usize, Vec<String>) {
+        let gap = self.max_gap_ms.load(Ordering::Relaxed);
+        println!("longest time between two successful new connections: {gap} ms");
+        // A new connection every 10 ms: a forwarding gap would show here.
+        assert!(gap < 500, "new connections stopped for {gap} ms");
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads {
             t.join().expect("load thread");
