@@ -164,7 +164,28 @@ pub(crate) async fn attach_all(
             mode: how.to_string(),
         });
     }
+    forget_other_links(config, pins)?;
     Ok(out)
+}
+
+/// Unpins the links of interfaces the configuration no longer names: their
+/// programs detach once this agent's handles on the old object close.
+fn forget_other_links(config: &Config, pins: &Pins) -> Result<()> {
+    let wanted: Vec<PathBuf> = attachments(config)
+        .iter()
+        .map(|(program, interface, _)| pins.link(program, interface))
+        .collect();
+    let Ok(entries) = std::fs::read_dir(pins.dir().join("links")) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        if !wanted.contains(&e.path()) {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            info!(link = %e.path().display(), "no longer configured: detached");
+        }
+    }
+    Ok(())
 }
 
 fn attach_new(
