@@ -818,3 +818,41 @@ fn event_sampling_follows_the_flow_hash() {
     assert!(!expected.is_empty());
     assert_eq!(got, expected);
 }
+
+/// Overwrites the big-endian 16-bit field at `off`.
+fn set_u16(mut frame: Vec<u8>, off: usize, value: u16) -> Vec<u8> {
+    frame[off..off + 2].copy_from_slice(&value.to_be_bytes());
+    frame
+}
+
+#[test]
+fn ipv6_payload_length_beyond_the_frame_is_malformed() {
+    let f = Fixture::new(&standard());
+    let syn = |dst: Ipv6Addr| {
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV6,
+            &ipv6(
+                CLIENT6,
+                dst,
+                PROTO_TCP,
+                0,
+                64,
+                &tcp(40000, 443, TCP_SYN, b""),
+            ),
+        )
+    };
+    // 65,496 and more used to wrap to a small total length once the 40-byte
+    // header was added, so the check against the frame let them through.
+    let lengths = [65495u16, 65496, 65500, 65515, 65535];
+    for len in lengths {
+        let r = f.ingress(&set_u16(syn(VIP6), 18, len));
+        assert_eq!(r.action, XDP_DROP, "payload length {len}");
+        let elsewhere = set_u16(syn("fd00::99".parse().unwrap()), 18, len);
+        let r = f.ingress(&elsewhere);
+        assert_eq!((r.action, r.output), (XDP_PASS, elsewhere), "{len}");
+    }
+    assert_eq!(f.outcome(Outcome::Forwarded), 0);
+    assert_eq!(f.outcome(Outcome::DropMalformed), lengths.len() as u64);
+}
