@@ -47,20 +47,20 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
         return pass(Outcome::PassMalformed);
     }
     let key = FlowKey::v4(ip.src, ip.dst, 0, 0, ip.proto);
-
-    if ip.proto == PROTO_ICMP {
-        return icmp::icmp4(ctx, ihl, tot_len);
-    }
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != PROTO_ICMP {
         return pass(Outcome::PassNotVip);
     }
-    // Fragments carry no ports (or only some of the datagram), so they cannot
-    // be balanced consistently; VIP fragments are dropped and counted.
+    // Fragments carry no ports (or only some of the datagram; for ICMP errors,
+    // of the quoted header), so they cannot be balanced consistently; VIP
+    // fragments are dropped and counted.
     if u16::from_be(ip.frag_off) & 0x3fff != 0 {
         if is_vip_address(&key.dst, FAMILY_V4) {
             return drop(Outcome::DropFragment);
         }
         return pass(Outcome::PassNotVip);
+    }
+    if ip.proto == PROTO_ICMP {
+        return icmp::icmp4(ctx, ihl, tot_len);
     }
     let ip_len = ip_len_in_frame(ctx, tot_len as usize)
         .filter(|&len| len as usize >= ihl + l4_min_len(ip.proto));

@@ -856,3 +856,54 @@ fn ipv6_payload_length_beyond_the_frame_is_malformed() {
     assert_eq!(f.outcome(Outcome::Forwarded), 0);
     assert_eq!(f.outcome(Outcome::DropMalformed), lengths.len() as u64);
 }
+
+const ROUTER4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+
+/// The start of a backend's reply from the VIP (IPv4, port 80) and from VIP6
+/// (port 443) to a client: what a router quotes in an ICMP error.
+fn replies() -> (Vec<u8>, Vec<u8>) {
+    let reply4 = ipv4(
+        VIP4,
+        CLIENT4,
+        PROTO_TCP,
+        &tcp(80, 40000, TCP_ACK, &[0u8; 8]),
+    );
+    let reply6 = ipv6(
+        VIP6,
+        CLIENT6,
+        PROTO_TCP,
+        0,
+        64,
+        &tcp(443, 40001, TCP_ACK, b""),
+    );
+    (reply4, reply6)
+}
+
+/// ICMP "fragmentation needed" from a router to `dst`, quoting `quote`.
+fn frag_needed_to(dst: Ipv4Addr, fields: V4Fields, quote: &[u8]) -> Vec<u8> {
+    let icmp = ipv4_full(ROUTER4, dst, 1, fields, &icmp_frag_needed(1400, quote));
+    eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &icmp)
+}
+
+#[test]
+fn icmp_fragments_to_a_vip_are_dropped() {
+    let f = Fixture::new(&standard());
+    let (reply4, _) = replies();
+    let first = V4Fields {
+        frag_off: 0x2000,
+        ..V4Fields::default()
+    };
+    let later = V4Fields {
+        frag_off: 0x2000 | 3,
+        ..V4Fields::default()
+    };
+    for fields in [first, later] {
+        let r = f.ingress(&frag_needed_to(VIP4, fields, &reply4[..28]));
+        assert_eq!(r.action, XDP_DROP, "frag_off {:#x}", fields.frag_off);
+    }
+    assert_eq!(f.outcome(Outcome::DropFragment), 2);
+    assert_eq!(f.outcome(Outcome::IcmpForwarded), 0);
+    let elsewhere = frag_needed_to(Ipv4Addr::new(198, 18, 0, 99), first, &reply4[..28]);
+    let r = f.ingress(&elsewhere);
+    assert_eq!((r.action, r.output), (XDP_PASS, elsewhere));
+}
