@@ -3,11 +3,12 @@
 //! A router on the way back to the client reports an oversize reply that a
 //! backend sent from the VIP. The embedded header is that reply (VIP to client),
 //! so the flow key is the embedded 5-tuple reversed; the error then follows the
-//! flow to its backend so the backend's path MTU is updated.
-use lb_common::{FlowKey, Outcome, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+//! flow to its backend so the backend's path MTU is updated. Only errors sent
+//! to a VIP address are such reports; the others are not the balancer's.
+use lb_common::{FlowKey, Outcome, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
-    balance::lookup_vip,
+    balance::{is_vip_address, lookup_vip},
     forward::{forward, pass, Verdict},
     headers::{ptr_at, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, IPV6_LEN},
 };
@@ -22,7 +23,16 @@ fn is_balanced(proto: u8) -> bool {
     proto == PROTO_TCP || proto == PROTO_UDP
 }
 
-pub fn icmp4(ctx: &aya_ebpf::programs::XdpContext, ihl: usize, tot_len: u16) -> Verdict {
+/// An ICMP message in an IPv4 packet whose flow key (addresses only) is `outer`.
+pub fn icmp4(
+    ctx: &aya_ebpf::programs::XdpContext,
+    outer: &FlowKey,
+    ihl: usize,
+    tot_len: u16,
+) -> Verdict {
+    if !is_vip_address(&outer.dst, FAMILY_V4) {
+        return pass(Outcome::PassNotVip);
+    }
     let icmp_off = ETH_LEN + ihl;
     let Some(icmp) = ptr_at::<[u8; 2]>(ctx, icmp_off) else {
         return pass(Outcome::PassNotVip);
@@ -51,7 +61,11 @@ pub fn icmp4(ctx: &aya_ebpf::programs::XdpContext, ihl: usize, tot_len: u16) -> 
     forward_icmp(ctx, &key, tot_len)
 }
 
-pub fn icmp6(ctx: &aya_ebpf::programs::XdpContext, payload_len: u16) -> Verdict {
+/// An ICMPv6 message in an IPv6 packet whose flow key (addresses only) is `outer`.
+pub fn icmp6(ctx: &aya_ebpf::programs::XdpContext, outer: &FlowKey, payload_len: u16) -> Verdict {
+    if !is_vip_address(&outer.dst, FAMILY_V6) {
+        return pass(Outcome::PassNotVip);
+    }
     let icmp_off = ETH_LEN + IPV6_LEN;
     let Some(icmp) = ptr_at::<[u8; 2]>(ctx, icmp_off) else {
         return pass(Outcome::PassNotVip);

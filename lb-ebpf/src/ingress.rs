@@ -60,7 +60,7 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
         return pass(Outcome::PassNotVip);
     }
     if ip.proto == PROTO_ICMP {
-        return icmp::icmp4(ctx, ihl, tot_len);
+        return icmp::icmp4(ctx, &key, ihl, tot_len);
     }
     let ip_len = ip_len_in_frame(ctx, tot_len as usize)
         .filter(|&len| len as usize >= ihl + l4_min_len(ip.proto));
@@ -87,7 +87,7 @@ fn ipv6(ctx: &XdpContext) -> Verdict {
         _pad: [0; 2],
     };
     if ip.next_hdr == PROTO_ICMPV6 {
-        return icmp::icmp6(ctx, payload_len);
+        return icmp::icmp6(ctx, &key, payload_len);
     }
     // Extension headers are not walked: such packets are not balanced.
     if ip.next_hdr != PROTO_TCP && ip.next_hdr != PROTO_UDP {

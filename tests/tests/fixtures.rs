@@ -859,6 +859,8 @@ fn ipv6_payload_length_beyond_the_frame_is_malformed() {
 
 const ROUTER4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xfe);
+
 /// The start of a backend's reply from the VIP (IPv4, port 80) and from VIP6
 /// (port 443) to a client: what a router quotes in an ICMP error.
 fn replies() -> (Vec<u8>, Vec<u8>) {
@@ -883,6 +885,36 @@ fn replies() -> (Vec<u8>, Vec<u8>) {
 fn frag_needed_to(dst: Ipv4Addr, fields: V4Fields, quote: &[u8]) -> Vec<u8> {
     let icmp = ipv4_full(ROUTER4, dst, 1, fields, &icmp_frag_needed(1400, quote));
     eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &icmp)
+}
+
+/// ICMPv6 "packet too big" from a router to `dst`, quoting `quote`.
+fn too_big_to(dst: Ipv6Addr, quote: &[u8]) -> Vec<u8> {
+    let icmp = ipv6(ROUTER6, dst, 58, 0, 64, &icmp6_too_big(1280, quote));
+    eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &icmp)
+}
+
+#[test]
+fn icmp_errors_pass_unless_addressed_to_a_vip() {
+    let f = Fixture::new(&standard());
+    let (reply4, reply6) = replies();
+    // Well-formed errors quoting a VIP flow, sent to addresses that are not
+    // VIP addresses (a backend, another host): the balancer has no business
+    // with them.
+    let frames = [
+        frag_needed_to(B4[0].parse().unwrap(), V4Fields::default(), &reply4[..28]),
+        frag_needed_to(
+            Ipv4Addr::new(198, 18, 0, 99),
+            V4Fields::default(),
+            &reply4[..28],
+        ),
+        too_big_to(B6[0].parse().unwrap(), &reply6[..48]),
+    ];
+    for (i, frame) in frames.iter().enumerate() {
+        let r = f.ingress(frame);
+        assert_eq!((r.action, &r.output), (XDP_PASS, frame), "frame {i}");
+    }
+    assert_eq!(f.outcome(Outcome::PassNotVip), frames.len() as u64);
+    assert_eq!(f.outcome(Outcome::IcmpForwarded), 0);
 }
 
 #[test]
