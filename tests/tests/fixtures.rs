@@ -894,6 +894,78 @@ fn too_big_to(dst: Ipv6Addr, quote: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+fn icmp_errors_with_inconsistent_quotes_are_not_forwarded() {
+    let f = Fixture::new(&standard());
+    let (reply4, reply6) = replies();
+    // Offsets in the frame: outer IPv4 total length 16, quoted IPv4 header 42
+    // (its total length 44); outer IPv6 payload length 18, quoted IPv6 header
+    // 62 (its payload length 66).
+    let v4 = frag_needed_to(VIP4, V4Fields::default(), &reply4[..28]);
+    let v6 = too_big_to(VIP6, &reply6[..48]);
+    let mut padded4 = v4.clone();
+    padded4.extend_from_slice(&[0u8; 16]);
+    let mut padded6 = v6.clone();
+    padded6.extend_from_slice(&[0u8; 16]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "v4 total length beyond the frame",
+            set_u16(v4.clone(), 16, 1500),
+        ),
+        (
+            "v4 total length ends inside the quoted ports",
+            set_u16(padded4.clone(), 16, 20 + 8 + 20 + 2),
+        ),
+        (
+            "v4 total length ends before the quoted transport header",
+            set_u16(padded4, 16, 20 + 8 + 20),
+        ),
+        (
+            "v4 quoted transport header shorter than 8 bytes",
+            frag_needed_to(VIP4, V4Fields::default(), &reply4[..24]),
+        ),
+        (
+            "v4 quoted total length below its header",
+            set_u16(v4.clone(), 44, 19),
+        ),
+        ("v6 payload length wraps", set_u16(v6.clone(), 18, 65515)),
+        (
+            "v6 payload length beyond the frame",
+            set_u16(v6.clone(), 18, 1000),
+        ),
+        (
+            "v6 payload length ends inside the quoted ports",
+            set_u16(padded6, 18, 8 + 40 + 2),
+        ),
+        (
+            "v6 quoted transport header shorter than 8 bytes",
+            too_big_to(VIP6, &reply6[..44]),
+        ),
+        (
+            "v6 quoted payload length below a transport header",
+            set_u16(v6.clone(), 66, 4),
+        ),
+        (
+            "v4 quoting a reply from another VIP address",
+            frag_needed_to(VIP4, V4Fields::default(), &{
+                let vip2 = Ipv4Addr::new(198, 18, 10, 2);
+                let reply = ipv4(vip2, CLIENT4, PROTO_TCP, &tcp(80, 40000, TCP_ACK, b""));
+                reply[..28].to_vec()
+            }),
+        ),
+    ];
+    for (name, frame) in &cases {
+        let r = f.ingress(frame);
+        assert_eq!(r.action, XDP_DROP, "{name}");
+    }
+    assert_eq!(f.outcome(Outcome::IcmpForwarded), 0);
+    assert_eq!(f.outcome(Outcome::DropMalformed), cases.len() as u64);
+    // The same errors with consistent lengths are forwarded.
+    assert_eq!(f.ingress(&v4).action, XDP_TX);
+    assert_eq!(f.ingress(&v6).action, XDP_TX);
+    assert_eq!(f.outcome(Outcome::IcmpForwarded), 2);
+}
+
+#[test]
 fn icmp_errors_pass_unless_addressed_to_a_vip() {
     let f = Fixture::new(&standard());
     let (reply4, reply6) = replies();
