@@ -1011,3 +1011,77 @@ fn icmp_fragments_to_a_vip_are_dropped() {
     let r = f.ingress(&elsewhere);
     assert_eq!((r.action, r.output), (XDP_PASS, elsewhere));
 }
+
+#[test]
+fn syn_on_a_closed_flow_starts_a_new_flow() {
+    let three = [(B4[0], 1), (B4[1], 1), (B4[2], 1)];
+    let skewed = [(B4[0], 1), (B4[1], 1), (B4[2], 9)];
+    let mut f = Fixture::new(&standard());
+    // A 5-tuple whose Maglev slot moves to another backend under new weights.
+    let (sport, before) = (40000..41000u16)
+        .find_map(|p| {
+            let k = key4(p, 80, PROTO_TCP);
+            let (a, b) = (maglev_pick(&f, &three, &k), maglev_pick(&f, &skewed, &k));
+            (a != b).then_some((p, a))
+        })
+        .expect("some slot moves");
+    let key = key4(sport, 80, PROTO_TCP);
+    let hash = flow_hash(&key);
+    for flags in [TCP_SYN, TCP_ACK, TCP_FIN | TCP_ACK] {
+        let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(sport, 80, flags)));
+        assert_eq!(r.action, XDP_TX);
+    }
+    f.apply(&standard().replacen(
+        &vip("198.18.10.1", 80, "tcp", &three),
+        &vip("198.18.10.1", 80, "tcp", &skewed),
+        1,
+    ));
+    // The closed connection's last ACK still follows it.
+    let ack = tcp4(sport, 80, TCP_ACK);
+    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ack));
+    assert_eq!(r.output, expect_v4_encap(&ack, &before, hash, PROTO_IPIP));
+    let closed = f.flow(&key).unwrap();
+    assert_eq!(
+        (closed.state, closed.packets_in),
+        (lb_common::FLOW_CLOSED_FIN, 4)
+    );
+    // The coarse clock ticks every few milliseconds.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    // The client reuses the 5-tuple: a new connection, balanced afresh.
+    let syn = tcp4(sport, 80, TCP_SYN);
+    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &syn));
+    let after = maglev_pick(&f, &skewed, &key);
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(r.output, expect_v4_encap(&syn, &after, hash, PROTO_IPIP));
+    let fresh = f.flow(&key).unwrap();
+    assert_eq!(fresh.backend_id, f.backend_id(&after));
+    assert_eq!(
+        (
+            fresh.packets_in,
+            fresh.bytes_in,
+            fresh.tcp_flags,
+            fresh.state
+        ),
+        (1, 14 + syn.len() as u64, TCP_SYN, 0)
+    );
+    assert!(fresh.first_ns > closed.last_ns, "age restarts");
+    assert_eq!(fresh.last_ns, fresh.first_ns);
+    assert_eq!(f.vip_counters(closed.vip_id).new_flows, 2);
+    assert_eq!(f.backend_counters(f.backend_id(&before)).new_flows, 1);
+    assert_eq!(f.backend_counters(f.backend_id(&after)).new_flows, 1);
+    let events: Vec<(u32, u32)> = f.events().iter().map(|e| (e.kind, e.backend_id)).collect();
+    assert_eq!(
+        events,
+        vec![
+            (lb_common::EVENT_OPEN, f.backend_id(&before)),
+            (lb_common::EVENT_CLOSE_FIN, f.backend_id(&before)),
+            (lb_common::EVENT_OPEN, f.backend_id(&after)),
+        ]
+    );
+    // The new connection's packets follow it, and its close counts again.
+    let fin = tcp4(sport, 80, TCP_FIN | TCP_ACK);
+    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &fin));
+    assert_eq!(r.output, expect_v4_encap(&fin, &after, hash, PROTO_IPIP));
+    assert_eq!(f.vip_counters(closed.vip_id).closed_fin, 2);
+}
