@@ -1,7 +1,7 @@
 //! Backend choice: VIP lookup, the connection table, then the VIP's Maglev ring.
 use lb_common::{
-    flow_hash, BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE, MAGLEV_LANES,
-    NO_BACKEND,
+    flow_hash, BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE, FLOW_CLOSED_FIN,
+    FLOW_CLOSED_RST, MAGLEV_LANES, NO_BACKEND, TCP_ACK, TCP_SYN,
 };
 
 use crate::maps::{BACKENDS, FLOWS, MAGLEV, VIPS};
@@ -48,14 +48,28 @@ pub struct Choice {
 
 /// Picks the flow's backend. An entry in the connection table whose backend is
 /// still usable wins, so established flows survive Maglev changes; otherwise the
-/// VIP's Maglev ring decides (and the caller records the flow).
+/// VIP's Maglev ring decides (and the caller records the flow). A SYN without
+/// ACK on an entry whose connection closed is a new connection reusing the
+/// 5-tuple: it is balanced and recorded afresh, like any new flow, while the
+/// closed connection's late packets still follow the entry.
 #[inline(always)]
-pub fn choose_backend(key: &FlowKey, vip: &VipInfo, maglev_size: u32) -> Option<Choice> {
+pub fn choose_backend(
+    key: &FlowKey,
+    vip: &VipInfo,
+    maglev_size: u32,
+    tcp_flags: u8,
+) -> Option<Choice> {
     if let Some(state) = FLOWS.get_ptr_mut(key) {
         // SAFETY: a valid entry pointer; FlowState is plain data.
-        let id = unsafe { (*state).backend_id };
+        let (id, closed) = unsafe {
+            (
+                (*state).backend_id,
+                (*state).state & (FLOW_CLOSED_FIN | FLOW_CLOSED_RST) != 0,
+            )
+        };
+        let reopened = closed && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if let Some(b) = BACKENDS.get(id) {
-            if b.flags & BACKEND_USABLE != 0 {
+            if b.flags & BACKEND_USABLE != 0 && !reopened {
                 return Some(Choice {
                     backend_id: id,
                     backend: *b,

@@ -1,5 +1,6 @@
 //! Wire header layouts and bounds-checked access to packet bytes.
 use aya_ebpf::programs::XdpContext;
+use lb_common::PROTO_TCP;
 
 pub const ETH_LEN: usize = 14;
 pub const IPV4_LEN: usize = 20;
@@ -66,4 +67,25 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 #[inline(always)]
 pub fn len_from(ctx: &XdpContext, off: usize) -> usize {
     (ctx.data_end() - ctx.data()).saturating_sub(off)
+}
+
+/// The length of the IP packet after the Ethernet header, given as the sum its
+/// header implies (computed by the caller in `usize`, so that it cannot wrap),
+/// if the frame holds that many bytes.
+#[inline(always)]
+pub fn ip_len_in_frame(ctx: &XdpContext, ip_len: usize) -> Option<u16> {
+    if ip_len > len_from(ctx, ETH_LEN) {
+        return None;
+    }
+    u16::try_from(ip_len).ok()
+}
+
+/// Minimum transport header length for the protocols a VIP carries.
+#[inline(always)]
+pub fn l4_min_len(proto: u8) -> usize {
+    if proto == PROTO_TCP {
+        20
+    } else {
+        8
+    }
 }

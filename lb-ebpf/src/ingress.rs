@@ -9,8 +9,8 @@ use crate::{
     counters,
     forward::{drop, forward, pass, Verdict},
     headers::{
-        len_from, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6,
-        IPV6_LEN,
+        ip_len_in_frame, l4_min_len, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, ETH_P_IPV4,
+        ETH_P_IPV6, IPV6_LEN,
     },
     icmp,
 };
@@ -35,16 +35,6 @@ fn ctx_ethertype(ctx: &XdpContext) -> Option<u16> {
     Some(u16::from_be(unsafe { (*eth).ether_type }))
 }
 
-/// Minimum transport header length for the protocols a VIP carries.
-#[inline(always)]
-fn l4_min_len(proto: u8) -> usize {
-    if proto == PROTO_TCP {
-        20
-    } else {
-        8
-    }
-}
-
 fn ipv4(ctx: &XdpContext) -> Verdict {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
         return pass(Outcome::PassMalformed);
@@ -57,25 +47,24 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
         return pass(Outcome::PassMalformed);
     }
     let key = FlowKey::v4(ip.src, ip.dst, 0, 0, ip.proto);
-
-    if ip.proto == PROTO_ICMP {
-        return icmp::icmp4(ctx, ihl, tot_len);
-    }
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != PROTO_ICMP {
         return pass(Outcome::PassNotVip);
     }
-    // Fragments carry no ports (or only some of the datagram), so they cannot
-    // be balanced consistently; VIP fragments are dropped and counted.
+    // Fragments carry no ports (or only some of the datagram; for ICMP errors,
+    // of the quoted header), so they cannot be balanced consistently; VIP
+    // fragments are dropped and counted.
     if u16::from_be(ip.frag_off) & 0x3fff != 0 {
         if is_vip_address(&key.dst, FAMILY_V4) {
             return drop(Outcome::DropFragment);
         }
         return pass(Outcome::PassNotVip);
     }
-    let l4 = ETH_LEN + ihl;
-    let truncated = len_from(ctx, ETH_LEN) < tot_len as usize
-        || (tot_len as usize) < ihl + l4_min_len(ip.proto);
-    forward_l4(ctx, key, l4, tot_len, truncated)
+    if ip.proto == PROTO_ICMP {
+        return icmp::icmp4(ctx, &key, ihl, tot_len);
+    }
+    let ip_len = ip_len_in_frame(ctx, tot_len as usize)
+        .filter(|&len| len as usize >= ihl + l4_min_len(ip.proto));
+    forward_l4(ctx, key, ETH_LEN + ihl, ip_len)
 }
 
 fn ipv6(ctx: &XdpContext) -> Verdict {
@@ -98,27 +87,23 @@ fn ipv6(ctx: &XdpContext) -> Verdict {
         _pad: [0; 2],
     };
     if ip.next_hdr == PROTO_ICMPV6 {
-        return icmp::icmp6(ctx, payload_len);
+        return icmp::icmp6(ctx, &key, payload_len);
     }
     // Extension headers are not walked: such packets are not balanced.
     if ip.next_hdr != PROTO_TCP && ip.next_hdr != PROTO_UDP {
         return pass(Outcome::PassNotVip);
     }
-    let tot_len = payload_len.wrapping_add(IPV6_LEN as u16);
-    let truncated = len_from(ctx, ETH_LEN) < tot_len as usize
-        || (payload_len as usize) < l4_min_len(ip.next_hdr);
-    forward_l4(ctx, key, ETH_LEN + IPV6_LEN, tot_len, truncated)
+    // Summed in usize: a payload length near 65,535 must not wrap to a short packet.
+    let ip_len = ip_len_in_frame(ctx, payload_len as usize + IPV6_LEN)
+        .filter(|_| payload_len as usize >= l4_min_len(ip.next_hdr));
+    forward_l4(ctx, key, ETH_LEN + IPV6_LEN, ip_len)
 }
 
 /// TCP or UDP: read the ports, then balance if the flow is for a VIP.
+/// `ip_len` is the IP packet's length, `None` if the frame does not hold it or
+/// it cannot hold the transport header.
 #[inline(always)]
-fn forward_l4(
-    ctx: &XdpContext,
-    mut key: FlowKey,
-    l4: usize,
-    ip_len: u16,
-    truncated: bool,
-) -> Verdict {
+fn forward_l4(ctx: &XdpContext, mut key: FlowKey, l4: usize, ip_len: Option<u16>) -> Verdict {
     let Some(ports) = ptr_at::<Ports>(ctx, l4) else {
         if is_vip_address(&key.dst, key.family) {
             return drop(Outcome::DropMalformed);
@@ -132,9 +117,9 @@ fn forward_l4(
     let Some(vip) = lookup_vip(&key) else {
         return pass(Outcome::PassNotVip);
     };
-    if truncated {
+    let Some(ip_len) = ip_len else {
         return drop(Outcome::DropMalformed);
-    }
+    };
     let mut tcp_flags = 0;
     if key.proto == PROTO_TCP {
         let Some(flags) = ptr_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET) else {

@@ -818,3 +818,270 @@ fn event_sampling_follows_the_flow_hash() {
     assert!(!expected.is_empty());
     assert_eq!(got, expected);
 }
+
+/// Overwrites the big-endian 16-bit field at `off`.
+fn set_u16(mut frame: Vec<u8>, off: usize, value: u16) -> Vec<u8> {
+    frame[off..off + 2].copy_from_slice(&value.to_be_bytes());
+    frame
+}
+
+#[test]
+fn ipv6_payload_length_beyond_the_frame_is_malformed() {
+    let f = Fixture::new(&standard());
+    let syn = |dst: Ipv6Addr| {
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV6,
+            &ipv6(
+                CLIENT6,
+                dst,
+                PROTO_TCP,
+                0,
+                64,
+                &tcp(40000, 443, TCP_SYN, b""),
+            ),
+        )
+    };
+    // 65,496 and more used to wrap to a small total length once the 40-byte
+    // header was added, so the check against the frame let them through.
+    let lengths = [65495u16, 65496, 65500, 65515, 65535];
+    for len in lengths {
+        let r = f.ingress(&set_u16(syn(VIP6), 18, len));
+        assert_eq!(r.action, XDP_DROP, "payload length {len}");
+        let elsewhere = set_u16(syn("fd00::99".parse().unwrap()), 18, len);
+        let r = f.ingress(&elsewhere);
+        assert_eq!((r.action, r.output), (XDP_PASS, elsewhere), "{len}");
+    }
+    assert_eq!(f.outcome(Outcome::Forwarded), 0);
+    assert_eq!(f.outcome(Outcome::DropMalformed), lengths.len() as u64);
+}
+
+const ROUTER4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xfe);
+
+/// The start of a backend's reply from the VIP (IPv4, port 80) and from VIP6
+/// (port 443) to a client: what a router quotes in an ICMP error.
+fn replies() -> (Vec<u8>, Vec<u8>) {
+    let reply4 = ipv4(
+        VIP4,
+        CLIENT4,
+        PROTO_TCP,
+        &tcp(80, 40000, TCP_ACK, &[0u8; 8]),
+    );
+    let reply6 = ipv6(
+        VIP6,
+        CLIENT6,
+        PROTO_TCP,
+        0,
+        64,
+        &tcp(443, 40001, TCP_ACK, b""),
+    );
+    (reply4, reply6)
+}
+
+/// ICMP "fragmentation needed" from a router to `dst`, quoting `quote`.
+fn frag_needed_to(dst: Ipv4Addr, fields: V4Fields, quote: &[u8]) -> Vec<u8> {
+    let icmp = ipv4_full(ROUTER4, dst, 1, fields, &icmp_frag_needed(1400, quote));
+    eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &icmp)
+}
+
+/// ICMPv6 "packet too big" from a router to `dst`, quoting `quote`.
+fn too_big_to(dst: Ipv6Addr, quote: &[u8]) -> Vec<u8> {
+    let icmp = ipv6(ROUTER6, dst, 58, 0, 64, &icmp6_too_big(1280, quote));
+    eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &icmp)
+}
+
+#[test]
+fn icmp_errors_with_inconsistent_quotes_are_not_forwarded() {
+    let f = Fixture::new(&standard());
+    let (reply4, reply6) = replies();
+    // Offsets in the frame: outer IPv4 total length 16, quoted IPv4 header 42
+    // (its total length 44); outer IPv6 payload length 18, quoted IPv6 header
+    // 62 (its payload length 66).
+    let v4 = frag_needed_to(VIP4, V4Fields::default(), &reply4[..28]);
+    let v6 = too_big_to(VIP6, &reply6[..48]);
+    let mut padded4 = v4.clone();
+    padded4.extend_from_slice(&[0u8; 16]);
+    let mut padded6 = v6.clone();
+    padded6.extend_from_slice(&[0u8; 16]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "v4 total length beyond the frame",
+            set_u16(v4.clone(), 16, 1500),
+        ),
+        (
+            "v4 total length ends inside the quoted ports",
+            set_u16(padded4.clone(), 16, 20 + 8 + 20 + 2),
+        ),
+        (
+            "v4 total length ends before the quoted transport header",
+            set_u16(padded4, 16, 20 + 8 + 20),
+        ),
+        (
+            "v4 quoted transport header shorter than 8 bytes",
+            frag_needed_to(VIP4, V4Fields::default(), &reply4[..24]),
+        ),
+        (
+            "v4 quoted total length below its header",
+            set_u16(v4.clone(), 44, 19),
+        ),
+        ("v6 payload length wraps", set_u16(v6.clone(), 18, 65515)),
+        (
+            "v6 payload length beyond the frame",
+            set_u16(v6.clone(), 18, 1000),
+        ),
+        (
+            "v6 payload length ends inside the quoted ports",
+            set_u16(padded6, 18, 8 + 40 + 2),
+        ),
+        (
+            "v6 quoted transport header shorter than 8 bytes",
+            too_big_to(VIP6, &reply6[..44]),
+        ),
+        (
+            "v6 quoted payload length below a transport header",
+            set_u16(v6.clone(), 66, 4),
+        ),
+        (
+            "v4 quoting a reply from another VIP address",
+            frag_needed_to(VIP4, V4Fields::default(), &{
+                let vip2 = Ipv4Addr::new(198, 18, 10, 2);
+                let reply = ipv4(vip2, CLIENT4, PROTO_TCP, &tcp(80, 40000, TCP_ACK, b""));
+                reply[..28].to_vec()
+            }),
+        ),
+    ];
+    for (name, frame) in &cases {
+        let r = f.ingress(frame);
+        assert_eq!(r.action, XDP_DROP, "{name}");
+    }
+    assert_eq!(f.outcome(Outcome::IcmpForwarded), 0);
+    assert_eq!(f.outcome(Outcome::DropMalformed), cases.len() as u64);
+    // The same errors with consistent lengths are forwarded.
+    assert_eq!(f.ingress(&v4).action, XDP_TX);
+    assert_eq!(f.ingress(&v6).action, XDP_TX);
+    assert_eq!(f.outcome(Outcome::IcmpForwarded), 2);
+}
+
+#[test]
+fn icmp_errors_pass_unless_addressed_to_a_vip() {
+    let f = Fixture::new(&standard());
+    let (reply4, reply6) = replies();
+    // Well-formed errors quoting a VIP flow, sent to addresses that are not
+    // VIP addresses (a backend, another host): the balancer has no business
+    // with them.
+    let frames = [
+        frag_needed_to(B4[0].parse().unwrap(), V4Fields::default(), &reply4[..28]),
+        frag_needed_to(
+            Ipv4Addr::new(198, 18, 0, 99),
+            V4Fields::default(),
+            &reply4[..28],
+        ),
+        too_big_to(B6[0].parse().unwrap(), &reply6[..48]),
+    ];
+    for (i, frame) in frames.iter().enumerate() {
+        let r = f.ingress(frame);
+        assert_eq!((r.action, &r.output), (XDP_PASS, frame), "frame {i}");
+    }
+    assert_eq!(f.outcome(Outcome::PassNotVip), frames.len() as u64);
+    assert_eq!(f.outcome(Outcome::IcmpForwarded), 0);
+}
+
+#[test]
+fn icmp_fragments_to_a_vip_are_dropped() {
+    let f = Fixture::new(&standard());
+    let (reply4, _) = replies();
+    let first = V4Fields {
+        frag_off: 0x2000,
+        ..V4Fields::default()
+    };
+    let later = V4Fields {
+        frag_off: 0x2000 | 3,
+        ..V4Fields::default()
+    };
+    for fields in [first, later] {
+        let r = f.ingress(&frag_needed_to(VIP4, fields, &reply4[..28]));
+        assert_eq!(r.action, XDP_DROP, "frag_off {:#x}", fields.frag_off);
+    }
+    assert_eq!(f.outcome(Outcome::DropFragment), 2);
+    assert_eq!(f.outcome(Outcome::IcmpForwarded), 0);
+    let elsewhere = frag_needed_to(Ipv4Addr::new(198, 18, 0, 99), first, &reply4[..28]);
+    let r = f.ingress(&elsewhere);
+    assert_eq!((r.action, r.output), (XDP_PASS, elsewhere));
+}
+
+#[test]
+fn syn_on_a_closed_flow_starts_a_new_flow() {
+    let three = [(B4[0], 1), (B4[1], 1), (B4[2], 1)];
+    let skewed = [(B4[0], 1), (B4[1], 1), (B4[2], 9)];
+    let mut f = Fixture::new(&standard());
+    // A 5-tuple whose Maglev slot moves to another backend under new weights.
+    let (sport, before) = (40000..41000u16)
+        .find_map(|p| {
+            let k = key4(p, 80, PROTO_TCP);
+            let (a, b) = (maglev_pick(&f, &three, &k), maglev_pick(&f, &skewed, &k));
+            (a != b).then_some((p, a))
+        })
+        .expect("some slot moves");
+    let key = key4(sport, 80, PROTO_TCP);
+    let hash = flow_hash(&key);
+    for flags in [TCP_SYN, TCP_ACK, TCP_FIN | TCP_ACK] {
+        let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(sport, 80, flags)));
+        assert_eq!(r.action, XDP_TX);
+    }
+    f.apply(&standard().replacen(
+        &vip("198.18.10.1", 80, "tcp", &three),
+        &vip("198.18.10.1", 80, "tcp", &skewed),
+        1,
+    ));
+    // The closed connection's last ACK still follows it.
+    let ack = tcp4(sport, 80, TCP_ACK);
+    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ack));
+    assert_eq!(r.output, expect_v4_encap(&ack, &before, hash, PROTO_IPIP));
+    let closed = f.flow(&key).unwrap();
+    assert_eq!(
+        (closed.state, closed.packets_in),
+        (lb_common::FLOW_CLOSED_FIN, 4)
+    );
+    // The coarse clock ticks every few milliseconds.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    // The client reuses the 5-tuple: a new connection, balanced afresh.
+    let syn = tcp4(sport, 80, TCP_SYN);
+    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &syn));
+    let after = maglev_pick(&f, &skewed, &key);
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(r.output, expect_v4_encap(&syn, &after, hash, PROTO_IPIP));
+    let fresh = f.flow(&key).unwrap();
+    assert_eq!(fresh.backend_id, f.backend_id(&after));
+    assert_eq!(
+        (
+            fresh.packets_in,
+            fresh.bytes_in,
+            fresh.tcp_flags,
+            fresh.state
+        ),
+        (1, 14 + syn.len() as u64, TCP_SYN, 0)
+    );
+    assert!(fresh.first_ns > closed.last_ns, "age restarts");
+    assert_eq!(fresh.last_ns, fresh.first_ns);
+    assert_eq!(f.vip_counters(closed.vip_id).new_flows, 2);
+    assert_eq!(f.backend_counters(f.backend_id(&before)).new_flows, 1);
+    assert_eq!(f.backend_counters(f.backend_id(&after)).new_flows, 1);
+    let events: Vec<(u32, u32)> = f.events().iter().map(|e| (e.kind, e.backend_id)).collect();
+    assert_eq!(
+        events,
+        vec![
+            (lb_common::EVENT_OPEN, f.backend_id(&before)),
+            (lb_common::EVENT_CLOSE_FIN, f.backend_id(&before)),
+            (lb_common::EVENT_OPEN, f.backend_id(&after)),
+        ]
+    );
+    // The new connection's packets follow it, and its close counts again.
+    let fin = tcp4(sport, 80, TCP_FIN | TCP_ACK);
+    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &fin));
+    assert_eq!(r.output, expect_v4_encap(&fin, &after, hash, PROTO_IPIP));
+    assert_eq!(f.vip_counters(closed.vip_id).closed_fin, 2);
+}
