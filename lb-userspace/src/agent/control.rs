@@ -1,14 +1,14 @@
 //! The control API: one JSON request per connection on the Unix socket, from
 //! root only, and one handler per request.
 
-use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, future::Future, net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::Result;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::UnixStream,
+    net::{UnixListener, UnixStream},
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{
     report, resolve_all,
@@ -24,12 +24,41 @@ use crate::{
 /// Largest request the API accepts (a configuration file, JSON-encoded).
 const MAX_REQUEST: u64 = 16 << 20;
 
-/// Answers one connection.
-pub(crate) async fn serve(
-    stream: UnixStream,
-    state: Shared,
-    resolver: Arc<Resolver>,
-) -> Result<()> {
+/// Serves the control API on `listener` until `shutdown` completes: one
+/// task per connection.
+pub(crate) async fn accept(
+    listener: UnixListener,
+    state: &Shared,
+    resolver: &Arc<Resolver>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (state, resolver) = (state.clone(), resolver.clone());
+                    tokio::spawn(async move {
+                        let handler = |req| async move { handle(req, &state, &resolver).await };
+                        if let Err(e) = answer(stream, handler).await {
+                            warn!("control connection: {e:#}");
+                        }
+                    });
+                }
+                Err(e) => warn!("accept: {e}"),
+            },
+        }
+    }
+}
+
+/// Answers one connection: reads its request, checks who sent it, and
+/// writes what `handler` makes of it.
+async fn answer<F, Fut>(stream: UnixStream, handler: F) -> Result<()>
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let cred = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
     let response = if cred.uid() != 0 {
@@ -42,7 +71,7 @@ pub(crate) async fn serve(
             .read_line(&mut line)
             .await?;
         match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(req, &state, &resolver).await,
+            Ok(req) => handler(req).await,
             Err(e) => Response::Error {
                 message: format!("malformed request: {e}"),
             },

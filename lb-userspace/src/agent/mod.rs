@@ -306,23 +306,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }));
     let tasks = spawn_loops(&state, &loops_config, tables, &resolver).await?;
     info!(socket = %socket.display(), "serving the control API");
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let (state, resolver) = (state.clone(), resolver.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = control::serve(stream, state, resolver).await {
-                            warn!("control connection: {e:#}");
-                        }
-                    });
-                }
-                Err(e) => warn!("accept: {e}"),
-            },
-        }
-    }
+    control::accept(listener, &state, &resolver, shutdown).await;
     info!("shutting down: detaching programs");
     for t in tasks {
         t.abort();
