@@ -15,6 +15,7 @@
 //! - `nexthop`: interface indexes and next-hop MACs through rtnetlink.
 //! - `config`: the TOML file and its validation.
 //! - `maglev`: weighted Maglev tables.
+//! - `resources`: the agent's own resources: the descriptor limit.
 //!
 //! Below all of them, `lb-common` holds the map ABI and address encoding.
 pub mod agent;
@@ -27,3 +28,4 @@ pub mod health;
 pub mod lifecycle;
 pub mod maglev;
 pub mod nexthop;
+pub mod resources;
