@@ -18,38 +18,38 @@ use super::{
 use crate::{
     api::{ApplySummary, MaintenanceCommand, Request, Response, VipMaintenance},
     config::Config,
+    limits::{self, Bound},
     nexthop::Resolver,
 };
 
 /// Largest request the API accepts (a configuration file, JSON-encoded).
 const MAX_REQUEST: u64 = 16 << 20;
 
+/// Control connections open at once; more wait in the socket's backlog.
+const MAX_CONNECTIONS: usize = 16;
+
 /// Serves the control API on `listener` until `shutdown` completes: one
-/// task per connection.
+/// task per connection, at most `MAX_CONNECTIONS` at once.
 pub(crate) async fn accept(
     listener: UnixListener,
     state: &Shared,
     resolver: &Arc<Resolver>,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let (state, resolver) = (state.clone(), resolver.clone());
-                    tokio::spawn(async move {
-                        let handler = |req| async move { handle(req, &state, &resolver).await };
-                        if let Err(e) = answer(stream, handler).await {
-                            warn!("control connection: {e:#}");
-                        }
-                    });
-                }
-                Err(e) => warn!("accept: {e}"),
-            },
+    let bound = Bound {
+        name: "control",
+        max_connections: MAX_CONNECTIONS,
+    };
+    limits::serve(listener, bound, shutdown, |stream| {
+        let (state, resolver) = (state.clone(), resolver.clone());
+        async move {
+            let handler = |req| async move { handle(req, &state, &resolver).await };
+            if let Err(e) = answer(stream, handler).await {
+                warn!("control connection: {e:#}");
+            }
         }
-    }
+    })
+    .await;
 }
 
 /// Answers one connection: reads its request, checks who sent it, and

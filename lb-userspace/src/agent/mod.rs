@@ -265,7 +265,7 @@ async fn spawn_loops(
 
 /// Runs the agent until `shutdown` completes. `config` is already validated.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
-    crate::resources::raise_file_limit();
+    crate::limits::raise_file_limit();
     let resolver = Arc::new(Resolver::new().context("opening rtnetlink")?);
     let sizes = sizes(&config);
     let mut ebpf = load_programs(&sizes)?;
