@@ -10,11 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use tokio::{
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
     sync::Semaphore,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The soft and hard limits on open descriptors.
 fn file_limit() -> std::io::Result<(u64, u64)> {
@@ -145,6 +149,49 @@ pub(crate) async fn serve<L, F, Fut>(
     }
 }
 
+/// How many connections of an HTTP listener may be open at once, and for
+/// how long.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HttpBound {
+    pub(crate) bound: Bound,
+    /// How long a request's head may take to arrive, counted from the
+    /// connection or the previous response.
+    pub(crate) header_timeout: Duration,
+    /// How long a connection lives: then it is closed after the response
+    /// under way, if that takes at most `header_timeout` more.
+    pub(crate) lifetime: Duration,
+}
+
+/// Serves HTTP/1 requests on `listener` with `router`, within `bound`.
+pub(crate) async fn serve_http(listener: TcpListener, router: axum::Router, bound: HttpBound) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(bound.header_timeout);
+    let forever = std::future::pending();
+    serve(listener, bound.bound, forever, |stream| {
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        async move {
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                _ = tokio::time::sleep(bound.lifetime) => {
+                    connection.as_mut().graceful_shutdown();
+                    tokio::time::timeout(bound.header_timeout, connection)
+                        .await
+                        .unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = ended {
+                debug!(listener = bound.bound.name, "HTTP connection: {e}");
+            }
+        }
+    })
+    .await;
+}
+
 /// Lets a repeated log message through once per period.
 #[derive(Debug)]
 pub struct LogEvery {
@@ -252,7 +299,7 @@ mod tests {
         time::Duration,
     };
 
-    use tokio::io::AsyncReadExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::{testing::*, *};
 
@@ -347,6 +394,98 @@ mod tests {
         assert!((2..=20).contains(&calls), "{calls} accept calls in 2 s");
         assert!(lines <= 2, "{lines} log lines in 2 s:\n{logs}");
         assert!(logs.contains("Too many open files"), "{logs}");
+    }
+
+    /// Connections to `port` on IPv4 loopback that the server accepted
+    /// (established and with a socket; those in the backlog have none).
+    fn accepted_on(port: u16) -> usize {
+        let table = std::fs::read_to_string("/proc/self/net/tcp").unwrap();
+        table
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let local = f[1].rsplit(':').next().unwrap();
+                u16::from_str_radix(local, 16) == Ok(port) && f[3] == "01" && f[9] != "0"
+            })
+            .count()
+    }
+
+    /// An HTTP server with a bound of `max` connections, 500 ms to send a
+    /// request's head and `lifetime` per connection; `/big` answers 32 MiB.
+    async fn http_server(max: usize, lifetime: Duration) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new()
+            .route("/metrics", axum::routing::get(|| async { "up 1\n" }))
+            .route(
+                "/big",
+                axum::routing::get(|| async { vec![b'x'; 32 << 20] }),
+            );
+        let bound = HttpBound {
+            bound: Bound {
+                name: "test",
+                max_connections: max,
+            },
+            header_timeout: Duration::from_millis(500),
+            lifetime,
+        };
+        tokio::spawn(serve_http(listener, router, bound));
+        addr
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n");
+        c.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
+            .await
+            .expect("served")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn idle_http_clients_are_bounded_and_closed() {
+        let addr = http_server(4, Duration::from_secs(30)).await;
+        let mut idle = Vec::new();
+        for _ in 0..20 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(accepted_on(addr.port()), 4, "accepted of 20 idle clients");
+        // Four at a time, each closed 500 ms after it was accepted.
+        let started = tokio::time::Instant::now();
+        for mut c in idle {
+            let read = tokio::time::timeout(Duration::from_secs(10), c.read(&mut [0u8; 1])).await;
+            assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(get(addr, "/metrics").await.ends_with("up 1\n"));
+        // A kept-alive connection idle after its response is closed too.
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        kept.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), kept.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "idle after a response: closed");
+        assert!(String::from_utf8_lossy(&got).ends_with("up 1\n"));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_cut_at_the_connection_lifetime() {
+        let addr = http_server(4, Duration::from_secs(1)).await;
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /big HTTP/1.1\r\nHost: lb\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "the connection is closed");
+        assert!(got.len() < 32 << 20, "cut before the whole response");
     }
 
     #[test]

@@ -1,12 +1,11 @@
 //! Prometheus text exposition (format 0.0.4) of the datapath counters and the
 //! collector's aggregates, on the TCP address in `[metrics] listen`.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, time::Duration};
 
 use anyhow::Result;
 use axum::{http::header::CONTENT_TYPE, http::StatusCode, routing::get, Router};
 use tokio::net::TcpListener;
-use tracing::warn;
 
 use super::{
     state::{Shared, State},
@@ -17,8 +16,20 @@ use crate::{
     collector::{Collector, Expired, Presence},
     datapath::Datapath as _,
     lifecycle::{Phase, Record, VipLife},
+    limits::{self, Bound, HttpBound},
 };
 
+/// How many scrapers may be connected at once, and for how long.
+const HTTP: HttpBound = HttpBound {
+    bound: Bound {
+        name: "metrics",
+        max_connections: 32,
+    },
+    header_timeout: Duration::from_secs(5),
+    lifetime: Duration::from_secs(60),
+};
+
+/// Serves `/metrics` on `listener`.
 pub(crate) async fn serve(listener: TcpListener, state: Shared) {
     let app = Router::new().route(
         "/metrics",
@@ -40,9 +51,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Shared) {
             }
         }),
     );
-    if let Err(e) = axum::serve(listener, app).await {
-        warn!("metrics server stopped: {e}");
-    }
+    limits::serve_http(listener, app, HTTP).await;
 }
 
 /// Text exposition writer: one `# HELP`/`# TYPE` per family, escaped labels.
