@@ -1,7 +1,9 @@
 //! What keeps clients from using up the agent: the descriptor limit,
 //! raised at start; listeners with a bound on open connections (the others
 //! wait in the kernel's backlog and cost no descriptor) and a pause after an
-//! accept error instead of a loop that spins and logs each one.
+//! accept error instead of a loop that spins and logs each one; HTTP
+//! connections with deadlines. And what tells the agent's own shortage from
+//! a peer's failure (`is_local`), and a log that speaks once per period.
 
 use std::{
     future::Future,
@@ -58,6 +60,22 @@ pub fn raise_file_limit() {
         }
     }
     info!(limit = hard, was = soft, "open file limit");
+}
+
+/// Whether `e` says the agent itself ran short (descriptors, kernel
+/// buffers, memory, local ports) rather than that a peer failed.
+pub fn is_local(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EADDRNOTAVAIL
+                | libc::EAGAIN
+        )
+    )
 }
 
 /// A listener the accept loop takes connections from.
@@ -486,6 +504,27 @@ mod tests {
         let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut got)).await;
         assert!(read.is_ok(), "the connection is closed");
         assert!(got.len() < 32 << 20, "cut before the whole response");
+    }
+
+    #[test]
+    fn local_errors_are_the_agents_shortages() {
+        for (errno, local) in [
+            (libc::EMFILE, true),
+            (libc::ENFILE, true),
+            (libc::ENOBUFS, true),
+            (libc::ENOMEM, true),
+            (libc::EADDRNOTAVAIL, true),
+            (libc::EAGAIN, true),
+            (libc::ECONNREFUSED, false),
+            (libc::ECONNRESET, false),
+            (libc::EHOSTUNREACH, false),
+            (libc::ENETUNREACH, false),
+            (libc::ETIMEDOUT, false),
+        ] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert_eq!(is_local(&e), local, "{e}");
+        }
+        assert!(!is_local(&io::Error::other("not an OS error")));
     }
 
     #[test]

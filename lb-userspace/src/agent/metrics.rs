@@ -15,6 +15,7 @@ use crate::{
     api::{BackendStatus, Counters, OutcomeStatus, VipBackendStatus},
     collector::{Collector, Expired, Presence},
     datapath::Datapath as _,
+    health,
     lifecycle::{Phase, Record, VipLife},
     limits::{self, Bound, HttpBound},
 };
@@ -322,6 +323,16 @@ pub(crate) async fn render(state: &Shared) -> Result<String> {
         balancer_series(&mut out, &st)?;
         lifecycle_series(&mut out, &st);
         datapath_series(&mut out, &st)?;
+        out.family(
+            "lb_health_check_local_errors_total",
+            "counter",
+            "Health checks that failed for want of the agent's own resources (descriptors, buffers, memory, local ports); no verdict is taken from them.",
+        );
+        out.sample(
+            "lb_health_check_local_errors_total",
+            &[],
+            health::local_errors(),
+        );
     }
     if let Some(d) = &st.decap {
         let decap = status::decap(d)?;
