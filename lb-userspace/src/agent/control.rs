@@ -3,10 +3,11 @@
 
 use std::{collections::BTreeSet, future::Future, net::IpAddr, sync::Arc, time::Duration};
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _},
     net::{UnixListener, UnixStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tracing::{info, warn};
 
@@ -23,10 +24,39 @@ use crate::{
 };
 
 /// Largest request the API accepts (a configuration file, JSON-encoded).
-const MAX_REQUEST: u64 = 16 << 20;
-
+const MAX_REQUEST: usize = 16 << 20;
+/// Request bytes the agent holds at once over all connections: a request
+/// that would take more gets an error.
+const REQUEST_BUDGET: usize = 64 << 20;
+/// Time a client has to send its whole request, and to read the response.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Control connections open at once; more wait in the socket's backlog.
 const MAX_CONNECTIONS: usize = 16;
+
+/// What one connection may ask of the agent.
+#[derive(Debug, Clone)]
+struct RequestLimits {
+    /// Request bytes held at once over all connections (a permit a byte),
+    /// out of `budget_bytes`.
+    budget: Arc<Semaphore>,
+    budget_bytes: usize,
+    max_request: usize,
+    read_timeout: Duration,
+    write_timeout: Duration,
+}
+
+impl RequestLimits {
+    fn new(budget_bytes: usize, max_request: usize, timeouts: (Duration, Duration)) -> Self {
+        RequestLimits {
+            budget: Arc::new(Semaphore::new(budget_bytes)),
+            budget_bytes,
+            max_request,
+            read_timeout: timeouts.0,
+            write_timeout: timeouts.1,
+        }
+    }
+}
 
 /// Serves the control API on `listener` until `shutdown` completes: one
 /// task per connection, at most `MAX_CONNECTIONS` at once.
@@ -40,11 +70,12 @@ pub(crate) async fn accept(
         name: "control",
         max_connections: MAX_CONNECTIONS,
     };
+    let limits = RequestLimits::new(REQUEST_BUDGET, MAX_REQUEST, (READ_TIMEOUT, WRITE_TIMEOUT));
     limits::serve(listener, bound, shutdown, |stream| {
-        let (state, resolver) = (state.clone(), resolver.clone());
+        let (state, resolver, limits) = (state.clone(), resolver.clone(), limits.clone());
         async move {
             let handler = |req| async move { handle(req, &state, &resolver).await };
-            if let Err(e) = answer(stream, handler).await {
+            if let Err(e) = answer(stream, &limits, handler).await {
                 warn!("control connection: {e:#}");
             }
         }
@@ -52,35 +83,97 @@ pub(crate) async fn accept(
     .await;
 }
 
-/// Answers one connection: reads its request, checks who sent it, and
-/// writes what `handler` makes of it.
-async fn answer<F, Fut>(stream: UnixStream, handler: F) -> Result<()>
+/// Answers one connection: checks who it is from, reads its request within
+/// `limits`, and writes what `handler` makes of it (or why there is no
+/// request to handle).
+async fn answer<F, Fut>(stream: UnixStream, limits: &RequestLimits, handler: F) -> Result<()>
 where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
 {
     let cred = stream.peer_cred()?;
-    let (read, mut write) = stream.into_split();
+    let (mut read, mut write) = stream.into_split();
+    // The request's share of the budget is held until its response is out.
+    let mut held = None;
     let response = if cred.uid() != 0 {
-        Response::Error {
-            message: "the control API is for root only".into(),
-        }
+        Err("the control API is for root only".to_string())
     } else {
-        let mut line = String::new();
-        BufReader::new(read.take(MAX_REQUEST))
-            .read_line(&mut line)
-            .await?;
-        match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handler(req).await,
-            Err(e) => Response::Error {
-                message: format!("malformed request: {e}"),
-            },
-        }
+        read_request(&mut read, limits, &mut held)
+            .await
+            .and_then(|r| parse(&r))
+    };
+    let response = match response {
+        Ok(req) => handler(req).await,
+        Err(message) => Response::Error { message },
     };
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');
-    write.write_all(out.as_bytes()).await?;
+    tokio::time::timeout(limits.write_timeout, write.write_all(out.as_bytes()))
+        .await
+        .map_err(|_| {
+            let s = limits.write_timeout.as_secs();
+            anyhow!("the client did not read its response within {s} s")
+        })??;
+    drop(held);
     Ok(())
+}
+
+/// Reads one request line (or up to the end of the stream), within the
+/// read timeout and the size limit, taking the memory it needs from the
+/// budget into `held`. Errors are messages for the client.
+async fn read_request(
+    read: &mut (impl AsyncRead + Unpin),
+    limits: &RequestLimits,
+    held: &mut Option<OwnedSemaphorePermit>,
+) -> Result<Vec<u8>, String> {
+    let deadline = tokio::time::Instant::now() + limits.read_timeout;
+    let mut request = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, read.read(&mut chunk)).await {
+            Err(_) => {
+                let s = limits.read_timeout.as_secs_f64();
+                return Err(format!("no complete request within {s} s"));
+            }
+            Ok(Err(e)) => return Err(format!("reading the request: {e}")),
+            Ok(Ok(n)) => n,
+        };
+        let line_end = chunk[..n].iter().position(|b| *b == b'\n');
+        let part = &chunk[..line_end.unwrap_or(n)];
+        if request.len() + part.len() > limits.max_request {
+            let mib = limits.max_request >> 20;
+            return Err(format!("the request is larger than {mib} MiB"));
+        }
+        if request.capacity() - request.len() < part.len() {
+            let grown = (request.capacity() * 2)
+                .max(request.len() + part.len())
+                .min(limits.max_request);
+            let more = u32::try_from(grown - request.capacity()).expect("at most max_request");
+            let permit = limits
+                .budget
+                .clone()
+                .try_acquire_many_owned(more)
+                .map_err(|_| {
+                    let mib = limits.budget_bytes >> 20;
+                    format!("too many large requests at once (over {mib} MiB in all); try again")
+                })?;
+            match held {
+                Some(h) => h.merge(permit),
+                None => *held = Some(permit),
+            }
+            request.reserve_exact(grown - request.len());
+        }
+        request.extend_from_slice(part);
+        if line_end.is_some() || n == 0 {
+            return Ok(request);
+        }
+    }
+}
+
+fn parse(request: &[u8]) -> Result<Request, String> {
+    let text =
+        std::str::from_utf8(request).map_err(|e| format!("malformed request: not UTF-8 ({e})"))?;
+    serde_json::from_str(text).map_err(|e| format!("malformed request: {e}"))
 }
 
 async fn handle(req: Request, state: &Shared, resolver: &Resolver) -> Response {
@@ -201,3 +294,6 @@ async fn apply(text: &str, state: &Shared, resolver: &Resolver) -> Result<ApplyS
     st.config = new;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests;
