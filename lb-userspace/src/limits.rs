@@ -280,6 +280,49 @@ pub(crate) mod testing {
         (buf, tracing::subscriber::set_default(subscriber))
     }
 
+    /// Resident memory of this process in bytes.
+    pub(crate) fn rss() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+    }
+
+    /// Samples resident memory every 2 ms until `growth` is asked for.
+    pub(crate) struct PeakRss {
+        before: u64,
+        done: Arc<std::sync::atomic::AtomicBool>,
+        sampler: std::thread::JoinHandle<u64>,
+    }
+
+    impl PeakRss {
+        pub(crate) fn start() -> Self {
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stop = done.clone();
+            let before = rss();
+            let sampler = std::thread::spawn(move || {
+                let mut peak = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    peak = peak.max(rss());
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                peak.max(rss())
+            });
+            PeakRss {
+                before,
+                done,
+                sampler,
+            }
+        }
+
+        /// How much higher than at the start resident memory went, in MiB.
+        pub(crate) fn growth_mib(self) -> u64 {
+            self.done.store(true, Ordering::Relaxed);
+            let peak = self.sampler.join().unwrap();
+            peak.saturating_sub(self.before) >> 20
+        }
+    }
+
     /// Runs the test `name` (its path from the crate root) alone in a child
     /// process, for tests that change process-wide settings such as resource
     /// limits; returns true in that child, false in the parent once the

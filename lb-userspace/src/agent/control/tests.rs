@@ -107,14 +107,6 @@ async fn a_silent_client_gets_an_error_at_the_read_timeout() {
     assert!(e.contains("no complete request within"), "{e}");
 }
 
-/// Resident memory of this process in bytes.
-fn rss() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_large_requests_stay_within_the_budget() {
     if not_root()
@@ -128,19 +120,7 @@ async fn concurrent_large_requests_stay_within_the_budget() {
     const BUDGET: usize = 64 * MIB;
     let l = limits(BUDGET, 16 * MIB, Duration::from_secs(10));
     let chunk: Arc<[u8]> = vec![b' '; MIB].into();
-    let before = rss();
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let mut peak = 0;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(rss());
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            peak
-        })
-    };
+    let peak = crate::limits::testing::PeakRss::start();
     // 20 clients each send 50 MiB at once.
     let clients: Vec<_> = (0..20)
         .map(|_| {
@@ -164,13 +144,11 @@ async fn concurrent_large_requests_stay_within_the_budget() {
             "{e}"
         );
     }
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let grew = sampler.join().unwrap().saturating_sub(before);
-    eprintln!("resident memory grew by {} MiB at most", grew / MIB as u64);
+    let grew = peak.growth_mib();
+    eprintln!("resident memory grew by {grew} MiB at most");
     assert!(
-        grew < (BUDGET + 48 * MIB) as u64,
-        "resident memory grew by {} MiB",
-        grew / MIB as u64
+        grew < ((BUDGET >> 20) + 48) as u64,
+        "resident memory grew by {grew} MiB"
     );
     // The budget is whole again.
     assert_eq!(l.budget.available_permits(), BUDGET);
