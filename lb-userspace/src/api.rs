@@ -249,11 +249,18 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
-    write.write_all(line.as_bytes()).await?;
-    write.shutdown().await?;
+    // The agent may refuse a request before it has read all of it (too
+    // large, say): its answer is still there to read.
+    let sent = async {
+        write.write_all(line.as_bytes()).await?;
+        write.shutdown().await
+    }
+    .await;
     let mut reply = String::new();
-    BufReader::new(read).read_line(&mut reply).await?;
+    let received = BufReader::new(read).read_line(&mut reply).await;
     if reply.is_empty() {
+        sent.context("sending the request to lb-agent")?;
+        received?;
         bail!("lb-agent closed the connection without answering");
     }
     serde_json::from_str(&reply).context("lb-agent sent a response lbctl does not understand")
@@ -302,4 +309,38 @@ pub struct Report {
     pub events: EventStats,
     /// What the report cannot show, and why.
     pub notes: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt as _;
+
+    use super::*;
+
+    /// An agent that refuses a request before reading all of it still gets
+    /// its answer through.
+    #[tokio::test]
+    async fn an_answer_before_the_whole_request_is_read_is_shown() {
+        let path = crate::limits::testing::socket_path("api");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut some = vec![0u8; 1 << 20];
+            let _ = s.read_exact(&mut some).await;
+            let refusal = Response::Error {
+                message: "the request is larger than 16 MiB".into(),
+            };
+            let line = serde_json::to_string(&refusal).unwrap() + "\n";
+            let _ = s.write_all(line.as_bytes()).await;
+        });
+        let apply = Request::Apply {
+            config: " ".repeat(20 << 20),
+        };
+        let response = call(&path, &apply).await;
+        let _ = std::fs::remove_file(&path);
+        match response {
+            Ok(Response::Error { message }) => assert!(message.contains("larger"), "{message}"),
+            other => panic!("expected the agent's refusal, got {other:?}"),
+        }
+    }
 }

@@ -15,6 +15,8 @@
 //! - `nexthop`: interface indexes and next-hop MACs through rtnetlink.
 //! - `config`: the TOML file and its validation.
 //! - `maglev`: weighted Maglev tables.
+//! - `limits`: what keeps clients from using up the agent: the descriptor
+//!   limit, bounded listeners, errors that mean the agent ran short.
 //!
 //! Below all of them, `lb-common` holds the map ABI and address encoding.
 pub mod agent;
@@ -25,5 +27,6 @@ pub mod config;
 pub mod datapath;
 pub mod health;
 pub mod lifecycle;
+pub mod limits;
 pub mod maglev;
 pub mod nexthop;

@@ -1,14 +1,15 @@
 //! The control API: one JSON request per connection on the Unix socket, from
 //! root only, and one handler per request.
 
-use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, future::Future, net::IpAddr, sync::Arc, time::Duration};
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::UnixStream,
+    io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _},
+    net::{UnixListener, UnixStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{
     report, resolve_all,
@@ -18,43 +19,165 @@ use super::{
 use crate::{
     api::{ApplySummary, MaintenanceCommand, Request, Response, VipMaintenance},
     config::Config,
+    limits::{self, Bound},
     nexthop::Resolver,
 };
 
 /// Largest request the API accepts (a configuration file, JSON-encoded).
-const MAX_REQUEST: u64 = 16 << 20;
+const MAX_REQUEST: usize = 16 << 20;
+/// Request bytes the agent holds at once over all connections: a request
+/// that would take more gets an error.
+const REQUEST_BUDGET: usize = 64 << 20;
+/// Time a client has to send its whole request, and to read the response.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control connections open at once; more wait in the socket's backlog.
+const MAX_CONNECTIONS: usize = 16;
 
-/// Answers one connection.
-pub(crate) async fn serve(
-    stream: UnixStream,
-    state: Shared,
-    resolver: Arc<Resolver>,
-) -> Result<()> {
+/// What one connection may ask of the agent.
+#[derive(Debug, Clone)]
+struct RequestLimits {
+    /// Request bytes held at once over all connections (a permit a byte),
+    /// out of `budget_bytes`.
+    budget: Arc<Semaphore>,
+    budget_bytes: usize,
+    max_request: usize,
+    read_timeout: Duration,
+    write_timeout: Duration,
+}
+
+impl RequestLimits {
+    fn new(budget_bytes: usize, max_request: usize, timeouts: (Duration, Duration)) -> Self {
+        RequestLimits {
+            budget: Arc::new(Semaphore::new(budget_bytes)),
+            budget_bytes,
+            max_request,
+            read_timeout: timeouts.0,
+            write_timeout: timeouts.1,
+        }
+    }
+}
+
+/// Serves the control API on `listener` until `shutdown` completes: one
+/// task per connection, at most `MAX_CONNECTIONS` at once.
+pub(crate) async fn accept(
+    listener: UnixListener,
+    state: &Shared,
+    resolver: &Arc<Resolver>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let bound = Bound {
+        name: "control",
+        max_connections: MAX_CONNECTIONS,
+    };
+    let limits = RequestLimits::new(REQUEST_BUDGET, MAX_REQUEST, (READ_TIMEOUT, WRITE_TIMEOUT));
+    limits::serve(listener, bound, shutdown, |stream| {
+        let (state, resolver, limits) = (state.clone(), resolver.clone(), limits.clone());
+        async move {
+            let stop = state.clone();
+            let handler = |req| async move { handle(req, &state, &resolver).await };
+            match answer(stream, &limits, handler).await {
+                // The agent stops once `lbctl shutdown` has its answer.
+                Ok(Response::ShuttingDown { .. }) => stop.lock().await.stop.notify_one(),
+                Ok(_) => {}
+                Err(e) => warn!("control connection: {e:#}"),
+            }
+        }
+    })
+    .await;
+}
+
+/// Answers one connection: checks who it is from, reads its request within
+/// `limits`, and writes what `handler` makes of it (or why there is no
+/// request to handle). Returns the response sent.
+async fn answer<F, Fut>(stream: UnixStream, limits: &RequestLimits, handler: F) -> Result<Response>
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let cred = stream.peer_cred()?;
-    let (read, mut write) = stream.into_split();
+    let (mut read, mut write) = stream.into_split();
+    // The request's share of the budget is held until its response is out.
+    let mut held = None;
     let response = if cred.uid() != 0 {
-        Response::Error {
-            message: "the control API is for root only".into(),
-        }
+        Err("the control API is for root only".to_string())
     } else {
-        let mut line = String::new();
-        BufReader::new(read.take(MAX_REQUEST))
-            .read_line(&mut line)
-            .await?;
-        match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(req, &state, &resolver).await,
-            Err(e) => Response::Error {
-                message: format!("malformed request: {e}"),
-            },
-        }
+        read_request(&mut read, limits, &mut held)
+            .await
+            .and_then(|r| parse(&r))
+    };
+    let response = match response {
+        Ok(req) => handler(req).await,
+        Err(message) => Response::Error { message },
     };
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');
-    write.write_all(out.as_bytes()).await?;
-    if let Response::ShuttingDown { .. } = response {
-        state.lock().await.stop.notify_one();
+    tokio::time::timeout(limits.write_timeout, write.write_all(out.as_bytes()))
+        .await
+        .map_err(|_| {
+            let s = limits.write_timeout.as_secs();
+            anyhow!("the client did not read its response within {s} s")
+        })??;
+    drop(held);
+    Ok(response)
+}
+
+/// Reads one request line (or up to the end of the stream), within the
+/// read timeout and the size limit, taking the memory it needs from the
+/// budget into `held`. Errors are messages for the client.
+async fn read_request(
+    read: &mut (impl AsyncRead + Unpin),
+    limits: &RequestLimits,
+    held: &mut Option<OwnedSemaphorePermit>,
+) -> Result<Vec<u8>, String> {
+    let deadline = tokio::time::Instant::now() + limits.read_timeout;
+    let mut request = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, read.read(&mut chunk)).await {
+            Err(_) => {
+                let s = limits.read_timeout.as_secs_f64();
+                return Err(format!("no complete request within {s} s"));
+            }
+            Ok(Err(e)) => return Err(format!("reading the request: {e}")),
+            Ok(Ok(n)) => n,
+        };
+        let line_end = chunk[..n].iter().position(|b| *b == b'\n');
+        let part = &chunk[..line_end.unwrap_or(n)];
+        if request.len() + part.len() > limits.max_request {
+            let mib = limits.max_request >> 20;
+            return Err(format!("the request is larger than {mib} MiB"));
+        }
+        if request.capacity() - request.len() < part.len() {
+            let grown = (request.capacity() * 2)
+                .max(request.len() + part.len())
+                .min(limits.max_request);
+            let more = u32::try_from(grown - request.capacity()).expect("at most max_request");
+            let permit = limits
+                .budget
+                .clone()
+                .try_acquire_many_owned(more)
+                .map_err(|_| {
+                    let mib = limits.budget_bytes >> 20;
+                    format!("too many large requests at once (over {mib} MiB in all); try again")
+                })?;
+            match held {
+                Some(h) => h.merge(permit),
+                None => *held = Some(permit),
+            }
+            request.reserve_exact(grown - request.len());
+        }
+        request.extend_from_slice(part);
+        if line_end.is_some() || n == 0 {
+            return Ok(request);
+        }
     }
-    Ok(())
+}
+
+fn parse(request: &[u8]) -> Result<Request, String> {
+    let text =
+        std::str::from_utf8(request).map_err(|e| format!("malformed request: not UTF-8 ({e})"))?;
+    serde_json::from_str(text).map_err(|e| format!("malformed request: {e}"))
 }
 
 async fn handle(req: Request, state: &Shared, resolver: &Resolver) -> Response {
@@ -183,3 +306,6 @@ async fn apply(text: &str, state: &Shared, resolver: &Resolver) -> Result<ApplyS
     st.config = new;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests;

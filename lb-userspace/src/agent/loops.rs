@@ -10,8 +10,9 @@ use crate::{
     collector::monotonic_ns,
     config::{Feedback, HealthCheck, VipConfig},
     datapath::FlowTable,
-    health::{self, Probe, Schedule, Tracker},
+    health::{self, CheckError, Probe, Schedule, Tracker},
     lifecycle::{self, HookJob},
+    limits::LogEvery,
     nexthop::{ChangeWatcher, Resolver},
 };
 
@@ -229,11 +230,30 @@ pub(crate) async fn check_health(state: Shared) {
     .await;
 }
 
+/// Health checks that ended on a local error are logged at most this often.
+static LOCAL_ERROR_LOG: std::sync::Mutex<LogEvery> =
+    std::sync::Mutex::new(LogEvery::new(Duration::from_secs(10)));
+
 fn apply_health(
     st: &mut State,
     trackers: &mut Schedule<Tracker>,
-    results: Vec<(Probe<HealthCheck>, anyhow::Result<()>)>,
+    results: Vec<(Probe<HealthCheck>, Result<(), CheckError>)>,
 ) {
+    // A check the agent could not run for want of its own resources says
+    // nothing of the backend: no verdict, and no pass for a returning one.
+    let (local, results): (Vec<_>, Vec<_>) = results
+        .into_iter()
+        .partition(|(_, r)| r.as_ref().is_err_and(CheckError::is_local));
+    if let Some((p, Err(e))) = local.first() {
+        if let Some(held) = LOCAL_ERROR_LOG.lock().expect("not poisoned").ready() {
+            warn!(
+                checks = local.len(),
+                held_back = held,
+                backend = %p.target,
+                "health checks gave no verdict, the backends keep theirs: {e}"
+            );
+        }
+    }
     let Ok((bal, lifecycle)) = st.balancer_and_lifecycle() else {
         return;
     };
@@ -248,7 +268,7 @@ fn apply_health(
         let vip_addr = SocketAddr::new(vip.0, vip.1);
         match result {
             Ok(()) => info!(vip = %vip_addr, backend = %p.target, "backend up"),
-            Err(e) => warn!(vip = %vip_addr, backend = %p.target, "backend down: {e:#}"),
+            Err(e) => warn!(vip = %vip_addr, backend = %p.target, "backend down: {e}"),
         }
         if let Err(e) = bal.set_health(vip, backend, up) {
             warn!(%backend, "applying a health verdict: {e:#}");

@@ -1,12 +1,11 @@
 //! Prometheus text exposition (format 0.0.4) of the datapath counters and the
 //! collector's aggregates, on the TCP address in `[metrics] listen`.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, time::Duration};
 
 use anyhow::Result;
 use axum::{http::header::CONTENT_TYPE, http::StatusCode, routing::get, Router};
 use tokio::net::TcpListener;
-use tracing::warn;
 
 use super::{
     state::{Shared, State},
@@ -16,9 +15,22 @@ use crate::{
     api::{BackendStatus, Counters, OutcomeStatus, VipBackendStatus},
     collector::{Collector, Expired, Presence},
     datapath::Datapath as _,
+    health,
     lifecycle::{Phase, Record, VipLife},
+    limits::{self, Bound, HttpBound},
 };
 
+/// How many scrapers may be connected at once, and for how long.
+const HTTP: HttpBound = HttpBound {
+    bound: Bound {
+        name: "metrics",
+        max_connections: 32,
+    },
+    header_timeout: Duration::from_secs(5),
+    lifetime: Duration::from_secs(60),
+};
+
+/// Serves `/metrics` on `listener`.
 pub(crate) async fn serve(listener: TcpListener, state: Shared) {
     let app = Router::new().route(
         "/metrics",
@@ -40,9 +52,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Shared) {
             }
         }),
     );
-    if let Err(e) = axum::serve(listener, app).await {
-        warn!("metrics server stopped: {e}");
-    }
+    limits::serve_http(listener, app, HTTP).await;
 }
 
 /// Text exposition writer: one `# HELP`/`# TYPE` per family, escaped labels.
@@ -313,6 +323,16 @@ pub(crate) async fn render(state: &Shared) -> Result<String> {
         balancer_series(&mut out, &st)?;
         lifecycle_series(&mut out, &st);
         datapath_series(&mut out, &st)?;
+        out.family(
+            "lb_health_check_local_errors_total",
+            "counter",
+            "Health checks that failed for want of the agent's own resources (descriptors, buffers, memory, local ports); no verdict is taken from them.",
+        );
+        out.sample(
+            "lb_health_check_local_errors_total",
+            &[],
+            health::local_errors(),
+        );
     }
     if let Some(d) = &st.decap {
         let decap = status::decap(d)?;

@@ -251,6 +251,7 @@ pub async fn run_object(
 ) -> Result<()> {
     // Before anything is read or written: a second agent changes nothing.
     let _lock = InstanceLock::take(&config.instance)?;
+    crate::limits::raise_file_limit();
     let resolver = Arc::new(Resolver::new().context("opening rtnetlink")?);
     let pins = Pins::new(&config.instance);
     instance::check_interfaces(&config, &pins, &resolver).await?;
@@ -283,24 +284,13 @@ pub async fn run_object(
     let state = state.0;
     info!(socket = %socket.display(), instance = config.instance, "serving the control API");
     let stop = state.lock().await.stop.clone();
-    tokio::pin!(shutdown);
-    loop {
+    let stopped = async move {
         tokio::select! {
-            _ = &mut shutdown => break,
-            _ = stop.notified() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let (state, resolver) = (state.clone(), resolver.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = control::serve(stream, state, resolver).await {
-                            warn!("control connection: {e:#}");
-                        }
-                    });
-                }
-                Err(e) => warn!("accept: {e}"),
-            },
+            _ = shutdown => {}
+            _ = stop.notified() => {}
         }
-    }
+    };
+    control::accept(listener, &state, &resolver, stopped).await;
     for t in tasks {
         t.abort();
     }

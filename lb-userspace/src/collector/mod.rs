@@ -37,8 +37,11 @@ pub fn monotonic_ns() -> u64 {
 }
 
 const NS: u64 = 1_000_000_000;
-/// Counter snapshots kept for `--since` windows.
-const HISTORY: usize = 4096;
+/// Memory the counter snapshots kept for `--since` windows may take; past
+/// it, the history is thinned (see `Collector::thin`).
+pub const HISTORY_BYTES: usize = 64 << 20;
+/// Snapshots kept at most, however small: thinning looks at each of them.
+const HISTORY_MAX: usize = 4096;
 /// Largest flows kept from each collection.
 const TOP_KEPT: usize = 100;
 /// Flow events kept for `lbctl events`.
@@ -114,13 +117,56 @@ pub struct Expired {
     pub half_open: u64,
 }
 
-#[derive(Debug, Clone, Default)]
+/// A VIP's or a backend's counters and expired flows at a snapshot.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    id: u32,
+    counters: TrafficCounters,
+    expired: Expired,
+}
+
+/// The counters of every VIP and backend at one collection, sorted by id.
+#[derive(Debug)]
 struct Snapshot {
     at_ns: u64,
-    vips: BTreeMap<u32, TrafficCounters>,
-    backends: BTreeMap<u32, TrafficCounters>,
-    vip_expired: BTreeMap<u32, Expired>,
-    backend_expired: BTreeMap<u32, Expired>,
+    vips: Box<[Sample]>,
+    backends: Box<[Sample]>,
+}
+
+impl Snapshot {
+    /// Memory the snapshot takes in the history.
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Snapshot>()
+            + (self.vips.len() + self.backends.len()) * std::mem::size_of::<Sample>()
+    }
+}
+
+/// The samples of `ids`, sorted by id, with counters from `read`.
+fn samples(
+    ids: &[u32],
+    expired: &BTreeMap<u32, Expired>,
+    read: impl Fn(u32) -> Result<TrafficCounters>,
+) -> Result<Box<[Sample]>> {
+    let mut out = ids
+        .iter()
+        .map(|id| {
+            Ok(Sample {
+                id: *id,
+                counters: read(*id)?,
+                expired: expired.get(id).copied().unwrap_or_default(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    out.sort_unstable_by_key(|s| s.id);
+    Ok(out.into_boxed_slice())
+}
+
+/// The counters and expired flows of `id` in `samples`.
+fn sample(samples: &[Sample], id: u32) -> (Option<TrafficCounters>, Expired) {
+    match samples.binary_search_by_key(&id, |s| s.id) {
+        Ok(i) => (Some(samples[i].counters), samples[i].expired),
+        Err(_) => (None, Expired::default()),
+    }
 }
 
 /// Idle times after which flows are removed from the connection table.
@@ -241,6 +287,8 @@ pub struct Collector {
     backend_expired: BTreeMap<u32, Expired>,
     top: Vec<(FlowKey, FlowState)>,
     history: VecDeque<Snapshot>,
+    /// What the snapshots in `history` take, as `Snapshot::bytes` counts.
+    history_bytes: usize,
     events: VecDeque<FlowEvent>,
     pub events_received: u64,
 }
@@ -304,23 +352,53 @@ impl Collector {
         self.pair_presence = scan.pair_presence;
         self.collected_at_ns = now_ns;
 
-        let mut snap = Snapshot {
+        let snap = Snapshot {
             at_ns: counters_at_ns,
-            vip_expired: self.vip_expired.clone(),
-            backend_expired: self.backend_expired.clone(),
-            ..Snapshot::default()
+            vips: samples(vip_ids, &self.vip_expired, |id| dp.vip_counters(id))?,
+            backends: samples(backend_ids, &self.backend_expired, |id| {
+                dp.backend_counters(id)
+            })?,
         };
-        for id in vip_ids {
-            snap.vips.insert(*id, dp.vip_counters(*id)?);
-        }
-        for id in backend_ids {
-            snap.backends.insert(*id, dp.backend_counters(*id)?);
-        }
+        self.history_bytes += snap.bytes();
         self.history.push_back(snap);
-        while self.history.len() > HISTORY {
-            self.history.pop_front();
-        }
+        self.thin();
         Ok(())
+    }
+
+    /// Keeps the history within `HISTORY_BYTES` (and `HISTORY_MAX`
+    /// snapshots) by dropping snapshots so that the gaps left grow with
+    /// age: the resolution of a `--since` window is then about the same
+    /// share of its length whatever the length, back to the agent's start
+    /// (a few percent with 4,000 backends and 1,000 VIPs, which leave room
+    /// for 186 snapshots). The newest two (the default window) stay, and so
+    /// does the oldest while there are others to drop.
+    fn thin(&mut self) {
+        while self.history.len() > 2
+            && (self.history_bytes > HISTORY_BYTES || self.history.len() > HISTORY_MAX)
+        {
+            let h = &self.history;
+            let last = h[h.len() - 1].at_ns;
+            // Drop the one whose neighbours are closest, for their age.
+            let drop = (1..h.len() - 2)
+                .min_by(|&a, &b| {
+                    let cost = |i: usize| {
+                        let gap = h[i + 1].at_ns.saturating_sub(h[i - 1].at_ns);
+                        let age = last.saturating_sub(h[i - 1].at_ns).max(1);
+                        gap as f64 / age as f64
+                    };
+                    cost(a).total_cmp(&cost(b))
+                })
+                .unwrap_or(0);
+            if let Some(gone) = self.history.remove(drop) {
+                self.history_bytes -= gone.bytes();
+            }
+        }
+    }
+
+    /// Memory the counter history takes: the snapshots and the ring.
+    pub fn history_bytes(&self) -> usize {
+        self.history_bytes
+            + (self.history.capacity() - self.history.len()) * std::mem::size_of::<Snapshot>()
     }
 
     /// The snapshot that starts a window of `since_s` seconds (the previous
@@ -330,11 +408,11 @@ impl Collector {
         let first = match since_s {
             None => self.history.iter().rev().nth(1).unwrap_or(last),
             Some(s) => {
+                // The oldest snapshot inside the window: the window is at
+                // most what was asked for, less where the history is thin.
                 let from = last.at_ns.saturating_sub((s * NS as f64) as u64);
-                self.history
-                    .iter()
-                    .find(|h| h.at_ns >= from)
-                    .unwrap_or(last)
+                let i = self.history.partition_point(|h| h.at_ns < from);
+                self.history.get(i).unwrap_or(last)
             }
         };
         Some((first, last))
@@ -393,16 +471,7 @@ impl Collector {
 
     pub fn vip_report(&self, vip_id: u32, since_s: Option<f64>) -> FlowReport {
         let presence = self.vip_presence.get(&vip_id).copied().unwrap_or_default();
-        self.report(
-            since_s,
-            |s| {
-                (
-                    s.vips.get(&vip_id).copied(),
-                    s.vip_expired.get(&vip_id).copied().unwrap_or_default(),
-                )
-            },
-            presence,
-        )
+        self.report(since_s, |s| sample(&s.vips, vip_id), presence)
     }
 
     pub fn backend_report(&self, backend_id: u32, since_s: Option<f64>) -> FlowReport {
@@ -411,19 +480,7 @@ impl Collector {
             .get(&backend_id)
             .copied()
             .unwrap_or_default();
-        self.report(
-            since_s,
-            |s| {
-                (
-                    s.backends.get(&backend_id).copied(),
-                    s.backend_expired
-                        .get(&backend_id)
-                        .copied()
-                        .unwrap_or_default(),
-                )
-            },
-            presence,
-        )
+        self.report(since_s, |s| sample(&s.backends, backend_id), presence)
     }
 
     /// Expired flows of a VIP / backend since the agent started.

@@ -2,7 +2,11 @@
 //! expected status) with the rise/fall thresholds that turn results into
 //! up/down, load reports, and the schedule that runs both per (VIP, backend).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use anyhow::{bail, Context as _, Result};
 use tokio::{
@@ -14,7 +18,10 @@ mod schedule;
 
 pub use schedule::{Probe, Schedule};
 
-use crate::config::{HealthCheck, HealthKind};
+use crate::{
+    config::{HealthCheck, HealthKind},
+    limits,
+};
 
 /// Up/down with hysteresis: `fall` failures in a row take an up backend down,
 /// `rise` successes in a row bring a down backend up.
@@ -52,8 +59,50 @@ impl Tracker {
     }
 }
 
+/// Why a check did not pass.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The backend failed it: refused, timed out, a wrong answer.
+    #[error("{0:#}")]
+    Backend(anyhow::Error),
+    /// The agent itself ran short (descriptors, buffers, memory, local
+    /// ports): the check tells nothing of the backend.
+    #[error("local error, not the backend's: {0:#}")]
+    Local(anyhow::Error),
+}
+
+impl CheckError {
+    pub fn is_local(&self) -> bool {
+        matches!(self, CheckError::Local(_))
+    }
+}
+
+/// Checks that ended on a local error since the agent started.
+static LOCAL_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// Checks that ended on a local error since the agent started (its one
+/// health loop runs them all).
+pub fn local_errors() -> u64 {
+    LOCAL_ERRORS.load(Ordering::Relaxed)
+}
+
 /// Runs one check against `target`; `Ok(())` when the backend is healthy.
-pub async fn check(target: SocketAddr, hc: &HealthCheck) -> Result<()> {
+pub async fn check(target: SocketAddr, hc: &HealthCheck) -> Result<(), CheckError> {
+    probe(target, hc).await.map_err(|e| {
+        let local = e
+            .chain()
+            .filter_map(|c| c.downcast_ref::<std::io::Error>())
+            .any(limits::is_local);
+        if local {
+            LOCAL_ERRORS.fetch_add(1, Ordering::Relaxed);
+            CheckError::Local(e)
+        } else {
+            CheckError::Backend(e)
+        }
+    })
+}
+
+async fn probe(target: SocketAddr, hc: &HealthCheck) -> Result<()> {
     let timeout = Duration::from_millis(hc.timeout_ms);
     tokio::time::timeout(timeout, async {
         let mut stream = TcpStream::connect(target).await.context("connect")?;
@@ -141,6 +190,58 @@ mod tests {
         assert_eq!(t.record(true, 2, 3), None);
         assert_eq!(t.record(true, 2, 3), Some(true));
         assert!(t.up);
+    }
+
+    /// Out of descriptors, a check cannot open its socket: that is the
+    /// agent's trouble, not the backend's.
+    #[tokio::test]
+    async fn a_check_without_a_descriptor_is_a_local_error() {
+        if !crate::limits::testing::in_child(
+            "health::tests::a_check_without_a_descriptor_is_a_local_error",
+        ) {
+            return;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tcp = HealthCheck {
+            kind: HealthKind::Tcp,
+            ..HealthCheck::default()
+        };
+        check(addr, &tcp).await.unwrap();
+        // No descriptor above the highest open one.
+        let highest = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|d| d.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .unwrap();
+        let mut limits = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit on a valid rlimit.
+        unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limits);
+            let full = libc::rlimit {
+                rlim_cur: highest + 1,
+                rlim_max: limits.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &full);
+        }
+        // Fill the holes below it.
+        let held: Vec<std::fs::File> = std::iter::from_fn(|| std::fs::File::open("/dev/null").ok())
+            .take(1 << 16)
+            .collect();
+        let result = check(addr, &tcp).await;
+        drop(held);
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limits) };
+        match result {
+            Err(CheckError::Local(e)) => {
+                assert!(format!("{e:#}").contains("Too many open files"), "{e:#}")
+            }
+            other => panic!("expected a local error, got {other:?}"),
+        }
+        assert_eq!(local_errors(), 1);
     }
 
     #[tokio::test]
