@@ -51,295 +51,298 @@ fn good_config_parses_with_defaults() {
     assert!(c.decap.is_none());
 }
 
+/// (text of the good file, what replaces it, the field the error must name).
+const BAD_FIELDS: &[(&str, &str, &str)] = &[
+    (
+        "socket = \"/run/lb-test/lb.sock\"",
+        "socket = \"relative.sock\"",
+        "socket",
+    ),
+    (
+        "socket = \"/run/lb-test/lb.sock\"",
+        "instance = \"../escape\"\nsocket = \"/run/lb-test/lb.sock\"",
+        "instance",
+    ),
+    (
+        "interfaces = [\"eth0\"]",
+        "interfaces = []",
+        "datapath.interfaces",
+    ),
+    (
+        "interfaces = [\"eth0\"]",
+        "interfaces = [\"eth0\", \"eth0\"]",
+        "datapath.interfaces[1]",
+    ),
+    (
+        "interfaces = [\"eth0\"]",
+        "interfaces = [\"a-very-long-interface-name\"]",
+        "datapath.interfaces[0]",
+    ),
+    (
+        "xdp_mode = \"native\"",
+        "xdp_mode = \"turbo\"",
+        "datapath.xdp_mode",
+    ),
+    (
+        "maglev_table_size = 65537",
+        "maglev_table_size = 65536",
+        "datapath.maglev_table_size",
+    ),
+    (
+        "maglev_table_size = 65537",
+        "maglev_table_size = 5",
+        "datapath.maglev_table_size",
+    ),
+    (
+        "maglev_table_size = 65537",
+        "maglev_table_size = 65537\nmax_vips = 0",
+        "datapath.max_vips",
+    ),
+    (
+        "maglev_table_size = 65537",
+        "maglev_table_size = 65537\nmax_vips = 4096",
+        "datapath.max_vips",
+    ),
+    (
+        "maglev_table_size = 65537",
+        "maglev_table_size = 65537\nmax_vips = 1",
+        "vips",
+    ),
+    (
+        "maglev_table_size = 65537",
+        "maglev_table_size = 65537\nmax_backends = 1",
+        "vips",
+    ),
+    (
+        "maglev_table_size = 65537",
+        "maglev_table_size = 65537\nflow_table_size = 0",
+        "datapath.flow_table_size",
+    ),
+    (
+        "maglev_table_size = 65537",
+        "maglev_table_size = 65537\nnext_hop_refresh_ms = 1",
+        "datapath.next_hop_refresh_ms",
+    ),
+    (
+        "source_v4 = \"198.18.200.0/24\"",
+        "source_v4 = \"198.18.200.0/33\"",
+        "encap.source_v4",
+    ),
+    (
+        "source_v6 = \"fd00:200::/96\"",
+        "source_v6 = \"nope\"",
+        "encap.source_v6",
+    ),
+    (
+        "source_v6 = \"fd00:200::/96\"",
+        "",
+        "vips[0].backends[1].address",
+    ),
+    (
+        "source_v4 = \"198.18.200.0/24\"",
+        "",
+        "vips[0].backends[0].address",
+    ),
+    (
+        "address = \"198.18.10.1\"",
+        "address = \"198.18.10\"",
+        "vips[0].address",
+    ),
+    (
+        "address = \"198.18.10.1\"",
+        "address = \"0.0.0.0\"",
+        "vips[0].address",
+    ),
+    (
+        "address = \"198.18.10.1\"",
+        "address = \"224.0.0.1\"",
+        "vips[0].address",
+    ),
+    (
+        "protocol = \"tcp\"",
+        "protocol = \"sctp\"",
+        "vips[0].protocol",
+    ),
+    ("name = \"web\"", "name = \"two words\"", "vips[0].name"),
+    (
+        "name = \"web\"",
+        "name = \"udp/[fd00:10::1]:0\"",
+        "vips[1].name",
+    ),
+    (
+        "{ address = \"198.18.0.11\", weight = 100 }",
+        "{ address = \"198.18.0.11\", weight = 70000 }",
+        "vips[0].backends[0].weight",
+    ),
+    (
+        "{ address = \"198.18.0.11\", weight = 100 }",
+        "{ address = \"fd00::12\", weight = 1 }",
+        "vips[0].backends[1].address",
+    ),
+    (
+        "{ address = \"198.18.0.11\", weight = 100 }",
+        "{ address = \"127.0.0.1\" }",
+        "vips[0].backends[0].address",
+    ),
+    (
+        "backends = [ { address = \"fd00::12\" } ]",
+        "backends = []",
+        "vips[1].backends",
+    ),
+    (
+        "address = \"fd00:10::1\"\nprotocol = \"udp\"",
+        "address = \"198.18.10.1\"\nport = 80\nprotocol = \"tcp\"",
+        "vips[1]",
+    ),
+    ("port = 80", "port = 80\ncolour = \"red\"", "config"),
+    (
+        "[encap]",
+        "[visibility]\nevent_sample = -2\n[encap]",
+        "visibility.event_sample",
+    ),
+    (
+        "[encap]",
+        "[visibility]\ntcp_idle_timeout_s = 0\n[encap]",
+        "visibility.tcp_idle_timeout_s",
+    ),
+    (
+        "[encap]",
+        "[visibility]\ncollect_interval_ms = 5\n[encap]",
+        "visibility.collect_interval_ms",
+    ),
+    (
+        "[encap]",
+        "[metrics]\nlisten = \"localhost\"\n[encap]",
+        "metrics.listen",
+    ),
+    ("port = 80", "port = 70000", "vips[0].port"),
+    ("port = 80", "port = -1", "vips[0].port"),
+    (
+        "{ address = \"198.18.0.11\", weight = 100 }",
+        "{ address = \"198.18.0.11\", weight = -1 }",
+        "vips[0].backends[0].weight",
+    ),
+    ("port = 80", "port = \"eighty\"", "config"),
+    (
+        "port = 80",
+        "port = 80\nhealth = { kind = \"icmp\" }",
+        "vips[0].health.kind",
+    ),
+    (
+        "port = 80",
+        "port = 80\nhealth = { kind = \"http\", path = \"x\" }",
+        "vips[0].health.path",
+    ),
+    (
+        "port = 80",
+        "port = 80\nhealth = { kind = \"tcp\", path = \"/\" }",
+        "vips[0].health.path",
+    ),
+    (
+        "port = 80",
+        "port = 80\nhealth = { kind = \"http\", expect_status = 99 }",
+        "vips[0].health.expect_status",
+    ),
+    (
+        "port = 80",
+        "port = 80\nhealth = { kind = \"tcp\", interval_ms = 100, timeout_ms = 200 }",
+        "vips[0].health.timeout_ms",
+    ),
+    (
+        "port = 80",
+        "port = 80\nhealth = { kind = \"tcp\", fall = 0 }",
+        "vips[0].health.fall",
+    ),
+    (
+        "protocol = \"udp\"",
+        "protocol = \"udp\"\nhealth = { kind = \"tcp\" }",
+        "vips[1].health.port",
+    ),
+    (
+        "port = 80",
+        "port = 80\nfeedback = { port = 0 }",
+        "vips[0].feedback.port",
+    ),
+    (
+        "port = 80",
+        "port = 80\nfeedback = { port = 8081, smoothing = 0 }",
+        "vips[0].feedback.smoothing",
+    ),
+    (
+        "port = 80",
+        "port = 80\nfeedback = { port = 8081, min_change = 2 }",
+        "vips[0].feedback.min_change",
+    ),
+    (
+        "port = 80",
+        "port = 80\nfeedback = { port = 8081, path = \"load\" }",
+        "vips[0].feedback.path",
+    ),
+    (
+        "port = 80",
+        "port = 80\nfeedback = { port = 8081, interval_ms = 100, timeout_ms = 200 }",
+        "vips[0].feedback.timeout_ms",
+    ),
+    (
+        "port = 80",
+        "port = 80\nmaintenance = { load_limit = 0 }",
+        "vips[0].maintenance.load_limit",
+    ),
+    (
+        "port = 80",
+        "port = 80\nmaintenance = { load_limit = 1.5 }",
+        "vips[0].maintenance.load_limit",
+    ),
+    (
+        "port = 80",
+        "port = 80\nmaintenance = { min_spare = 1 }",
+        "vips[0].maintenance.min_spare",
+    ),
+    (
+        "port = 80",
+        "port = 80\nmaintenance = { max_parallel = 0 }",
+        "vips[0].maintenance.max_parallel",
+    ),
+    (
+        "port = 80",
+        "port = 80\nmaintenance = { drain_timeout_s = 0 }",
+        "vips[0].maintenance.drain_timeout_s",
+    ),
+    (
+        "port = 80",
+        "port = 80\nmaintenance = { hook = [] }",
+        "vips[0].maintenance.hook",
+    ),
+    (
+        "port = 80",
+        "port = 80\nmaintenance = { hook = [\"upgrade.sh\"] }",
+        "vips[0].maintenance.hook",
+    ),
+    (
+        "port = 80",
+        "port = 80\nmaintenance = { hook_timeout_s = -1 }",
+        "vips[0].maintenance.hook_timeout_s",
+    ),
+    (
+        "port = 80",
+        "port = 80\nmaintenance = { prefer_up_to_date = 0 }",
+        "vips[0].maintenance.prefer_up_to_date",
+    ),
+    (
+        "weight = 100 }",
+        "weight = 100, max_flows = 0 }",
+        "vips[0].backends[0].max_flows",
+    ),
+    (
+        "[encap]",
+        "[lifecycle]\nstate_file = \"relative.json\"\n[encap]",
+        "lifecycle.state_file",
+    ),
+];
+
 #[test]
 fn every_bad_field_is_named() {
-    let cases: &[(&str, &str, &str)] = &[
-        (
-            "socket = \"/run/lb-test/lb.sock\"",
-            "socket = \"relative.sock\"",
-            "socket",
-        ),
-        (
-            "socket = \"/run/lb-test/lb.sock\"",
-            "instance = \"../escape\"\nsocket = \"/run/lb-test/lb.sock\"",
-            "instance",
-        ),
-        (
-            "interfaces = [\"eth0\"]",
-            "interfaces = []",
-            "datapath.interfaces",
-        ),
-        (
-            "interfaces = [\"eth0\"]",
-            "interfaces = [\"eth0\", \"eth0\"]",
-            "datapath.interfaces[1]",
-        ),
-        (
-            "interfaces = [\"eth0\"]",
-            "interfaces = [\"a-very-long-interface-name\"]",
-            "datapath.interfaces[0]",
-        ),
-        (
-            "xdp_mode = \"native\"",
-            "xdp_mode = \"turbo\"",
-            "datapath.xdp_mode",
-        ),
-        (
-            "maglev_table_size = 65537",
-            "maglev_table_size = 65536",
-            "datapath.maglev_table_size",
-        ),
-        (
-            "maglev_table_size = 65537",
-            "maglev_table_size = 5",
-            "datapath.maglev_table_size",
-        ),
-        (
-            "maglev_table_size = 65537",
-            "maglev_table_size = 65537\nmax_vips = 0",
-            "datapath.max_vips",
-        ),
-        (
-            "maglev_table_size = 65537",
-            "maglev_table_size = 65537\nmax_vips = 4096",
-            "datapath.max_vips",
-        ),
-        (
-            "maglev_table_size = 65537",
-            "maglev_table_size = 65537\nmax_vips = 1",
-            "vips",
-        ),
-        (
-            "maglev_table_size = 65537",
-            "maglev_table_size = 65537\nmax_backends = 1",
-            "vips",
-        ),
-        (
-            "maglev_table_size = 65537",
-            "maglev_table_size = 65537\nflow_table_size = 0",
-            "datapath.flow_table_size",
-        ),
-        (
-            "maglev_table_size = 65537",
-            "maglev_table_size = 65537\nnext_hop_refresh_ms = 1",
-            "datapath.next_hop_refresh_ms",
-        ),
-        (
-            "source_v4 = \"198.18.200.0/24\"",
-            "source_v4 = \"198.18.200.0/33\"",
-            "encap.source_v4",
-        ),
-        (
-            "source_v6 = \"fd00:200::/96\"",
-            "source_v6 = \"nope\"",
-            "encap.source_v6",
-        ),
-        (
-            "source_v6 = \"fd00:200::/96\"",
-            "",
-            "vips[0].backends[1].address",
-        ),
-        (
-            "source_v4 = \"198.18.200.0/24\"",
-            "",
-            "vips[0].backends[0].address",
-        ),
-        (
-            "address = \"198.18.10.1\"",
-            "address = \"198.18.10\"",
-            "vips[0].address",
-        ),
-        (
-            "address = \"198.18.10.1\"",
-            "address = \"0.0.0.0\"",
-            "vips[0].address",
-        ),
-        (
-            "address = \"198.18.10.1\"",
-            "address = \"224.0.0.1\"",
-            "vips[0].address",
-        ),
-        (
-            "protocol = \"tcp\"",
-            "protocol = \"sctp\"",
-            "vips[0].protocol",
-        ),
-        ("name = \"web\"", "name = \"two words\"", "vips[0].name"),
-        (
-            "name = \"web\"",
-            "name = \"udp/[fd00:10::1]:0\"",
-            "vips[1].name",
-        ),
-        (
-            "{ address = \"198.18.0.11\", weight = 100 }",
-            "{ address = \"198.18.0.11\", weight = 70000 }",
-            "vips[0].backends[0].weight",
-        ),
-        (
-            "{ address = \"198.18.0.11\", weight = 100 }",
-            "{ address = \"fd00::12\", weight = 1 }",
-            "vips[0].backends[1].address",
-        ),
-        (
-            "{ address = \"198.18.0.11\", weight = 100 }",
-            "{ address = \"127.0.0.1\" }",
-            "vips[0].backends[0].address",
-        ),
-        (
-            "backends = [ { address = \"fd00::12\" } ]",
-            "backends = []",
-            "vips[1].backends",
-        ),
-        (
-            "address = \"fd00:10::1\"\nprotocol = \"udp\"",
-            "address = \"198.18.10.1\"\nport = 80\nprotocol = \"tcp\"",
-            "vips[1]",
-        ),
-        ("port = 80", "port = 80\ncolour = \"red\"", "config"),
-        (
-            "[encap]",
-            "[visibility]\nevent_sample = -2\n[encap]",
-            "visibility.event_sample",
-        ),
-        (
-            "[encap]",
-            "[visibility]\ntcp_idle_timeout_s = 0\n[encap]",
-            "visibility.tcp_idle_timeout_s",
-        ),
-        (
-            "[encap]",
-            "[visibility]\ncollect_interval_ms = 5\n[encap]",
-            "visibility.collect_interval_ms",
-        ),
-        (
-            "[encap]",
-            "[metrics]\nlisten = \"localhost\"\n[encap]",
-            "metrics.listen",
-        ),
-        ("port = 80", "port = 70000", "vips[0].port"),
-        ("port = 80", "port = -1", "vips[0].port"),
-        (
-            "{ address = \"198.18.0.11\", weight = 100 }",
-            "{ address = \"198.18.0.11\", weight = -1 }",
-            "vips[0].backends[0].weight",
-        ),
-        ("port = 80", "port = \"eighty\"", "config"),
-        (
-            "port = 80",
-            "port = 80\nhealth = { kind = \"icmp\" }",
-            "vips[0].health.kind",
-        ),
-        (
-            "port = 80",
-            "port = 80\nhealth = { kind = \"http\", path = \"x\" }",
-            "vips[0].health.path",
-        ),
-        (
-            "port = 80",
-            "port = 80\nhealth = { kind = \"tcp\", path = \"/\" }",
-            "vips[0].health.path",
-        ),
-        (
-            "port = 80",
-            "port = 80\nhealth = { kind = \"http\", expect_status = 99 }",
-            "vips[0].health.expect_status",
-        ),
-        (
-            "port = 80",
-            "port = 80\nhealth = { kind = \"tcp\", interval_ms = 100, timeout_ms = 200 }",
-            "vips[0].health.timeout_ms",
-        ),
-        (
-            "port = 80",
-            "port = 80\nhealth = { kind = \"tcp\", fall = 0 }",
-            "vips[0].health.fall",
-        ),
-        (
-            "protocol = \"udp\"",
-            "protocol = \"udp\"\nhealth = { kind = \"tcp\" }",
-            "vips[1].health.port",
-        ),
-        (
-            "port = 80",
-            "port = 80\nfeedback = { port = 0 }",
-            "vips[0].feedback.port",
-        ),
-        (
-            "port = 80",
-            "port = 80\nfeedback = { port = 8081, smoothing = 0 }",
-            "vips[0].feedback.smoothing",
-        ),
-        (
-            "port = 80",
-            "port = 80\nfeedback = { port = 8081, min_change = 2 }",
-            "vips[0].feedback.min_change",
-        ),
-        (
-            "port = 80",
-            "port = 80\nfeedback = { port = 8081, path = \"load\" }",
-            "vips[0].feedback.path",
-        ),
-        (
-            "port = 80",
-            "port = 80\nfeedback = { port = 8081, interval_ms = 100, timeout_ms = 200 }",
-            "vips[0].feedback.timeout_ms",
-        ),
-        (
-            "port = 80",
-            "port = 80\nmaintenance = { load_limit = 0 }",
-            "vips[0].maintenance.load_limit",
-        ),
-        (
-            "port = 80",
-            "port = 80\nmaintenance = { load_limit = 1.5 }",
-            "vips[0].maintenance.load_limit",
-        ),
-        (
-            "port = 80",
-            "port = 80\nmaintenance = { min_spare = 1 }",
-            "vips[0].maintenance.min_spare",
-        ),
-        (
-            "port = 80",
-            "port = 80\nmaintenance = { max_parallel = 0 }",
-            "vips[0].maintenance.max_parallel",
-        ),
-        (
-            "port = 80",
-            "port = 80\nmaintenance = { drain_timeout_s = 0 }",
-            "vips[0].maintenance.drain_timeout_s",
-        ),
-        (
-            "port = 80",
-            "port = 80\nmaintenance = { hook = [] }",
-            "vips[0].maintenance.hook",
-        ),
-        (
-            "port = 80",
-            "port = 80\nmaintenance = { hook = [\"upgrade.sh\"] }",
-            "vips[0].maintenance.hook",
-        ),
-        (
-            "port = 80",
-            "port = 80\nmaintenance = { hook_timeout_s = -1 }",
-            "vips[0].maintenance.hook_timeout_s",
-        ),
-        (
-            "port = 80",
-            "port = 80\nmaintenance = { prefer_up_to_date = 0 }",
-            "vips[0].maintenance.prefer_up_to_date",
-        ),
-        (
-            "weight = 100 }",
-            "weight = 100, max_flows = 0 }",
-            "vips[0].backends[0].max_flows",
-        ),
-        (
-            "[encap]",
-            "[lifecycle]\nstate_file = \"relative.json\"\n[encap]",
-            "lifecycle.state_file",
-        ),
-    ];
+    let cases = BAD_FIELDS;
     for (replace, by, field) in cases {
         assert_eq!(&field_of(replace, by), field, "case {by:?}");
     }

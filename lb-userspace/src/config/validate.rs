@@ -67,18 +67,7 @@ fn in_range<T: TryFrom<i64>>(
 
 impl RawConfig {
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let instance = self.instance.unwrap_or_else(|| DEFAULT_INSTANCE.into());
-        if instance.is_empty()
-            || instance.len() > 64
-            || !instance
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return err(
-                "instance",
-                format!("{instance:?}: 1 to 64 letters, digits, '-' or '_'"),
-            );
-        }
+        let instance = validate_instance(self.instance)?;
         let socket = PathBuf::from(self.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()));
         if !socket.is_absolute() {
             return err("socket", "must be an absolute path");
@@ -685,4 +674,17 @@ fn validate_decap(d: RawDecap) -> Result<DecapConfig, ConfigError> {
         addresses,
         xdp_mode,
     })
+}
+
+/// An instance name: it names a directory under bpffs and a lock file.
+fn validate_instance(name: Option<String>) -> Result<String, ConfigError> {
+    let name = name.unwrap_or_else(|| DEFAULT_INSTANCE.into());
+    let allowed = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) {
+        return err(
+            "instance",
+            format!("{name:?}: 1 to 64 letters, digits, '-' or '_'"),
+        );
+    }
+    Ok(name)
 }
