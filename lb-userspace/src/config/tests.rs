@@ -120,6 +120,16 @@ fn every_bad_field_is_named() {
             "datapath.next_hop_refresh_ms",
         ),
         (
+            "maglev_table_size = 65537",
+            "maglev_table_size = 65537\nicmp_too_big_rate = -1",
+            "datapath.icmp_too_big_rate",
+        ),
+        (
+            "maglev_table_size = 65537",
+            "maglev_table_size = 65537\nicmp_too_big_burst = 0",
+            "datapath.icmp_too_big_burst",
+        ),
+        (
             "source_v4 = \"198.18.200.0/24\"",
             "source_v4 = \"198.18.200.0/33\"",
             "encap.source_v4",

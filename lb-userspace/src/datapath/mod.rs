@@ -52,6 +52,8 @@ pub trait Datapath {
     fn remove_flow(&mut self, key: &FlowKey) -> Result<()>;
     /// Flow events sent and dropped (ring buffer full).
     fn event_stats(&self) -> Result<(u64, u64)>;
+    /// TCP SYNs whose MSS option was lowered to fit a backend's link.
+    fn mss_clamped(&self) -> Result<u64>;
 }
 
 /// Map sizes set before the object is loaded.
