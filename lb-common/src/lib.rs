@@ -161,6 +161,9 @@ pub const EVENT_CLOSE_RST: u32 = 3;
 /// `Settings::flags`: keep per-flow tracers (times, flags, per-leg bytes,
 /// close detection). Backend choice and per-VIP counters do not depend on it.
 pub const SETTING_TRACE_FLOWS: u32 = 1 << 0;
+/// `Settings::flags`: lower the MSS option of TCP SYNs to VIPs to what fits
+/// the backend's link once encapsulated.
+pub const SETTING_CLAMP_MSS: u32 = 1 << 1;
 
 /// Index into `EVENT_STATS`.
 pub const EVENTS_SENT: u32 = 0;

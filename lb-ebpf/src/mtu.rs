@@ -1,7 +1,7 @@
 //! Packets that would not fit the backend's link once encapsulated.
 //!
 //! A TCP SYN to a VIP has its MSS option clamped to what fits (every SYN,
-//! whether or not it fits itself). Any other packet over the limit is not sent
+//! whether or not it fits itself; unless the agent switched it off). Any other packet over the limit is not sent
 //! into a drop further on: an IPv4 packet with DF, or an IPv6 packet, is
 //! answered with ICMP "fragmentation needed" / ICMPv6 "packet too big" built
 //! here from the packet itself and sent back with `XDP_TX` (rate-limited per
@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendInfo, FlowKey, Outcome, Settings, FAMILY_V4, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    TCP_ACK, TCP_SYN,
+    SETTING_CLAMP_MSS, TCP_ACK, TCP_SYN,
 };
 
 use crate::{
@@ -74,7 +74,8 @@ pub fn fit(
     };
     let inner_v4 = key.family == FAMILY_V4;
     let room = mtu.saturating_sub(outer);
-    if !icmp && key.proto == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    let clamp = settings.flags & SETTING_CLAMP_MSS != 0;
+    if clamp && !icmp && key.proto == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         // Never below what a sender assumes without the option (RFC 9293
         // 3.7.1, RFC 8200 8.3): a link that small gains nothing from it.
         let (inner_ip, floor) = if inner_v4 {

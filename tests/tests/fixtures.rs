@@ -941,6 +941,18 @@ fn syn_mss_is_clamped_to_what_fits_the_backend_link() {
     let (client, vip, port, backends) = V4_IN_V4;
     let plain = tcp_packet((client, 43000), (vip, port), TCP_SYN, &[1, 1, 4, 2], b"");
     assert_balanced(&f, &plain, &key4(43000, 80, PROTO_TCP), backends);
+    // Switched off, the MSS is left alone.
+    f.apply_full("clamp_mss = false", &standard());
+    let syn = tcp_packet(
+        (client, 43002),
+        (vip, port),
+        TCP_SYN,
+        &with_mss(&[], 1460, &[]),
+        b"",
+    );
+    assert_balanced(&f, &syn, &key4(43002, 80, PROTO_TCP), backends);
+    assert_eq!(f.mss_clamped(), clamped);
+    f.apply(&standard());
     // A SYN that does not fit itself is clamped all the same (it is answered,
     // not forwarded, so only the counter shows it).
     let big = tcp_packet(

@@ -36,13 +36,16 @@ pub(super) fn marker_key(address: IpAddr) -> VipKey {
 /// the limit on ICMP "too big" answers.
 pub fn settings(config: &BalancerConfig) -> Settings {
     let (encap, visibility, dp) = (&config.encap, &config.visibility, &config.datapath);
+    let mut flags = 0;
+    if visibility.trace_flows {
+        flags |= lb_common::SETTING_TRACE_FLOWS;
+    }
+    if dp.clamp_mss {
+        flags |= lb_common::SETTING_CLAMP_MSS;
+    }
     let mut s = Settings {
         maglev_size: dp.maglev_table_size,
-        flags: if visibility.trace_flows {
-            lb_common::SETTING_TRACE_FLOWS
-        } else {
-            0
-        },
+        flags,
         event_sample: visibility.event_sample,
         icmp_too_big_rate: dp.icmp_too_big_rate,
         icmp_too_big_burst: dp.icmp_too_big_burst,

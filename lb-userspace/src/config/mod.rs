@@ -144,6 +144,8 @@ pub struct DatapathConfig {
     /// (rate 0: none, such packets are dropped).
     pub icmp_too_big_rate: u32,
     pub icmp_too_big_burst: u32,
+    /// Lower the MSS option of SYNs to VIPs to what fits the backend's link.
+    pub clamp_mss: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -68,6 +68,7 @@ pub struct RawDatapath {
     pub next_hop_refresh_ms: Option<i64>,
     pub icmp_too_big_rate: Option<i64>,
     pub icmp_too_big_burst: Option<i64>,
+    pub clamp_mss: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

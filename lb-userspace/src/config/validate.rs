@@ -222,6 +222,7 @@ fn validate_datapath(dp: RawDatapath) -> Result<DatapathConfig, ConfigError> {
         next_hop_refresh_ms,
         icmp_too_big_rate,
         icmp_too_big_burst,
+        clamp_mss: dp.clamp_mss.unwrap_or(true),
     })
 }
 
