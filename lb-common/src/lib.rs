@@ -87,7 +87,11 @@ pub struct VipInfo {
 pub struct BackendInfo {
     pub addr: [u8; 16],
     pub family: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// MTU of the link toward the next hop (the smaller of the interface's
+    /// and the route's), capped at 65535; 0 while unknown (no size check).
+    /// A packet whose IP length plus the outer header exceeds it does not fit.
+    pub mtu: u16,
     /// `BACKEND_AVAILABLE` | `BACKEND_USABLE`.
     pub flags: u32,
     /// Interface the next hop is reached through.
@@ -165,6 +169,9 @@ pub const EVENT_CLOSE_RST: u32 = 3;
 /// `Settings::flags`: keep per-flow tracers (times, flags, per-leg bytes,
 /// close detection). Backend choice and per-VIP counters do not depend on it.
 pub const SETTING_TRACE_FLOWS: u32 = 1 << 0;
+/// `Settings::flags`: lower the MSS option of TCP SYNs to VIPs to what fits
+/// the backend's link once encapsulated.
+pub const SETTING_CLAMP_MSS: u32 = 1 << 1;
 
 /// Index into `EVENT_STATS`.
 pub const EVENTS_SENT: u32 = 0;
@@ -207,6 +214,27 @@ pub struct Settings {
     /// Flow events: 0 = off, N = the flows whose hash is a multiple of N
     /// (1 = every flow). Sampling by hash keeps a flow's open and close together.
     pub event_sample: u32,
+    /// ICMP "fragmentation needed" / "packet too big" answers to oversize
+    /// packets: a token bucket per CPU refilled with this many per second
+    /// (0 = never answer: oversize packets are dropped) and holding at most
+    /// `icmp_too_big_burst`.
+    pub icmp_too_big_rate: u32,
+    pub icmp_too_big_burst: u32,
+}
+
+/// Defaults of `Settings::icmp_too_big_rate` / `icmp_too_big_burst`, the
+/// figures of Linux's own ICMP limit (`icmp_msgs_per_sec`, `icmp_msgs_burst`).
+pub const DEFAULT_ICMP_TOO_BIG_RATE: u32 = 1000;
+pub const DEFAULT_ICMP_TOO_BIG_BURST: u32 = 50;
+
+/// A CPU's token bucket for ICMP "too big" answers (see `Settings`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IcmpTokens {
+    /// Refill credit in nanoseconds; one answer costs 1 s / rate.
+    pub credit_ns: u64,
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub last_ns: u64,
 }
 
 /// Per-VIP and per-backend traffic counters (per CPU).
@@ -253,9 +281,19 @@ pub enum Outcome {
     DropEncapFailed = 10,
     /// `bpf_redirect_map` refused the target interface.
     DropRedirectFailed = 11,
+    /// Too big for the backend's link once encapsulated (IPv4 with DF, or
+    /// IPv6): answered with ICMP "fragmentation needed" / ICMPv6 "packet too
+    /// big" (`XDP_TX` back to the client), not forwarded.
+    IcmpTooBigSent = 12,
+    /// Too big for the backend's link once encapsulated and not answered:
+    /// IPv4 without DF (the balancer does not fragment), an ICMP error, or
+    /// answers switched off (`icmp_too_big_rate = 0`).
+    DropTooBig = 13,
+    /// Too big, and the ICMP answer was suppressed by the rate limit; dropped.
+    IcmpRateLimited = 14,
 }
 
-pub const OUTCOME_COUNT: u32 = 12;
+pub const OUTCOME_COUNT: u32 = 15;
 
 impl Outcome {
     pub const ALL: [Outcome; OUTCOME_COUNT as usize] = [
@@ -271,6 +309,9 @@ impl Outcome {
         Outcome::DropNoNextHop,
         Outcome::DropEncapFailed,
         Outcome::DropRedirectFailed,
+        Outcome::IcmpTooBigSent,
+        Outcome::DropTooBig,
+        Outcome::IcmpRateLimited,
     ];
 
     /// Operator-facing name, also used as a metric label.
@@ -288,6 +329,9 @@ impl Outcome {
             Outcome::DropNoNextHop => "dropped_no_next_hop",
             Outcome::DropEncapFailed => "dropped_encap_failed",
             Outcome::DropRedirectFailed => "dropped_redirect_failed",
+            Outcome::IcmpTooBigSent => "icmp_too_big_sent",
+            Outcome::DropTooBig => "dropped_too_big",
+            Outcome::IcmpRateLimited => "icmp_rate_limited",
         }
     }
 }
@@ -414,10 +458,11 @@ const _: () = assert!(core::mem::size_of::<BackendInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 56);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 64);
-const _: () = assert!(core::mem::size_of::<Settings>() == 40);
+const _: () = assert!(core::mem::size_of::<Settings>() == 48);
 const _: () = assert!(core::mem::size_of::<HostAddr>() == 20);
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 48);
 const _: () = assert!(core::mem::size_of::<PacketCounter>() == 16);
+const _: () = assert!(core::mem::size_of::<IcmpTokens>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -434,4 +479,5 @@ mod pod {
     unsafe impl aya::Pod for HostAddr {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for PacketCounter {}
+    unsafe impl aya::Pod for IcmpTokens {}
 }

@@ -23,7 +23,7 @@ pub enum EncapError {
 
 /// Internet checksum of an IPv4 header without options.
 #[inline(always)]
-fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
+pub fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
     // SAFETY: Ipv4Hdr is 20 bytes of plain data, readable as ten u16 words.
     let words: &[u16; 10] = unsafe { &*(h as *const Ipv4Hdr as *const [u16; 10]) };
     let mut sum: u32 = 0;

@@ -11,7 +11,7 @@ use crate::{
     encap::{encapsulate, send},
     headers::{IPV4_LEN, IPV6_LEN},
     maps::SETTINGS,
-    trace,
+    mtu, trace,
 };
 
 /// The verdict for a packet and the outcome it is counted under.
@@ -47,6 +47,9 @@ pub fn forward(
     };
     if choice.backend.ifindex == 0 {
         return drop(Outcome::DropNoNextHop);
+    }
+    if let Some(refused) = mtu::fit(ctx, key, &choice.backend, settings, ip_len, tcp_flags, icmp) {
+        return refused;
     }
     // Counted as received, before the outer header is added.
     let bytes_in = (ctx.data_end() - ctx.data()) as u64;

@@ -8,6 +8,8 @@
 //! - `encap`: IPIP / IPv6 encapsulation toward a backend and the send decision.
 //! - `forward`: `Verdict`, and sending a packet to its flow's backend.
 //! - `icmp`: ICMP "fragmentation needed" / ICMPv6 "packet too big" about VIP flows.
+//! - `mtu`: packets too big for the backend's link: SYN MSS clamping, ICMP
+//!   "too big" answers to clients (rate-limited), drops.
 //! - `trace`: connection and traffic tracers, flow events.
 //! - `ingress`: the `lb_ingress` entry point (parse, balance, encapsulate, send).
 //! - `decap`: the `lb_decap` entry point for backend hosts.
@@ -23,6 +25,7 @@ mod headers;
 mod icmp;
 mod ingress;
 mod maps;
+mod mtu;
 mod trace;
 
 #[cfg(not(test))]

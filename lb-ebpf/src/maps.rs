@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    BackendInfo, FlowKey, FlowState, HostAddr, MaglevChunk, PacketCounter, Settings,
+    BackendInfo, FlowKey, FlowState, HostAddr, IcmpTokens, MaglevChunk, PacketCounter, Settings,
     TrafficCounters, VipInfo, VipKey, DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT,
 };
 
@@ -60,6 +60,16 @@ pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// Events sent and dropped (`EVENTS_SENT`, `EVENTS_DROPPED`). Written by the datapath.
 #[map]
 pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// SYNs whose MSS option was lowered to fit the backend's link (index 0).
+/// Written by the datapath.
+#[map]
+pub static MSS_CLAMPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's token bucket for ICMP "too big" answers (index 0). Written by
+/// the datapath; the agent sets the rate in `SETTINGS`.
+#[map]
+pub static ICMP_TOO_BIG_TOKENS: PerCpuArray<IcmpTokens> = PerCpuArray::with_max_entries(1, 0);
 
 /// Addresses of this backend host that encapsulated packets arrive at. Written
 /// by the agent running on the backend.

@@ -1,7 +1,7 @@
 //! The control API between `lbctl` and `lb-agent`: one JSON request per line
 //! on a Unix socket only root can use, one JSON response line back.
 
-use std::{net::IpAddr, path::Path};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -145,6 +145,10 @@ impl From<lb_common::TrafficCounters> for Counters {
 pub struct NextHopStatus {
     pub ifindex: u32,
     pub mac: String,
+    /// The largest IP packet the link toward the backend carries; clients'
+    /// packets must fit it with the outer header added.
+    #[serde(default)]
+    pub mtu: u32,
 }
 
 /// A backend as one VIP uses it.
@@ -216,6 +220,17 @@ pub struct DecapStatus {
     pub outcomes: Vec<OutcomeStatus>,
 }
 
+/// A driver's XDP error counters on an interface the datapath sends through
+/// (`ethtool -S`): frames counted as sent that the driver then dropped.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct XdpErrors {
+    pub interface: String,
+    /// By the driver's counter names; empty for a driver without them.
+    pub counters: BTreeMap<String, u64>,
+    /// Why the counters could not be read, if they could not.
+    pub error: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
     pub interfaces: Vec<InterfaceStatus>,
@@ -224,6 +239,12 @@ pub struct Status {
     pub backends: Vec<BackendStatus>,
     pub outcomes: Vec<OutcomeStatus>,
     pub decap: Option<DecapStatus>,
+    /// TCP SYNs whose MSS option was lowered to fit a backend's link (they
+    /// are counted under their outcome too).
+    #[serde(default)]
+    pub mss_clamped: u64,
+    #[serde(default)]
+    pub xdp_errors: Vec<XdpErrors>,
 }
 
 /// A VIP's maintenance settings and lifecycle (`lbctl maintenance status`).

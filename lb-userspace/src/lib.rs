@@ -12,7 +12,8 @@
 //! - `collector`: reads flows and counters, expires idle flows, aggregates.
 //! - `datapath`: the `Datapath` trait, the kernel maps behind it, and the
 //!   fake for unit tests.
-//! - `nexthop`: interface indexes and next-hop MACs through rtnetlink.
+//! - `nexthop`: interface indexes, next-hop MACs and link MTUs through rtnetlink.
+//! - `ethtool`: drivers' XDP error counters (`ethtool -S`).
 //! - `config`: the TOML file and its validation.
 //! - `maglev`: weighted Maglev tables.
 //! - `limits`: what keeps clients from using up the agent: the descriptor
@@ -25,6 +26,7 @@ pub mod balancer;
 pub mod collector;
 pub mod config;
 pub mod datapath;
+pub mod ethtool;
 pub mod health;
 pub mod lifecycle;
 pub mod limits;

@@ -1,5 +1,6 @@
-//! Next-hop resolution for backends: the output interface and the MAC pair to write into
-//! forwarded frames, looked up with rtnetlink (route, neighbour and link tables).
+//! Next-hop resolution for backends: the output interface, the MAC pair to write into
+//! forwarded frames and the MTU they must fit, looked up with rtnetlink (route, neighbour and
+//! link tables).
 
 use std::fmt::Display;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
@@ -11,7 +12,7 @@ use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use rtnetlink::packet_route::{
     link::{LinkAttribute, LinkXdp},
     neighbour::{NeighbourAttribute, NeighbourMessage},
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteType, RouteVia},
     AddressFamily, RouteNetlinkMessage,
 };
 
@@ -24,6 +25,9 @@ pub struct NextHop {
     pub src_mac: [u8; 6],
     /// MAC of the gateway (if the route has one) or of the destination itself.
     pub dst_mac: [u8; 6],
+    /// The largest IP packet the way to the backend carries: the output interface's MTU, or the
+    /// route's (an `mtu` route attribute, or a path MTU the kernel learned) when smaller.
+    pub mtu: u32,
 }
 
 /// Resolves next hops with rtnetlink in the current network namespace.
@@ -32,7 +36,7 @@ pub struct Resolver {
 }
 
 /// Reports kernel changes that can move a next hop: neighbour entries, IPv4
-/// and IPv6 routes, and links. The agent re-resolves when one arrives instead
+/// and IPv6 routes, and links (a changed MTU included). The agent re-resolves when one arrives instead
 /// of waiting for its next periodic refresh.
 pub struct ChangeWatcher {
     // Kept so the connection task stays alive.
@@ -82,6 +86,20 @@ impl ChangeWatcher {
     }
 }
 
+/// What `ip route get` says about a destination.
+struct Route {
+    oif: u32,
+    gateway: Option<IpAddr>,
+    /// The route's own MTU (attribute or learned path MTU), if it has one.
+    mtu: Option<u32>,
+}
+
+/// An output interface's Ethernet address and MTU.
+struct Link {
+    mac: [u8; 6],
+    mtu: u32,
+}
+
 /// Neighbour states whose link-layer address may be used (the kernel's `NUD_VALID`).
 const NUD_VALID: u16 = libc::NUD_PERMANENT
     | libc::NUD_NOARP
@@ -116,15 +134,21 @@ impl Resolver {
     /// retry later.
     /// Returns `Err` if there is no unicast route to `dst`.
     pub async fn resolve(&self, dst: IpAddr) -> anyhow::Result<Option<NextHop>> {
-        let (ifindex, gateway) = self.route(dst).await?;
+        let route = self.route(dst).await?;
+        let ifindex = route.oif;
         // The interface is checked before the neighbour so that a non-Ethernet output fails at once
         // instead of reporting "not resolved yet" forever.
-        let src_mac = self.link_mac(ifindex).await?;
-        match self.neighbour(ifindex, gateway.unwrap_or(dst)).await? {
+        let link = self.link(ifindex).await?;
+        let mtu = route.mtu.map_or(link.mtu, |m| m.min(link.mtu));
+        match self
+            .neighbour(ifindex, route.gateway.unwrap_or(dst))
+            .await?
+        {
             Some(dst_mac) => Ok(Some(NextHop {
                 ifindex,
-                src_mac,
+                src_mac: link.mac,
                 dst_mac,
+                mtu,
             })),
             None => {
                 trigger_resolution(dst, ifindex).await;
@@ -158,9 +182,9 @@ impl Resolver {
         Ok(id)
     }
 
-    /// Asks the kernel for the route it would use for `dst` (`ip route get`): output interface
-    /// and gateway.
-    async fn route(&self, dst: IpAddr) -> anyhow::Result<(u32, Option<IpAddr>)> {
+    /// Asks the kernel for the route it would use for `dst` (`ip route get`): output interface,
+    /// gateway and MTU.
+    async fn route(&self, dst: IpAddr) -> anyhow::Result<Route> {
         let mut request = RouteMessage::default();
         request.header.address_family = family(dst);
         request.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
@@ -178,9 +202,15 @@ impl Resolver {
                 route.header.kind
             );
         }
-        let (mut oif, mut gateway) = (None, None);
+        let (mut oif, mut gateway, mut mtu) = (None, None, None);
         for attribute in route.attributes {
             match attribute {
+                RouteAttribute::Metrics(metrics) => {
+                    mtu = metrics.into_iter().find_map(|m| match m {
+                        RouteMetric::Mtu(v) if v > 0 => Some(v),
+                        _ => None,
+                    });
+                }
                 RouteAttribute::Oif(index) => oif = Some(index),
                 RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(a.into()),
                 RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(a.into()),
@@ -191,22 +221,27 @@ impl Resolver {
             }
         }
         let oif = oif.ok_or_else(|| anyhow!("route to {dst} has no output interface"))?;
-        Ok((oif, gateway))
+        Ok(Route { oif, gateway, mtu })
     }
 
-    /// MAC address of interface `ifindex`.
-    async fn link_mac(&self, ifindex: u32) -> anyhow::Result<[u8; 6]> {
+    /// MAC address and MTU of interface `ifindex`.
+    async fn link(&self, ifindex: u32) -> anyhow::Result<Link> {
         let link = first(self.handle.link().get().match_index(ifindex).execute())
             .await
             .map_err(|e| refused(e, format_args!("no interface with index {ifindex}")))?
             .ok_or_else(|| anyhow!("no interface with index {ifindex}"))?;
-        link.attributes
-            .into_iter()
-            .find_map(|attribute| match attribute {
-                LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac).ok(),
-                _ => None,
-            })
-            .ok_or_else(|| anyhow!("interface {ifindex} has no Ethernet address"))
+        let (mut mac, mut mtu) = (None, None);
+        for attribute in link.attributes {
+            match attribute {
+                LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a).ok(),
+                LinkAttribute::Mtu(m) => mtu = Some(m),
+                _ => {}
+            }
+        }
+        Ok(Link {
+            mac: mac.ok_or_else(|| anyhow!("interface {ifindex} has no Ethernet address"))?,
+            mtu: mtu.ok_or_else(|| anyhow!("interface {ifindex} has no MTU"))?,
+        })
     }
 
     /// Link-layer address of neighbour `addr` on `ifindex`, if the entry exists and is usable.
@@ -447,6 +482,9 @@ mod tests {
                 let changed = tokio::time::timeout(Duration::from_secs(2), watcher.changed()).await;
                 assert_eq!(changed.ok(), Some(true), "no change reported for a new neighbour");
                 watcher.drain();
+                sh(&format!("ip -n {local} link set {LOCAL_IF} mtu 1400"));
+                let changed = tokio::time::timeout(Duration::from_secs(2), watcher.changed()).await;
+                assert_eq!(changed.ok(), Some(true), "no change reported for a new MTU");
             });
         });
         let result = worker.join();
@@ -464,6 +502,9 @@ mod tests {
                 .expect("ifindex"),
             src_mac: parse_mac(&NetnsPair::sys(&local, LOCAL_IF, "address")),
             dst_mac: parse_mac(&NetnsPair::sys(&pair.peer, PEER_IF, "address")),
+            mtu: NetnsPair::sys(&local, LOCAL_IF, "mtu")
+                .parse()
+                .expect("mtu"),
         };
         let worker = std::thread::spawn(move || {
             let ns = File::open(format!("/var/run/netns/{local}")).expect("open netns file");
@@ -523,6 +564,23 @@ mod tests {
                 }
                 let own = resolver.resolve(ip("198.18.0.1")).await;
                 assert!(own.is_err(), "local address: {own:?}");
+
+                // The MTU: the link's, or a smaller one on the route; a link change shows.
+                sh(&format!(
+                    "ip -n {local} route add 198.19.1.0/24 via 198.18.0.2 mtu 1300"
+                ));
+                sh(&format!(
+                    "ip -n {local} route add 198.19.2.0/24 via 198.18.0.2 mtu 9000"
+                ));
+                let mtu = |dst: &'static str| {
+                    let resolver = &resolver;
+                    async move { resolve_eventually(resolver, ip(dst)).await.mtu }
+                };
+                assert_eq!(mtu("198.19.1.5").await, 1300);
+                assert_eq!(mtu("198.19.2.5").await, expected.mtu);
+                sh(&format!("ip -n {local} link set {LOCAL_IF} mtu 1400"));
+                assert_eq!(mtu("198.18.0.2").await, 1400);
+                assert_eq!(mtu("fd00:18::2").await, 1400);
             });
         });
         if let Err(panic) = worker.join() {

@@ -28,6 +28,8 @@ pub const TEST_RUN_IFINDEX: u32 = 1;
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
+/// The MTU of every backend's link in fixtures, unless a test sets another.
+pub const LINK_MTU: u32 = 1500;
 
 pub struct Fixture {
     pub ebpf: Ebpf,
@@ -35,6 +37,8 @@ pub struct Fixture {
     pub config: BalancerConfig,
     decap: DecapMaps,
     pub sizes: MapSizes,
+    /// The MTU every backend's next hop is given.
+    pub mtu: u32,
 }
 
 pub struct Run {
@@ -56,8 +60,13 @@ pub fn config(vips: &str) -> BalancerConfig {
 
 /// `vips` may start with a `[visibility]` table.
 pub fn config_with(sizes: &MapSizes, vips: &str) -> BalancerConfig {
+    config_full(sizes, "", vips)
+}
+
+/// Like `config_with`, with more `[datapath]` settings (TOML lines).
+pub fn config_full(sizes: &MapSizes, datapath: &str, vips: &str) -> BalancerConfig {
     let text = format!(
-        "[datapath]\ninterfaces=[\"lo\"]\nmaglev_table_size={}\nmax_vips={}\nmax_backends={}\nflow_table_size={}\n\
+        "[datapath]\ninterfaces=[\"lo\"]\nmaglev_table_size={}\nmax_vips={}\nmax_backends={}\nflow_table_size={}\n{datapath}\n\
          [encap]\nsource_v4=\"198.18.200.0/24\"\nsource_v6=\"fd00:200::/64\"\n{vips}",
         sizes.maglev_size, sizes.max_vips, sizes.max_backends, sizes.flow_table_size
     );
@@ -96,6 +105,7 @@ impl Fixture {
             config,
             decap,
             sizes,
+            mtu: LINK_MTU,
         };
         f.resolve_all();
         f
@@ -107,13 +117,30 @@ impl Fixture {
                 ifindex: TEST_RUN_IFINDEX,
                 src_mac: LB_MAC,
                 dst_mac: NEXT_HOP_MAC,
+                mtu: self.mtu,
             };
             self.balancer.set_next_hop(a, Some(nh)).expect("next hop");
         }
     }
 
+    /// Gives every backend's next hop this MTU.
+    pub fn set_mtu(&mut self, mtu: u32) {
+        self.mtu = mtu;
+        self.resolve_all();
+    }
+
+    /// SYNs whose MSS the datapath clamped.
+    pub fn mss_clamped(&self) -> u64 {
+        self.balancer.datapath().mss_clamped().expect("MSS_CLAMPED")
+    }
+
     pub fn apply(&mut self, vips: &str) {
-        self.config = config_with(&self.sizes, vips);
+        self.apply_full("", vips);
+    }
+
+    /// Applies `vips` with more `[datapath]` settings (TOML lines).
+    pub fn apply_full(&mut self, datapath: &str, vips: &str) {
+        self.config = config_full(&self.sizes, datapath, vips);
         self.balancer
             .apply(&self.config, &Default::default())
             .expect("apply");

@@ -1,6 +1,6 @@
 //! Frame builders for fixtures, written from the RFCs rather than from the
 //! datapath, so expected outputs are independent of the code under test.
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub const ETH_IPV4: u16 = 0x0800;
 pub const ETH_IPV6: u16 = 0x86dd;
@@ -121,6 +121,56 @@ pub fn tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
     t
 }
 
+/// A TCP header with `options` (a multiple of 4 bytes), checksum left zero.
+pub fn tcp_with_options(
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let mut t = tcp(sport, dport, flags, b"");
+    t[12] = (((20 + options.len()) / 4) << 4) as u8;
+    t.extend_from_slice(options);
+    t.extend_from_slice(payload);
+    t
+}
+
+/// The pseudo-header of RFC 793 (IPv4) or RFC 8200 8.1 (IPv6) for an
+/// upper-layer packet of `len` bytes.
+pub fn pseudo_header(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> Vec<u8> {
+    let mut p = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p.extend_from_slice(&[0, proto]);
+            p.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p.extend_from_slice(&(len as u32).to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0, proto]);
+        }
+        _ => panic!("mixed address families"),
+    }
+    p
+}
+
+/// Fills in the checksum of an upper-layer packet (TCP, UDP, ICMPv6) at
+/// `at` bytes into it, over the pseudo-header and the packet.
+pub fn with_checksum(src: IpAddr, dst: IpAddr, proto: u8, at: usize, packet: &[u8]) -> Vec<u8> {
+    let mut p = packet.to_vec();
+    p[at..at + 2].copy_from_slice(&[0, 0]);
+    let mut all = pseudo_header(src, dst, proto, p.len());
+    all.extend_from_slice(&p);
+    let c = checksum(&all);
+    p[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
 pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut u = Vec::new();
     u.extend_from_slice(&sport.to_be_bytes());
@@ -141,7 +191,8 @@ pub fn icmp_frag_needed(mtu: u16, original: &[u8]) -> Vec<u8> {
     m
 }
 
-/// ICMPv6 packet too big, quoting `original` (checksum left zero).
+/// ICMPv6 packet too big, quoting `original` (checksum left zero: see
+/// `with_checksum`).
 pub fn icmp6_too_big(mtu: u32, original: &[u8]) -> Vec<u8> {
     let mut m = vec![2, 0, 0, 0];
     m.extend_from_slice(&mtu.to_be_bytes());

@@ -199,7 +199,17 @@ impl Topology {
         Topology::build(backends, true)
     }
 
+    /// Like `new`, with every link at `mtu` (the LB's and the backends' too,
+    /// so encapsulated full-size packets do not fit).
+    pub fn with_mtu(backends: usize, mtu: u32) -> Topology {
+        Topology::build_with(backends, false, Some(mtu))
+    }
+
     fn build(backends: usize, two_armed: bool) -> Topology {
+        Topology::build_with(backends, two_armed, None)
+    }
+
+    fn build_with(backends: usize, two_armed: bool, uniform_mtu: Option<u32>) -> Topology {
         let n = NEXT_ID.fetch_add(1, Ordering::SeqCst);
         remove_stale_namespaces();
         let id = format!("lbt{}x{n}", std::process::id());
@@ -275,14 +285,19 @@ impl Topology {
                 }
             }
             // The client keeps the usual 1500; the rest of the network carries
-            // encapsulated frames, up to 40 bytes longer.
-            let mtu = if role == "cl" { "1500" } else { "1600" };
+            // encapsulated frames, up to 40 bytes longer (unless a test wants
+            // every link alike).
+            let (port_mtu, mtu) = match uniform_mtu {
+                Some(m) => (m.to_string(), m.to_string()),
+                None if role == "cl" => ("1600".into(), "1500".into()),
+                None => ("1600".into(), "1600".into()),
+            };
             must(&[
-                "ip", "-n", &sw, "link", "add", port, "mtu", "1600", "type", "veth", "peer",
+                "ip", "-n", &sw, "link", "add", port, "mtu", &port_mtu, "type", "veth", "peer",
                 "name", dev, "netns", &ns,
             ]);
             must(&["ip", "-n", &sw, "link", "set", port, "master", bridge, "up"]);
-            must(&["ip", "-n", &ns, "link", "set", dev, "mtu", mtu, "up"]);
+            must(&["ip", "-n", &ns, "link", "set", dev, "mtu", &mtu, "up"]);
             // veth would leave TCP/UDP checksums to a "device" that never
             // computes them; real NICs do. Compute them in software.
             must(&[

@@ -96,6 +96,18 @@ fn expect_v6_encap(inner_ip: &[u8], backend: &str, hash: u32, inner_proto: u8) -
 /// `XDP_TX`, encapsulated for the backend Maglev gives `key` among `backends`.
 /// Returns that backend.
 fn assert_balanced(f: &Fixture, ip: &[u8], key: &FlowKey, backends: &[(&str, u32)]) -> String {
+    assert_balanced_as(f, ip, ip, key, backends)
+}
+
+/// Like `assert_balanced`, for a packet the balancer changes into `inner`
+/// before encapsulating it.
+fn assert_balanced_as(
+    f: &Fixture,
+    ip: &[u8],
+    inner: &[u8],
+    key: &FlowKey,
+    backends: &[(&str, u32)],
+) -> String {
     let inner_v4 = ip[0] >> 4 == 4;
     let (ether_type, inner_proto) = if inner_v4 {
         (ETH_IPV4, PROTO_IPIP)
@@ -104,9 +116,9 @@ fn assert_balanced(f: &Fixture, ip: &[u8], key: &FlowKey, backends: &[(&str, u32
     };
     let backend = maglev_pick(f, backends, key);
     let expected = if backend.contains(':') {
-        expect_v6_encap(ip, &backend, flow_hash(key), inner_proto)
+        expect_v6_encap(inner, &backend, flow_hash(key), inner_proto)
     } else {
-        expect_v4_encap(ip, &backend, flow_hash(key), inner_proto)
+        expect_v4_encap(inner, &backend, flow_hash(key), inner_proto)
     };
     let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ether_type, ip));
     assert_eq!(r.action, XDP_TX, "{key:?}");
@@ -1084,4 +1096,305 @@ fn syn_on_a_closed_flow_starts_a_new_flow() {
     let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &fin));
     assert_eq!(r.output, expect_v4_encap(&fin, &after, hash, PROTO_IPIP));
     assert_eq!(f.vip_counters(closed.vip_id).closed_fin, 2);
+}
+
+// Packets too big for the backend's link once encapsulated (every link in
+// these fixtures has MTU 1500 unless a test sets another).
+
+const DF: u16 = 0x4000;
+const VIP4_TO_6: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 2);
+const WEB4: [(&str, u32); 3] = [(B4[0], 1), (B4[1], 1), (B4[2], 1)];
+const WEB6: [(&str, u32); 2] = [(B6[0], 1), (B6[1], 1)];
+
+/// An IP packet from `src` to `dst` (the same family) with DF set on IPv4.
+fn ip_df(src: IpAddr, dst: IpAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ipv4_full(
+            s,
+            d,
+            proto,
+            V4Fields {
+                frag_off: DF,
+                ..V4Fields::default()
+            },
+            payload,
+        ),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(s, d, proto, 0, 64, payload),
+        _ => panic!("mixed families"),
+    }
+}
+
+/// A checksummed TCP segment from `src:sport` to `dst:dport` in an IP packet.
+fn tcp_packet(
+    (src, sport): (IpAddr, u16),
+    (dst, dport): (IpAddr, u16),
+    flags: u8,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let segment = tcp_with_options(sport, dport, flags, options, payload);
+    ip_df(
+        src,
+        dst,
+        PROTO_TCP,
+        &with_checksum(src, dst, PROTO_TCP, 16, &segment),
+    )
+}
+
+fn ether(ip: &[u8]) -> Vec<u8> {
+    let ether_type = if ip[0] >> 4 == 4 { ETH_IPV4 } else { ETH_IPV6 };
+    eth(LB_MAC, CLIENT_MAC, ether_type, ip)
+}
+
+/// Where a test flow goes: (client, VIP, port, the VIP's backends).
+type Path = (IpAddr, IpAddr, u16, &'static [(&'static str, u32)]);
+
+const V4_IN_V4: Path = (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4), 80, &WEB4);
+const V6_IN_V6: Path = (IpAddr::V6(CLIENT6), IpAddr::V6(VIP6), 443, &WEB6);
+const V4_IN_V6: Path = (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4_TO_6), 80, &WEB6);
+
+/// (case, path, link MTU, TCP flags, options before the MSS, MSS sent, MSS
+/// expected at the backend, options after).
+type MssCase = (
+    &'static str,
+    Path,
+    u32,
+    u8,
+    &'static [u8],
+    u16,
+    u16,
+    &'static [u8],
+);
+
+/// TCP options: `before`, an MSS option of `mss`, `after`.
+fn with_mss(before: &[u8], mss: u16, after: &[u8]) -> Vec<u8> {
+    let m = mss.to_be_bytes();
+    [before, &[2, 4, m[0], m[1]], after].concat()
+}
+
+#[test]
+fn syn_mss_is_clamped_to_what_fits_the_backend_link() {
+    let mut f = Fixture::new(&standard());
+    let ts: &[u8] = &[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0];
+    #[rustfmt::skip]
+    let cases: [MssCase; 10] = [
+        ("v4 in v4: 1500-20-20-20", V4_IN_V4, 1500, TCP_SYN, &[], 1460, 1440, &[1, 1, 4, 2]),
+        ("v6 in v6: 1500-40-40-20", V6_IN_V6, 1500, TCP_SYN, &[], 1440, 1400, &[]),
+        ("v4 in v6: 1500-40-20-20", V4_IN_V6, 1500, TCP_SYN, &[], 1460, 1420, &[]),
+        ("after other options", V4_IN_V4, 1500, TCP_SYN, ts, 1460, 1440, &[]),
+        ("at an odd offset", V4_IN_V4, 1500, TCP_SYN, &[1], 1460, 1440, &[1, 1, 0]),
+        ("a smaller link", V4_IN_V4, 1400, TCP_SYN, &[], 1460, 1340, &[]),
+        ("a larger link", V4_IN_V4, 9000, TCP_SYN, &[], 8960, 8940, &[]),
+        ("small enough already", V4_IN_V4, 1500, TCP_SYN, &[], 536, 536, &[]),
+        ("not a SYN", V4_IN_V4, 1500, TCP_ACK, &[], 1460, 1460, &[]),
+        ("behind the end of options", V4_IN_V4, 1500, TCP_SYN, &[0; 4], 1460, 1460, &[]),
+    ];
+    let mut clamped = 0;
+    for (i, (name, (client, vip, port, backends), mtu, flags, before, sent, expected, after)) in
+        cases.into_iter().enumerate()
+    {
+        f.set_mtu(mtu);
+        let sport = 42000 + i as u16;
+        let (from, to) = ((client, sport), (vip, port));
+        let input = tcp_packet(from, to, flags, &with_mss(before, sent, after), b"");
+        let inner = tcp_packet(from, to, flags, &with_mss(before, expected, after), b"");
+        let key = flow_key(client, vip, sport, port, PROTO_TCP);
+        assert_balanced_as(&f, &input, &inner, &key, backends);
+        clamped += u64::from(sent != expected);
+        assert_eq!(f.mss_clamped(), clamped, "{name}");
+    }
+    f.set_mtu(1500);
+    // Without an MSS option there is nothing to clamp.
+    let (client, vip, port, backends) = V4_IN_V4;
+    let plain = tcp_packet((client, 43000), (vip, port), TCP_SYN, &[1, 1, 4, 2], b"");
+    assert_balanced(&f, &plain, &key4(43000, 80, PROTO_TCP), backends);
+    // Switched off, the MSS is left alone.
+    f.apply_full("clamp_mss = false", &standard());
+    let syn = tcp_packet(
+        (client, 43002),
+        (vip, port),
+        TCP_SYN,
+        &with_mss(&[], 1460, &[]),
+        b"",
+    );
+    assert_balanced(&f, &syn, &key4(43002, 80, PROTO_TCP), backends);
+    assert_eq!(f.mss_clamped(), clamped);
+    f.apply(&standard());
+    // A SYN that does not fit itself is clamped all the same (it is answered,
+    // not forwarded, so only the counter shows it).
+    let big = tcp_packet(
+        (client, 43001),
+        (vip, port),
+        TCP_SYN,
+        &with_mss(&[], 1460, &[]),
+        &[0; 1460],
+    );
+    assert_eq!(f.ingress(&ether(&big)).action, XDP_TX);
+    assert_eq!(f.mss_clamped(), clamped + 1);
+}
+
+/// The ICMP "fragmentation needed" the balancer should answer `ip` with
+/// (RFC 1191 / RFC 1812: quoting up to 548 bytes), from the VIP.
+fn expect_frag_needed(ip: &[u8], mtu: u16, quote: usize) -> Vec<u8> {
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let fields = V4Fields {
+        id: 0,
+        ..V4Fields::default()
+    };
+    let icmp = icmp_frag_needed(mtu, &ip[..quote]);
+    eth(
+        CLIENT_MAC,
+        LB_MAC,
+        ETH_IPV4,
+        &ipv4_full(dst, src, 1, fields, &icmp),
+    )
+}
+
+/// The ICMPv6 "packet too big" for `ip` (RFC 4443: quoting up to 1232 bytes).
+fn expect_packet_too_big(ip: &[u8], mtu: u32, quote: usize) -> Vec<u8> {
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+    let icmp = with_checksum(
+        dst.into(),
+        src.into(),
+        58,
+        2,
+        &icmp6_too_big(mtu, &ip[..quote]),
+    );
+    eth(
+        CLIENT_MAC,
+        LB_MAC,
+        ETH_IPV6,
+        &ipv6(dst, src, 58, 0, 64, &icmp),
+    )
+}
+
+#[test]
+fn oversize_packets_are_answered_with_icmp_and_those_that_fit_forwarded() {
+    let mut f = Fixture::new(&standard());
+    let (c4, c6) = (IpAddr::V4(CLIENT4), IpAddr::V6(CLIENT6));
+    let (v4, v6, v4to6) = (IpAddr::V4(VIP4), IpAddr::V6(VIP6), IpAddr::V4(VIP4_TO_6));
+    let data = |n: usize| vec![0x5a; n];
+    // A full-size segment (1460 bytes of data) of an established flow.
+    let seg4 = tcp_packet((c4, 40000), (v4, 80), TCP_ACK, &[], &data(1460));
+    let r = f.ingress(&ether(&seg4));
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(r.output, expect_frag_needed(&seg4, 1480, 548));
+    assert!(
+        f.flow(&key4(40000, 80, PROTO_TCP)).is_none(),
+        "not forwarded, so not a flow yet"
+    );
+    // To IPv6 backends the outer header is 40 bytes.
+    let seg = tcp_packet((c4, 40001), (v4to6, 80), TCP_ACK, &[], &data(1460));
+    assert_eq!(
+        f.ingress(&ether(&seg)).output,
+        expect_frag_needed(&seg, 1460, 548)
+    );
+    // UDP, one byte over.
+    let dgram = ip_df(c4, v4, PROTO_UDP, &udp(5000, 53, &data(1453)));
+    assert_eq!(dgram.len(), 1481);
+    assert_eq!(
+        f.ingress(&ether(&dgram)).output,
+        expect_frag_needed(&dgram, 1480, 548)
+    );
+    // IPv6: packet too big, quoting 1232 bytes.
+    let seg6 = tcp_packet((c6, 40002), (v6, 443), TCP_ACK, &[], &data(1440));
+    let r = f.ingress(&ether(&seg6));
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(r.output, expect_packet_too_big(&seg6, 1460, 1232));
+    assert_eq!(f.outcome(Outcome::IcmpTooBigSent), 4);
+
+    // What fits exactly is forwarded unchanged.
+    let fits4 = tcp_packet((c4, 40003), (v4, 80), TCP_ACK, &[], &data(1440));
+    assert_eq!(fits4.len(), 1480);
+    assert_balanced(&f, &fits4, &key4(40003, 80, PROTO_TCP), &WEB4);
+    let fits6 = tcp_packet((c6, 40004), (v6, 443), TCP_ACK, &[], &data(1400));
+    assert_eq!(fits6.len(), 1460);
+    let key6 = flow_key(c6, v6, 40004, 443, PROTO_TCP);
+    assert_balanced(&f, &fits6, &key6, &WEB6);
+    assert_eq!(f.outcome(Outcome::Forwarded), 2);
+
+    // Behind a small link the MTU follows it; a packet shorter than the
+    // usual quote is quoted by its header and 8 bytes (RFC 792).
+    f.set_mtu(576);
+    let r = f.ingress(&ether(&fits4));
+    assert_eq!(r.output, expect_frag_needed(&fits4, 556, 548));
+    f.set_mtu(400);
+    let short = tcp_packet((c4, 40003), (v4, 80), TCP_ACK, &[], &data(460));
+    let r = f.ingress(&ether(&short));
+    assert_eq!(r.output, expect_frag_needed(&short, 380, 68));
+    f.set_mtu(1500);
+
+    // IPv4 without DF: dropped (the balancer does not fragment).
+    let no_df = ipv4(CLIENT4, VIP4, PROTO_UDP, &udp(5000, 53, &data(1460)));
+    assert_eq!(f.ingress(&ether(&no_df)).action, XDP_DROP);
+    // An ICMP error about a flow is never answered: too big, it is dropped.
+    let reply = ipv4(
+        VIP4,
+        CLIENT4,
+        PROTO_TCP,
+        &tcp(80, 40003, TCP_ACK, &data(1440)),
+    );
+    let router = Ipv4Addr::new(198, 18, 0, 254);
+    let error = ipv4(router, VIP4, 1, &icmp_frag_needed(1400, &reply[..1460]));
+    assert_eq!(f.ingress(&ether(&error)).action, XDP_DROP);
+    assert_eq!(f.outcome(Outcome::DropTooBig), 2);
+    assert_eq!(f.outcome(Outcome::IcmpTooBigSent), 6);
+    // Only the forwarded packets count for the VIP.
+    let vip_id = f.flow(&key4(40003, 80, PROTO_TCP)).unwrap().vip_id;
+    assert_eq!(f.vip_counters(vip_id).packets, 1);
+}
+
+/// Keeps the calling thread on CPU 0, so that every run uses the same
+/// per-CPU token bucket.
+fn pin_to_first_cpu() {
+    // SAFETY: a zeroed cpu_set_t is valid; the calls change only this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn icmp_answers_are_rate_limited() {
+    pin_to_first_cpu();
+    let mut f = Fixture::new(&standard());
+    f.apply_full("icmp_too_big_rate = 1\nicmp_too_big_burst = 3", &standard());
+    let big = ip_df(
+        IpAddr::V4(CLIENT4),
+        IpAddr::V4(VIP4),
+        PROTO_UDP,
+        &udp(5000, 53, &[0; 1472]),
+    );
+    let actions: Vec<u32> = (0..5).map(|_| f.ingress(&ether(&big)).action).collect();
+    assert_eq!(actions, [XDP_TX, XDP_TX, XDP_TX, XDP_DROP, XDP_DROP]);
+    assert_eq!(f.outcome(Outcome::IcmpTooBigSent), 3);
+    assert_eq!(f.outcome(Outcome::IcmpRateLimited), 2);
+    // Rate 0: no answers at all.
+    f.apply_full("icmp_too_big_rate = 0", &standard());
+    assert_eq!(f.ingress(&ether(&big)).action, XDP_DROP);
+    assert_eq!(f.outcome(Outcome::DropTooBig), 1);
+    // The defaults (1000/s): the bucket refills within milliseconds.
+    f.apply(&standard());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(f.ingress(&ether(&big)).action, XDP_TX);
+    assert_eq!(f.outcome(Outcome::IcmpTooBigSent), 4);
+}
+
+#[test]
+fn the_verifier_work_stays_far_below_its_limit() {
+    let f = Fixture::new(&standard());
+    let prog: &aya::programs::Xdp = f.ebpf.program("lb_ingress").unwrap().try_into().unwrap();
+    let verified = prog.info().unwrap().verified_instruction_count().unwrap();
+    println!("lb_ingress: {verified} instructions verified");
+    // The limit is 1,000,000; walking TCP options the wrong way costs most of it.
+    assert!(verified < 200_000, "{verified} instructions verified");
 }

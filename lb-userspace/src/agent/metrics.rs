@@ -222,7 +222,7 @@ struct BackendData {
     expired: Expired,
 }
 
-const BACKEND_FAMILIES: [Family<BackendData>; 6] = [
+const BACKEND_FAMILIES: [Family<BackendData>; 7] = [
     Family {
         name: "lb_backend_packets_total",
         kind: "counter",
@@ -275,6 +275,16 @@ const BACKEND_FAMILIES: [Family<BackendData>; 6] = [
         help: "1 when the backend's next-hop MAC is known.",
         extra: None,
         parts: |b| vec![("", u64::from(b.status.next_hop.is_some()))],
+    },
+    Family {
+        name: "lb_backend_next_hop_mtu",
+        kind: "gauge",
+        help: "MTU of the link toward the backend; absent while its next hop is unresolved.",
+        extra: None,
+        parts: |b| {
+            let mtu = b.status.next_hop.as_ref().map(|n| u64::from(n.mtu));
+            mtu.map(|m| ("", m)).into_iter().collect()
+        },
     },
 ];
 
@@ -342,6 +352,17 @@ pub(crate) async fn render(state: &Shared) -> Result<String> {
             "as received, outer header included",
             &decap.outcomes,
         );
+    }
+    out.family(
+        "lb_interface_xdp_errors_total",
+        "counter",
+        "Drivers' counters of XDP frames lost after the program's verdict (ethtool -S): frames counted as sent that never left.",
+    );
+    for e in status::xdp_errors(&st) {
+        for (counter, v) in &e.counters {
+            let labels = [("interface", e.interface.as_str()), ("counter", counter)];
+            out.sample("lb_interface_xdp_errors_total", &labels, *v);
+        }
     }
     Ok(out.text)
 }
@@ -422,6 +443,12 @@ fn datapath_series(out: &mut Exposition, st: &State) -> Result<()> {
         "Entries in the connection table at the last collection.",
     );
     out.sample("lb_connection_table_flows", &[], c.flows_in_table);
+    out.family(
+        "lb_datapath_mss_clamped_total",
+        "counter",
+        "TCP SYNs whose MSS option was lowered to fit the backend's link (also counted under their outcome).",
+    );
+    out.sample("lb_datapath_mss_clamped_total", &[], dp.mss_clamped()?);
     let (sent, dropped) = dp.event_stats()?;
     out.family(
         "lb_flow_events_total",

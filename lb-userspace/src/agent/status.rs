@@ -1,6 +1,6 @@
 //! `lbctl status`: the balancer's VIPs and backends with their lifecycle and
-//! flows, the datapath's outcome counters, and the decapsulator's. The
-//! metrics render the same rows.
+//! flows, the datapath's outcome counters, the decapsulator's, and the
+//! drivers' XDP error counters. The metrics render the same rows.
 
 use lb_common::{DecapOutcome, Outcome, PacketCounter};
 
@@ -8,12 +8,13 @@ use super::state::State;
 use crate::{
     api::{
         BackendStatus, DecapStatus, NextHopStatus, OutcomeStatus, Status, VipBackendStatus,
-        VipStatus,
+        VipStatus, XdpErrors,
     },
     balancer::Balancer,
     collector::Collector,
     config::VipConfig,
     datapath::{Datapath, DecapMaps, KernelDatapath},
+    ethtool,
     lifecycle::Lifecycle,
 };
 
@@ -28,11 +29,43 @@ pub(crate) fn status(st: &State) -> anyhow::Result<Status> {
         status.vips = vips(bal, &st.lifecycle, &st.collector)?;
         status.backends = backends(bal, &st.collector)?;
         status.outcomes = ingress_outcomes(bal)?;
+        status.mss_clamped = bal.datapath().mss_clamped()?;
     }
     if let Some(d) = &st.decap {
         status.decap = Some(decap(d)?);
     }
+    status.xdp_errors = xdp_errors(st);
     Ok(status)
+}
+
+/// The drivers' XDP error counters of every interface the datapath sends
+/// through: those it is attached to, then those next hops leave by.
+pub(crate) fn xdp_errors(st: &State) -> Vec<XdpErrors> {
+    let mut names: Vec<String> = st.interfaces.iter().map(|i| i.name.clone()).collect();
+    if let Some(bal) = &st.balancer {
+        for nh in bal.backends().filter_map(|(_, _, nh)| nh) {
+            if let Some(name) = ethtool::interface_name(nh.ifindex) {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+    }
+    names
+        .into_iter()
+        .map(|interface| match ethtool::xdp_errors(&interface) {
+            Ok(counters) => XdpErrors {
+                interface,
+                counters: counters.into_iter().collect(),
+                error: None,
+            },
+            Err(e) => XdpErrors {
+                interface,
+                error: Some(format!("{e:#}")),
+                ..XdpErrors::default()
+            },
+        })
+        .collect()
 }
 
 /// `lb_ingress` packets and bytes by outcome.
@@ -140,6 +173,7 @@ pub(crate) fn backends(
                 next_hop: next_hop.map(|nh| NextHopStatus {
                     ifindex: nh.ifindex,
                     mac: mac_text(nh.dst_mac),
+                    mtu: nh.mtu,
                 }),
                 counters: bal.datapath().backend_counters(id)?.into(),
                 active_flows: collector.backend_presence.get(&id).map_or(0, |p| p.active),

@@ -66,8 +66,7 @@ impl<D: Datapath> Balancer<D> {
         }
         let plan = self.plan(config)?;
         let mut summary = ApplySummary::default();
-        self.dp
-            .set_settings(&settings(m, &config.encap, &config.visibility))?;
+        self.dp.set_settings(&settings(config))?;
         self.add_backends(&plan.new_backends, next_hops, &mut summary)?;
         let gone_vips = self.switch_tables(config, &plan, &mut summary)?;
         self.remove_gone(config, gone_vips, &plan.gone_backends, &mut summary)?;

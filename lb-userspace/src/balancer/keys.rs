@@ -8,7 +8,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::{EncapConfig, Protocol, VisibilityConfig},
+    config::{BalancerConfig, Protocol},
     nexthop::NextHop,
 };
 
@@ -34,16 +34,23 @@ pub(super) fn marker_key(address: IpAddr) -> VipKey {
     }
 }
 
-/// Datapath settings: table size, tracers and events, encapsulation sources.
-pub fn settings(maglev_size: u32, encap: &EncapConfig, visibility: &VisibilityConfig) -> Settings {
+/// Datapath settings: table size, tracers and events, encapsulation sources,
+/// the limit on ICMP "too big" answers.
+pub fn settings(config: &BalancerConfig) -> Settings {
+    let (encap, visibility, dp) = (&config.encap, &config.visibility, &config.datapath);
+    let mut flags = 0;
+    if visibility.trace_flows {
+        flags |= lb_common::SETTING_TRACE_FLOWS;
+    }
+    if dp.clamp_mss {
+        flags |= lb_common::SETTING_CLAMP_MSS;
+    }
     let mut s = Settings {
-        maglev_size,
-        flags: if visibility.trace_flows {
-            lb_common::SETTING_TRACE_FLOWS
-        } else {
-            0
-        },
+        maglev_size: dp.maglev_table_size,
+        flags,
         event_sample: visibility.event_sample,
+        icmp_too_big_rate: dp.icmp_too_big_rate,
+        icmp_too_big_burst: dp.icmp_too_big_burst,
         ..Settings::default()
     };
     if let Some(v4) = encap.source_v4 {
@@ -85,6 +92,7 @@ pub(super) fn backend_info(
         info.ifindex = nh.ifindex;
         info.src_mac = nh.src_mac;
         info.dst_mac = nh.dst_mac;
+        info.mtu = u16::try_from(nh.mtu).unwrap_or(u16::MAX);
     }
     info
 }

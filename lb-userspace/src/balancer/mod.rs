@@ -195,6 +195,7 @@ impl<D: Datapath> Balancer<D> {
                 ifindex: info.ifindex,
                 src_mac: info.src_mac,
                 dst_mac: info.dst_mac,
+                mtu: u32::from(info.mtu),
             });
             if let Some(nh) = next_hop {
                 if !self.local_ports.contains(&nh.ifindex) {

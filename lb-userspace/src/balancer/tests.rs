@@ -219,6 +219,7 @@ fn next_hops_fill_backend_entries_and_tx_ports() {
         ifindex: 7,
         src_mac: [2, 0, 0, 0, 0, 1],
         dst_mac: [2, 0, 0, 0, 0, 2],
+        mtu: 1500,
     };
     assert!(b
         .set_next_hop("198.18.0.11".parse().unwrap(), Some(nh))
@@ -234,7 +235,16 @@ fn next_hops_fill_backend_entries_and_tx_ports() {
     let id = b.backends[&"198.18.0.11".parse().unwrap()].id;
     assert_eq!(dp.backends[&id].ifindex, 7);
     assert_eq!(dp.backends[&id].dst_mac, [2, 0, 0, 0, 0, 2]);
+    assert_eq!(dp.backends[&id].mtu, 1500);
     assert_eq!(dp.tx_ports, BTreeSet::from([7]));
+    // A new MTU rewrites the entry; one beyond 16 bits (loopback's 65536) is capped.
+    let address = "198.18.0.11".parse().unwrap();
+    for (mtu, written) in [(1400, 1400), (65536, u16::MAX)] {
+        assert!(b
+            .set_next_hop(address, Some(NextHop { mtu, ..nh }))
+            .unwrap());
+        assert_eq!(b.datapath().backends[&id].mtu, written);
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ use lb_userspace::{
     api::{
         call, BackendStatus, EventRecord, EventStats, FlowQuery, FlowRecord, FlowReport, Leg,
         MaintenanceCommand, OutcomeStatus, Report, ReportQuery, Request, Response, Status,
-        VipMaintenance, VipStatus,
+        VipMaintenance, VipStatus, XdpErrors,
     },
     config::{socket_text, Config, DEFAULT_SOCKET},
     lifecycle::Phase,
@@ -248,7 +248,14 @@ fn print_status(s: &Status) {
         for o in s.outcomes.iter().filter(|o| o.packets > 0) {
             print_outcome(o);
         }
+        if s.mss_clamped > 0 {
+            println!(
+                "  {:<24} {:>12} SYNs (forwarded)",
+                "mss_clamped", s.mss_clamped
+            );
+        }
     }
+    print_xdp_errors(&s.xdp_errors);
     if let Some(d) = &s.decap {
         println!();
         let addrs: Vec<String> = d.addresses.iter().map(|a| a.to_string()).collect();
@@ -256,6 +263,29 @@ fn print_status(s: &Status) {
         for o in &d.outcomes {
             print_outcome(o);
         }
+    }
+}
+
+/// Drivers' XDP error counters: frames the datapath counted as sent that
+/// the driver dropped.
+fn print_xdp_errors(list: &[XdpErrors]) {
+    if list.is_empty() {
+        return;
+    }
+    println!();
+    println!("driver XDP errors (frames the datapath sent that the driver dropped):");
+    for e in list {
+        let counters: Vec<String> = e.counters.iter().map(|(n, v)| format!("{n} {v}")).collect();
+        let text = match &e.error {
+            Some(error) => format!("unreadable: {error}"),
+            None if counters.is_empty() => "none kept by this driver".into(),
+            None => counters.join(", "),
+        };
+        println!("  {:<12} {text}", e.interface);
+    }
+    let lost: u64 = list.iter().flat_map(|e| e.counters.values()).sum();
+    if lost > 0 {
+        println!("  warning: {lost} frames counted as forwarded (or answered) never left");
     }
 }
 
@@ -306,19 +336,19 @@ fn print_backend_traffic(backends: &[BackendStatus]) {
     println!();
     println!("backends (traffic over all their VIPs):");
     println!(
-        "  {:<40} {:>19} {:>10} {:>11} {:>10} {:>8}",
-        "backend", "next hop", "packets", "bytes", "new flows", "active"
+        "  {:<40} {:>19} {:>6} {:>10} {:>11} {:>10} {:>8}",
+        "backend", "next hop", "mtu", "packets", "bytes", "new flows", "active"
     );
     for b in backends {
-        let nh = b
-            .next_hop
-            .as_ref()
-            .map(|n| n.mac.clone())
-            .unwrap_or_else(|| "unresolved".into());
+        let (nh, mtu) = b.next_hop.as_ref().map_or_else(
+            || ("unresolved".into(), "-".into()),
+            |n| (n.mac.clone(), n.mtu.to_string()),
+        );
         println!(
-            "  {:<40} {:>19} {:>10} {:>11} {:>10} {:>8}",
+            "  {:<40} {:>19} {:>6} {:>10} {:>11} {:>10} {:>8}",
             b.address.to_string(),
             nh,
+            mtu,
             b.counters.packets,
             human_bytes(b.counters.bytes),
             b.counters.new_flows,

@@ -144,6 +144,13 @@ pub struct DatapathConfig {
     pub max_backends: u32,
     pub flow_table_size: u32,
     pub next_hop_refresh_ms: u64,
+    /// ICMP "too big" answers to clients whose packets would not fit a
+    /// backend's link once encapsulated: per second and burst, per CPU
+    /// (rate 0: none, such packets are dropped).
+    pub icmp_too_big_rate: u32,
+    pub icmp_too_big_burst: u32,
+    /// Lower the MSS option of SYNs to VIPs to what fits the backend's link.
+    pub clamp_mss: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -67,6 +67,9 @@ pub struct RawDatapath {
     pub max_backends: Option<i64>,
     pub flow_table_size: Option<i64>,
     pub next_hop_refresh_ms: Option<i64>,
+    pub icmp_too_big_rate: Option<i64>,
+    pub icmp_too_big_burst: Option<i64>,
+    pub clamp_mss: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

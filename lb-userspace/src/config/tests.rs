@@ -95,6 +95,16 @@ const BAD_FIELDS: &[(&str, &str, &str)] = &[
     ),
     (
         "maglev_table_size = 65537",
+        "maglev_table_size = 65537\nicmp_too_big_rate = -1",
+        "datapath.icmp_too_big_rate",
+    ),
+    (
+        "maglev_table_size = 65537",
+        "maglev_table_size = 65537\nicmp_too_big_burst = 0",
+        "datapath.icmp_too_big_burst",
+    ),
+    (
+        "maglev_table_size = 65537",
         "maglev_table_size = 65537\nmax_vips = 0",
         "datapath.max_vips",
     ),

@@ -200,6 +200,20 @@ fn validate_datapath(dp: RawDatapath) -> Result<DatapathConfig, ConfigError> {
         100,
         3_600_000,
     )?;
+    let icmp_too_big_rate: u32 = in_range(
+        "datapath.icmp_too_big_rate",
+        dp.icmp_too_big_rate,
+        lb_common::DEFAULT_ICMP_TOO_BIG_RATE.into(),
+        0,
+        1_000_000,
+    )?;
+    let icmp_too_big_burst: u32 = in_range(
+        "datapath.icmp_too_big_burst",
+        dp.icmp_too_big_burst,
+        lb_common::DEFAULT_ICMP_TOO_BIG_BURST.into(),
+        1,
+        1_000_000,
+    )?;
     Ok(DatapathConfig {
         interfaces: dp.interfaces,
         xdp_mode,
@@ -208,6 +222,9 @@ fn validate_datapath(dp: RawDatapath) -> Result<DatapathConfig, ConfigError> {
         max_backends,
         flow_table_size,
         next_hop_refresh_ms,
+        icmp_too_big_rate,
+        icmp_too_big_burst,
+        clamp_mss: dp.clamp_mss.unwrap_or(true),
     })
 }
 

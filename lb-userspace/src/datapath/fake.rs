@@ -115,4 +115,7 @@ impl Datapath for FakeDatapath {
     fn event_stats(&self) -> Result<(u64, u64)> {
         Ok((0, 0))
     }
+    fn mss_clamped(&self) -> Result<u64> {
+        Ok(0)
+    }
 }

@@ -87,6 +87,7 @@ pub struct KernelDatapath {
     pub(super) outcomes: PerCpuArray<MapData, PacketCounter>,
     pub(super) flows: HashMap<MapData, FlowKey, FlowState>,
     pub(super) event_stats: PerCpuArray<MapData, u64>,
+    pub(super) mss_clamped: PerCpuArray<MapData, u64>,
     maglev_size: u32,
     cpus: usize,
 }
@@ -139,6 +140,7 @@ impl KernelDatapath {
             outcomes: take(ebpf, "OUTCOMES")?,
             flows: take(ebpf, "FLOWS")?,
             event_stats: take(ebpf, "EVENT_STATS")?,
+            mss_clamped: take(ebpf, "MSS_CLAMPED")?,
             maglev_size,
             cpus,
         })
@@ -261,5 +263,9 @@ impl Datapath for KernelDatapath {
             sum(lb_common::EVENTS_SENT)?,
             sum(lb_common::EVENTS_DROPPED)?,
         ))
+    }
+
+    fn mss_clamped(&self) -> Result<u64> {
+        Ok(self.mss_clamped.get(&0, 0)?.iter().sum())
     }
 }

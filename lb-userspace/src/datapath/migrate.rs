@@ -22,6 +22,7 @@ pub struct OldMaps {
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     outcomes: PerCpuArray<MapData, PacketCounter>,
     event_stats: PerCpuArray<MapData, u64>,
+    mss_clamped: PerCpuArray<MapData, u64>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<MapData> {
@@ -39,6 +40,7 @@ impl OldMaps {
             backend_stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "BACKEND_STATS")?))?,
             outcomes: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "OUTCOMES")?))?,
             event_stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "EVENT_STATS")?))?,
+            mss_clamped: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "MSS_CLAMPED")?))?,
         })
     }
 
@@ -104,6 +106,13 @@ impl KernelDatapath {
                 .set(i, v, 0)
                 .context("writing event counters")?;
         }
+        let v = old
+            .mss_clamped
+            .get(&0, 0)
+            .context("reading old MSS counter")?;
+        self.mss_clamped
+            .set(0, v, 0)
+            .context("writing the MSS counter")?;
         Ok(())
     }
 

@@ -62,6 +62,8 @@ pub trait Datapath {
     fn vip_entries(&self) -> Result<Vec<(VipKey, VipInfo)>>;
     /// Every backend entry with any flag set, by id.
     fn backend_entries(&self) -> Result<Vec<(u32, BackendInfo)>>;
+    /// TCP SYNs whose MSS option was lowered to fit a backend's link.
+    fn mss_clamped(&self) -> Result<u64>;
 }
 
 /// Map sizes set before the object is loaded.

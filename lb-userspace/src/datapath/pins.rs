@@ -25,7 +25,7 @@ use super::{loader, max_entries, MapSizes};
 pub const PIN_ROOT: &str = "/sys/fs/bpf/lb-agent";
 
 /// Every map the programs and the agent share, pinned.
-pub const PINNED_MAPS: [&str; 13] = [
+pub const PINNED_MAPS: [&str; 15] = [
     "SETTINGS",
     "VIPS",
     "MAGLEV",
@@ -37,6 +37,8 @@ pub const PINNED_MAPS: [&str; 13] = [
     "OUTCOMES",
     "FLOW_EVENTS",
     "EVENT_STATS",
+    "MSS_CLAMPED",
+    "ICMP_TOO_BIG_TOKENS",
     "DECAP_ADDRS",
     "DECAP_OUTCOMES",
 ];
