@@ -40,7 +40,9 @@ enum Task {
     /// and target/bench/results.md. Not part of `test`.
     Bench {
         /// Run only these sections (datapath, conntrack, maglev, control, live);
-        /// results files are written only for a full run.
+        /// results files are written only for a full run. `fuzz` runs the
+        /// fuzz test with 20,000,000 packets (or LB_FUZZ_PACKETS), only when
+        /// named.
         sections: Vec<String>,
     },
     /// Check that no crate's top-level modules import each other in a circle.
@@ -128,9 +130,23 @@ fn main() -> Result<()> {
         }
         Task::Bench { sections } => {
             build(true)?;
-            let mut cmd = cargo(&["run", "--locked", "--release", "-q", "-p", "lb-tests"]);
-            cmd.args(["--bin", "lb-bench", "--"]).args(&sections);
-            run(cmd.env("LB_BIN_DIR", root().join("target/release")))
+            let fuzz = sections.iter().any(|s| s == "fuzz");
+            let rest: Vec<&String> = sections.iter().filter(|s| *s != "fuzz").collect();
+            if !fuzz || !rest.is_empty() {
+                let mut cmd = cargo(&["run", "--locked", "--release", "-q", "-p", "lb-tests"]);
+                cmd.args(["--bin", "lb-bench", "--"]).args(rest);
+                run(cmd.env("LB_BIN_DIR", root().join("target/release")))?;
+            }
+            if fuzz {
+                // The fuzz test, longer than in `cargo xtask test`.
+                let packets = std::env::var("LB_FUZZ_PACKETS").unwrap_or("20000000".into());
+                let mut cmd = cargo(&["test", "--locked", "--release", "-p", "lb-tests"]);
+                cmd.args(["--test", "fuzz", "--", "--nocapture"]);
+                run(cmd
+                    .env("LB_BIN_DIR", root().join("target/release"))
+                    .env("LB_FUZZ_PACKETS", packets))?;
+            }
+            Ok(())
         }
         Task::Demo => {
             build(false)?;
