@@ -208,3 +208,42 @@ fn ensure_bpffs() -> Result<()> {
     info!("mounted bpffs on /sys/fs/bpf");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use lb_common::*;
+
+    /// Pinned maps outlive the agent that made them, so a change of the map
+    /// ABI must come with a new layout version: then the old maps are refused
+    /// (or migrated) instead of being misread.
+    #[test]
+    fn the_layout_version_follows_the_map_abi() {
+        let abi = [
+            size_of::<VipKey>(),
+            size_of::<VipInfo>(),
+            size_of::<BackendInfo>(),
+            size_of::<FlowKey>(),
+            size_of::<FlowState>(),
+            size_of::<FlowEvent>(),
+            size_of::<HostAddr>(),
+            size_of::<Settings>(),
+            size_of::<IcmpTokens>(),
+            size_of::<TrafficCounters>(),
+            size_of::<PacketCounter>(),
+            size_of::<MaglevChunk>(),
+            OUTCOME_COUNT as usize,
+            DECAP_OUTCOME_COUNT as usize,
+            super::PINNED_MAPS.len(),
+        ];
+        assert_eq!(
+            (LAYOUT_VERSION, abi),
+            (
+                1,
+                [20, 12, 40, 40, 56, 64, 20, 48, 16, 48, 16, 32, 15, 4, 15]
+            ),
+            "the map ABI changed: raise LAYOUT_VERSION and update this list"
+        );
+    }
+}
