@@ -13,7 +13,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 procps ethtool bpftool xdp-tools tcpdump curl)
+packages=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 procps ethtool bpftool xdp-tools tcpdump curl
+  etcd-server protobuf-compiler libprotobuf-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

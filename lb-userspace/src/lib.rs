@@ -4,6 +4,8 @@
 //! - `agent`: the daemon: start-up, its state, loops, control API handlers,
 //!   status, reports and metrics.
 //! - `api`: requests and responses between `lbctl` and the agent.
+//! - `fleet`: the etcd store of a fleet: connection over TLS, key schema,
+//!   node, status and service records.
 //! - `health`: backend health checks, load polls, and their scheduler.
 //! - `lifecycle`: maintenance drains, hooks, rolling upgrades, load levels,
 //!   and the operator's disabled flag.
@@ -27,6 +29,7 @@ pub mod collector;
 pub mod config;
 pub mod datapath;
 pub mod ethtool;
+pub mod fleet;
 pub mod health;
 pub mod lifecycle;
 pub mod limits;

@@ -275,6 +275,27 @@ fn maintenance_status(st: &State) -> Response {
 /// `lbctl apply`: a new configuration, switched in as a whole.
 async fn apply(text: &str, state: &Shared, resolver: &Resolver) -> Result<ApplySummary> {
     let new = Config::from_toml(text)?;
+    if let Some(prefix) = fleet_managed(&state.lock().await.config) {
+        return Err(anyhow!(
+            "this balancer takes its VIPs from the fleet store ({prefix}/vips): change them with `lbctl fleet vips set`"
+        ));
+    }
+    switch(new, state, resolver).await
+}
+
+/// The store's key prefix when the balancer's VIPs come from a fleet.
+fn fleet_managed(config: &Config) -> Option<String> {
+    let fleet = config.fleet.as_ref()?;
+    config.balancer.as_ref().map(|_| fleet.prefix.clone())
+}
+
+/// Switches the agent to `new`, a validated configuration, as a whole: the
+/// VIPs, backends and weights change, start-up settings must not.
+pub(super) async fn switch(
+    new: Config,
+    state: &Shared,
+    resolver: &Resolver,
+) -> Result<ApplySummary> {
     state.lock().await.config.check_reload(&new)?;
     let Some(b) = &new.balancer else {
         // A decap-only agent: check_reload allowed only an identical config.

@@ -8,9 +8,11 @@
 //! - `instance`: the instance lock, attaching through pinned links, cleanup.
 //! - `loops`: one function per loop (collect, health, load, events, next hops).
 //! - `control`: the control API and its handlers.
+//! - `fleet`: registration in the fleet store, and a balancer's VIPs from it.
 //! - `status`, `report`, `metrics`: what the agent shows, read from the state.
 
 mod control;
+mod fleet;
 mod instance;
 mod loops;
 mod metrics;
@@ -221,6 +223,10 @@ async fn spawn_loops(
             resolver.clone(),
             refresh,
         )));
+    }
+    if let Some(f) = &config.fleet {
+        let run = fleet::run(state.clone(), resolver.clone(), f.clone());
+        tasks.push(tokio::spawn(run));
     }
     if let Some(addr) = config.metrics {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -1,4 +1,8 @@
-//! `lbctl`: the operator's CLI against a running `lb-agent`.
+//! `lbctl`: the operator's CLI against a running `lb-agent`, and against a
+//! fleet's etcd store (`lbctl fleet`, `lbctl service`).
+#[path = "lbctl/fleet.rs"]
+mod fleet;
+
 use std::{
     fmt,
     path::{Path, PathBuf},
@@ -24,6 +28,10 @@ struct Cli {
     /// The agent's control socket.
     #[arg(long, global = true, env = "LBCTL_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// For `fleet` and `service`: a TOML file with a [fleet] section (the
+    /// store's endpoints and TLS files), e.g. an agent's configuration.
+    #[arg(long, global = true, env = "LBCTL_FLEET", value_name = "FILE")]
+    fleet: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -102,6 +110,16 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// The fleet's etcd store: registered nodes, the VIP document.
+    Fleet {
+        #[command(subcommand)]
+        action: fleet::FleetAction,
+    },
+    /// The fleet's service registry.
+    Service {
+        #[command(subcommand)]
+        action: fleet::ServiceAction,
     },
     /// Stop the agent. The pinned datapath keeps forwarding with its last
     /// state until an agent of the same instance starts and adopts it.
@@ -577,6 +595,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Maintenance { action } => run_maintenance(socket, action).await,
         Command::Apply { file, json } => run_apply(socket, &file, json).await,
         Command::Shutdown { detach } => run_shutdown(socket, detach).await,
+        Command::Fleet { action } => fleet::run_fleet(cli.fleet.as_deref(), action).await,
+        Command::Service { action } => fleet::run_service(cli.fleet.as_deref(), action).await,
     }
 }
 

@@ -10,9 +10,11 @@ use std::{fmt, net::IpAddr, path::PathBuf, str::FromStr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+mod fleet;
 mod raw;
 mod validate;
 
+pub use fleet::{check_name, FleetConfig, DEFAULT_FLEET_PREFIX};
 pub use raw::*;
 
 pub const DEFAULT_SOCKET: &str = "/run/lb-agent/lb.sock";
@@ -52,6 +54,9 @@ pub struct Config {
     pub decap: Option<DecapConfig>,
     /// Prometheus text exposition on this TCP address; off when `None`.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The etcd store of a fleet: the agent registers there, and a balancer
+    /// takes its VIPs from it (the file's `[[vips]]` serve until then).
+    pub fleet: Option<FleetConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,6 +344,9 @@ impl Config {
         }
         if self.metrics != new.metrics {
             return err("metrics", "cannot change on reload; restart the agent");
+        }
+        if self.fleet != new.fleet {
+            return err("fleet", "cannot change on reload; restart the agent");
         }
         Ok(())
     }

@@ -17,6 +17,31 @@ pub struct RawConfig {
     pub visibility: Option<RawVisibility>,
     pub metrics: Option<RawMetrics>,
     pub lifecycle: Option<RawLifecycle>,
+    pub fleet: Option<RawFleet>,
+}
+
+/// `[fleet]`: the etcd store this agent registers with (and, for a
+/// balancer, takes its VIPs from).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub node: Option<String>,
+    pub prefix: Option<String>,
+    pub lease_ttl_s: Option<i64>,
+}
+
+/// The VIP document of a fleet (`PREFIX/vips` in etcd): the `[[vips]]` of a
+/// configuration file and nothing else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVipDocument {
+    #[serde(default)]
+    pub vips: Vec<RawVip>,
 }
 
 #[derive(Debug, Deserialize)]

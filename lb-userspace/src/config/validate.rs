@@ -51,7 +51,7 @@ fn check_interfaces(field: &str, names: &[String]) -> Result<(), ConfigError> {
 }
 
 /// `value` (or `default` when absent) if it lies in `lo..=hi`.
-fn in_range<T: TryFrom<i64>>(
+pub(super) fn in_range<T: TryFrom<i64>>(
     field: &str,
     value: Option<i64>,
     default: i64,
@@ -113,6 +113,7 @@ impl RawConfig {
             None => None,
         };
         let decap = self.decap.map(validate_decap).transpose()?;
+        let fleet = self.fleet.map(super::fleet::validate_fleet).transpose()?;
         if balancer.is_none() && decap.is_none() {
             return err(
                 "config",
@@ -135,6 +136,7 @@ impl RawConfig {
             balancer,
             decap,
             metrics,
+            fleet,
         })
     }
 }
@@ -156,7 +158,7 @@ fn validate_balancer(
     })
 }
 
-fn validate_datapath(dp: RawDatapath) -> Result<DatapathConfig, ConfigError> {
+pub(super) fn validate_datapath(dp: RawDatapath) -> Result<DatapathConfig, ConfigError> {
     check_interfaces("datapath.interfaces", &dp.interfaces)?;
     let xdp_mode = match dp.xdp_mode.as_deref() {
         None => XdpModeSetting::Native,
@@ -260,7 +262,7 @@ struct VipsSeen {
     backends: BTreeSet<IpAddr>,
 }
 
-fn validate_vips(
+pub(super) fn validate_vips(
     raw_vips: Vec<RawVip>,
     dp: &DatapathConfig,
     encap: &EncapConfig,

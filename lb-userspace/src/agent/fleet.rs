@@ -1,0 +1,244 @@
+//! The agent's part in a fleet: it registers under a lease, and a balancer
+//! watches the store's VIP document, applies each new one as `lbctl apply`
+//! would, and reports what it applied. While the store is unreachable the
+//! datapath forwards with the last state and the loop reconnects with backoff.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Result};
+use etcd_client::{EventType, WatchResponse, WatchStream};
+use tracing::{info, warn};
+
+use super::{control, state::wall_ms, Shared};
+use crate::{
+    config::{FleetConfig, RawVipDocument},
+    fleet::{NodeRecord, StatusError, StatusRecord, Store, Versioned},
+    nexthop::Resolver,
+};
+
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// While the store stays unreachable, one warning per this period.
+const LOG_PERIOD: Duration = Duration::from_secs(60);
+
+/// What the balancer took from the store, kept across reconnections.
+#[derive(Debug, Default)]
+struct Applied {
+    /// Mod revision of the VIP document in force.
+    generation: Option<i64>,
+    /// Why the newest document was not applied.
+    error: Option<StatusError>,
+}
+
+/// Runs for the agent's lifetime.
+pub(super) async fn run(state: Shared, resolver: Arc<Resolver>, cfg: FleetConfig) {
+    let mut applied = Applied::default();
+    let mut backoff = MIN_BACKOFF;
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let started = Instant::now();
+        let Err(e) = session(&state, &resolver, &cfg, &mut applied).await;
+        if started.elapsed() > MAX_BACKOFF * 3 {
+            backoff = MIN_BACKOFF;
+        }
+        if last_warning.is_none_or(|t| t.elapsed() >= LOG_PERIOD) {
+            warn!(
+                "fleet store: {e:#}; forwarding with the last state, reconnecting (next warning in {} s at the earliest)",
+                LOG_PERIOD.as_secs()
+            );
+            last_warning = Some(Instant::now());
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connection to the store, until it fails.
+async fn session(
+    state: &Shared,
+    resolver: &Resolver,
+    cfg: &FleetConfig,
+    applied: &mut Applied,
+) -> Result<std::convert::Infallible> {
+    let mut store = Store::connect(cfg).await?;
+    let (lease, mut keeper, mut alive) = store.lease(cfg.lease_ttl_s).await?;
+    let record = node_record(state, cfg).await;
+    let node_key = store.keys.node(&cfg.node);
+    store
+        .put(&node_key, &serde_json::to_string(&record)?, Some(lease))
+        .await?;
+    info!(node = cfg.node, lease, "registered in the fleet store");
+    let balancer = state.lock().await.config.balancer.is_some();
+    let mut watch = None;
+    if balancer {
+        let vips_key = store.keys.vips();
+        let (doc, revision) = store.get_at(&vips_key).await?;
+        if let Some(doc) = doc {
+            consider(state, resolver, applied, &doc).await;
+        }
+        report(&mut store, state, cfg, applied, lease).await?;
+        watch = Some(store.watch(&vips_key, revision + 1).await?);
+    }
+    let mut renew = tokio::time::interval(Duration::from_secs(cfg.lease_ttl_s.div_ceil(3)));
+    loop {
+        tokio::select! {
+            _ = renew.tick() => keeper.keep_alive().await?,
+            msg = alive.message() => match msg? {
+                Some(r) if r.ttl() > 0 => {}
+                Some(_) => bail!("the lease expired"),
+                None => bail!("the lease keep-alive stream ended"),
+            },
+            msg = next_change(watch.as_mut()) => {
+                let resp = msg?.ok_or_else(|| anyhow!("the watch ended"))?;
+                if resp.canceled() {
+                    bail!("the watch was cancelled: {}", resp.cancel_reason());
+                }
+                if changes(state, resolver, applied, &resp).await {
+                    report(&mut store, state, cfg, applied, lease).await?;
+                }
+            }
+        }
+    }
+}
+
+async fn next_change(
+    stream: Option<&mut WatchStream>,
+) -> Result<Option<WatchResponse>, etcd_client::Error> {
+    match stream {
+        Some(s) => s.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies the newest document of a watch response; true when something
+/// changed that the status must show.
+async fn changes(
+    state: &Shared,
+    resolver: &Resolver,
+    applied: &mut Applied,
+    resp: &WatchResponse,
+) -> bool {
+    let Some(event) = resp.events().last() else {
+        return false;
+    };
+    let Some(kv) = event.kv() else {
+        return false;
+    };
+    match event.event_type() {
+        EventType::Put => match kv.value_str() {
+            Ok(text) => {
+                let doc = Versioned {
+                    text: text.to_string(),
+                    revision: kv.mod_revision(),
+                };
+                consider(state, resolver, applied, &doc).await;
+            }
+            Err(e) => {
+                refuse(applied, kv.mod_revision(), format!("not UTF-8: {e}"));
+            }
+        },
+        EventType::Delete => refuse(
+            applied,
+            kv.mod_revision(),
+            "the VIP document was deleted; the VIPs in force stay".into(),
+        ),
+    }
+    true
+}
+
+fn refuse(applied: &mut Applied, revision: i64, message: String) {
+    warn!(
+        revision,
+        "VIP document from the fleet store not applied: {message}"
+    );
+    applied.error = Some(StatusError { revision, message });
+}
+
+/// Validates `doc` against this balancer's settings and switches to it; an
+/// invalid document leaves the VIPs in force.
+async fn consider(state: &Shared, resolver: &Resolver, applied: &mut Applied, doc: &Versioned) {
+    if applied.generation == Some(doc.revision)
+        || applied
+            .error
+            .as_ref()
+            .is_some_and(|e| e.revision == doc.revision)
+    {
+        return;
+    }
+    let mut new = state.lock().await.config.clone();
+    let Some(b) = new.balancer.as_mut() else {
+        return;
+    };
+    let vips = RawVipDocument::from_toml(&doc.text).and_then(|d| d.validate_for(b));
+    let result = match vips {
+        Ok(vips) => {
+            b.vips = vips;
+            control::switch(new, state, resolver).await
+        }
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(summary) => {
+            info!(
+                revision = doc.revision,
+                ?summary,
+                "VIP document from the fleet store applied"
+            );
+            applied.generation = Some(doc.revision);
+            applied.error = None;
+        }
+        Err(e) => refuse(applied, doc.revision, format!("{e:#}")),
+    }
+}
+
+/// Writes `PREFIX/status/NODE` under the lease.
+async fn report(
+    store: &mut Store,
+    state: &Shared,
+    cfg: &FleetConfig,
+    applied: &Applied,
+    lease: i64,
+) -> Result<()> {
+    let vips = match &state.lock().await.config.balancer {
+        Some(b) => b.vips.iter().map(|v| v.name.clone()).collect(),
+        None => Vec::new(),
+    };
+    let record = StatusRecord {
+        node: cfg.node.clone(),
+        generation: applied.generation,
+        vips,
+        error: applied.error.clone(),
+        updated_ms: wall_ms(),
+    };
+    let key = store.keys.status(&cfg.node);
+    store
+        .put(&key, &serde_json::to_string(&record)?, Some(lease))
+        .await?;
+    Ok(())
+}
+
+async fn node_record(state: &Shared, cfg: &FleetConfig) -> NodeRecord {
+    let st = state.lock().await;
+    let mut roles = Vec::new();
+    let mut addresses = Vec::new();
+    if let Some(b) = &st.config.balancer {
+        roles.push("lb".to_string());
+        addresses.extend(b.vips.iter().map(|v| v.address.to_string()));
+    }
+    if let Some(d) = &st.config.decap {
+        roles.push("backend".to_string());
+        addresses.extend(d.addresses.iter().map(|a| a.to_string()));
+    }
+    addresses.dedup();
+    NodeRecord {
+        node: cfg.node.clone(),
+        roles,
+        addresses,
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        registered_ms: wall_ms(),
+    }
+}

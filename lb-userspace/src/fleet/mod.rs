@@ -1,0 +1,219 @@
+//! The fleet store: etcd v3 over TLS, its key schema and the records kept
+//! there. The agent's fleet loop (`agent/fleet.rs`) and `lbctl fleet` /
+//! `lbctl service` use it; it knows nothing of the agent.
+//!
+//! Keys, under the configured prefix (default `/lb`):
+//!
+//! | key | value | lease |
+//! |---|---|---|
+//! | `PREFIX/nodes/NODE` | [`NodeRecord`] (JSON) | the agent's |
+//! | `PREFIX/vips` | the VIP document: TOML with `[[vips]]` | none |
+//! | `PREFIX/status/NODE` | [`StatusRecord`] (JSON) | the agent's |
+//! | `PREFIX/services/NAME` | [`Service`] (JSON) | none |
+//!
+//! - `service`: the service registry's records and their validation.
+
+mod service;
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _, Result};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, LeaseKeepAliveStream, LeaseKeeper,
+    PutOptions, TlsOptions, WatchOptions, WatchStream,
+};
+use serde::{Deserialize, Serialize};
+
+pub use service::{parse_instance, Instance, Service};
+
+use crate::config::FleetConfig;
+
+/// Time any single request to the store may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A registered agent (`PREFIX/nodes/NODE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node: String,
+    /// `lb` (runs the balancer), `backend` (runs lb_decap), or both.
+    pub roles: Vec<String>,
+    /// The balancer's VIP addresses and the decapsulated addresses.
+    pub addresses: Vec<String>,
+    pub pid: u32,
+    pub version: String,
+    /// Unix time in ms when the agent (re)registered.
+    pub registered_ms: u64,
+}
+
+/// What an agent applied from the store (`PREFIX/status/NODE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StatusRecord {
+    pub node: String,
+    /// The etcd mod revision of the VIP document in force on this node;
+    /// `None` while it runs the VIPs of its file.
+    pub generation: Option<i64>,
+    /// VIP names in force.
+    pub vips: Vec<String>,
+    /// Why the newest document was not applied (its revision and the error).
+    pub error: Option<StatusError>,
+    pub updated_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusError {
+    pub revision: i64,
+    pub message: String,
+}
+
+/// A key's text and its etcd mod revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub text: String,
+    pub revision: i64,
+}
+
+/// The store's keys under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+    pub fn vips(&self) -> String {
+        format!("{}/vips", self.prefix)
+    }
+    pub fn nodes(&self) -> String {
+        format!("{}/nodes/", self.prefix)
+    }
+    pub fn node(&self, node: &str) -> String {
+        format!("{}{node}", self.nodes())
+    }
+    pub fn statuses(&self) -> String {
+        format!("{}/status/", self.prefix)
+    }
+    pub fn status(&self, node: &str) -> String {
+        format!("{}{node}", self.statuses())
+    }
+    pub fn services(&self) -> String {
+        format!("{}/services/", self.prefix)
+    }
+    pub fn service(&self, name: &str) -> String {
+        format!("{}{name}", self.services())
+    }
+}
+
+/// `fut` within `REQUEST_TIMEOUT`, with `what` in the error.
+async fn timed<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+        Ok(r) => r.with_context(|| format!("etcd: {what}")),
+        Err(_) => Err(anyhow!(
+            "etcd: {what}: no answer within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// A connection to the fleet's etcd.
+pub struct Store {
+    client: Client,
+    pub keys: Keys,
+}
+
+impl Store {
+    /// Connects over TLS with the configured client certificate. Fails when
+    /// no endpoint answers within `REQUEST_TIMEOUT`.
+    pub async fn connect(cfg: &FleetConfig) -> Result<Store> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+        };
+        let tls = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&cfg.ca)?))
+            .identity(Identity::from_pem(read(&cfg.cert)?, read(&cfg.key)?));
+        let options = ConnectOptions::new()
+            .with_tls(tls)
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        let client = timed(
+            "connecting",
+            Client::connect(cfg.endpoints.clone(), Some(options)),
+        )
+        .await?;
+        let mut store = Store {
+            client,
+            keys: Keys::new(&cfg.prefix),
+        };
+        // The channel connects lazily: one request proves the store answers.
+        timed("status", store.client.status()).await?;
+        Ok(store)
+    }
+
+    pub async fn get(&mut self, key: &str) -> Result<Option<Versioned>> {
+        Ok(self.get_at(key).await?.0)
+    }
+
+    /// `key`'s value, and the store's revision when it was read (a watch
+    /// from the next one misses nothing).
+    pub async fn get_at(&mut self, key: &str) -> Result<(Option<Versioned>, i64)> {
+        let resp = timed("get", self.client.get(key, None)).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let value = match resp.kvs().first() {
+            Some(kv) => Some(Versioned {
+                text: kv.value_str()?.to_string(),
+                revision: kv.mod_revision(),
+            }),
+            None => None,
+        };
+        Ok((value, revision))
+    }
+
+    /// Every key under `prefix`, with the part after the prefix and the value.
+    pub async fn list(&mut self, prefix: &str) -> Result<Vec<(String, Versioned)>> {
+        let options = GetOptions::new().with_prefix();
+        let resp = timed("get", self.client.get(prefix, Some(options))).await?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let key = kv.key_str()?;
+                Ok((
+                    key.strip_prefix(prefix).unwrap_or(key).to_string(),
+                    Versioned {
+                        text: kv.value_str()?.to_string(),
+                        revision: kv.mod_revision(),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Writes `value`; with `lease`, the key goes when the lease does.
+    /// Returns the store's revision after the write.
+    pub async fn put(&mut self, key: &str, value: &str, lease: Option<i64>) -> Result<i64> {
+        let options = lease.map(|id| PutOptions::new().with_lease(id));
+        let resp = timed("put", self.client.put(key, value, options)).await?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// A lease of `ttl_s` seconds, and what keeps it alive.
+    pub async fn lease(&mut self, ttl_s: u64) -> Result<(i64, LeaseKeeper, LeaseKeepAliveStream)> {
+        let ttl = i64::try_from(ttl_s).context("lease TTL")?;
+        let grant = timed("lease grant", self.client.lease_grant(ttl, None)).await?;
+        let (keeper, stream) =
+            timed("lease keep-alive", self.client.lease_keep_alive(grant.id())).await?;
+        Ok((grant.id(), keeper, stream))
+    }
+
+    /// Watches `key` from `revision` on.
+    pub async fn watch(&mut self, key: &str, revision: i64) -> Result<WatchStream> {
+        let options = WatchOptions::new().with_start_revision(revision);
+        timed("watch", self.client.watch(key, Some(options))).await
+    }
+}
