@@ -408,3 +408,130 @@ fn reload_may_change_vips_but_not_sizes() {
     let moved = with("/run/lb-test/lb.sock", "/run/other.sock").unwrap();
     assert_eq!(old.check_reload(&moved).unwrap_err().field, "socket");
 }
+
+const FLEET: &str = r#"
+[fleet]
+endpoints = ["https://127.0.0.1:2379", "etcd.example:2379"]
+ca = "/etc/lb/ca.pem"
+cert = "/etc/lb/client.pem"
+key = "/etc/lb/client.key"
+node = "lb-1"
+"#;
+
+#[test]
+fn fleet_section_parses_with_defaults() {
+    let c = Config::from_toml(&format!("{GOOD}{FLEET}")).unwrap();
+    let f = c.fleet.unwrap();
+    assert_eq!(
+        f.endpoints,
+        ["https://127.0.0.1:2379", "https://etcd.example:2379"]
+    );
+    assert_eq!((f.node.as_str(), f.prefix.as_str()), ("lb-1", "/lb"));
+    assert_eq!(f.lease_ttl_s, 10);
+    // lbctl reads the section alone, from an agent's file or a file of its own.
+    assert_eq!(
+        FleetConfig::from_toml_section(&format!("{GOOD}{FLEET}")).unwrap(),
+        FleetConfig::from_toml_section(FLEET).unwrap()
+    );
+    assert_eq!(
+        FleetConfig::from_toml_section("x = 1").unwrap_err().field,
+        "fleet"
+    );
+    // The node defaults to the host name.
+    let unnamed = FLEET.replace("node = \"lb-1\"\n", "");
+    assert!(!FleetConfig::from_toml_section(&unnamed)
+        .unwrap()
+        .node
+        .is_empty());
+}
+
+#[test]
+fn every_bad_fleet_field_is_named() {
+    let cases = [
+        (
+            "\"https://127.0.0.1:2379\", ",
+            "\"http://127.0.0.1:2379\", ",
+            "fleet.endpoints[0]",
+        ),
+        ("etcd.example:2379", "etcd.example", "fleet.endpoints[1]"),
+        ("etcd.example:2379", "etcd.example:0", "fleet.endpoints[1]"),
+        ("ca = \"/etc/lb/ca.pem\"\n", "", "fleet.ca"),
+        ("cert = \"/etc/lb/client.pem\"\n", "", "fleet.cert"),
+        ("key = \"/etc/lb/client.key\"", "key = \"\"", "fleet.key"),
+        ("node = \"lb-1\"", "node = \"lb/1\"", "fleet.node"),
+        (
+            "node = \"lb-1\"",
+            "node = \"lb-1\"\nprefix = \"lb\"",
+            "fleet.prefix",
+        ),
+        (
+            "node = \"lb-1\"",
+            "node = \"lb-1\"\nprefix = \"/lb/\"",
+            "fleet.prefix",
+        ),
+        (
+            "node = \"lb-1\"",
+            "node = \"lb-1\"\nlease_ttl_s = 1",
+            "fleet.lease_ttl_s",
+        ),
+    ];
+    for (replace, by, field) in cases {
+        assert!(FLEET.contains(replace), "fixture lacks {replace:?}");
+        let text = format!("{GOOD}{}", FLEET.replacen(replace, by, 1));
+        let e = Config::from_toml(&text).expect_err(by);
+        assert_eq!(e.field, field, "case {by:?}: {e}");
+    }
+    let empty = FLEET.replace("[\"https://127.0.0.1:2379\", \"etcd.example:2379\"]", "[]");
+    let e = Config::from_toml(&format!("{GOOD}{empty}")).unwrap_err();
+    assert_eq!(e.field, "fleet.endpoints");
+    let e = Config::from_toml(&format!("{GOOD}{FLEET}colour = 1\n")).unwrap_err();
+    assert!(e.message.contains("colour"), "{e}");
+    let old = Config::from_toml(&format!("{GOOD}{FLEET}")).unwrap();
+    let moved = Config::from_toml(&format!("{GOOD}{}", FLEET.replace("lb-1", "lb-2"))).unwrap();
+    assert_eq!(old.check_reload(&moved).unwrap_err().field, "fleet");
+}
+
+#[test]
+fn vip_documents_follow_the_vips_rules() {
+    // GOOD's [[vips]], alone: the same document a fleet keeps.
+    let doc = &GOOD[GOOD.find("[[vips]]").unwrap()..];
+    let b = Config::from_toml(GOOD).unwrap().balancer.unwrap();
+    let vips = RawVipDocument::from_toml(doc)
+        .unwrap()
+        .validate_for(&b)
+        .unwrap();
+    assert_eq!(vips, b.vips);
+    assert_eq!(
+        RawVipDocument::from_toml(doc)
+            .unwrap()
+            .validate_alone()
+            .unwrap(),
+        b.vips
+    );
+    // A bad field is named as in a configuration file, by both checks.
+    let bad = doc.replacen("port = 80", "port = 70000", 1);
+    for e in [
+        RawVipDocument::from_toml(&bad).unwrap().validate_alone(),
+        RawVipDocument::from_toml(&bad).unwrap().validate_for(&b),
+    ] {
+        assert_eq!(e.unwrap_err().field, "vips[0].port");
+    }
+    // A balancer's own limits apply only where it applies the document.
+    let v6_only = Config::from_toml(&GOOD.replacen("source_v4 = \"198.18.200.0/24\"\n", "", 1));
+    assert_eq!(v6_only.unwrap_err().field, "vips[0].backends[0].address");
+    let mut small = b.clone();
+    small.datapath.max_vips = 1;
+    let e = RawVipDocument::from_toml(doc)
+        .unwrap()
+        .validate_for(&small)
+        .unwrap_err();
+    assert_eq!(e.field, "vips");
+    // Anything but [[vips]] is refused.
+    let e = RawVipDocument::from_toml(&format!("socket = \"/x\"\n{doc}")).unwrap_err();
+    assert_eq!(e.field, "vips document");
+    assert!(RawVipDocument::from_toml("")
+        .unwrap()
+        .validate_alone()
+        .unwrap()
+        .is_empty());
+}
