@@ -17,6 +17,8 @@ pub struct Etcd {
     pub dir: PathBuf,
     /// The network namespace it runs in (`None`: this one).
     ns: Option<String>,
+    /// An address it serves on besides 127.0.0.1 (in its certificate too).
+    extra: Option<String>,
     /// Client and peer ports on 127.0.0.1.
     pub client_port: u16,
     peer_port: u16,
@@ -95,6 +97,11 @@ impl Etcd {
     /// Makes the certificates and starts etcd in `ns` (or here), on
     /// 127.0.0.1 ports free here; returns once it answers.
     pub fn start(ns: Option<&str>) -> Etcd {
+        Etcd::start_at(ns, None)
+    }
+
+    /// Like `start`, serving clients on `extra` (an address of `ns`) too.
+    pub fn start_at(ns: Option<&str>, extra: Option<&str>) -> Etcd {
         let dir =
             std::env::temp_dir().join(format!("lbt{}x-etcd-{}", std::process::id(), free_port()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -127,7 +134,10 @@ impl Etcd {
             &dir,
             "server",
             "etcd",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+            &format!(
+                "subjectAltName=IP:127.0.0.1,DNS:localhost{}\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+                extra.map(|a| format!(",IP:{a}")).unwrap_or_default()
+            ),
         );
         issue(
             &dir,
@@ -138,6 +148,7 @@ impl Etcd {
         let mut etcd = Etcd {
             dir,
             ns: ns.map(str::to_string),
+            extra: extra.map(str::to_string),
             client_port: free_port(),
             peer_port: free_port(),
             child: None,
@@ -148,8 +159,13 @@ impl Etcd {
 
     /// The `[fleet]` section that reaches this etcd, for node `node`.
     pub fn fleet_section(&self, node: &str, lease_ttl_s: u32) -> String {
+        self.fleet_section_at("127.0.0.1", node, lease_ttl_s)
+    }
+
+    /// Like `fleet_section`, through `address` (127.0.0.1 or the extra one).
+    pub fn fleet_section_at(&self, address: &str, node: &str, lease_ttl_s: u32) -> String {
         format!(
-            "[fleet]\nendpoints = [\"https://127.0.0.1:{port}\"]\nca = \"{dir}/ca.pem\"\ncert = \"{dir}/client.pem\"\nkey = \"{dir}/client.key\"\nnode = \"{node}\"\nprefix = \"/lbtest\"\nlease_ttl_s = {lease_ttl_s}\n",
+            "[fleet]\nendpoints = [\"https://{address}:{port}\"]\nca = \"{dir}/ca.pem\"\ncert = \"{dir}/client.pem\"\nkey = \"{dir}/client.key\"\nnode = \"{node}\"\nprefix = \"/lbtest\"\nlease_ttl_s = {lease_ttl_s}\n",
             port = self.client_port,
             dir = self.dir.display(),
         )
@@ -159,7 +175,10 @@ impl Etcd {
     /// serves clients.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "etcd is running");
-        let client = format!("https://127.0.0.1:{}", self.client_port);
+        let mut client = format!("https://127.0.0.1:{}", self.client_port);
+        if let Some(a) = &self.extra {
+            client.push_str(&format!(",https://{a}:{}", self.client_port));
+        }
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let d = |f: &str| self.dir.join(f).display().to_string();
         let log = std::fs::OpenOptions::new()

@@ -594,6 +594,17 @@ backends = [{equal6}]
 
     /// Like `start`, with the LB's configuration edited by `edit` first.
     pub fn start_with(&mut self, weights: &[u32], edit: impl FnOnce(String) -> String) {
+        self.start_edited(weights, edit, |_, c| c);
+    }
+
+    /// Like `start_with`, with backend `i`'s configuration edited by
+    /// `edit_backend(i, config)` too.
+    pub fn start_edited(
+        &mut self,
+        weights: &[u32],
+        edit: impl FnOnce(String) -> String,
+        edit_backend: impl Fn(usize, String) -> String,
+    ) {
         for i in 0..self.backends {
             let role = format!("b{i}");
             let socket = self.dir.join(format!("{role}.sock"));
@@ -603,6 +614,7 @@ backends = [{equal6}]
                 self.backend_v4(i),
                 self.backend_v6(i)
             );
+            let config = edit_backend(i, config);
             self.spawn_agent(&role, &config);
             self.wait_ready(&role, &socket);
             self.start_servers(i);

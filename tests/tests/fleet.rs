@@ -121,17 +121,37 @@ fn balancer_follows_the_store() {
     let lb_ns = t.ns("lb");
     let ns = Some(lb_ns.as_str());
     // Declared after the topology, so it is killed before the namespaces go.
-    let mut etcd = Etcd::start(ns);
+    // On the LB's loopback for the LB agent and lbctl, on its segment
+    // address for the backends' agents.
+    let mut etcd = Etcd::start_at(ns, Some(LB_V4));
     let fleet_text = etcd.fleet_section("lbctl", 3);
     let fleet = t.write("fleet.toml", &fleet_text);
     let section = etcd.fleet_section("lb-1", 3);
-    t.start_with(&[100, 100, 100], |c| format!("{c}\n{section}"));
+    t.start_edited(
+        &[100, 100, 100],
+        |c| format!("{c}\n{section}"),
+        |i, c| format!("{c}\n{}", etcd.fleet_section_at(LB_V4, &format!("b{i}"), 3)),
+    );
 
     let n = wait_for(
         "the LB agent is registered",
         Duration::from_secs(15),
         || node(ns, &fleet, "lb-1"),
     );
+    for i in 0..3 {
+        let b = wait_for(
+            "the backends are registered",
+            Duration::from_secs(15),
+            || node(ns, &fleet, &format!("b{i}")),
+        );
+        assert_eq!(b["roles"], json!(["backend"]));
+        assert_eq!(b["addresses"], json!([t.backend_v4(i), t.backend_v6(i)]));
+        assert_eq!(b["status"], Value::Null, "a backend applies no VIPs: {b}");
+    }
+    // Its VIPs are the store's to change, not `lbctl apply`'s.
+    let out = t.lbctl(&["apply", "-f", t.dir.join("lb.toml").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fleet store"));
     assert_eq!(n["roles"], json!(["lb"]));
     assert!(n["pid"].as_u64().is_some_and(|p| p > 0), "{n}");
     // The file's four VIPs serve until the store has a document.
@@ -220,8 +240,14 @@ fn balancer_follows_the_store() {
         || node(ns, &fleet, "lb-1").is_none().then_some(()),
     );
     eprintln!("registration gone {:?} after the kill", killed.elapsed());
-    let statuses = json_of(ns, &fleet, &["fleet", "nodes", "--json"]);
-    assert_eq!(statuses, json!([]));
+    let nodes = json_of(ns, &fleet, &["fleet", "nodes", "--json"]);
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node"].as_str())
+        .collect();
+    assert_eq!(names, ["b0", "b1", "b2"]);
 }
 
 #[test]

@@ -16,6 +16,7 @@ use super::{control, state::wall_ms, Shared};
 use crate::{
     config::{FleetConfig, RawVipDocument},
     fleet::{NodeRecord, StatusError, StatusRecord, Store, Versioned},
+    limits::LogEvery,
     nexthop::Resolver,
 };
 
@@ -37,19 +38,19 @@ struct Applied {
 pub(super) async fn run(state: Shared, resolver: Arc<Resolver>, cfg: FleetConfig) {
     let mut applied = Applied::default();
     let mut backoff = MIN_BACKOFF;
-    let mut last_warning: Option<Instant> = None;
+    let mut warnings = LogEvery::new(LOG_PERIOD);
     loop {
         let started = Instant::now();
         let Err(e) = session(&state, &resolver, &cfg, &mut applied).await;
         if started.elapsed() > MAX_BACKOFF * 3 {
             backoff = MIN_BACKOFF;
         }
-        if last_warning.is_none_or(|t| t.elapsed() >= LOG_PERIOD) {
+        if let Some(held) = warnings.ready() {
             warn!(
-                "fleet store: {e:#}; forwarding with the last state, reconnecting (next warning in {} s at the earliest)",
+                failures_not_logged = held,
+                "fleet store: {e:#}; forwarding with the last state, reconnecting (one warning per {} s)",
                 LOG_PERIOD.as_secs()
             );
-            last_warning = Some(Instant::now());
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
