@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian machine (as root) to build and test the project:
-# the Debian tools the tests use, LLVM 22, bpf-linker built against it, and
-# rust-src for the nightly toolchain that builds the eBPF crate.
+# the Debian tools the tests use (etcd-server for the fleet tests), protoc and
+# the well-known .proto files (etcd-client's build script needs them), LLVM 22,
+# bpf-linker built against it, and rust-src for the nightly toolchain that
+# builds the eBPF crate.
 # Idempotent: everything already present is skipped, so a second run takes seconds.
 set -euo pipefail
 
