@@ -157,6 +157,7 @@ fn balancer_follows_the_store() {
     // The file's four VIPs serve until the store has a document.
     assert_eq!(n["status"]["generation"], Value::Null, "{n}");
     assert_eq!(n["status"]["vips"].as_array().map(Vec::len), Some(4), "{n}");
+    assert_eq!(n["addresses"], json!([VIP_V4, VIP_V6, VIP_V4_TO_V6]));
 
     // A document through lbctl: applied, and reported with its revision.
     let doc = t.write("vips-b0.toml", &vip_doc(&t, 0));
@@ -178,6 +179,7 @@ fn balancer_follows_the_store() {
     eprintln!("document applied and reported in {:?}", applied.elapsed());
     let n = node(ns, &fleet, "lb-1").unwrap();
     assert_eq!(n["status"]["vips"], json!(["web"]));
+    assert_eq!(n["addresses"], json!([VIP_V4]));
     assert_eq!(n["status"]["error"], Value::Null);
     all_from(&t, "b0", 10);
 

@@ -195,7 +195,8 @@ async fn consider(state: &Shared, resolver: &Resolver, applied: &mut Applied, do
     }
 }
 
-/// Writes `PREFIX/status/NODE` under the lease.
+/// Writes `PREFIX/status/NODE`, and the node record (its addresses follow
+/// the VIPs in force), under the lease.
 async fn report(
     store: &mut Store,
     state: &Shared,
@@ -203,6 +204,11 @@ async fn report(
     applied: &Applied,
     lease: i64,
 ) -> Result<()> {
+    let record = node_record(state, cfg).await;
+    let key = store.keys.node(&cfg.node);
+    store
+        .put(&key, &serde_json::to_string(&record)?, Some(lease))
+        .await?;
     let vips = match &state.lock().await.config.balancer {
         Some(b) => b.vips.iter().map(|v| v.name.clone()).collect(),
         None => Vec::new(),
@@ -233,13 +239,14 @@ async fn node_record(state: &Shared, cfg: &FleetConfig) -> NodeRecord {
         roles.push("backend".to_string());
         addresses.extend(d.addresses.iter().map(|a| a.to_string()));
     }
-    addresses.dedup();
+    let mut seen = std::collections::HashSet::new();
+    addresses.retain(|a| seen.insert(a.clone()));
     NodeRecord {
         node: cfg.node.clone(),
         roles,
         addresses,
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        registered_ms: wall_ms(),
+        updated_ms: wall_ms(),
     }
 }

@@ -41,8 +41,9 @@ pub struct NodeRecord {
     pub addresses: Vec<String>,
     pub pid: u32,
     pub version: String,
-    /// Unix time in ms when the agent (re)registered.
-    pub registered_ms: u64,
+    /// Unix time in ms when the record was last written (at registration,
+    /// and with each status report of a balancer).
+    pub updated_ms: u64,
 }
 
 /// What an agent applied from the store (`PREFIX/status/NODE`).
