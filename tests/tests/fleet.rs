@@ -233,6 +233,22 @@ fn balancer_follows_the_store() {
     );
     all_from(&t, "b1", 10);
 
+    // A clean stop revokes the lease: the records go at once. A new agent
+    // takes the document from the store.
+    t.stop_lb();
+    let stopped = Instant::now();
+    wait_for("the stopped agent leaves", Duration::from_secs(2), || {
+        node(ns, &fleet, "lb-1").is_none().then_some(())
+    });
+    eprintln!("registration gone {:?} after SIGTERM", stopped.elapsed());
+    t.start_lb();
+    wait_for(
+        "the new agent applies the document",
+        Duration::from_secs(10),
+        || node(ns, &fleet, "lb-1").filter(|n| n["status"]["generation"] == rev2),
+    );
+    all_from(&t, "b1", 10);
+
     // A dead agent disappears when its lease runs out (TTL 3 s).
     t.kill_lb();
     let killed = Instant::now();

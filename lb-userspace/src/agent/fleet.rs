@@ -2,6 +2,7 @@
 //! watches the store's VIP document, applies each new one as `lbctl apply`
 //! would, and reports what it applied. While the store is unreachable the
 //! datapath forwards with the last state and the loop reconnects with backoff.
+//! A stopping agent revokes its lease, so its records go at once.
 
 use std::{
     sync::Arc,
@@ -10,6 +11,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Result};
 use etcd_client::{EventType, WatchResponse, WatchStream};
+use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{control, state::wall_ms, Shared};
@@ -24,6 +26,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// While the store stays unreachable, one warning per this period.
 const LOG_PERIOD: Duration = Duration::from_secs(60);
+/// Time a stopping agent gives the store to revoke its lease.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the balancer took from the store, kept across reconnections.
 #[derive(Debug, Default)]
@@ -34,14 +38,44 @@ struct Applied {
     error: Option<StatusError>,
 }
 
-/// Runs for the agent's lifetime.
-pub(super) async fn run(state: Shared, resolver: Arc<Resolver>, cfg: FleetConfig) {
+/// The running fleet loop: `leave` ends it, revoking its lease so that the
+/// node's records go at once rather than when the lease runs out.
+pub(super) struct Membership {
+    stop: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+impl Membership {
+    pub(super) fn spawn(state: Shared, resolver: Arc<Resolver>, cfg: FleetConfig) -> Membership {
+        let stop = Arc::new(Notify::new());
+        let task = tokio::spawn(run(state, resolver, cfg, stop.clone()));
+        Membership { stop, task }
+    }
+
+    /// Revokes the lease if the store answers within `LEAVE_TIMEOUT`.
+    pub(super) async fn leave(self) {
+        self.stop.notify_one();
+        let mut task = self.task;
+        if tokio::time::timeout(LEAVE_TIMEOUT, &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// Runs until `stop` is notified.
+async fn run(state: Shared, resolver: Arc<Resolver>, cfg: FleetConfig, stop: Arc<Notify>) {
     let mut applied = Applied::default();
     let mut backoff = MIN_BACKOFF;
     let mut warnings = LogEvery::new(LOG_PERIOD);
     loop {
         let started = Instant::now();
-        let Err(e) = session(&state, &resolver, &cfg, &mut applied).await;
+        let e = match session(&state, &resolver, &cfg, &mut applied, &stop).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
         if started.elapsed() > MAX_BACKOFF * 3 {
             backoff = MIN_BACKOFF;
         }
@@ -52,18 +86,23 @@ pub(super) async fn run(state: Shared, resolver: Arc<Resolver>, cfg: FleetConfig
                 LOG_PERIOD.as_secs()
             );
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.notified() => return,
+        }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-/// One connection to the store, until it fails.
+/// One connection to the store, until it fails (an error) or `stop` is
+/// notified (the lease revoked, `Ok`).
 async fn session(
     state: &Shared,
     resolver: &Resolver,
     cfg: &FleetConfig,
     applied: &mut Applied,
-) -> Result<std::convert::Infallible> {
+    stop: &Notify,
+) -> Result<()> {
     let mut store = Store::connect(cfg).await?;
     let (lease, mut keeper, mut alive) = store.lease(cfg.lease_ttl_s).await?;
     let record = node_record(state, cfg).await;
@@ -86,6 +125,11 @@ async fn session(
     let mut renew = tokio::time::interval(Duration::from_secs(cfg.lease_ttl_s.div_ceil(3)));
     loop {
         tokio::select! {
+            _ = stop.notified() => {
+                store.revoke(lease).await?;
+                info!(node = cfg.node, "left the fleet store (lease revoked)");
+                return Ok(());
+            }
             _ = renew.tick() => keeper.keep_alive().await?,
             msg = alive.message() => match msg? {
                 Some(r) if r.ttl() > 0 => {}

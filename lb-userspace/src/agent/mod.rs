@@ -224,10 +224,6 @@ async fn spawn_loops(
             refresh,
         )));
     }
-    if let Some(f) = &config.fleet {
-        let run = fleet::run(state.clone(), resolver.clone(), f.clone());
-        tasks.push(tokio::spawn(run));
-    }
     if let Some(addr) = config.metrics {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -296,7 +292,14 @@ pub async fn run_object(
             _ = stop.notified() => {}
         }
     };
+    let membership = config
+        .fleet
+        .as_ref()
+        .map(|f| fleet::Membership::spawn(state.clone(), resolver.clone(), f.clone()));
     control::accept(listener, &state, &resolver, stopped).await;
+    if let Some(m) = membership {
+        m.leave().await;
+    }
     for t in tasks {
         t.abort();
     }

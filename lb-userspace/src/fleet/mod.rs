@@ -212,6 +212,12 @@ impl Store {
         Ok((grant.id(), keeper, stream))
     }
 
+    /// Ends lease `id`: the keys written under it go at once.
+    pub async fn revoke(&mut self, id: i64) -> Result<()> {
+        timed("lease revoke", self.client.lease_revoke(id)).await?;
+        Ok(())
+    }
+
     /// Watches `key` from `revision` on.
     pub async fn watch(&mut self, key: &str, revision: i64) -> Result<WatchStream> {
         let options = WatchOptions::new().with_start_revision(revision);
