@@ -126,8 +126,10 @@ async fn session(
     loop {
         tokio::select! {
             _ = stop.notified() => {
-                store.revoke(lease).await?;
-                info!(node = cfg.node, "left the fleet store (lease revoked)");
+                match store.revoke(lease).await {
+                    Ok(()) => info!(node = cfg.node, "left the fleet store (lease revoked)"),
+                    Err(e) => warn!("leaving the fleet store: {e:#}; the lease runs out by itself"),
+                }
                 return Ok(());
             }
             _ = renew.tick() => keeper.keep_alive().await?,
