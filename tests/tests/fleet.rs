@@ -1,8 +1,9 @@
 //! End to end: a fleet kept in a real etcd (TLS with client certificates).
-//! The LB agent registers under a lease and disappears when killed; it
-//! applies the store's VIP document, refuses an invalid one and keeps
-//! forwarding with its last state while etcd is down, then applies the next
-//! change once it has reconnected. `lbctl` refuses bad writes before they
+//! Agents register under a lease; a killed one disappears when the lease runs
+//! out, a stopped one at once. The LB agent applies the store's VIP document,
+//! refuses an invalid one and keeps forwarding with its last state while etcd
+//! is down, then applies the next change once it has reconnected; one started
+//! while etcd is down joins later. `lbctl` refuses bad writes before they
 //! reach the store, and the service registry round-trips.
 use std::{
     net::SocketAddr,
@@ -232,6 +233,9 @@ fn balancer_follows_the_store() {
         back.elapsed()
     );
     all_from(&t, "b1", 10);
+    // Several failed attempts, one warning (one per minute at most).
+    let warnings = t.log("lb").matches("fleet store:").count();
+    assert_eq!(warnings, 1, "{}", t.log("lb"));
 
     // A clean stop revokes the lease: the records go at once. A new agent
     // takes the document from the store.
@@ -266,6 +270,19 @@ fn balancer_follows_the_store() {
         .filter_map(|n| n["node"].as_str())
         .collect();
     assert_eq!(names, ["b0", "b1", "b2"]);
+
+    // An agent started while etcd is down serves its file's VIPs, joins once
+    // etcd is back and takes the store's document.
+    etcd.kill();
+    t.start_lb();
+    std::thread::sleep(Duration::from_secs(2));
+    etcd.restart();
+    wait_for(
+        "the agent started without etcd joins",
+        Duration::from_secs(20),
+        || node(ns, &fleet, "lb-1").filter(|n| n["status"]["generation"] == rev2),
+    );
+    all_from(&t, "b1", 10);
 }
 
 #[test]
