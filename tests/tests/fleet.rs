@@ -271,10 +271,11 @@ fn balancer_follows_the_store() {
         .collect();
     assert_eq!(names, ["b0", "b1", "b2"]);
 
-    // An agent started while etcd is down serves its file's VIPs, joins once
-    // etcd is back and takes the store's document.
+    // An agent started while etcd is down serves the VIPs it last applied
+    // from the store (not its file's), joins once etcd is back and reports.
     etcd.kill();
     t.start_lb();
+    all_from(&t, "b1", 10);
     std::thread::sleep(Duration::from_secs(2));
     etcd.restart();
     wait_for(

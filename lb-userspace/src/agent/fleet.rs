@@ -3,8 +3,13 @@
 //! would, and reports what it applied. While the store is unreachable the
 //! datapath forwards with the last state and the loop reconnects with backoff.
 //! A stopping agent revokes its lease, so its records go at once.
+//!
+//! The last document applied is kept beside the lifecycle state file, so an
+//! agent that restarts while the store is unreachable starts with the VIPs in
+//! force (an adopted datapath keeps them) instead of its file's.
 
 use std::{
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -16,7 +21,7 @@ use tracing::{info, warn};
 
 use super::{control, state::wall_ms, Shared};
 use crate::{
-    config::{FleetConfig, RawVipDocument},
+    config::{BalancerConfig, Config, FleetConfig, RawVipDocument},
     fleet::{NodeRecord, StatusError, StatusRecord, Store, Versioned},
     limits::LogEvery,
     nexthop::Resolver,
@@ -28,6 +33,45 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const LOG_PERIOD: Duration = Duration::from_secs(60);
 /// Time a stopping agent gives the store to revoke its lease.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the last VIP document applied is kept.
+fn cache_path(b: &BalancerConfig) -> PathBuf {
+    b.state_file.with_extension("fleet-vips.toml")
+}
+
+/// Replaces the file's VIPs with the last document applied from the store,
+/// if one was kept and is still valid for this balancer.
+pub(super) fn start_with_cached_vips(config: &mut Config) {
+    if config.fleet.is_none() {
+        return;
+    }
+    let Some(b) = config.balancer.as_mut() else {
+        return;
+    };
+    let path = cache_path(b);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    match RawVipDocument::from_toml(&text).and_then(|d| d.validate_for(b)) {
+        Ok(vips) => {
+            info!(path = %path.display(), vips = vips.len(), "starting with the VIPs last applied from the fleet store");
+            b.vips = vips;
+        }
+        Err(e) => {
+            warn!(path = %path.display(), "the kept VIP document is not valid, not used: {e}")
+        }
+    }
+}
+
+/// Keeps the document applied (written atomically); a failure is logged.
+fn keep(b: &BalancerConfig, text: &str) {
+    let path = cache_path(b);
+    let tmp = path.with_extension("new");
+    let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        warn!(path = %path.display(), "keeping the applied VIP document: {e}");
+    }
+}
 
 /// What the balancer took from the store, kept across reconnections.
 #[derive(Debug, Default)]
@@ -220,6 +264,7 @@ async fn consider(state: &Shared, resolver: &Resolver, applied: &mut Applied, do
         return;
     };
     let vips = RawVipDocument::from_toml(&doc.text).and_then(|d| d.validate_for(b));
+    let kept = b.clone();
     let result = match vips {
         Ok(vips) => {
             b.vips = vips;
@@ -227,6 +272,9 @@ async fn consider(state: &Shared, resolver: &Resolver, applied: &mut Applied, do
         }
         Err(e) => Err(e.into()),
     };
+    if result.is_ok() {
+        keep(&kept, &doc.text);
+    }
     match result {
         Ok(summary) => {
             info!(

@@ -247,12 +247,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// `run` with another eBPF object than the embedded one (`lb-agent
 /// --ebpf-object`): the object must have this build's map layout.
 pub async fn run_object(
-    config: Config,
+    mut config: Config,
     object: &[u8],
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     // Before anything is read or written: a second agent changes nothing.
     let _lock = InstanceLock::take(&config.instance)?;
+    fleet::start_with_cached_vips(&mut config);
     crate::limits::raise_file_limit();
     let resolver = Arc::new(Resolver::new().context("opening rtnetlink")?);
     let pins = Pins::new(&config.instance);
