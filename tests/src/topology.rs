@@ -536,7 +536,7 @@ backends = [{equal6}]
         format!("{}-{role}", self.id)
     }
 
-    fn spawn_agent(&mut self, role: &str, config: &str) {
+    fn spawn_agent(&mut self, role: &str, config: &str, args: &[&str]) {
         let ns = self.ns(role);
         let config = if config.contains("instance =") {
             config.to_string()
@@ -548,6 +548,7 @@ backends = [{equal6}]
         let child = agent_command(&ns)
             .arg("--config")
             .arg(&path)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -615,12 +616,12 @@ backends = [{equal6}]
                 self.backend_v6(i)
             );
             let config = edit_backend(i, config);
-            self.spawn_agent(&role, &config);
+            self.spawn_agent(&role, &config, &[]);
             self.wait_ready(&role, &socket);
             self.start_servers(i);
         }
         let config = edit(self.lb_config(weights));
-        self.spawn_agent("lb", &config);
+        self.spawn_agent("lb", &config, &[]);
         let socket = self.lb_socket();
         self.wait_ready("lb", &socket);
     }
@@ -746,20 +747,31 @@ backends = [{equal6}]
 
     /// Starts the LB agent again with the configuration it last started with.
     pub fn start_lb(&mut self) {
+        self.start_lb_with(&[]);
+    }
+
+    /// Like `start_lb`, with extra arguments for `lb-agent`; fails the test
+    /// if the agent does not become ready.
+    pub fn start_lb_with(&mut self, args: &[&str]) {
         let config = std::fs::read_to_string(self.dir.join("lb.toml")).expect("lb.toml");
-        self.spawn_agent("lb", &config);
+        self.spawn_agent("lb", &config, args);
         let socket = self.lb_socket();
         self.wait_ready("lb", &socket);
     }
 
-    /// Waits for the LB agent to exit by itself (`lbctl shutdown`).
-    pub fn wait_lb_exit(&mut self) -> std::process::ExitStatus {
+    /// The LB agent's process, no longer followed by the topology.
+    fn take_lb(&mut self) -> Child {
         let pos = self
             .agents
             .iter()
             .position(|(r, _)| r == "lb")
             .expect("lb agent running");
-        let (_, mut child) = self.agents.remove(pos);
+        self.agents.remove(pos).1
+    }
+
+    /// Waits for the LB agent to exit by itself (`lbctl shutdown`).
+    pub fn wait_lb_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.take_lb();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -772,33 +784,9 @@ backends = [{equal6}]
 
     /// Kills the LB agent with SIGKILL (no clean-up of its own) and waits.
     pub fn kill_lb(&mut self) {
-        let pos = self
-            .agents
-            .iter()
-            .position(|(r, _)| r == "lb")
-            .expect("lb agent running");
-        let (_, mut child) = self.agents.remove(pos);
+        let mut child = self.take_lb();
         let _ = child.kill();
         let _ = child.wait();
-    }
-
-    /// Starts the LB agent with extra arguments (and the configuration it
-    /// last started with); fails the test if it does not become ready.
-    pub fn start_lb_with(&mut self, args: &[&str]) {
-        let ns = self.ns("lb");
-        let path = self.dir.join("lb.toml");
-        let log = File::create(self.dir.join("lb.log")).expect("log file");
-        let child = agent_command(&ns)
-            .arg("--config")
-            .arg(&path)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn lb-agent");
-        self.agents.push(("lb".to_string(), child));
-        let socket = self.lb_socket();
-        self.wait_ready("lb", &socket);
     }
 
     /// Runs `lb-agent` once more with `config` in `role`'s namespace and
@@ -819,13 +807,22 @@ backends = [{equal6}]
 
     /// Stops the LB agent with SIGTERM and waits for it.
     pub fn stop_lb(&mut self) -> std::process::ExitStatus {
-        let pos = self
-            .agents
-            .iter()
-            .position(|(r, _)| r == "lb")
-            .expect("lb agent running");
-        let (_, mut child) = self.agents.remove(pos);
-        terminate(&mut child)
+        terminate(&mut self.take_lb())
+    }
+
+    /// One scrape of the LB agent's metrics endpoint: the whole HTTP response.
+    pub fn scrape_metrics(&self) -> String {
+        in_netns(&self.ns("lb"), || {
+            let mut s = TcpStream::connect("127.0.0.1:9180").expect("metrics endpoint");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("a scrape");
+            out
+        })
+        .join()
+        .unwrap()
     }
 }
 
@@ -893,7 +890,7 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
 
 /// `lb-agent --cleanup` with a role's configuration: its pinned datapath,
 /// lock and socket go.
-fn cleanup_agent(config: &std::path::Path) {
+pub fn cleanup_agent(config: &std::path::Path) {
     let _ = Command::new(bin("lb-agent"))
         .arg("--cleanup")
         .arg("--config")

@@ -2,7 +2,7 @@
 //! metrics port must not take the descriptors its health checks and the
 //! control API need.
 use std::{
-    io::{Read as _, Write as _},
+    io::Read as _,
     net::TcpStream,
     path::Path,
     process::{Command, Stdio},
@@ -145,17 +145,7 @@ fn idle_clients_of_the_metrics_port_leave_health_checks_and_lbctl_alone() {
 
     // Once they leave, a scrape is answered at once.
     drop(idle);
-    let metrics = in_netns(&t.ns("lb"), || {
-        let mut s = TcpStream::connect("127.0.0.1:9180").expect("metrics endpoint");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).expect("a scrape");
-        text
-    })
-    .join()
-    .unwrap();
+    let metrics = t.scrape_metrics();
     assert!(
         metrics.contains("lb_health_check_local_errors_total 0"),
         "{metrics}"

@@ -42,6 +42,22 @@ fn standard() -> String {
 }
 
 /// The backend Maglev gives `key` for a VIP with these (address, weight) backends.
+/// Equal weights, and the same backends with the third weighing 9.
+const THREE: [(&str, u32); 3] = [(B4[0], 1), (B4[1], 1), (B4[2], 1)];
+const SKEWED: [(&str, u32); 3] = [(B4[0], 1), (B4[1], 1), (B4[2], 9)];
+
+/// A client port of a VIP4:80 TCP flow whose Maglev slot moves to another
+/// backend from `THREE` to `SKEWED`, and its backend under `THREE`.
+fn moving_flow(f: &Fixture) -> (u16, String) {
+    (40000..41000u16)
+        .find_map(|p| {
+            let k = key4(p, 80, PROTO_TCP);
+            let (a, b) = (maglev_pick(f, &THREE, &k), maglev_pick(f, &SKEWED, &k));
+            (a != b).then_some((p, a))
+        })
+        .expect("some slot moves")
+}
+
 fn maglev_pick(f: &Fixture, backends: &[(&str, u32)], key: &lb_common::FlowKey) -> String {
     let entries: Vec<maglev::Entry> = backends
         .iter()
@@ -195,17 +211,9 @@ fn ipv4_options_are_parsed() {
 
 #[test]
 fn established_flow_keeps_its_backend_after_the_table_changes() {
-    let three = [(B4[0], 1), (B4[1], 1), (B4[2], 1)];
-    let skewed = [(B4[0], 1), (B4[1], 1), (B4[2], 9)];
+    let (three, skewed) = (THREE, SKEWED);
     let mut f = Fixture::new(&standard());
-    // A flow whose Maglev slot moves to another backend under the new weights.
-    let (sport, before) = (40000..41000u16)
-        .find_map(|p| {
-            let k = key4(p, 80, PROTO_TCP);
-            let (a, b) = (maglev_pick(&f, &three, &k), maglev_pick(&f, &skewed, &k));
-            (a != b).then_some((p, a))
-        })
-        .expect("some slot moves");
+    let (sport, before) = moving_flow(&f);
     let r = f.ingress(&eth(
         LB_MAC,
         CLIENT_MAC,
@@ -1026,17 +1034,9 @@ fn icmp_fragments_to_a_vip_are_dropped() {
 
 #[test]
 fn syn_on_a_closed_flow_starts_a_new_flow() {
-    let three = [(B4[0], 1), (B4[1], 1), (B4[2], 1)];
-    let skewed = [(B4[0], 1), (B4[1], 1), (B4[2], 9)];
+    let (three, skewed) = (THREE, SKEWED);
     let mut f = Fixture::new(&standard());
-    // A 5-tuple whose Maglev slot moves to another backend under new weights.
-    let (sport, before) = (40000..41000u16)
-        .find_map(|p| {
-            let k = key4(p, 80, PROTO_TCP);
-            let (a, b) = (maglev_pick(&f, &three, &k), maglev_pick(&f, &skewed, &k));
-            (a != b).then_some((p, a))
-        })
-        .expect("some slot moves");
+    let (sport, before) = moving_flow(&f);
     let key = key4(sport, 80, PROTO_TCP);
     let hash = flow_hash(&key);
     for flags in [TCP_SYN, TCP_ACK, TCP_FIN | TCP_ACK] {

@@ -227,19 +227,6 @@ fn client_route_mtu(t: &Topology, dst: &str) -> Option<u32> {
     words.nth(1).and_then(|m| m.parse().ok())
 }
 
-fn metrics(t: &Topology) -> String {
-    in_netns(&t.ns("lb"), || {
-        let mut s = TcpStream::connect("127.0.0.1:9180").expect("metrics endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
-    .join()
-    .unwrap()
-}
-
 #[test]
 fn bulk_transfers_through_the_vip_complete_at_mtu_1500() {
     let t = start();
@@ -271,7 +258,7 @@ fn bulk_transfers_through_the_vip_complete_at_mtu_1500() {
     }
     // What the datapath counted as forwarded did leave.
     assert_eq!(xdp_errors(&status, "eth0"), 0);
-    let text = metrics(&t);
+    let text = t.scrape_metrics();
     assert!(text.contains("lb_datapath_mss_clamped_total"), "{text}");
     assert!(
         text.contains(
@@ -306,7 +293,7 @@ fn bulk_transfers_through_the_vip_complete_at_mtu_1500() {
         text.contains("rx_queue_0_xdp_tx_errors 3") && text.contains("warning: 3 frames"),
         "{text}"
     );
-    let text = metrics(&t);
+    let text = t.scrape_metrics();
     assert!(
         text.contains(
             "lb_interface_xdp_errors_total{interface=\"eth0\",counter=\"rx_queue_0_xdp_tx_errors\"} 3"

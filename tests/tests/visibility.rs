@@ -258,16 +258,7 @@ fn a_known_workload_is_reported_exactly() {
     assert_eq!(kinds, 200);
 
     // Metrics: valid text exposition with the same figures.
-    let text = lb_tests::topology::in_netns(&t.ns("lb"), || {
-        let mut s = TcpStream::connect("127.0.0.1:9180").expect("metrics endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
-    .join()
-    .unwrap();
+    let text = t.scrape_metrics();
     let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head

@@ -92,6 +92,27 @@ pub struct KernelDatapath {
     cpus: usize,
 }
 
+/// Every entry of a VIPS map (this datapath's, or one being migrated).
+pub(super) fn vip_entries(
+    map: &HashMap<MapData, VipKey, VipInfo>,
+) -> Result<Vec<(VipKey, VipInfo)>> {
+    map.iter().map(|e| e.context("reading VIPS")).collect()
+}
+
+/// Every entry of a BACKENDS map with any flag set, by id.
+pub(super) fn backend_entries(
+    map: &Array<MapData, BackendInfo>,
+) -> Result<Vec<(u32, BackendInfo)>> {
+    let mut out = Vec::new();
+    for id in 0..map.len() {
+        let info = map.get(&id, 0).context("reading BACKENDS")?;
+        if info.flags != 0 {
+            out.push((id, info));
+        }
+    }
+    Ok(out)
+}
+
 pub(super) fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &str,
@@ -167,21 +188,11 @@ impl KernelDatapath {
 
 impl Datapath for KernelDatapath {
     fn vip_entries(&self) -> Result<Vec<(VipKey, VipInfo)>> {
-        self.vips
-            .iter()
-            .map(|e| e.context("reading VIPS"))
-            .collect()
+        vip_entries(&self.vips)
     }
 
     fn backend_entries(&self) -> Result<Vec<(u32, BackendInfo)>> {
-        let mut out = Vec::new();
-        for id in 0..self.backends.len() {
-            let info = self.backends.get(&id, 0).context("reading BACKENDS")?;
-            if info.flags != 0 {
-                out.push((id, info));
-            }
-        }
-        Ok(out)
+        backend_entries(&self.backends)
     }
 
     fn set_settings(&mut self, settings: &Settings) -> Result<()> {

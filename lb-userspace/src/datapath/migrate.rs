@@ -11,7 +11,7 @@ use lb_common::{
     BackendInfo, FlowKey, FlowState, PacketCounter, TrafficCounters, VipInfo, VipKey, OUTCOME_COUNT,
 };
 
-use super::{batch, KernelDatapath};
+use super::{batch, kernel, KernelDatapath};
 
 /// The maps of the datapath being replaced.
 pub struct OldMaps {
@@ -45,24 +45,11 @@ impl OldMaps {
     }
 
     pub fn vip_entries(&self) -> Result<Vec<(VipKey, VipInfo)>> {
-        self.vips
-            .iter()
-            .map(|e| e.context("reading the old VIPS"))
-            .collect()
+        kernel::vip_entries(&self.vips)
     }
 
     pub fn backend_entries(&self) -> Result<Vec<(u32, BackendInfo)>> {
-        let mut out = Vec::new();
-        for id in 0..self.backends.len() {
-            let info = self
-                .backends
-                .get(&id, 0)
-                .context("reading the old BACKENDS")?;
-            if info.flags != 0 {
-                out.push((id, info));
-            }
-        }
-        Ok(out)
+        kernel::backend_entries(&self.backends)
     }
 }
 

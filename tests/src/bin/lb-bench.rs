@@ -934,15 +934,6 @@ fn maglev_large_tables(report: &mut Report) {
     }
 }
 
-/// `lb-agent --cleanup`: removes the pinned datapath a stopped agent left.
-fn cleanup_agent(config: &std::path::Path) {
-    let _ = Command::new(topology::bin("lb-agent"))
-        .arg("--cleanup")
-        .arg("--config")
-        .arg(config)
-        .status();
-}
-
 fn big_config(instance: &str, socket: &str, weight: u32) -> String {
     let mut s = format!(
         "instance = \"{instance}\"\nsocket = \"{socket}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nmaglev_table_size = 65537\nmax_vips = 1000\nmax_backends = 256\nflow_table_size = 65536\n[lifecycle]\nstate_file = \"{socket}.lifecycle.json\"\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n"
@@ -981,7 +972,7 @@ fn control_plane(report: &mut Report) {
                 unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
                 let _ = c.wait();
                 // The agent leaves its datapath pinned: remove it.
-                cleanup_agent(&self.1.join("initial.toml"));
+                topology::cleanup_agent(&self.1.join("initial.toml"));
             }
             for n in &self.0 {
                 let _ = Command::new("ip").args(["netns", "del", n]).status();
@@ -1224,7 +1215,7 @@ mod live {
                 // SAFETY: plain kill(2) on our own child.
                 unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
                 let _ = c.wait();
-                cleanup_agent(&self.2);
+                topology::cleanup_agent(&self.2);
             }
             for n in &self.0 {
                 let _ = Command::new("ip").args(["netns", "del", n]).status();
