@@ -1529,10 +1529,21 @@ mod live {
         let (est, est_fwd) = run(false);
         let (new, new_fwd) = run(true);
         // The floor on the same interface, same generator.
+        // The agent's XDP link is pinned (it outlives a stopped agent), so
+        // it is stopped with its datapath detached and its pins removed.
         if let Some(mut c) = net.1.take() {
-            // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let detached = Command::new(topology::bin("lbctl"))
+                .arg("--socket")
+                .arg(&socket)
+                .args(["shutdown", "--detach"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !detached {
+                // SAFETY: plain kill(2) on our own child.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            }
             let _ = c.wait();
+            topology::cleanup_agent(&net.2);
         }
         let floor_prog = topology::in_netns(&lb, || {
             let mut shim = Shim::load();
