@@ -259,8 +259,25 @@ pub struct VipMaintenance {
     pub life: crate::lifecycle::VipLife,
 }
 
-/// Sends one request to the agent and waits for its response.
+/// How long `call` waits for the agent, connecting included. The agent
+/// answers every request in well under a second; a full control queue (16
+/// clients at once) or a stuck agent shows up as this error, not a hang.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sends one request to the agent and waits for its response, at most
+/// `CALL_TIMEOUT`.
 pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
+    match tokio::time::timeout(CALL_TIMEOUT, exchange(socket, request)).await {
+        Ok(result) => result,
+        Err(_) => bail!(
+            "lb-agent at {} did not answer within {} s: it may be serving its maximum of control clients, or stuck; retry, and check the agent's log",
+            socket.display(),
+            CALL_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+async fn exchange(socket: &Path, request: &Request) -> Result<Response> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
         format!(
             "cannot reach lb-agent at {}: is the agent running (and are you root)?",
