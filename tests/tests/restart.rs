@@ -352,7 +352,11 @@ fn a_changed_flow_table_size_migrates_the_connections() {
     let status = t.status_json();
     let mode = status["interfaces"][0]["mode"].as_str().unwrap_or_default();
     assert_eq!(mode, "native, kept: configured generic", "{status}");
-    assert!(t.log("lb").contains("keeps its XDP mode"), "{}", t.log("lb"));
+    assert!(
+        t.log("lb").contains("keeps its XDP mode"),
+        "{}",
+        t.log("lb")
+    );
     let maps = pins_of(&t, "lb").join("maps-v1");
     let info = aya::maps::MapInfo::from_pin(maps.join("FLOWS")).expect("pinned FLOWS");
     assert_eq!(info.max_entries(), 131072);
