@@ -10,21 +10,29 @@
 //! | `PREFIX/vips` | the VIP document: TOML with `[[vips]]` | none |
 //! | `PREFIX/status/NODE` | [`StatusRecord`] (JSON) | the agent's |
 //! | `PREFIX/services/NAME` | [`Service`] (JSON) | none |
+//! | `PREFIX/installs/FROM/TO` | [`Install`] (JSON) | none |
+//! | `PREFIX/health/NODE` | [`HealthRecord`] (JSON): a checker's verdicts | the checker's |
+//! | `PREFIX/hosts/NODE` | [`HostStatus`] (JSON): what a host applied | the host's |
 //!
 //! - `service`: the service registry's records and their validation.
+//! - `install`: installs, published health, host status, and the plan a
+//!   host works out from them.
 
+mod install;
 mod service;
 
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _, Result};
 use etcd_client::{
-    Certificate, Client, ConnectOptions, GetOptions, Identity, LeaseKeepAliveStream, LeaseKeeper,
-    PutOptions, TlsOptions, WatchOptions, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
 };
 use serde::{Deserialize, Serialize};
 
-pub use service::{parse_instance, Instance, Service};
+pub use install::{combine_health, plan, HealthRecord, HostPlan, HostStatus, Install, InstallView};
+pub use service::{parse_instance, parse_vip, Instance, Service, ServiceVip};
 
 use crate::config::FleetConfig;
 
@@ -106,6 +114,28 @@ impl Keys {
     pub fn service(&self, name: &str) -> String {
         format!("{}{name}", self.services())
     }
+    pub fn installs(&self) -> String {
+        format!("{}/installs/", self.prefix)
+    }
+    pub fn install(&self, from: &str, to: &str) -> String {
+        format!("{}{from}/{to}", self.installs())
+    }
+    pub fn healths(&self) -> String {
+        format!("{}/health/", self.prefix)
+    }
+    pub fn health(&self, node: &str) -> String {
+        format!("{}{node}", self.healths())
+    }
+    pub fn hosts(&self) -> String {
+        format!("{}/hosts/", self.prefix)
+    }
+    pub fn host(&self, node: &str) -> String {
+        format!("{}{node}", self.hosts())
+    }
+    /// Every key of the fleet (a watch on it sees every change).
+    pub fn all(&self) -> String {
+        format!("{}/", self.prefix)
+    }
 }
 
 /// `fut` within `REQUEST_TIMEOUT`, with `what` in the error.
@@ -178,9 +208,16 @@ impl Store {
 
     /// Every key under `prefix`, with the part after the prefix and the value.
     pub async fn list(&mut self, prefix: &str) -> Result<Vec<(String, Versioned)>> {
+        Ok(self.list_at(prefix).await?.0)
+    }
+
+    /// `list`, and the store's revision when it was read.
+    pub async fn list_at(&mut self, prefix: &str) -> Result<(Vec<(String, Versioned)>, i64)> {
         let options = GetOptions::new().with_prefix();
         let resp = timed("get", self.client.get(prefix, Some(options))).await?;
-        resp.kvs()
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let items = resp
+            .kvs()
             .iter()
             .map(|kv| {
                 let key = kv.key_str()?;
@@ -192,7 +229,30 @@ impl Store {
                     },
                 ))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok((items, revision))
+    }
+
+    /// Writes `value` to `key` (deletes `key` when `value` is `None`) only
+    /// if every key of `unchanged` still has the mod revision given (0: the
+    /// key does not exist). Returns whether it was written.
+    pub async fn put_if(
+        &mut self,
+        key: &str,
+        value: Option<&str>,
+        unchanged: &[(String, i64)],
+    ) -> Result<bool> {
+        let compares: Vec<Compare> = unchanged
+            .iter()
+            .map(|(k, rev)| Compare::mod_revision(k.as_str(), CompareOp::Equal, *rev))
+            .collect();
+        let op = match value {
+            Some(v) => TxnOp::put(key, v, None),
+            None => TxnOp::delete(key, None),
+        };
+        let txn = Txn::new().when(compares).and_then([op]);
+        let resp = timed("txn", self.client.txn(txn)).await?;
+        Ok(resp.succeeded())
     }
 
     /// Writes `value`; with `lease`, the key goes when the lease does.
@@ -216,6 +276,14 @@ impl Store {
     pub async fn revoke(&mut self, id: i64) -> Result<()> {
         timed("lease revoke", self.client.lease_revoke(id)).await?;
         Ok(())
+    }
+
+    /// Watches every key under `prefix` from `revision` on.
+    pub async fn watch_prefix(&mut self, prefix: &str, revision: i64) -> Result<WatchStream> {
+        let options = WatchOptions::new()
+            .with_start_revision(revision)
+            .with_prefix();
+        timed("watch", self.client.watch(prefix, Some(options))).await
     }
 
     /// Watches `key` from `revision` on.
