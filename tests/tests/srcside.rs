@@ -16,7 +16,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{etcd::Etcd, topology::*};
+use lb_tests::{
+    etcd::{Etcd, EtcdCluster},
+    topology::*,
+};
+use lb_userspace::{config::FleetConfig, fleet::Store};
 use serde_json::Value;
 
 const HOSTS: usize = 2;
@@ -204,6 +208,33 @@ fn echo(held: &mut Held) {
     assert_eq!(line, "still there\n", "backend {}", held.backend);
 }
 
+/// Writes `key` straight to the store, as a client other than lbctl would.
+fn store_put(ns: &str, fleet_text: String, key: &'static str, value: &'static str) -> i64 {
+    in_netns(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let cfg = FleetConfig::from_toml_section(&fleet_text).expect("fleet settings");
+            let mut store = Store::connect(&cfg).await.expect("connect to etcd");
+            store.put(key, value, None).await.expect("put")
+        })
+    })
+    .join()
+    .expect("store thread")
+}
+
+/// Connections from every guest all answered, each by one of `live`.
+fn served_by(t: &Topology, n: usize, live: &[&str]) {
+    let names = from_guests(t, n);
+    assert!(
+        names.iter().all(|x| live.contains(&x.as_str())),
+        "{:?}",
+        tally(&names)
+    );
+}
+
 fn xdp_on(t: &Topology, h: usize, dev: &str) -> bool {
     let out = Command::new("ip")
         .args(["-n", &t.ns(&format!("h{h}")), "link", "show", dev])
@@ -298,14 +329,14 @@ fn installed_balancing_on_callers_hosts() {
 
     // The guests' connections: balanced on their hosts, none via the LB.
     let before = lb_vip_packets(&t);
-    let names = from_guests(&t, 150);
+    let names = from_guests(&t, 300);
     let counts = tally(&names);
-    eprintln!("600 connections from the guests: {counts:?}");
+    eprintln!("1200 connections from the guests: {counts:?}");
     for b in ["b0", "b1", "b2"] {
         let n = counts.get(b).copied().unwrap_or(0);
-        assert!((160..=240).contains(&n), "{b}: {n} of 600 ({counts:?})");
+        assert!((320..=480).contains(&n), "{b}: {n} of 1200 ({counts:?})");
     }
-    assert_eq!(counts.values().sum::<usize>(), 600, "{counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 1200, "{counts:?}");
     assert_eq!(
         lb_vip_packets(&t),
         before,
@@ -321,7 +352,7 @@ fn installed_balancing_on_callers_hosts() {
         .map(|b| b["counters"]["new_flows"].as_u64().unwrap_or(0))
         .sum();
     assert!(
-        new_flows >= 300,
+        new_flows >= 600,
         "h0's balancer counted {new_flows} new flows: {st}"
     );
     let report = ok(
@@ -390,6 +421,32 @@ fn installed_balancing_on_callers_hosts() {
     let e = refused(ns, fleet, &["uninstall", "--from", "a", "--to", "c"]);
     assert!(e.contains("no install"), "{e}");
 
+    // An invalid record written around lbctl: every host keeps its last good
+    // state and reports the error; the next good write is applied.
+    let bad = store_put(
+        ns,
+        std::fs::read_to_string(fleet).unwrap(),
+        "/lbtest/services/b",
+        "{\"name\": \"b\", \"instances\": []}",
+    );
+    wait_for(
+        "every host reports the bad record",
+        Duration::from_secs(10),
+        || {
+            let hosts = hosts(ns, fleet);
+            (0..HOSTS)
+                .all(|h| {
+                    hosts[&format!("h{h}")]["error"]["revision"] == bad
+                        && hosts[&format!("h{h}")]["error"]["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("instances"))
+                })
+                .then_some(())
+        },
+    );
+    served_by(&t, 10, &["b0", "b2", "b3"]);
+    assert!(xdp_on(&t, 0, "g0"));
+
     // A host agent killed, a change made meanwhile: it catches up on restart.
     t.kill_agent("h1");
     set_b(&t, ns, fleet, &[(0, 200), (2, 100), (3, 100)]);
@@ -444,4 +501,116 @@ fn installed_balancing_on_callers_hosts() {
             Path::new(lb_userspace::datapath::PIN_ROOT).join(t.instance(&format!("h{h}-host")));
         assert!(!pins.exists(), "{} left behind", pins.display());
     }
+}
+
+/// Installs and changes with one etcd member of three dead; forwarding with
+/// all of them dead.
+#[test]
+fn installs_survive_etcd_member_loss() {
+    let mut t = Topology::new(3);
+    t.add_host(0, GUESTS);
+    let lb = t.ns("lb");
+    let ns = lb.as_str();
+    let mut cluster = EtcdCluster::start(ns, LB_V4, 3);
+    let fleet = t.write("fleet.toml", &cluster.fleet_section("lbctl", 3));
+    let fleet = fleet.as_path();
+    t.start(&[100, 100, 100]);
+    let a: Vec<String> = (0..GUESTS)
+        .flat_map(|g| {
+            [
+                "--instance".to_string(),
+                format!("{}:1,node=h0", t.guest_v4(0, g)),
+            ]
+        })
+        .collect();
+    let mut args = vec!["service", "set", "a"];
+    args.extend(a.iter().map(String::as_str));
+    ok(lbctl(ns, fleet, &args), "service set a");
+    set_b(&t, ns, fleet, &[(0, 100), (1, 100), (2, 100)]);
+    t.start_host(0, &cluster.fleet_section("h0", 3));
+
+    // The first endpoint every client names is gone.
+    cluster.kill(0);
+    let killed = Instant::now();
+    wait_for(
+        "the members left elect a leader",
+        Duration::from_secs(20),
+        || {
+            lbctl(ns, fleet, &["installs", "--json"])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    eprintln!(
+        "store answering again {:?} after a member was killed",
+        killed.elapsed()
+    );
+    let started = Instant::now();
+    ok(
+        lbctl(ns, fleet, &["install", "--from", "a", "--to", "b"]),
+        "install",
+    );
+    let rev = install_revision(ns, fleet);
+    let h0_ok = |check: &dyn Fn(&Value) -> bool| {
+        hosts(ns, fleet).get("h0").is_some_and(|s| {
+            s["generation"].as_i64() >= Some(rev) && s["error"].is_null() && check(s)
+        })
+    };
+    wait_for(
+        "the host applies the install",
+        Duration::from_secs(20),
+        || h0_ok(&|s| s["installs"][0] == "a/b").then_some(()),
+    );
+    eprintln!(
+        "install with a member down applied in {:?}",
+        started.elapsed()
+    );
+    let names = from_guests_of(&t, 0, 30);
+    assert!(
+        names
+            .iter()
+            .all(|n| ["b0", "b1", "b2"].contains(&n.as_str())),
+        "{names:?}"
+    );
+    set_b(&t, ns, fleet, &[(0, 100), (2, 100)]);
+    wait_for(
+        "the host applies the change",
+        Duration::from_secs(20),
+        || h0_ok(&|s| s["backends"].as_array().is_some_and(|b| b.len() == 2)).then_some(()),
+    );
+    let names = from_guests_of(&t, 0, 20);
+    assert!(
+        names.iter().all(|n| ["b0", "b2"].contains(&n.as_str())),
+        "{names:?}"
+    );
+
+    // Every member gone: the host's balancer forwards with its last state.
+    let counted = |t: &Topology| -> u64 {
+        let out = t.lbctl_at(&t.host_balancer_socket(0), &["status", "--json"]);
+        let st: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        st["vips"][0]["counters"]["packets"].as_u64().unwrap_or(0)
+    };
+    cluster.kill(1);
+    cluster.kill(2);
+    let before = counted(&t);
+    let names = from_guests_of(&t, 0, 20);
+    assert!(
+        names.iter().all(|n| ["b0", "b2"].contains(&n.as_str())),
+        "{names:?}"
+    );
+    assert!(counted(&t) > before, "the host's balancer carried them");
+}
+
+/// `n` connections from each guest of host `h`.
+fn from_guests_of(t: &Topology, h: usize, n: usize) -> Vec<String> {
+    (0..GUESTS)
+        .flat_map(|g| {
+            t.from_guest(h, g, move || {
+                (0..n)
+                    .map(|_| connect_once(vip()).unwrap_or_else(|e| format!("error: {e}")))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect()
 }

@@ -196,3 +196,63 @@ pub(super) fn validate_host(
         })?;
     Ok(host)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FLEET: &str = "[fleet]\nendpoints = [\"127.0.0.1:2379\"]\nca = \"/c\"\ncert = \"/d\"\nkey = \"/e\"\nnode = \"h0\"\n";
+
+    fn host(section: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(&format!("instance = \"h\"\n[host]\n{section}\n{FLEET}"))
+    }
+
+    #[test]
+    fn a_host_section_is_validated_with_named_fields() {
+        let c = host("encap_source_v4 = \"198.18.0.21/32\"").unwrap();
+        let h = c.host.unwrap();
+        assert_eq!(h.socket, PathBuf::from("/run/lb-agent/h-host.sock"));
+        assert_eq!(h.xdp_mode, "native");
+        let cases = [
+            ("", "host"),
+            ("encap_source_v4 = \"x\"", "host.encap_source_v4"),
+            (
+                "encap_source_v4 = \"198.18.0.21/32\"\nxdp_mode = \"fast\"",
+                "host.xdp_mode",
+            ),
+            (
+                "encap_source_v4 = \"198.18.0.21/32\"\nmaglev_table_size = 100",
+                "host.maglev_table_size",
+            ),
+            (
+                "encap_source_v4 = \"198.18.0.21/32\"\nstate_file = \"rel.json\"",
+                "host.state_file",
+            ),
+            ("encap_source_v4 = \"198.18.0.21/32\"\ncolour = 1", "config"),
+        ];
+        for (section, field) in cases {
+            assert_eq!(host(section).unwrap_err().field, field, "{section}");
+        }
+        let no_fleet = Config::from_toml("[host]\nencap_source_v4 = \"198.18.0.21/32\"\n");
+        assert_eq!(no_fleet.unwrap_err().field, "host");
+    }
+
+    #[test]
+    fn the_rendered_balancer_is_a_valid_configuration() {
+        let c = host("encap_source_v4 = \"198.18.0.21/32\"").unwrap();
+        let vips = [HostVip {
+            name: "b".into(),
+            address: "198.18.10.1".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            backends: vec![("198.18.0.11".parse().unwrap(), 100)],
+        }];
+        let h = c.host.unwrap();
+        let (inner, _) = h.config("h", &["g0".into(), "g1".into()], &vips).unwrap();
+        assert_eq!(inner.instance, "h-host");
+        let b = inner.balancer.unwrap();
+        assert_eq!(b.datapath.interfaces, ["g0", "g1"]);
+        assert_eq!(b.vips[0].backends[0].weight, 100);
+        assert!(inner.fleet.is_none() && inner.host.is_none());
+    }
+}

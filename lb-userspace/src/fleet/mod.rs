@@ -23,7 +23,7 @@ mod service;
 
 use std::time::Duration;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity,
     LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
@@ -38,6 +38,8 @@ use crate::config::FleetConfig;
 
 /// Time any single request to the store may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time one endpoint has to accept a connection and answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A registered agent (`PREFIX/nodes/NODE`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,31 +161,50 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects over TLS with the configured client certificate. Fails when
-    /// no endpoint answers within `REQUEST_TIMEOUT`.
+    /// Connects over TLS with the configured client certificate to the
+    /// first endpoint that answers, trying each in turn (a dead member of
+    /// the cluster is skipped). Fails when none answers.
     pub async fn connect(cfg: &FleetConfig) -> Result<Store> {
         let read = |p: &std::path::Path| {
             std::fs::read(p).with_context(|| format!("reading {}", p.display()))
         };
-        let tls = TlsOptions::new()
-            .ca_certificate(Certificate::from_pem(read(&cfg.ca)?))
-            .identity(Identity::from_pem(read(&cfg.cert)?, read(&cfg.key)?));
+        let (ca, cert, key) = (read(&cfg.ca)?, read(&cfg.cert)?, read(&cfg.key)?);
+        // Successive connections start at successive endpoints, so clients
+        // spread over the members and one that keeps failing is not always
+        // tried first.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let start = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = cfg.endpoints.len();
+        let mut errors = Vec::new();
+        for k in 0..n {
+            let endpoint = &cfg.endpoints[(start + k) % n];
+            let tls = TlsOptions::new()
+                .ca_certificate(Certificate::from_pem(ca.clone()))
+                .identity(Identity::from_pem(cert.clone(), key.clone()));
+            match Store::connect_one(endpoint, tls, &cfg.prefix).await {
+                Ok(store) => return Ok(store),
+                Err(e) => errors.push(format!("{endpoint}: {e:#}")),
+            }
+        }
+        Err(anyhow!("no etcd endpoint answered: {}", errors.join("; ")))
+    }
+
+    async fn connect_one(endpoint: &str, tls: TlsOptions, prefix: &str) -> Result<Store> {
         let options = ConnectOptions::new()
             .with_tls(tls)
-            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_connect_timeout(CONNECT_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
-        let client = timed(
-            "connecting",
-            Client::connect(cfg.endpoints.clone(), Some(options)),
-        )
-        .await?;
+        let client = timed("connecting", Client::connect([endpoint], Some(options))).await?;
         let mut store = Store {
             client,
-            keys: Keys::new(&cfg.prefix),
+            keys: Keys::new(prefix),
         };
         // The channel connects lazily: one request proves the store answers.
-        timed("status", store.client.status()).await?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, store.client.status()).await {
+            Ok(r) => r.context("etcd: status")?,
+            Err(_) => bail!("etcd: no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        };
         Ok(store)
     }
 
