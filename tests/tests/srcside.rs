@@ -475,6 +475,22 @@ fn installed_balancing_on_callers_hosts() {
     let names = from_guests(&t, 20);
     assert!(names.iter().all(live), "{names:?}");
     assert_eq!(lb_vip_packets(&t), before);
+    // A host agent restarting meanwhile runs the balancer it kept at once.
+    t.kill_agent("h1");
+    t.restart_agent("h1");
+    wait_for(
+        "h1's kept balancer answers",
+        Duration::from_secs(10),
+        || {
+            t.lbctl_at(&t.host_balancer_socket(1), &["status", "--json"])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    let names = from_guests(&t, 10);
+    assert!(names.iter().all(live), "{names:?}");
+    assert_eq!(lb_vip_packets(&t), before);
     etcd.restart();
 
     // Uninstall: the hosts detach, and the guests go through the LB again.
