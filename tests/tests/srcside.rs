@@ -324,6 +324,14 @@ fn installed_balancing_on_callers_hosts() {
     );
     let took = started.elapsed();
     eprintln!("install applied on every host in {took:?}");
+    let v = json_of(ns, fleet, &["installs", "--json"]);
+    assert_eq!(v["installs"][0]["hosts"], serde_json::json!(["h0", "h1"]));
+    assert_eq!(v["installs"][0]["pending"], serde_json::json!([]), "{v}");
+    let text = ok(lbctl(ns, fleet, &["installs"]), "installs");
+    assert!(
+        text.contains("install a -> b") && text.contains("pending none"),
+        "{text}"
+    );
     assert!(took < Duration::from_secs(2), "install took {took:?}");
     for h in 0..HOSTS {
         for g in 0..GUESTS {

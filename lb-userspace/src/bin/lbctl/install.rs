@@ -138,15 +138,6 @@ struct InstallsView {
 pub async fn show(file: Option<&Path>, json: bool) -> Result<()> {
     let mut store = connect(file).await?;
     let (services, _) = services(&mut store).await?;
-    let installs = installs(&mut store)
-        .await?
-        .into_iter()
-        .map(|(install, revision)| InstallView {
-            hosts: install.hosts(&services),
-            install,
-            revision,
-        })
-        .collect();
     let hosts = store
         .list(&store.keys.hosts())
         .await?
@@ -155,15 +146,45 @@ pub async fn show(file: Option<&Path>, json: bool) -> Result<()> {
             serde_json::from_str(&doc.text).with_context(|| format!("the status of host {node}"))
         })
         .collect::<Result<Vec<HostStatus>>>()?;
+    let installs = installs(&mut store)
+        .await?
+        .into_iter()
+        .map(|(install, revision)| {
+            let label = format!("{}/{}", install.from, install.to);
+            let targets = install.hosts(&services);
+            let pending = targets
+                .iter()
+                .filter(|node| {
+                    !hosts.iter().any(|h| {
+                        &&h.node == node
+                            && h.installs.contains(&label)
+                            && h.generation.is_some_and(|g| g >= revision)
+                    })
+                })
+                .cloned()
+                .collect();
+            InstallView {
+                hosts: targets,
+                pending,
+                install,
+                revision,
+            }
+        })
+        .collect();
     let view = InstallsView { installs, hosts };
     print(json, &view, |v| {
         for i in &v.installs {
             println!(
-                "install {} -> {}  revision {}  hosts {}",
+                "install {} -> {}  revision {}  hosts {}  pending {}",
                 i.install.from,
                 i.install.to,
                 i.revision,
-                i.hosts.join(",")
+                i.hosts.join(","),
+                if i.pending.is_empty() {
+                    "none".to_string()
+                } else {
+                    i.pending.join(",")
+                }
             );
         }
         println!();

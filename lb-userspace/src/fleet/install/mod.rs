@@ -96,7 +96,11 @@ pub struct InstallView {
     pub install: Install,
     /// Mod revision of the install record.
     pub revision: i64,
+    /// The hosts to set (nodes of `from`'s instances).
     pub hosts: Vec<String>,
+    /// Those of them that do not report the install in force (no host
+    /// agent there, not converged yet, or an error: see their status).
+    pub pending: Vec<String>,
 }
 
 /// One checker's verdicts on the backends it checks (`PREFIX/health/NODE`,
