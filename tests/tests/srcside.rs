@@ -144,9 +144,10 @@ fn vip_doc(backends: &[(String, u32)]) -> String {
         .iter()
         .map(|(b, w)| format!("{{ address = \"{b}\", weight = {w} }}"))
         .collect();
+    let list = list.join(", ");
     format!(
-        "[[vips]]\nname = \"b\"\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nbackends = [{}]\nhealth = {{ kind = \"tcp\", interval_ms = 200, timeout_ms = 150, rise = 2, fall = 2 }}\n",
-        list.join(", ")
+        "[[vips]]\nname = \"b\"\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nbackends = [{list}]\nhealth = {{ kind = \"tcp\", interval_ms = 200, timeout_ms = 150, rise = 2, fall = 2 }}\n\
+         [[vips]]\nname = \"b-udp\"\naddress = \"{VIP_V4}\"\nport = 0\nprotocol = \"udp\"\nbackends = [{list}]\n"
     )
 }
 
@@ -159,6 +160,7 @@ fn set_b(t: &Topology, ns: &str, fleet: &Path, backends: &[(usize, u32)]) {
         args.push(format!("{}:80,weight={w},node=b{i}", t.backend_v4(*i)));
     }
     args.extend(["--vip".into(), format!("{VIP_V4}:80/tcp")]);
+    args.extend(["--vip".into(), format!("{VIP_V4}:0/udp")]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     ok(lbctl(ns, fleet, &args), "service set b");
     let list: Vec<(String, u32)> = backends
@@ -235,6 +237,27 @@ fn served_by(t: &Topology, n: usize, live: &[&str]) {
     );
 }
 
+/// UDP requests from guest `g` of host `h`, one from each source port
+/// given, to the VIP's port 53; the answering backends, in order.
+fn udp_from_ports(t: &Topology, h: usize, g: usize, ports: std::ops::Range<u16>) -> Vec<String> {
+    t.from_guest(h, g, move || {
+        ports
+            .map(|p| {
+                let sock = std::net::UdpSocket::bind(("0.0.0.0", p)).expect("bind");
+                sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                sock.connect(SocketAddr::new(VIP_V4.parse().unwrap(), 53))
+                    .expect("connect");
+                sock.send(b"who?").expect("send");
+                let mut buf = [0u8; 64];
+                match sock.recv(&mut buf) {
+                    Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    Err(e) => format!("error: {e}"),
+                }
+            })
+            .collect()
+    })
+}
+
 fn xdp_on(t: &Topology, h: usize, dev: &str) -> bool {
     let out = Command::new("ip")
         .args(["-n", &t.ns(&format!("h{h}")), "link", "show", dev])
@@ -300,6 +323,14 @@ fn installed_balancing_on_callers_hosts() {
         "the LB node carried the guests' flows"
     );
 
+    // The same flows through the LB node now, through the hosts later.
+    let via_lb = udp_from_ports(&t, 0, 0, 41000..41040);
+    assert!(via_lb.iter().all(|n| n.starts_with('b')), "{via_lb:?}");
+    assert!(
+        tally(&via_lb).len() >= 2,
+        "40 flows on one backend: {via_lb:?}"
+    );
+
     // Bad installs are refused and change nothing.
     let e = refused(ns, fleet, &["install", "--from", "a", "--to", "nosuch"]);
     assert!(e.contains("to: no service named \"nosuch\""), "{e}");
@@ -338,6 +369,13 @@ fn installed_balancing_on_callers_hosts() {
             assert!(xdp_on(&t, h, &format!("g{g}")), "h{h} g{g} has no balancer");
         }
     }
+
+    // Same Maglev as the LB node: each flow goes where the LB sent it.
+    let via_host = udp_from_ports(&t, 0, 0, 41000..41040);
+    assert_eq!(
+        via_host, via_lb,
+        "the host chose otherwise than the LB node"
+    );
 
     // The guests' connections: balanced on their hosts, none via the LB.
     let before = lb_vip_packets(&t);
@@ -616,7 +654,12 @@ fn installs_survive_etcd_member_loss() {
     let counted = |t: &Topology| -> u64 {
         let out = t.lbctl_at(&t.host_balancer_socket(0), &["status", "--json"]);
         let st: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-        st["vips"][0]["counters"]["packets"].as_u64().unwrap_or(0)
+        st["vips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["counters"]["packets"].as_u64().unwrap_or(0))
+            .sum::<u64>()
     };
     cluster.kill(1);
     cluster.kill(2);
