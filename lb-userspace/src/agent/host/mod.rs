@@ -313,6 +313,7 @@ impl Host {
             .iter()
             .flat_map(|v| v.backends.iter().map(|(a, w)| format!("{a} {w}")))
             .collect();
+        self.status.backends.sort();
         self.status.backends.dedup();
         Ok(())
     }

@@ -148,7 +148,7 @@ pub struct HostStatus {
     pub installs: Vec<String>,
     /// The guests' interfaces the balancer runs on.
     pub interfaces: Vec<String>,
-    /// The instances balanced over (`address weight`).
+    /// The instances balanced over (`address weight`), each once, sorted.
     pub backends: Vec<String>,
     /// Why the newest state was not applied (the revision read, the error).
     pub error: Option<StatusError>,
