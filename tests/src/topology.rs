@@ -157,10 +157,10 @@ pub struct Topology {
     /// routes the backends' replies; forwarding leaves through the DevMap.
     pub two_armed: bool,
     pub dir: PathBuf,
-    namespaces: Vec<String>,
-    agents: Vec<(String, Child)>,
+    pub(crate) namespaces: Vec<String>,
+    pub(crate) agents: Vec<(String, Child)>,
     servers: Vec<Servers>,
-    pass_through: Vec<aya::Ebpf>,
+    pub(crate) pass_through: Vec<aya::Ebpf>,
 }
 
 impl Topology {
@@ -419,7 +419,7 @@ impl Topology {
         t
     }
 
-    fn add_ns(&mut self, ns: &str) {
+    pub(crate) fn add_ns(&mut self, ns: &str) {
         let _ = sh(&["ip", "netns", "del", ns]);
         must(&["ip", "netns", "add", ns]);
         self.namespaces.push(ns.to_string());
@@ -536,7 +536,7 @@ backends = [{equal6}]
         format!("{}-{role}", self.id)
     }
 
-    fn spawn_agent(&mut self, role: &str, config: &str, args: &[&str]) {
+    pub(crate) fn spawn_agent(&mut self, role: &str, config: &str, args: &[&str]) {
         let ns = self.ns(role);
         let config = if config.contains("instance =") {
             config.to_string()
@@ -561,7 +561,7 @@ backends = [{equal6}]
         std::fs::read_to_string(self.dir.join(format!("{role}.log"))).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self, role: &str, socket: &PathBuf) {
+    pub(crate) fn wait_ready(&mut self, role: &str, socket: &PathBuf) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if self
@@ -828,7 +828,7 @@ backends = [{equal6}]
 
 /// Attaches `lb_decap` (with no decapsulation address, so it passes every
 /// frame) to `iface` in namespace `ns`; detached when the object is dropped.
-fn attach_pass_through(ns: &str, iface: &str) -> aya::Ebpf {
+pub(crate) fn attach_pass_through(ns: &str, iface: &str) -> aya::Ebpf {
     let iface = iface.to_string();
     in_netns(ns, move || {
         let mut ebpf = lb_userspace::datapath::load(&lb_userspace::datapath::MapSizes::DECAP_ONLY)

@@ -39,7 +39,7 @@ enum Task {
     /// Run the benchmarks (release build); writes target/bench/results.json
     /// and target/bench/results.md. Not part of `test`.
     Bench {
-        /// Run only these sections (datapath, conntrack, maglev, control, live);
+        /// Run only these sections (datapath, conntrack, maglev, control, live, srcside);
         /// results files are written only for a full run. `fuzz` runs the
         /// fuzz test with 20,000,000 packets (or LB_FUZZ_PACKETS), only when
         /// named.

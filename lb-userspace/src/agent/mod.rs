@@ -8,11 +8,15 @@
 //! - `instance`: the instance lock, attaching through pinned links, cleanup.
 //! - `loops`: one function per loop (collect, health, load, events, next hops).
 //! - `control`: the control API and its handlers.
-//! - `fleet`: registration in the fleet store, and a balancer's VIPs from it.
+//! - `fleet`: registration in the fleet store, a balancer's VIPs from it, and
+//!   the health verdicts it publishes there.
+//! - `host`: the host intermediary role: source-side balancers installed
+//!   through the store, on the guests' interfaces.
 //! - `status`, `report`, `metrics`: what the agent shows, read from the state.
 
 mod control;
 mod fleet;
+mod host;
 mod instance;
 mod loops;
 mod metrics;
@@ -297,7 +301,11 @@ pub async fn run_object(
         .fleet
         .as_ref()
         .map(|f| fleet::Membership::spawn(state.clone(), resolver.clone(), f.clone()));
+    let host_role = host::HostRole::spawn_for(&config, &resolver);
     control::accept(listener, &state, &resolver, stopped).await;
+    if let Some(h) = host_role {
+        h.leave().await;
+    }
     if let Some(m) = membership {
         m.leave().await;
     }

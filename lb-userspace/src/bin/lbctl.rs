@@ -2,6 +2,8 @@
 //! fleet's etcd store (`lbctl fleet`, `lbctl service`).
 #[path = "lbctl/fleet.rs"]
 mod fleet;
+#[path = "lbctl/install.rs"]
+mod install;
 
 use std::{
     fmt,
@@ -120,6 +122,26 @@ enum Command {
     Service {
         #[command(subcommand)]
         action: fleet::ServiceAction,
+    },
+    /// Balance FROM's calls to TO's VIPs on the hosts of FROM's instances
+    /// (source-side balancing; the fleet store carries the instruction).
+    Install {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
+    /// Remove an install: its hosts detach their source-side balancer.
+    Uninstall {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
+    /// Installs, and per host the generation applied and any error.
+    Installs {
+        #[arg(long)]
+        json: bool,
     },
     /// Stop the agent. The pinned datapath keeps forwarding with its last
     /// state until an agent of the same instance starts and adopts it.
@@ -597,6 +619,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Shutdown { detach } => run_shutdown(socket, detach).await,
         Command::Fleet { action } => fleet::run_fleet(cli.fleet.as_deref(), action).await,
         Command::Service { action } => fleet::run_service(cli.fleet.as_deref(), action).await,
+        Command::Install { from, to } => install::install(cli.fleet.as_deref(), from, to).await,
+        Command::Uninstall { from, to } => install::uninstall(cli.fleet.as_deref(), from, to).await,
+        Command::Installs { json } => install::show(cli.fleet.as_deref(), json).await,
     }
 }
 

@@ -11,10 +11,12 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 mod fleet;
+mod host;
 mod raw;
 mod validate;
 
 pub use fleet::{check_name, FleetConfig, DEFAULT_FLEET_PREFIX};
+pub use host::{host_instance, HostConfig, HostVip};
 pub use raw::*;
 
 pub const DEFAULT_SOCKET: &str = "/run/lb-agent/lb.sock";
@@ -57,6 +59,9 @@ pub struct Config {
     /// The etcd store of a fleet: the agent registers there, and a balancer
     /// takes its VIPs from it (the file's `[[vips]]` serve until then).
     pub fleet: Option<FleetConfig>,
+    /// The host intermediary role: source-side balancers installed through
+    /// the fleet store run on this host's guests' interfaces.
+    pub host: Option<HostConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -347,6 +352,9 @@ impl Config {
         }
         if self.fleet != new.fleet {
             return err("fleet", "cannot change on reload; restart the agent");
+        }
+        if self.host != new.host {
+            return err("host", "cannot change on reload; restart the agent");
         }
         Ok(())
     }

@@ -18,6 +18,21 @@ pub struct RawConfig {
     pub metrics: Option<RawMetrics>,
     pub lifecycle: Option<RawLifecycle>,
     pub fleet: Option<RawFleet>,
+    pub host: Option<RawHost>,
+}
+
+/// `[host]`: this agent runs source-side balancers for its guests when the
+/// fleet store installs one (see `config::host`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHost {
+    pub socket: Option<String>,
+    pub xdp_mode: Option<String>,
+    pub encap_source_v4: Option<String>,
+    pub encap_source_v6: Option<String>,
+    pub maglev_table_size: Option<i64>,
+    pub flow_table_size: Option<i64>,
+    pub state_file: Option<String>,
 }
 
 /// `[fleet]`: the etcd store this agent registers with (and, for a

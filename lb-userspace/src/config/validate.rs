@@ -114,10 +114,14 @@ impl RawConfig {
         };
         let decap = self.decap.map(validate_decap).transpose()?;
         let fleet = self.fleet.map(super::fleet::validate_fleet).transpose()?;
-        if balancer.is_none() && decap.is_none() {
+        let host = self
+            .host
+            .map(|h| super::host::validate_host(&instance, h, fleet.as_ref()))
+            .transpose()?;
+        if balancer.is_none() && decap.is_none() && host.is_none() {
             return err(
                 "config",
-                "nothing to run: give a [datapath] section with [[vips]], or a [decap] section",
+                "nothing to run: give a [datapath] section with [[vips]], a [decap] section, or [host] with [fleet]",
             );
         }
         if let (Some(b), Some(d)) = (&balancer, &decap) {
@@ -137,6 +141,7 @@ impl RawConfig {
             decap,
             metrics,
             fleet,
+            host,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the datapath's cost per packet against a floor program,
 //! the connection table at a million flows, Maglev, the control plane, the flow
-//! scan, and live forwarding over veth. Each figure is the median of several
+//! scan, live forwarding over veth, and source-side balancing (install time
+//! against the number of hosts, cost per packet). Each figure is the median of several
 //! rounds; ratios are against baselines measured in the same run. Writes
 //! `target/bench/results.json` and `target/bench/results.md`.
 use std::{
@@ -20,6 +21,8 @@ use lb_common::{DecapOutcome, FlowKey, FlowState, Outcome, PROTO_IPIP, PROTO_TCP
 use lb_tests::{fixture::*, packet::*, topology};
 use lb_userspace::{datapath::MapSizes, maglev};
 use serde_json::{json, Value};
+
+mod srcside;
 
 const ROUNDS: usize = 5;
 const REPEAT: u32 = 1_000_000;
@@ -1236,7 +1239,7 @@ fn main() {
         }
     }
     type Section = (&'static str, fn(&mut Report));
-    let sections: [Section; 5] = [
+    let sections: [Section; 6] = [
         ("datapath", |r| {
             datapath_cost(r);
         }),
@@ -1247,6 +1250,7 @@ fn main() {
         }),
         ("control", control_plane),
         ("live", live::forwarding),
+        ("srcside", srcside::run),
     ];
     for (name, run) in sections {
         if only.is_empty() || only.iter().any(|o| o == name) {
