@@ -12,6 +12,7 @@
 //! - `status`, `report`, `metrics`: what the agent shows, read from the state.
 
 mod control;
+mod dashboard;
 mod fleet;
 mod instance;
 mod loops;
