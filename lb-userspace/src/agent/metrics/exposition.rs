@@ -17,13 +17,17 @@ use prometheus_client::{
 type Labels = Vec<(String, String)>;
 
 /// One declared family, registered at its first sample (whose type, whole
-/// or fractional, sets the gauge's value type). A family without samples
-/// is left out of the exposition, as prometheus-client does.
+/// or fractional, sets the gauge's value type; a family sampled without
+/// labels is a single metric, written without braces). A family without
+/// samples is left out of the exposition, as prometheus-client does.
 enum Metric {
     Declared { kind: Kind, help: String },
     Counter(Family<Labels, Counter<u64>>),
     Gauge(Family<Labels, Gauge<u64, AtomicU64>>),
     GaugeF(Family<Labels, Gauge<f64, AtomicU64>>),
+    Counter1(Counter<u64>),
+    Gauge1(Gauge<u64, AtomicU64>),
+    GaugeF1(Gauge<f64, AtomicU64>),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -60,66 +64,64 @@ impl Exposition {
     }
 
     pub(super) fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
-        match self.metric(name, false) {
-            Metric::Counter(f) => {
-                f.get_or_create(&owned(labels)).inc_by(value);
-            }
-            Metric::Gauge(f) => {
-                f.get_or_create(&owned(labels)).set(value);
-            }
-            Metric::GaugeF(f) => {
-                f.get_or_create(&owned(labels)).set(value as f64);
-            }
-            Metric::Declared { .. } => unreachable!("registered by metric()"),
-        }
+        self.set(name, labels, false, value, value as f64);
     }
 
     /// A fractional sample; non-finite values are left out.
     pub(super) fn sample_f(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        if !value.is_finite() {
-            return;
-        }
-        match self.metric(name, true) {
+        if value.is_finite() {
             // The counters sampled this way count whole things.
-            Metric::Counter(f) => {
-                f.get_or_create(&owned(labels)).inc_by(value as u64);
+            self.set(name, labels, true, value as u64, value);
+        }
+    }
+
+    fn set(&mut self, name: &str, labels: &[(&str, &str)], fractional: bool, whole: u64, f: f64) {
+        let single = labels.is_empty();
+        match self.metric(name, fractional, single) {
+            Metric::Counter(m) => {
+                m.get_or_create(&owned(labels)).inc_by(whole);
             }
-            Metric::Gauge(f) => {
-                f.get_or_create(&owned(labels)).set(value as u64);
+            Metric::Gauge(m) => {
+                m.get_or_create(&owned(labels)).set(whole);
             }
-            Metric::GaugeF(f) => {
-                f.get_or_create(&owned(labels)).set(value);
+            Metric::GaugeF(m) => {
+                m.get_or_create(&owned(labels)).set(f);
+            }
+            Metric::Counter1(m) => {
+                m.inc_by(whole);
+            }
+            Metric::Gauge1(m) => {
+                m.set(whole);
+            }
+            Metric::GaugeF1(m) => {
+                m.set(f);
             }
             Metric::Declared { .. } => unreachable!("registered by metric()"),
         }
     }
 
     /// Family `name`, registered now if it was only declared.
-    fn metric(&mut self, name: &str, fractional: bool) -> &Metric {
+    fn metric(&mut self, name: &str, fractional: bool, single: bool) -> &Metric {
         let m = self
             .metrics
             .get_mut(name)
             .unwrap_or_else(|| panic!("family {name} sampled before it was declared"));
         if let Metric::Declared { kind, help } = m {
             let help = std::mem::take(help);
-            *m = match (*kind, fractional) {
-                (Kind::Counter, _) => {
-                    let f = Family::default();
-                    let base = name.strip_suffix("_total").unwrap_or(name);
-                    self.registry.register(base, help, f.clone());
-                    self.counters.insert(base.to_string());
-                    Metric::Counter(f)
-                }
-                (Kind::Gauge, false) => {
-                    let f = Family::default();
-                    self.registry.register(name, help, f.clone());
-                    Metric::Gauge(f)
-                }
-                (Kind::Gauge, true) => {
-                    let f = Family::default();
-                    self.registry.register(name, help, f.clone());
-                    Metric::GaugeF(f)
-                }
+            let r = &mut self.registry;
+            let mut name = name;
+            if *kind == Kind::Counter {
+                // prometheus-client adds the `_total`.
+                name = name.strip_suffix("_total").unwrap_or(name);
+                self.counters.insert(name.to_string());
+            }
+            *m = match (*kind, fractional, single) {
+                (Kind::Counter, _, false) => Metric::Counter(registered(r, name, help)),
+                (Kind::Gauge, false, false) => Metric::Gauge(registered(r, name, help)),
+                (Kind::Gauge, true, false) => Metric::GaugeF(registered(r, name, help)),
+                (Kind::Counter, _, true) => Metric::Counter1(registered(r, name, help)),
+                (Kind::Gauge, false, true) => Metric::Gauge1(registered(r, name, help)),
+                (Kind::Gauge, true, true) => Metric::GaugeF1(registered(r, name, help)),
             };
         }
         m
@@ -164,6 +166,15 @@ impl Exposition {
     }
 }
 
+fn registered<M>(registry: &mut Registry, name: &str, help: String) -> M
+where
+    M: prometheus_client::registry::Metric + Clone + Default,
+{
+    let m = M::default();
+    registry.register(name, help, m.clone());
+    m
+}
+
 fn owned(labels: &[(&str, &str)]) -> Labels {
     labels
         .iter()
@@ -183,6 +194,8 @@ mod tests {
         e.sample_f("lb_ratio", &[("vip", "a")], 0.5);
         e.sample_f("lb_ratio", &[("vip", "b")], f64::NAN);
         e.family("lb_empty", "gauge", "Nothing yet.");
+        e.family("lb_one_total", "counter", "One.");
+        e.sample("lb_one_total", &[], 4);
         e
     }
 
@@ -199,6 +212,7 @@ mod tests {
             "a family without samples is left out: {t}"
         );
         assert!(!t.contains("# EOF"), "{t}");
+        assert!(t.contains("\nlb_one_total 4\n"), "{t}");
     }
 
     #[test]
