@@ -2,6 +2,8 @@
 //! fleet's etcd store (`lbctl fleet`, `lbctl service`).
 #[path = "lbctl/fleet.rs"]
 mod fleet;
+#[path = "lbctl/progress.rs"]
+mod progress;
 
 use std::{
     fmt,
@@ -121,6 +123,10 @@ enum Command {
         #[command(subcommand)]
         action: fleet::ServiceAction,
     },
+    /// Write man pages and shell completions under DIR (used to build the
+    /// package).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
     /// Stop the agent. The pinned datapath keeps forwarding with its last
     /// state until an agent of the same instance starts and adopts it.
     Shutdown {
@@ -163,7 +169,14 @@ enum BackendAction {
 enum MaintenanceAction {
     /// Mark every backend of the VIP for maintenance: a rolling upgrade,
     /// one backend (or more, as capacity and max_parallel allow) at a time.
-    Rollout { vip: String },
+    Rollout {
+        vip: String,
+        /// Follow the rollout until it completes (exit 0) or fails (a hook
+        /// failed, or it was cancelled: exit 1), with a progress bar on a
+        /// terminal and one line per change otherwise.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Stop the VIP's rollout: pending and draining backends return to active.
     Cancel { vip: String },
     /// Each VIP's rollout, spare capacity and backends' phases.
@@ -597,6 +610,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Shutdown { detach } => run_shutdown(socket, detach).await,
         Command::Fleet { action } => fleet::run_fleet(cli.fleet.as_deref(), action).await,
         Command::Service { action } => fleet::run_service(cli.fleet.as_deref(), action).await,
+        Command::GenerateDocs { dir } => {
+            lb_userspace::docs::generate(<Cli as clap::CommandFactory>::command(), &dir)
+        }
     }
 }
 
@@ -768,8 +784,12 @@ async fn run_maintenance(socket: &Path, action: MaintenanceAction) -> Result<()>
             )?;
             print(json, vips.as_slice(), print_maintenance)
         }
-        MaintenanceAction::Rollout { vip } => {
-            maintenance(socket, MaintenanceCommand::Rollout { vip }).await
+        MaintenanceAction::Rollout { vip, wait } => {
+            maintenance(socket, MaintenanceCommand::Rollout { vip: vip.clone() }).await?;
+            if wait {
+                progress::wait_rollout(socket, &vip).await?;
+            }
+            Ok(())
         }
         MaintenanceAction::Cancel { vip } => {
             maintenance(socket, MaintenanceCommand::Cancel { vip }).await
