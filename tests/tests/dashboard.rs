@@ -55,7 +55,7 @@ impl Browser {
             "goog:chromeOptions": {
                 "binary": "/usr/bin/chromium",
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--window-size=1400,1600",
+                         "--disable-dev-shm-usage", "--window-size=1400,2400",
                          format!("--user-data-dir={}", self.profile.display())],
             }
         });
@@ -272,6 +272,12 @@ fn the_dashboard_shows_what_lbctl_shows() {
                 assert!(Instant::now() < deadline, "no packet rate on the chart: {text:?}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+            // A few samples, so the screenshot shows the lines.
+            let points = "return (document.querySelector('[data-chart=\"vip-packets\"] polyline[data-series=\"web\"]')?.getAttribute('points') || '').split(' ').length;";
+            while c.execute(points, vec![]).await.unwrap().as_u64().unwrap_or(0) < 5 {
+                assert!(Instant::now() < deadline + Duration::from_secs(30), "the chart line does not grow");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             let lines = "return document.querySelectorAll('[data-chart] polyline').length;";
             let polylines = c.execute(lines, vec![]).await.unwrap().as_u64().unwrap();
             assert!(polylines >= 4, "{polylines} chart lines");
@@ -313,7 +319,13 @@ fn the_dashboard_shows_what_lbctl_shows() {
     assert!(opened > 20, "the client opened {opened} connections");
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
     std::fs::write(screenshot_path(), &png).expect("save the screenshot");
-    let packets = status["vips"][0]["counters"]["packets"].as_u64().unwrap();
+    let web = status["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "web")
+        .expect("VIP web");
+    let packets = web["counters"]["packets"].as_u64().unwrap();
     assert!(
         packets > 0 && figures > 20,
         "{packets} packets, {figures} figures"

@@ -1,6 +1,7 @@
 //! `lb-agent --config FILE`: validates the configuration, then runs the
 //! balancer and/or decapsulator until SIGINT or SIGTERM (the pinned datapath
-//! keeps forwarding after it stops); `--cleanup` removes that datapath.
+//! keeps forwarding after it stops); `--cleanup` removes that datapath;
+//! `--log-format json` writes one JSON object per log record.
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser, ValueEnum};
@@ -40,6 +41,20 @@ enum LogFormat {
     Json,
 }
 
+/// Logs to stderr at `RUST_LOG`'s level (`info` by default).
+fn init_logs(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(dir) = &args.generate_docs {
@@ -51,16 +66,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-    }
+    init_logs(args.log_format);
     let config_path = args.config.expect("clap requires --config");
     let text = match std::fs::read_to_string(&config_path) {
         Ok(t) => t,

@@ -658,8 +658,17 @@ async fn run_report(
         )?;
         add_delivered(&mut report, decap_sockets).await?;
         print(json, &*report, |r| {
-            if watch.is_some() {
-                print!("\x1b[2J\x1b[H");
+            if let Some(secs) = watch {
+                // On a terminal the report is redrawn in place; piped, each
+                // one follows the last.
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    print!("\x1b[H\x1b[2J");
+                }
+                println!(
+                    "every {}s, at {} (Ctrl-C stops)\n",
+                    secs.max(1),
+                    humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                );
             }
             print_report(r);
         })?;

@@ -137,7 +137,9 @@ function chart(title, series, key) {
   const s = svg("svg", { width: W, height: H + B });
   const points = [...series.values()].flat();
   const now = Date.now();
-  const t0 = now - 5 * 60 * 1000;
+  // At most five minutes; less while the agent has fewer samples.
+  const first = Math.min(now - 30 * 1000, ...points.map((p) => p[0]));
+  const t0 = Math.max(now - 5 * 60 * 1000, first);
   const ymax = Math.max(1, ...points.map((p) => p[1]));
   const x = (t) => L + ((t - t0) / (now - t0)) * (W - L - 4);
   const y = (v) => 4 + (1 - v / ymax) * (H - 8);
@@ -148,7 +150,9 @@ function chart(title, series, key) {
     t.textContent = label;
     s.append(t);
   }
-  for (const [tx, label] of [[t0, "5 min ago"], [now, "now"]]) {
+  const span = Math.round((now - t0) / 1000);
+  const ago = span >= 120 ? `${Math.round(span / 60)} min ago` : `${span} s ago`;
+  for (const [tx, label] of [[t0, ago], [now, "now"]]) {
     const t = svg("text", { x: x(tx), y: H + B - 4, "text-anchor": tx === now ? "end" : "start", "font-size": 11, fill: "#6b7280" });
     t.textContent = label;
     s.append(t);
@@ -163,6 +167,8 @@ function chart(title, series, key) {
         points: kept.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" "),
         fill: "none", stroke: color, "stroke-width": 1.5, "data-series": name,
       }));
+      const [lx, ly] = kept[kept.length - 1];
+      s.append(svg("circle", { cx: x(lx).toFixed(1), cy: y(ly).toFixed(1), r: 2.5, fill: color }));
     }
     const last = pts.length ? pts[pts.length - 1][1] : 0;
     legend.append(el("span", { style: `color:${color}` }, `■ ${name} ${last.toFixed(1)}/s`));
