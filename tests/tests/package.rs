@@ -184,6 +184,7 @@ fn the_lb_agent_runs_with_only_its_units_capabilities() {
     let unit = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/lb-agent.service");
     let caps = bounding_set(&unit);
     assert!(!caps.contains(&capability("CAP_SYS_ADMIN")));
+    let mask = caps.iter().fold(0u64, |m, c| m | 1 << c);
     let mut t = Topology::new(2);
     t.start(&[100, 100]);
     // A fresh start (no pinned datapath to adopt): programs load and attach.
@@ -215,7 +216,7 @@ fn the_lb_agent_runs_with_only_its_units_capabilities() {
             Ok(())
         });
     }
-    let _agent = Restricted(cmd.spawn().expect("spawn lb-agent"));
+    let agent = Restricted(cmd.spawn().expect("spawn lb-agent"));
     let deadline = Instant::now() + Duration::from_secs(30);
     let log =
         || std::fs::read_to_string(config.with_file_name("lb-restricted.log")).unwrap_or_default();
@@ -240,9 +241,23 @@ fn the_lb_agent_runs_with_only_its_units_capabilities() {
     assert_eq!(answers.len(), 20);
     let status = t.status_json();
     assert_eq!(status["interfaces"][0]["program"], "lb_ingress", "{status}");
+    let web = status["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "web")
+        .expect("VIP web");
     assert!(
-        status["vips"][0]["counters"]["new_flows"].as_u64().unwrap() >= 20,
+        web["counters"]["new_flows"].as_u64().unwrap() >= 20,
         "{status}"
     );
+    // It really ran with only those capabilities.
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", agent.0.id())).unwrap();
+    let effective = proc_status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(effective, mask, "CapEff of the agent");
     assert!(!log().contains("ERROR"), "{}", log());
 }

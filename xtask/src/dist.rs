@@ -38,10 +38,9 @@ pub fn dist() -> Result<PathBuf> {
             std::fs::remove_file(&path)?;
         }
     }
-    if Command::new("cargo")
-        .args(["deb", "--version"])
+    if !cargo(&["deb", "--version"])
         .output()
-        .is_err()
+        .is_ok_and(|o| o.status.success())
     {
         bail!("cargo-deb is missing: run scripts/bootstrap.sh (or `cargo install --locked cargo-deb`)");
     }
@@ -49,6 +48,7 @@ pub fn dist() -> Result<PathBuf> {
         "deb",
         "--locked",
         "--no-build",
+        "--strip",
         "-p",
         "lb-userspace",
         "--output",
@@ -58,6 +58,5 @@ pub fn dist() -> Result<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .context("cargo deb wrote no package")?;
-    println!("{}", deb.display());
     Ok(deb)
 }

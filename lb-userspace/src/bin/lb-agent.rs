@@ -8,7 +8,7 @@ use clap::{CommandFactory as _, Parser, ValueEnum};
 use lb_userspace::{agent, config::Config};
 
 #[derive(Parser)]
-#[command(version, about = "XDP layer-4 load balancer agent")]
+#[command(name = "lb-agent", version, about = "XDP layer-4 load balancer agent")]
 struct Args {
     /// The TOML configuration file.
     #[arg(long, short, required_unless_present = "generate_docs")]

@@ -25,7 +25,7 @@ use lb_userspace::{
 use serde::{Serialize, Serializer};
 
 #[derive(Parser)]
-#[command(version, about = "Control a running lb-agent")]
+#[command(name = "lbctl", version, about = "Control a running lb-agent")]
 struct Cli {
     /// The agent's control socket.
     #[arg(long, global = true, env = "LBCTL_SOCKET", default_value = DEFAULT_SOCKET)]
