@@ -3,8 +3,8 @@
 # the Debian tools the tests use (etcd-server and openssl for the fleet tests, chromium and
 # chromium-driver for the dashboard test, systemd for `systemd-analyze verify` of the units), protoc and
 # the well-known .proto files (etcd-client's build script needs them), LLVM 22,
-# bpf-linker built against it, and rust-src for the nightly toolchain that
-# builds the eBPF crate.
+# bpf-linker built against it, rust-src for the nightly toolchain that
+# builds the eBPF crate, and cargo-deb (the Debian package).
 # Idempotent: everything already present is skipped, so a second run takes seconds.
 set -euo pipefail
 
@@ -48,5 +48,11 @@ if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/bpf-linke
     --no-default-features --features llvm-22
 else
   log "bpf-linker present"
+fi
+if ! cargo deb --version >/dev/null 2>&1; then
+  log "installing cargo-deb (cargo xtask dist; about 3 min)"
+  cargo install --locked cargo-deb --version 3.8.0
+else
+  log "cargo-deb present"
 fi
 log "done"

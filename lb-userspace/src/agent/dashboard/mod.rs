@@ -37,9 +37,12 @@ pub(crate) const API_PATHS: [&str; 4] = [
 ];
 
 /// How often the counters are sampled for the charts, and how many samples
-/// are kept (five minutes).
+/// are kept (five minutes, or less with very many VIPs and backends).
 const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 const SAMPLES: usize = 150;
+/// At most this many (VIP or backend, counters) entries over all samples
+/// (a few MiB): with thousands of backends the history is shorter.
+const ENTRIES: usize = 100_000;
 /// The largest flows the page lists.
 const TOP_FLOWS: usize = 10;
 
@@ -104,11 +107,13 @@ impl History {
                 .map(|b| (b.address.to_string(), point(&b.counters)))
                 .collect(),
         };
+        let per_sample = (sample.vips.len() + sample.backends.len()).max(1);
+        let kept = (ENTRIES / per_sample).clamp(2, SAMPLES);
         let mut samples = self.0.lock().expect("not poisoned");
-        if samples.len() == SAMPLES {
+        samples.push_back(sample);
+        while samples.len() > kept {
             samples.pop_front();
         }
-        samples.push_back(sample);
     }
 
     fn samples(&self) -> Vec<Sample> {
@@ -223,5 +228,16 @@ mod tests {
         assert_eq!(samples.len(), SAMPLES);
         assert_eq!(samples[0].at_ms, 5);
         assert_eq!(samples[0].backends["198.18.0.11"].packets, 7);
+        // With very many backends, fewer samples are kept.
+        for i in 0..2000u32 {
+            let mut b = s.backends[0].clone();
+            // 198.19.0.0 and up.
+            b.address = std::net::IpAddr::V4(std::net::Ipv4Addr::from(0xc613_0000 + i));
+            s.backends.push(b);
+        }
+        for i in 0..100 {
+            h.record(&s, 1000 + i);
+        }
+        assert_eq!(h.samples().len(), ENTRIES / 2001);
     }
 }
