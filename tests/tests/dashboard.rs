@@ -200,6 +200,37 @@ fn differences(
         .collect()
 }
 
+/// Waits until the page, read between two `lbctl status --json` calls,
+/// shows what one of them shows; returns that status and the page's figures.
+async fn agree(
+    c: &Client,
+    status_json: &dyn Fn() -> Value,
+) -> (Value, serde_json::Map<String, Value>) {
+    let mut last = Vec::new();
+    for _ in 0..20 {
+        let before = status_json();
+        let seen = refreshes(c).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while refreshes(c).await <= seen + 1 {
+            assert!(Instant::now() < deadline, "the page stopped refreshing");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let on_page = figures(c).await;
+        let after = status_json();
+        let (b, a) = (expected(&before), expected(&after));
+        if differences(&on_page, &b).is_empty() {
+            return (before, on_page);
+        }
+        if differences(&on_page, &a).is_empty() {
+            return (after, on_page);
+        }
+        last = differences(&on_page, &a);
+        last.push(format!("(lbctl itself moved: {:?})", differences(&b, &a)));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("the page does not show what lbctl shows: {last:#?}");
+}
+
 fn screenshot_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard.png")
 }
@@ -212,6 +243,7 @@ fn the_dashboard_shows_what_lbctl_shows() {
     let browser = Browser::start(&t.ns("lb"));
     let caps = browser.capabilities();
     let socket = t.lb_socket();
+    let socket2 = socket.clone();
     let lbctl = bin("lbctl");
     let status_json = move || -> Value {
         let out = Command::new(&lbctl)
@@ -286,29 +318,27 @@ fn the_dashboard_shows_what_lbctl_shows() {
             // must agree with lbctl.
             stop_tx.send(()).unwrap();
             stopped_rx.recv().unwrap();
-            // The page is read between two lbctl calls: it must show what
-            // one of them shows.
-            let mut last = Vec::new();
-            for _ in 0..20 {
-                let before = status_json();
-                let seen = refreshes(&c).await;
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while refreshes(&c).await <= seen + 1 {
-                    assert!(Instant::now() < deadline, "the page stopped refreshing");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                let on_page = figures(&c).await;
-                let after = status_json();
-                let (b, a) = (expected(&before), expected(&after));
-                if differences(&on_page, &b).is_empty() || differences(&on_page, &a).is_empty() {
-                    c.close().await.ok();
-                    return (png, after, on_page.len());
-                }
-                last = differences(&on_page, &a);
-                last.push(format!("(lbctl itself moved: {:?})", differences(&b, &a)));
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            panic!("the page does not show what lbctl shows: {last:#?}");
+            let (status, figures) = agree(&c, &status_json).await;
+            // An operator takes a backend out: the page shows it among the
+            // backends in maintenance, and still agrees with lbctl.
+            let out = Command::new(bin("lbctl"))
+                .arg("--socket")
+                .arg(&socket2)
+                .args(["backend", "disable", "web", &backend_v4(1)])
+                .output()
+                .expect("lbctl");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let (after, on_page) = agree(&c, &status_json).await;
+            let key = format!("maint/web/{}/phase", backend_v4(1));
+            assert_eq!(on_page.get(&key).and_then(Value::as_str), Some("disabled active"), "{on_page:#?}");
+            let health = format!("backend/web/{}/health", backend_v4(1));
+            assert_eq!(on_page[&health], "disabled");
+            let web = after["vips"].as_array().unwrap().iter().find(|v| v["name"] == "web").unwrap();
+            let b1 = web["backends"].as_array().unwrap().iter().find(|b| b["address"] == backend_v4(1).as_str()).unwrap();
+            assert_eq!(b1["health"], "disabled", "lbctl: {b1}");
+            assert_eq!(b1["effective_weight"], 0, "lbctl: {b1}");
+            c.close().await.ok();
+            (png, status, figures.len())
         })
     });
     stop_rx.recv().unwrap();

@@ -1,7 +1,8 @@
 //! The Debian package `cargo xtask dist` builds (`cargo xtask test` builds
 //! it first): what it holds, that its binaries and example configurations
 //! work, that its systemd units pass `systemd-analyze verify`, and that
-//! the LB node's agent runs with only the capabilities its unit leaves it.
+//! the LB node's agent runs with only the capabilities its unit leaves it
+//! (logging JSON, as for a log shipper).
 
 use std::{
     net::SocketAddr,
@@ -198,8 +199,10 @@ fn the_lb_agent_runs_with_only_its_units_capabilities() {
     let config = t.write("lb-restricted.toml", "").with_file_name("lb.toml");
     let log = std::fs::File::create(config.with_file_name("lb-restricted.log")).unwrap();
     let mut cmd = agent_command(&t.ns("lb"));
+    // As a log shipper would read it.
     cmd.arg("--config")
         .arg(&config)
+        .args(["--log-format", "json"])
         .stdout(Stdio::null())
         .stderr(log);
     // SAFETY: prctl(PR_CAPBSET_DROP) only, between fork and exec.
@@ -259,5 +262,24 @@ fn the_lb_agent_runs_with_only_its_units_capabilities() {
         .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
         .unwrap();
     assert_eq!(effective, mask, "CapEff of the agent");
-    assert!(!log().contains("ERROR"), "{}", log());
+    let log = log();
+    assert!(!log.contains("ERROR"), "{log}");
+    // One JSON object per line, with its level, target and message.
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert!(records.len() >= 2, "{log}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["level"].is_string() && r["target"].is_string()),
+        "{log}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["message"] == "datapath maps" && r["origin"] == "Fresh"),
+        "{log}"
+    );
 }
