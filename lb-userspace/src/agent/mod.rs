@@ -15,6 +15,7 @@
 //! - `status`, `report`, `metrics`: what the agent shows, read from the state.
 
 mod control;
+mod dashboard;
 mod fleet;
 mod host;
 mod instance;
