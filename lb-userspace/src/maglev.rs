@@ -44,6 +44,36 @@ pub struct Table {
     pub counts: Vec<u32>,
 }
 
+/// A digest of a built table that two LB nodes can compare: each slot is
+/// hashed as the identity of the backend it holds (backend ids are local to
+/// a node), so nodes with the same backends and weights show the same digest.
+pub fn digest(entries: &[Entry], slots: &[u32]) -> u64 {
+    let mut sorted: Vec<&Entry> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.identity.cmp(&b.identity));
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut mix = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for e in &sorted {
+        mix(&(e.identity.len() as u32).to_le_bytes());
+        mix(&e.identity);
+    }
+    // A slot is hashed as its backend's rank in identity order (u32::MAX
+    // when empty).
+    let rank: std::collections::HashMap<u32, u32> = sorted
+        .iter()
+        .enumerate()
+        .map(|(r, e)| (e.id, r as u32))
+        .collect();
+    for slot in slots {
+        mix(&rank.get(slot).copied().unwrap_or(u32::MAX).to_le_bytes());
+    }
+    h
+}
+
 /// Builds a table of `size` slots (a prime) holding backend ids.
 /// Without any backend of non-zero weight every slot is `NO_BACKEND`.
 pub fn build(entries: &[Entry], size: u32) -> Vec<u32> {
@@ -188,6 +218,17 @@ mod tests {
             .collect()
     }
 
+    /// (id, last address byte, weight) triples.
+    fn entries(list: &[(u32, u8, u32)]) -> Vec<Entry> {
+        list.iter()
+            .map(|&(id, last, weight)| Entry {
+                id,
+                identity: vec![198, 18, 0, last],
+                weight,
+            })
+            .collect()
+    }
+
     fn shares(table: &[u32]) -> HashMap<u32, usize> {
         let mut s = HashMap::new();
         for id in table {
@@ -208,6 +249,17 @@ mod tests {
                 s.get(&e.id).copied().unwrap_or(0) as f64 / ideal
             })
             .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn digest_follows_identities_not_ids() {
+        let a = entries(&[(1, 10, 100), (2, 11, 100), (3, 12, 50)]);
+        // The same backends under other local ids, given in another order.
+        let b = entries(&[(9, 12, 50), (7, 10, 100), (8, 11, 100)]);
+        let (ta, tb) = (build(&a, 65537), build(&b, 65537));
+        assert_eq!(digest(&a, &ta), digest(&b, &tb));
+        let c = entries(&[(1, 10, 100), (2, 11, 100), (3, 12, 60)]);
+        assert_ne!(digest(&a, &ta), digest(&c, &build(&c, 65537)));
     }
 
     #[test]

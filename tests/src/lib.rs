@@ -3,4 +3,5 @@
 pub mod etcd;
 pub mod fixture;
 pub mod packet;
+pub mod scaleout;
 pub mod topology;

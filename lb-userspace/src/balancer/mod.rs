@@ -18,6 +18,7 @@ mod apply;
 mod ids;
 mod keys;
 mod pairs;
+mod serving;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -47,6 +48,8 @@ struct VipState {
     ring: u32,
     /// Slots each backend holds in the ring, by address.
     slots: BTreeMap<IpAddr, u32>,
+    /// `maglev::digest` of the table in the ring (0 until one is built).
+    digest: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +183,7 @@ impl<D: Datapath> Balancer<D> {
                 vip_id: info.vip_id,
                 ring: info.ring,
                 slots: BTreeMap::new(),
+                digest: 0,
             };
             self.vips.insert((address, port, protocol), state);
         }
@@ -388,6 +392,7 @@ impl<D: Datapath> Balancer<D> {
         let table = maglev::build_table(&entries, self.sizes.maglev_size);
         self.switch_vip(
             config,
+            &entries,
             &table,
             &mut Vec::new(),
             &mut ApplySummary::default(),

@@ -10,10 +10,12 @@ use std::{fmt, net::IpAddr, path::PathBuf, str::FromStr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+mod announce;
 mod fleet;
 mod raw;
 mod validate;
 
+pub use announce::AnnounceConfig;
 pub use fleet::{check_name, FleetConfig, DEFAULT_FLEET_PREFIX};
 pub use raw::*;
 
@@ -57,6 +59,9 @@ pub struct Config {
     /// The etcd store of a fleet: the agent registers there, and a balancer
     /// takes its VIPs from it (the file's `[[vips]]` serve until then).
     pub fleet: Option<FleetConfig>,
+    /// The VIP routes this balancer keeps for BIRD to announce; none when
+    /// the section is absent.
+    pub announce: Option<AnnounceConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -347,6 +352,9 @@ impl Config {
         }
         if self.fleet != new.fleet {
             return err("fleet", "cannot change on reload; restart the agent");
+        }
+        if self.announce != new.announce {
+            return err("announce", "cannot change on reload; restart the agent");
         }
         Ok(())
     }

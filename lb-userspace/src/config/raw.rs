@@ -18,6 +18,15 @@ pub struct RawConfig {
     pub metrics: Option<RawMetrics>,
     pub lifecycle: Option<RawLifecycle>,
     pub fleet: Option<RawFleet>,
+    pub announce: Option<RawAnnounce>,
+}
+
+/// `[announce]`: the kernel table BIRD learns the VIP routes from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAnnounce {
+    pub table: Option<i64>,
+    pub refresh_ms: Option<i64>,
 }
 
 /// `[fleet]`: the etcd store this agent registers with (and, for a

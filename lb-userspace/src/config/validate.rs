@@ -81,6 +81,9 @@ impl RawConfig {
         if self.datapath.is_none() && self.lifecycle.is_some() {
             return err("lifecycle", "[lifecycle] needs a [datapath] section");
         }
+        if self.datapath.is_none() && self.announce.is_some() {
+            return err("announce", "[announce] needs a [datapath] section");
+        }
         if self.datapath.is_none() && self.visibility.is_some() {
             return err("visibility", "[visibility] needs a [datapath] section");
         }
@@ -114,6 +117,10 @@ impl RawConfig {
         };
         let decap = self.decap.map(validate_decap).transpose()?;
         let fleet = self.fleet.map(super::fleet::validate_fleet).transpose()?;
+        let announce = self
+            .announce
+            .map(super::announce::validate_announce)
+            .transpose()?;
         if balancer.is_none() && decap.is_none() {
             return err(
                 "config",
@@ -137,6 +144,7 @@ impl RawConfig {
             decap,
             metrics,
             fleet,
+            announce,
         })
     }
 }

@@ -1,0 +1,614 @@
+//! A scale-out test network: a router running BIRD with ECMP in front of
+//! several LB nodes (each with its own BIRD and `lb-agent`), backends running
+//! `lb_decap`, and a client behind the router. Every LB node takes its VIPs
+//! from one etcd (the fleet store, in the router's namespace).
+//!
+//! ```text
+//!  client 198.18.2.1 --veth-- router (198.18.2.254, br0 198.18.0.254, BIRD AS 65000, etcd)
+//!                                     |
+//!          br0: lb0..lbN 198.18.0.2+i (BIRD AS 65001, lb-agent), b0..bM 198.18.0.11+i
+//! ```
+//!
+//! The router's kernel protocol has `merge paths on` and the L4 hash policy
+//! (`fib_multipath_hash_policy=3`, fields 0x0037): one 5-tuple stays on one
+//! LB node. BGP timers are low (hold 3 s) so a lost node goes within ~3 s.
+//! Dropping `Ecmp` stops BIRD, the agents and servers, etcd, removes the
+//! pinned datapaths, the namespaces and the temp dir, also on a panic.
+
+use std::{
+    fs::File,
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    etcd::Etcd,
+    topology::{
+        agent_command, attach_pass_through, bin, cleanup_agent, in_netns, must,
+        remove_stale_namespaces, start_servers, terminate, Servers, VIP_V4, VIP_V4_TO_V6, VIP_V6,
+    },
+};
+
+pub const CLIENT: &str = "198.18.2.1";
+pub const ROUTER_CLIENT_SIDE: &str = "198.18.2.254";
+pub const ROUTER: &str = "198.18.0.254";
+/// The kernel table each LB agent keeps its VIP routes in.
+pub const ANNOUNCE_TABLE: u32 = 100;
+
+pub fn lb_address(i: usize) -> String {
+    format!("198.18.0.{}", 2 + i)
+}
+
+pub fn backend_address(i: usize) -> String {
+    format!("198.18.0.{}", 11 + i)
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// One LB node's processes.
+struct Node {
+    agent: Option<Child>,
+    bird: Option<Child>,
+}
+
+pub struct Ecmp {
+    pub id: String,
+    pub dir: PathBuf,
+    pub etcd: Etcd,
+    namespaces: Vec<String>,
+    nodes: Vec<Node>,
+    router_bird: Option<Child>,
+    backend_agents: Vec<Child>,
+    servers: Vec<Servers>,
+    pass_through: Vec<aya::Ebpf>,
+}
+
+fn sysctl(ns: &str, setting: &str) {
+    must(&["ip", "netns", "exec", ns, "sysctl", "-qw", setting]);
+}
+
+/// BGP timers low enough for tests: a session within ~1 s, a lost peer
+/// withdrawn within the 3 s hold time.
+const TIMERS: &str = "hold time 3; keepalive time 1; connect retry time 1; connect delay time 1; error wait time 1, 2;";
+
+impl Ecmp {
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.id)
+    }
+
+    /// The namespaces, links and addresses for `backends` backends (nothing
+    /// runs yet but etcd and the router's BIRD).
+    pub fn new(backends: usize) -> Ecmp {
+        remove_stale_namespaces();
+        let n = NEXT_ID.fetch_add(1, Ordering::SeqCst);
+        let id = format!("lbt{}x{n}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("{id}-ecmp"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let rt = format!("{id}-rt");
+        let mut namespaces = Vec::new();
+        add_ns(&mut namespaces, &rt);
+        must(&["ip", "-n", &rt, "link", "set", "lo", "up"]);
+        must(&["ip", "-n", &rt, "link", "add", "br0", "type", "bridge"]);
+        must(&["ip", "-n", &rt, "link", "set", "br0", "up"]);
+        must(&[
+            "ip",
+            "-n",
+            &rt,
+            "addr",
+            "add",
+            &format!("{ROUTER}/24"),
+            "dev",
+            "br0",
+        ]);
+        for s in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.fib_multipath_hash_policy=3",
+            "net.ipv4.fib_multipath_hash_fields=0x0037",
+        ] {
+            sysctl(&rt, s);
+        }
+        let etcd = Etcd::start_at(Some(&rt), Some(ROUTER));
+        let mut t = Ecmp {
+            id,
+            dir,
+            etcd,
+            namespaces,
+            nodes: Vec::new(),
+            router_bird: None,
+            backend_agents: Vec::new(),
+            servers: Vec::new(),
+            pass_through: Vec::new(),
+        };
+        // The client, on a link of its own to the router.
+        let cl = t.ns("cl");
+        add_ns(&mut t.namespaces, &cl);
+        must(&["ip", "-n", &cl, "link", "set", "lo", "up"]);
+        must(&[
+            "ip", "-n", &rt, "link", "add", "cl", "type", "veth", "peer", "name", "eth0", "netns",
+            &cl,
+        ]);
+        t.link_up(&rt, "cl", ROUTER_CLIENT_SIDE, "1500");
+        t.link_up(&cl, "eth0", CLIENT, "1500");
+        must(&[
+            "ip",
+            "-n",
+            &cl,
+            "route",
+            "add",
+            "default",
+            "via",
+            ROUTER_CLIENT_SIDE,
+        ]);
+        for i in 0..backends {
+            t.add_backend(i);
+        }
+        t
+    }
+
+    fn link_up(&self, ns: &str, dev: &str, address: &str, mtu: &str) {
+        must(&["ip", "-n", ns, "link", "set", dev, "mtu", mtu, "up"]);
+        // veth leaves checksums to a device that never computes them.
+        must(&[
+            "ip", "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off", "tso", "off", "gso",
+            "off",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            dev,
+        ]);
+        sysctl(ns, &format!("net.ipv4.conf.{dev}.rp_filter=0"));
+        sysctl(ns, "net.ipv4.conf.all.rp_filter=0");
+    }
+
+    /// A host `role` on the router's bridge (switch port named `role`).
+    fn plug(&mut self, role: &str, address: &str) -> String {
+        let (rt, ns) = (self.ns("rt"), self.ns(role));
+        add_ns(&mut self.namespaces, &ns);
+        must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        must(&[
+            "ip", "-n", &rt, "link", "add", role, "mtu", "1600", "type", "veth", "peer", "name",
+            "eth0", "netns", &ns,
+        ]);
+        must(&["ip", "-n", &rt, "link", "set", role, "master", "br0", "up"]);
+        self.link_up(&ns, "eth0", address, "1600");
+        ns
+    }
+
+    /// Backend `i`: the VIPs on its loopback (direct server return), the way
+    /// back to the client through the router, `lb_decap` and the servers.
+    fn add_backend(&mut self, i: usize) {
+        let role = format!("b{i}");
+        let ns = self.plug(&role, &backend_address(i));
+        for vip in [
+            format!("{VIP_V4}/32"),
+            format!("{VIP_V4_TO_V6}/32"),
+            format!("{VIP_V6}/128"),
+        ] {
+            must(&["ip", "-n", &ns, "addr", "add", &vip, "dev", "lo"]);
+        }
+        sysctl(&ns, "net.ipv4.conf.all.arp_ignore=1");
+        sysctl(&ns, "net.ipv4.conf.all.arp_announce=2");
+        must(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "198.18.2.0/24",
+            "via",
+            ROUTER,
+        ]);
+        let socket = self.dir.join(format!("{role}.sock"));
+        let config = format!(
+            "instance = \"{id}-{role}\"\nsocket = \"{sock}\"\n[decap]\ninterfaces = [\"eth0\"]\naddresses = [\"{addr}\"]\nxdp_mode = \"native\"\n",
+            id = self.id,
+            sock = socket.display(),
+            addr = backend_address(i),
+        );
+        let child = self.spawn_agent(&role, &config);
+        self.backend_agents.push(child);
+        self.wait_ready(&role, &socket);
+        self.servers.push(start_servers(&ns, &role));
+    }
+
+    /// Starts backend `i` after the others (a new member of the backend set).
+    pub fn grow_backends(&mut self, i: usize) {
+        self.add_backend(i);
+    }
+
+    fn spawn_agent(&self, role: &str, config: &str) -> Child {
+        let path = self.dir.join(format!("{role}.toml"));
+        std::fs::write(&path, config).expect("agent config");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{role}.log")))
+            .expect("log file");
+        agent_command(&self.ns(role))
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn lb-agent")
+    }
+
+    pub fn log(&self, role: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{role}.log"))).unwrap_or_default()
+    }
+
+    fn wait_ready(&self, role: &str, socket: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self
+            .lbctl_at(socket, &["status", "--json"])
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "lb-agent for {role} not ready:\n{}",
+                self.log(role)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn socket(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("lb{node}.sock"))
+    }
+
+    pub fn lbctl_at(&self, socket: &Path, args: &[&str]) -> Output {
+        Command::new(bin("lbctl"))
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .output()
+            .expect("run lbctl")
+    }
+
+    /// `lbctl ARGS` against LB node `node`; panics unless it succeeds.
+    pub fn lbctl(&self, node: usize, args: &[&str]) -> String {
+        let out = self.lbctl_at(&self.socket(node), args);
+        assert!(
+            out.status.success(),
+            "lbctl {args:?} on lb{node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn status(&self, node: usize) -> serde_json::Value {
+        serde_json::from_str(&self.lbctl(node, &["status", "--json"])).expect("status JSON")
+    }
+
+    /// The fleet file `lbctl --fleet` reads (etcd on the router's loopback).
+    fn fleet_file(&self) -> PathBuf {
+        let path = self.dir.join("fleet.toml");
+        std::fs::write(&path, self.etcd.fleet_section("lbctl", 5)).expect("fleet file");
+        path
+    }
+
+    /// Writes the fleet's VIP document (`[[vips]]` TOML) through `lbctl fleet vips set`.
+    pub fn set_vips(&self, document: &str) {
+        let file = self.dir.join("vips.toml");
+        std::fs::write(&file, document).expect("vips file");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns("rt")])
+            .arg(bin("lbctl"))
+            .arg("--fleet")
+            .arg(self.fleet_file())
+            .args(["fleet", "vips", "set", "-f"])
+            .arg(&file)
+            .output()
+            .expect("run lbctl");
+        assert!(
+            out.status.success(),
+            "lbctl fleet vips set: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The router's BIRD, with one BGP session per LB node that may come
+    /// (`max_nodes`); sessions to nodes not started yet just stay down.
+    pub fn start_router(&mut self, max_nodes: usize) {
+        let mut conf = format!(
+            "log stderr {{ info, remote, warning, error, auth, fatal, bug }};\nrouter id {ROUTER};\nprotocol device {{ }}\n\
+             protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+             template bgp lbs {{ local {ROUTER} as 65000; {TIMERS} ipv4 {{ import all; export none; }}; }}\n"
+        );
+        for i in 0..max_nodes {
+            conf.push_str(&format!(
+                "protocol bgp lb{i} from lbs {{ neighbor {} as 65001; }}\n",
+                lb_address(i)
+            ));
+        }
+        self.router_bird = Some(self.spawn_bird("rt", &conf));
+    }
+
+    fn spawn_bird(&self, role: &str, conf: &str) -> Child {
+        let path = self.dir.join(format!("bird-{role}.conf"));
+        std::fs::write(&path, conf).expect("bird config");
+        let log = File::create(self.dir.join(format!("bird-{role}.log"))).expect("bird log");
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(role), "bird", "-f", "-c"])
+            .arg(&path)
+            .arg("-s")
+            .arg(self.bird_socket(role))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn bird")
+    }
+
+    pub fn bird_socket(&self, role: &str) -> PathBuf {
+        self.dir.join(format!("bird-{role}.ctl"))
+    }
+
+    /// The configuration of LB node `i`: `[announce]` into the kernel table
+    /// its BIRD learns, `[fleet]` for the VIPs; `extra` is appended.
+    pub fn lb_config(&self, i: usize, extra: &str) -> String {
+        format!(
+            r#"instance = "{id}-lb{i}"
+socket = "{sock}"
+[datapath]
+interfaces = ["eth0"]
+xdp_mode = "native"
+maglev_table_size = 65537
+max_vips = 8
+flow_table_size = 65536
+
+[visibility]
+collect_interval_ms = 500
+
+[lifecycle]
+state_file = "{dir}/lb{i}-lifecycle.json"
+
+[encap]
+source_v4 = "198.18.200.0/24"
+source_v6 = "fd00:200::/64"
+
+[announce]
+table = {ANNOUNCE_TABLE}
+refresh_ms = 200
+
+{fleet}
+{extra}"#,
+            id = self.id,
+            sock = self.socket(i).display(),
+            dir = self.dir.display(),
+            fleet = self.etcd.fleet_section_at(ROUTER, &format!("lb{i}"), 3),
+        )
+    }
+
+    /// LB node `i`: its link, its BIRD, its agent; returns once the agent
+    /// serves its control socket.
+    pub fn add_node(&mut self, i: usize) {
+        let role = format!("lb{i}");
+        self.plug(&role, &lb_address(i));
+        // XDP_TX frames reach the bridge only when its port has NAPI on.
+        self.pass_through
+            .push(attach_pass_through(&self.ns("rt"), &role));
+        let conf = format!(
+            "log stderr {{ info, remote, warning, error, auth, fatal, bug }};\nrouter id {addr};\nprotocol device {{ }}\n\
+             protocol kernel vips {{ ipv4 {{ import all; export none; }}; kernel table {ANNOUNCE_TABLE}; learn; scan time 10; }}\n\
+             protocol bgp uplink {{ local {addr} as 65001; neighbor {ROUTER} as 65000; {TIMERS}\n\
+               ipv4 {{ import none; export where proto = \"vips\"; next hop self; }}; }}\n",
+            addr = lb_address(i)
+        );
+        let bird = self.spawn_bird(&role, &conf);
+        while self.nodes.len() <= i {
+            self.nodes.push(Node {
+                agent: None,
+                bird: None,
+            });
+        }
+        self.nodes[i].bird = Some(bird);
+        self.start_agent(i);
+    }
+
+    /// Starts LB node `i`'s agent (again) with the configuration it had.
+    pub fn start_agent(&mut self, i: usize) {
+        let role = format!("lb{i}");
+        let path = self.dir.join(format!("{role}.toml"));
+        let config = std::fs::read_to_string(&path).unwrap_or_else(|_| self.lb_config(i, ""));
+        let child = self.spawn_agent(&role, &config);
+        self.nodes[i].agent = Some(child);
+        let socket = self.socket(i);
+        self.wait_ready(&role, &socket);
+    }
+
+    /// Stops LB node `i`'s agent with SIGTERM (it withdraws its VIPs).
+    pub fn stop_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].agent.take() {
+            terminate(&mut c);
+        }
+    }
+
+    /// Loses LB node `i` as a host dies: its link goes first (so no BGP
+    /// notification or TCP close reaches the router: only the hold timer
+    /// tells), then its agent and BIRD are killed (SIGKILL, nothing
+    /// withdrawn). Returns when the link went.
+    pub fn kill_node(&mut self, i: usize) -> Instant {
+        must(&["ip", "-n", &self.ns("rt"), "link", "del", &format!("lb{i}")]);
+        let lost = Instant::now();
+        for c in [self.nodes[i].agent.take(), self.nodes[i].bird.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        lost
+    }
+
+    /// The LB nodes the router's route to `vip` goes through now.
+    pub fn next_hops(&self, vip: &str) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["-n", &self.ns("rt"), "route", "show", vip])
+            .output()
+            .expect("ip route");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let mut hops: Vec<String> = words
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .map(|w| w[1].to_string())
+            .collect();
+        hops.sort();
+        hops
+    }
+
+    /// Waits until the router's route to `vip` has exactly the next hops of
+    /// LB nodes `nodes`; returns how long it took.
+    pub fn wait_next_hops(&self, vip: &str, nodes: &[usize], patience: Duration) -> Duration {
+        let start = Instant::now();
+        let mut want: Vec<String> = nodes.iter().map(|i| lb_address(*i)).collect();
+        want.sort();
+        loop {
+            let hops = self.next_hops(vip);
+            if hops == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < patience,
+                "the router's next hops for {vip} are {hops:?}, not {want:?}, after {patience:?}\n{}",
+                self.bird_log("rt")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn bird_log(&self, role: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("bird-{role}.log"))).unwrap_or_default()
+    }
+
+    /// Runs `f` in the client's namespace.
+    pub fn from_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_netns(&self.ns("cl"), f)
+            .join()
+            .expect("client thread panicked")
+    }
+
+    /// `n` TCP connections to `vip` from the client, each with the name of
+    /// the backend that answered.
+    pub fn open_connections(&self, vip: SocketAddr, n: usize) -> Vec<Connection> {
+        self.from_client(move || {
+            (0..n)
+                .map(|_| Connection::open(vip).expect("a connection through the VIP"))
+                .collect()
+        })
+    }
+}
+
+/// A long-lived client connection and the backend it reached.
+pub struct Connection {
+    pub stream: TcpStream,
+    pub backend: String,
+}
+
+impl Connection {
+    pub fn open(vip: SocketAddr) -> std::io::Result<Connection> {
+        use std::io::BufRead as _;
+        let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut reader = std::io::BufReader::new(stream.try_clone()?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if line.is_empty() {
+            return Err(std::io::Error::other("closed before the backend answered"));
+        }
+        Ok(Connection {
+            stream,
+            backend: line.trim().to_string(),
+        })
+    }
+}
+
+/// Sends a message on every connection, then reads every echo within
+/// `patience` (TCP retransmits while the router converges). Returns the
+/// indexes of connections that broke (reset, closed, or no echo in time).
+pub fn probe(conns: &mut [Connection], round: u32, patience: Duration) -> Vec<usize> {
+    use std::io::{Read as _, Write as _};
+    let message = format!("ping {round:08}\n");
+    let mut broken = Vec::new();
+    for (i, c) in conns.iter_mut().enumerate() {
+        if c.stream.write_all(message.as_bytes()).is_err() {
+            broken.push(i);
+        }
+    }
+    let deadline = Instant::now() + patience;
+    for (i, c) in conns.iter_mut().enumerate() {
+        if broken.contains(&i) {
+            continue;
+        }
+        let mut buf = vec![0u8; message.len()];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = c
+            .stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(10))));
+        match c.stream.read_exact(&mut buf) {
+            Ok(()) if buf == message.as_bytes() => {}
+            _ => broken.push(i),
+        }
+    }
+    broken
+}
+
+fn add_ns(list: &mut Vec<String>, ns: &str) {
+    let _ = Command::new("ip").args(["netns", "del", ns]).output();
+    must(&["ip", "netns", "add", ns]);
+    list.push(ns.to_string());
+}
+
+impl Drop for Ecmp {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(c) = node.agent.as_mut() {
+                terminate(c);
+            }
+        }
+        for c in &mut self.backend_agents {
+            terminate(c);
+        }
+        let birds = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.bird.as_mut())
+            .chain(self.router_bird.as_mut());
+        for c in birds {
+            terminate(c);
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if (name.starts_with("lb") || name.starts_with('b')) && name.ends_with(".toml") {
+                    cleanup_agent(&e.path());
+                }
+            }
+        }
+        self.pass_through.clear();
+        for s in &mut self.servers {
+            s.stop();
+        }
+        self.etcd.kill();
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("logs kept in {}", self.dir.display());
+        }
+    }
+}
