@@ -35,3 +35,69 @@ pub(super) fn validate_announce(raw: RawAnnounce) -> Result<AnnounceConfig, Conf
     let refresh_ms = in_range("announce.refresh_ms", raw.refresh_ms, 1000, 50, 60_000)?;
     Ok(AnnounceConfig { table, refresh_ms })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const BASE: &str = r#"
+socket = "/run/lb-test/lb.sock"
+[datapath]
+interfaces = ["eth0"]
+[encap]
+source_v4 = "198.18.200.0/24"
+source_v6 = "fd00:200::/96"
+"#;
+
+    fn parse(section: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::from_toml(&format!("{BASE}{section}"))
+    }
+
+    #[test]
+    fn section_parses_with_defaults_and_is_optional() {
+        let c = parse("[announce]\ntable = 100\n").unwrap();
+        let a = c.announce.unwrap();
+        assert_eq!((a.table, a.refresh_ms), (100, 1000));
+        assert!(parse("").unwrap().announce.is_none());
+        let big = parse("[announce]\ntable = 4000000000\nrefresh_ms = 50\n").unwrap();
+        assert_eq!(big.announce.unwrap().table, 4_000_000_000);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        for (section, field) in [
+            ("[announce]\n", "announce.table"),
+            ("[announce]\ntable = 254\n", "announce.table"),
+            ("[announce]\ntable = 0\n", "announce.table"),
+            ("[announce]\ntable = -1\n", "announce.table"),
+            ("[announce]\ntable = 5000000000\n", "announce.table"),
+            (
+                "[announce]\ntable = 100\nrefresh_ms = 10\n",
+                "announce.refresh_ms",
+            ),
+            (
+                "[announce]\ntable = 100\nrefresh_ms = 600000\n",
+                "announce.refresh_ms",
+            ),
+        ] {
+            let e = parse(section).expect_err(section);
+            assert_eq!(e.field, field, "{section}: {e}");
+        }
+        // An unknown key is refused too.
+        assert!(parse("[announce]\ntable = 100\nspeaker = \"bird\"\n").is_err());
+        // Without a balancer there is nothing to announce.
+        let e = Config::from_toml(
+            "[decap]\ninterfaces = [\"eth0\"]\naddresses = [\"198.18.0.11\"]\n[announce]\ntable = 100\n",
+        )
+        .expect_err("announce without datapath");
+        assert_eq!(e.field, "announce");
+    }
+
+    #[test]
+    fn cannot_change_on_reload() {
+        let old = parse("[announce]\ntable = 100\n").unwrap();
+        let new = parse("[announce]\ntable = 101\n").unwrap();
+        assert_eq!(old.check_reload(&new).unwrap_err().field, "announce");
+        assert!(old.check_reload(&old.clone()).is_ok());
+    }
+}
