@@ -3,7 +3,7 @@
 //! Shared by `ingress` (TCP and UDP packets) and `icmp` (errors about those
 //! flows), so neither imports the other for it.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{FlowKey, Outcome, VipInfo, FAMILY_V4};
+use lb_common::{FlowKey, Outcome, VipInfo, FAMILY_V4, SECOND_CHANCE_LEN};
 
 use crate::{
     balance::choose_backend,
@@ -11,7 +11,7 @@ use crate::{
     encap::{encapsulate, send},
     headers::{IPV4_LEN, IPV6_LEN},
     maps::SETTINGS,
-    mtu, trace,
+    mtu, second_chance, trace,
 };
 
 /// The verdict for a packet and the outcome it is counted under.
@@ -70,18 +70,27 @@ pub fn forward(
     {
         return drop(Outcome::DropEncapFailed);
     }
+    // A flow the connection table does not know may belong to the backend
+    // of the VIP's previous table; it is recorded only without that doubt.
+    let mut new_flow = choice.flow.is_none() && !icmp;
+    let mut bytes_out = bytes_in + outer;
+    if new_flow && vip.previous_ring != 0 {
+        let packed = second_chance::pack(key.proto, tcp_flags, ip_len);
+        match second_chance::offer(ctx, vip.previous_ring, choice.hash, choice.backend_id, packed) {
+            second_chance::NONE => {}
+            second_chance::ATTACHED => {
+                new_flow = false;
+                bytes_out += SECOND_CHANCE_LEN as u64;
+            }
+            _ => return drop(Outcome::DropEncapFailed),
+        }
+    }
     let Some((action, redirected)) = send(ctx, &choice.backend) else {
         return drop(Outcome::DropRedirectFailed);
     };
-    let new_flow = choice.flow.is_none() && !icmp;
-    counters::forwarded(
-        vip.vip_id,
-        choice.backend_id,
-        bytes_in,
-        bytes_in + outer,
-        new_flow,
-    );
-    if !icmp {
+    counters::forwarded(vip.vip_id, choice.backend_id, bytes_in, bytes_out, new_flow);
+    // Flows sent with a second candidate stay out of the connection table.
+    if !icmp && (choice.flow.is_some() || new_flow) {
         let packet = trace::Packet {
             key,
             vip_id: vip.vip_id,
@@ -89,7 +98,7 @@ pub fn forward(
             hash: choice.hash,
             tcp_flags,
             bytes_in,
-            bytes_out: bytes_in + outer,
+            bytes_out,
         };
         match choice.flow {
             Some(state) => trace::known_flow(&packet, settings, state),
