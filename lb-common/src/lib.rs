@@ -185,6 +185,9 @@ pub const SETTING_TRACE_FLOWS: u32 = 1 << 0;
 /// `Settings::flags`: lower the MSS option of TCP SYNs to VIPs to what fits
 /// the backend's link once encapsulated.
 pub const SETTING_CLAMP_MSS: u32 = 1 << 1;
+/// `Settings::flags`: give flows the connection table does not know the
+/// previous table's backend as a second candidate (see `SECOND_CHANCE_OPTION`).
+pub const SETTING_SECOND_CHANCE: u32 = 1 << 2;
 
 /// Index into `EVENT_STATS`.
 pub const EVENTS_SENT: u32 = 0;

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendInfo, DecapOutcome, BACKEND_USABLE, FAMILY_V4, MAGLEV_LANES, NO_BACKEND, PROTO_TCP,
-    SECOND_CHANCE_LEN, SECOND_CHANCE_OPTION, TCP_ACK, TCP_SYN,
+    SECOND_CHANCE_LEN, SECOND_CHANCE_OPTION, SETTING_SECOND_CHANCE, TCP_ACK, TCP_SYN,
 };
 
 use crate::{
@@ -62,6 +62,9 @@ pub fn offer(ctx: &XdpContext, previous_ring: u32, hash: u32, backend_id: u32, p
     let Some(settings) = SETTINGS.get(0) else {
         return NONE;
     };
+    if settings.flags & SETTING_SECOND_CHANCE == 0 {
+        return NONE;
+    }
     let Some(backend) = BACKENDS.get(backend_id) else {
         return NONE;
     };

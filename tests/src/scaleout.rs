@@ -56,6 +56,8 @@ struct Node {
 
 pub struct Ecmp {
     pub id: String,
+    /// `[datapath] second_chance` of LB configurations written from now on.
+    pub second_chance: bool,
     pub dir: PathBuf,
     pub etcd: Etcd,
     namespaces: Vec<String>,
@@ -114,6 +116,7 @@ impl Ecmp {
         let etcd = Etcd::start_at(Some(&rt), Some(ROUTER));
         let mut t = Ecmp {
             id,
+            second_chance: true,
             dir,
             etcd,
             namespaces,
@@ -189,6 +192,9 @@ impl Ecmp {
     fn add_backend(&mut self, i: usize) {
         let role = format!("b{i}");
         let ns = self.plug(&role, &backend_address(i));
+        // A backend's lb_decap sends second-chance packets on with XDP_TX.
+        self.pass_through
+            .push(attach_pass_through(&self.ns("rt"), &role));
         for vip in [
             format!("{VIP_V4}/32"),
             format!("{VIP_V4_TO_V6}/32"),
@@ -366,6 +372,7 @@ xdp_mode = "native"
 maglev_table_size = 65537
 max_vips = 8
 flow_table_size = 65536
+second_chance = {second_chance}
 
 [visibility]
 collect_interval_ms = 500
@@ -387,6 +394,7 @@ refresh_ms = 200
             sock = self.socket(i).display(),
             dir = self.dir.display(),
             fleet = self.etcd.fleet_section_at(ROUTER, &format!("lb{i}"), 3),
+            second_chance = self.second_chance,
         )
     }
 
@@ -425,6 +433,34 @@ refresh_ms = 200
         self.nodes[i].agent = Some(child);
         let socket = self.socket(i);
         self.wait_ready(&role, &socket);
+    }
+
+    /// Restarts LB node `i`'s agent with a configuration written afresh
+    /// (`second_chance` as set now); it adopts its pinned datapath.
+    pub fn restart_agent_afresh(&mut self, i: usize) {
+        self.stop_agent(i);
+        let path = self.dir.join(format!("lb{i}.toml"));
+        std::fs::write(&path, self.lb_config(i, "")).expect("agent config");
+        self.start_agent(i);
+    }
+
+    /// Packets the backends' `lb_decap` sent on to a second candidate.
+    pub fn second_chance_packets(&self, backends: usize) -> u64 {
+        (0..backends)
+            .map(|i| {
+                let socket = self.dir.join(format!("b{i}.sock"));
+                let out = self.lbctl_at(&socket, &["status", "--json"]);
+                let status: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).unwrap_or_default();
+                status["decap"]["outcomes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|o| o["outcome"] == "second_chance")
+                    .filter_map(|o| o["packets"].as_u64())
+                    .sum::<u64>()
+            })
+            .sum()
     }
 
     /// Stops LB node `i`'s agent with SIGTERM (it withdraws its VIPs).

@@ -139,6 +139,12 @@ fn an_unknown_flow_carries_the_previous_tables_backend() {
     let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ack));
     assert_eq!(r.output[14] & 0x0f, 5, "no option");
 
+    // Switched off ([datapath] second_chance = false): no option.
+    f.apply_full("second_chance = false", &vip(&B4));
+    let r = f.ingress(&eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(sport, TCP_ACK)));
+    assert_eq!(r.output[14] & 0x0f, 5, "switched off");
+    f.apply_full("second_chance = true", &vip(&B4));
+
     // A full-size packet that would not fit the link with the option goes
     // without it.
     f.set_mtu((ack.len() + 20 + SECOND_CHANCE_LEN - 1) as u32);

@@ -161,6 +161,9 @@ pub struct DatapathConfig {
     pub icmp_too_big_burst: u32,
     /// Lower the MSS option of SYNs to VIPs to what fits the backend's link.
     pub clamp_mss: bool,
+    /// Flows the connection table does not know, whose backend differs in
+    /// the VIP's previous table, carry that backend as a second candidate.
+    pub second_chance: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -104,6 +104,7 @@ pub struct RawDatapath {
     pub icmp_too_big_rate: Option<i64>,
     pub icmp_too_big_burst: Option<i64>,
     pub clamp_mss: Option<bool>,
+    pub second_chance: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -235,6 +235,7 @@ pub(super) fn validate_datapath(dp: RawDatapath) -> Result<DatapathConfig, Confi
         icmp_too_big_rate,
         icmp_too_big_burst,
         clamp_mss: dp.clamp_mss.unwrap_or(true),
+        second_chance: dp.second_chance.unwrap_or(true),
     })
 }
 
