@@ -175,6 +175,12 @@ pub fn on_decap(ctx: &XdpContext, outer_len: usize, inner_v4: bool) -> Option<(u
     if inner.proto != PROTO_TCP || ihl < IPV4_LEN || u16::from_be(inner.frag_off) & 0x3fff != 0 {
         return None;
     }
+    // The outer length must be the inner packet's plus the headers, so the
+    // packet sent on has a consistent one.
+    let outer_total = u16::from_be(outer.ip.tot_len) as usize;
+    if outer_total != IPV4_LEN + SECOND_CHANCE_LEN + u16::from_be(inner.tot_len) as usize {
+        return None;
+    }
     // Ports (4 bytes) and the flags byte (offset 13) of the inner TCP header.
     let l4 = inner_off + (ihl & 0x3c);
     let ports: *const [u16; 2] = ptr_at(ctx, l4)?;
