@@ -3,6 +3,10 @@
 //! scan, and live forwarding over veth. Each figure is the median of several
 //! rounds; ratios are against baselines measured in the same run. Writes
 //! `target/bench/results.json` and `target/bench/results.md`.
+//! `scaleout` (in `lb-bench/scaleout.rs`): the second chance's cost and the
+//! convergence of several LB nodes behind an ECMP router.
+#[path = "lb-bench/scaleout.rs"]
+mod scaleout;
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -1135,7 +1139,7 @@ fn main() {
     // written only for a full run.
     let only: Vec<String> = std::env::args().skip(1).collect();
     type Section = (&'static str, fn(&mut Report));
-    let sections: [Section; 5] = [
+    let sections: [Section; 6] = [
         ("datapath", |r| {
             datapath_cost(r);
         }),
@@ -1146,6 +1150,7 @@ fn main() {
         }),
         ("control", control_plane),
         ("live", live::forwarding),
+        ("scaleout", scaleout::run),
     ];
     for (name, run) in sections {
         if only.is_empty() || only.iter().any(|o| o == name) {
