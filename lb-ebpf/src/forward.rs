@@ -3,7 +3,7 @@
 //! Shared by `ingress` (TCP and UDP packets) and `icmp` (errors about those
 //! flows), so neither imports the other for it.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{FlowKey, Outcome, VipInfo, FAMILY_V4, SECOND_CHANCE_LEN};
+use lb_common::{FlowKey, Outcome, VipInfo, FAMILY_V4};
 
 use crate::{
     balance::choose_backend,
@@ -70,20 +70,16 @@ pub fn forward(
     {
         return drop(Outcome::DropEncapFailed);
     }
-    // A flow the connection table does not know may belong to the backend
-    // of the VIP's previous table; it is recorded only without that doubt.
     let mut new_flow = choice.flow.is_none() && !icmp;
     let mut bytes_out = bytes_in + outer;
-    if new_flow && vip.previous_ring != 0 {
-        let packed = second_chance::pack(key.proto, tcp_flags, ip_len);
-        match second_chance::offer(ctx, vip.previous_ring, choice.hash, choice.backend_id, packed) {
-            second_chance::NONE => {}
-            second_chance::ATTACHED => {
-                new_flow = false;
-                bytes_out += SECOND_CHANCE_LEN as u64;
-            }
-            _ => return drop(Outcome::DropEncapFailed),
-        }
+    if new_flow {
+        let (hash, id) = (choice.hash, choice.backend_id);
+        let Ok(added) = second_chance::consider(ctx, key, vip, hash, id, ip_len, tcp_flags) else {
+            return drop(Outcome::DropEncapFailed);
+        };
+        // A flow that may belong to the previous table's backend is not recorded.
+        new_flow = added == 0;
+        bytes_out += added;
     }
     let Some((action, redirected)) = send(ctx, &choice.backend) else {
         return drop(Outcome::DropRedirectFailed);

@@ -14,8 +14,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BackendInfo, DecapOutcome, BACKEND_USABLE, FAMILY_V4, MAGLEV_LANES, NO_BACKEND, PROTO_TCP,
-    SECOND_CHANCE_LEN, SECOND_CHANCE_OPTION, SETTING_SECOND_CHANCE, TCP_ACK, TCP_SYN,
+    BackendInfo, DecapOutcome, FlowKey, VipInfo, BACKEND_USABLE, FAMILY_V4, MAGLEV_LANES,
+    NO_BACKEND, PROTO_TCP, SECOND_CHANCE_LEN, SECOND_CHANCE_OPTION, SETTING_SECOND_CHANCE, TCP_ACK,
+    TCP_SYN,
 };
 
 use crate::{
@@ -37,14 +38,34 @@ struct OuterWithOption {
 const TCP_STATE_LISTEN: u32 = 10;
 
 /// What `offer` did.
-pub const NONE: u32 = 0;
-pub const ATTACHED: u32 = 1;
-pub const FAILED: u32 = 2;
+const NONE: u32 = 0;
+const ATTACHED: u32 = 1;
+const FAILED: u32 = 2;
 
-/// The packet facts `offer` needs, in one argument (a BPF call takes five).
+/// After the encapsulation of a packet of a flow the connection table does
+/// not know: adds the second candidate when the VIP's previous table offers
+/// one. Returns the outer bytes added (0 without), `Err` when the packet
+/// could not be rewritten.
 #[inline(always)]
-pub fn pack(proto: u8, tcp_flags: u8, ip_len: u16) -> u32 {
-    u32::from(proto) << 24 | u32::from(tcp_flags) << 16 | u32::from(ip_len)
+pub fn consider(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    vip: &VipInfo,
+    hash: u32,
+    backend_id: u32,
+    ip_len: u16,
+    tcp_flags: u8,
+) -> Result<u64, ()> {
+    if vip.previous_ring == 0 {
+        return Ok(0);
+    }
+    // The packet facts in one argument: a BPF call takes five.
+    let packed = u32::from(key.proto) << 24 | u32::from(tcp_flags) << 16 | u32::from(ip_len);
+    match offer(ctx, vip.previous_ring, hash, backend_id, packed) {
+        NONE => Ok(0),
+        ATTACHED => Ok(SECOND_CHANCE_LEN as u64),
+        _ => Err(()),
+    }
 }
 
 /// For a flow the connection table did not know, encapsulated (20-byte
@@ -54,7 +75,7 @@ pub fn pack(proto: u8, tcp_flags: u8, ip_len: u16) -> u32 {
 /// link with the option. A function of its own: inlined, it would not fit
 /// `lb_ingress`'s stack.
 #[inline(never)]
-pub fn offer(ctx: &XdpContext, previous_ring: u32, hash: u32, backend_id: u32, packed: u32) -> u32 {
+fn offer(ctx: &XdpContext, previous_ring: u32, hash: u32, backend_id: u32, packed: u32) -> u32 {
     let (proto, tcp_flags, ip_len) = ((packed >> 24) as u8, (packed >> 16) as u8, packed as u16);
     if previous_ring == 0 || proto != PROTO_TCP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return NONE;
@@ -202,7 +223,8 @@ fn owned_here(ctx: &XdpContext, inner: &Ipv4Hdr, ports: [u16; 2]) -> bool {
     tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(inner.dst);
     tuple.__bindgen_anon_1.ipv4.sport = ports[0];
     tuple.__bindgen_anon_1.ipv4.dport = ports[1];
-    let size = 12u32; // the IPv4 member: two addresses and two ports
+    // The IPv4 member: two addresses and two ports.
+    let size = 12u32;
     // SAFETY: the helper reads `size` bytes of the tuple; a non-null socket
     // must be released, which every path below does.
     let sk = unsafe {
@@ -252,10 +274,7 @@ fn send_on(ctx: &XdpContext, outer: &OuterWithOption) -> (u32, DecapOutcome) {
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, SECOND_CHANCE_LEN as i32) } != 0 {
         return (xdp_action::XDP_DROP, DecapOutcome::DroppedAdjustFailed);
     }
-    let (Some(e), Some(i)) = (
-        ptr_at::<EthHdr>(ctx, 0),
-        ptr_at::<Ipv4Hdr>(ctx, ETH_LEN),
-    ) else {
+    let (Some(e), Some(i)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)) else {
         return (xdp_action::XDP_DROP, DecapOutcome::DroppedAdjustFailed);
     };
     // SAFETY: ptr_at checked bounds.

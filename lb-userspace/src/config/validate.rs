@@ -75,17 +75,16 @@ impl RawConfig {
         if self.datapath.is_none() && !self.vips.is_empty() {
             return err("vips", "VIPs need a [datapath] section");
         }
-        if self.datapath.is_none() && self.encap.is_some() {
-            return err("encap", "[encap] needs a [datapath] section");
-        }
-        if self.datapath.is_none() && self.lifecycle.is_some() {
-            return err("lifecycle", "[lifecycle] needs a [datapath] section");
-        }
-        if self.datapath.is_none() && self.announce.is_some() {
-            return err("announce", "[announce] needs a [datapath] section");
-        }
-        if self.datapath.is_none() && self.visibility.is_some() {
-            return err("visibility", "[visibility] needs a [datapath] section");
+        let balancer_only = [
+            ("encap", self.encap.is_some()),
+            ("lifecycle", self.lifecycle.is_some()),
+            ("announce", self.announce.is_some()),
+            ("visibility", self.visibility.is_some()),
+        ];
+        for (section, present) in balancer_only {
+            if present && self.datapath.is_none() {
+                return err(section, format!("[{section}] needs a [datapath] section"));
+            }
         }
         let balancer = match self.datapath {
             Some(dp) => {
