@@ -299,8 +299,33 @@ pub struct VipMaintenance {
     pub life: crate::lifecycle::VipLife,
 }
 
-/// Sends one request to the agent and waits for its response.
+/// How long `call` waits for the agent, connecting included. The agent
+/// answers every request in well under a second; a full control queue (16
+/// clients at once) or a stuck agent shows up as this error, not a hang.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sends one request to the agent and waits for its response, at most
+/// `CALL_TIMEOUT`.
 pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
+    call_within(socket, request, CALL_TIMEOUT).await
+}
+
+async fn call_within(
+    socket: &Path,
+    request: &Request,
+    limit: std::time::Duration,
+) -> Result<Response> {
+    match tokio::time::timeout(limit, exchange(socket, request)).await {
+        Ok(result) => result,
+        Err(_) => bail!(
+            "lb-agent at {} did not answer within {:.1} s: it may be serving its maximum of control clients, or stuck; retry, and check the agent's log",
+            socket.display(),
+            limit.as_secs_f64()
+        ),
+    }
+}
+
+async fn exchange(socket: &Path, request: &Request) -> Result<Response> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
         format!(
             "cannot reach lb-agent at {}: is the agent running (and are you root)?",
@@ -403,5 +428,19 @@ mod tests {
             Ok(Response::Error { message }) => assert!(message.contains("larger"), "{message}"),
             other => panic!("expected the agent's refusal, got {other:?}"),
         }
+    }
+
+    /// An agent that accepts but never answers gives an error, not a hang.
+    #[tokio::test]
+    async fn an_agent_that_never_answers_is_an_error() {
+        let path = crate::limits::testing::socket_path("silent");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let held = tokio::spawn(async move { listener.accept().await.map(|(s, _)| s) });
+        let limit = std::time::Duration::from_millis(300);
+        let response = call_within(&path, &Request::Status, limit).await;
+        let _ = std::fs::remove_file(&path);
+        drop(held);
+        let message = format!("{:#}", response.expect_err("no answer is an error"));
+        assert!(message.contains("did not answer within 0.3 s"), "{message}");
     }
 }

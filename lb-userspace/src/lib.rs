@@ -4,6 +4,8 @@
 //! - `agent`: the daemon: start-up, its state, loops, control API handlers,
 //!   status, reports and metrics.
 //! - `api`: requests and responses between `lbctl` and the agent.
+//! - `bypass`: instructions between hosts for flows that skip the LB: their
+//!   wire format, keys (HMAC-SHA256) and the receiver's checks.
 //! - `fleet`: the etcd store of a fleet: connection over TLS, key schema,
 //!   node, status and service records.
 //! - `health`: backend health checks, load polls, and their scheduler.
@@ -27,6 +29,7 @@ pub mod agent;
 pub mod announce;
 pub mod api;
 pub mod balancer;
+pub mod bypass;
 pub mod collector;
 pub mod config;
 pub mod datapath;

@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context};
 use futures::{Stream, StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use rtnetlink::packet_route::{
-    link::{LinkAttribute, LinkXdp},
+    link::{LinkAttribute, LinkXdp, XdpAttached},
     neighbour::{NeighbourAttribute, NeighbourMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteType, RouteVia},
     AddressFamily, RouteNetlinkMessage,
@@ -166,20 +166,34 @@ impl Resolver {
         Ok(link.header.index)
     }
 
-    /// The id of the XDP program attached to interface `name`, if any.
-    pub async fn xdp_program(&self, name: &str) -> anyhow::Result<Option<u32>> {
+    /// The id of the XDP program attached to interface `name`, if any, and
+    /// its mode as the kernel reports it (`native`, `generic`, ...).
+    pub async fn xdp_program(&self, name: &str) -> anyhow::Result<Option<(u32, &'static str)>> {
         let link = first(self.handle.link().get().match_name(name).execute())
             .await
             .map_err(|e| refused(e, format_args!("no interface named {name:?}")))?
             .ok_or_else(|| anyhow!("no interface named {name:?}"))?;
-        let id = link.attributes.iter().find_map(|a| match a {
-            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
-                LinkXdp::ProgId(id) if *id != 0 => Some(*id),
-                _ => None,
-            }),
+        let Some(xdp) = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => Some(xdp),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        let id = xdp.iter().find_map(|x| match x {
+            LinkXdp::ProgId(id) if *id != 0 => Some(*id),
             _ => None,
         });
-        Ok(id)
+        let mode = xdp
+            .iter()
+            .find_map(|x| match x {
+                LinkXdp::Attached(XdpAttached::Driver) => Some("native"),
+                LinkXdp::Attached(XdpAttached::SocketBuffer) => Some("generic"),
+                LinkXdp::Attached(XdpAttached::Hardware) => Some("offload"),
+                LinkXdp::Attached(XdpAttached::Multiple) => Some("multiple"),
+                _ => None,
+            })
+            .unwrap_or("unknown");
+        Ok(id.map(|id| (id, mode)))
     }
 
     /// Asks the kernel for the route it would use for `dst` (`ip route get`): output interface,

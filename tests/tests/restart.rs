@@ -337,12 +337,23 @@ fn a_changed_flow_table_size_migrates_the_connections() {
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(
         &path,
-        text.replace("flow_table_size = 65536", "flow_table_size = 131072"),
+        text.replace("flow_table_size = 65536", "flow_table_size = 131072")
+            .replace("xdp_mode = \"native\"", "xdp_mode = \"generic\""),
     )
     .unwrap();
     t.start_lb();
     assert!(
         t.log("lb").contains("connection table migrated"),
+        "{}",
+        t.log("lb")
+    );
+    // The pinned link keeps its native mode over a restart: a swap cannot
+    // change it, and the status says so rather than showing the file's mode.
+    let status = t.status_json();
+    let mode = status["interfaces"][0]["mode"].as_str().unwrap_or_default();
+    assert_eq!(mode, "native, kept: configured generic", "{status}");
+    assert!(
+        t.log("lb").contains("keeps its XDP mode"),
         "{}",
         t.log("lb")
     );

@@ -87,7 +87,7 @@ async fn own_link(
     interface: &str,
 ) -> Result<Option<FdLink>> {
     let pin = pins.link(program, interface);
-    let attached = resolver.xdp_program(interface).await?;
+    let attached = resolver.xdp_program(interface).await?.map(|(id, _)| id);
     let pinned = match PinnedLink::from_pin(&pin) {
         Ok(p) => Some(FdLink::from(p)),
         Err(_) => None,
@@ -140,12 +140,12 @@ pub(crate) async fn attach_all(
             .program_mut(program)
             .with_context(|| format!("the eBPF object has no program {program}"))?
             .try_into()?;
-        let how = match link {
+        let how: String = match link {
             Some(link) => {
                 let link = XdpLink::try_from(link).context("the pinned link is not an XDP link")?;
                 prog.attach_to_link(link)
                     .with_context(|| format!("replacing the program on {interface}"))?;
-                "replaced in its link"
+                kept_mode(resolver, &interface, mode).await?
             }
             None => {
                 let attached = attach_new(prog, &interface, mode)?;
@@ -154,18 +154,47 @@ pub(crate) async fn attach_all(
                     .context("the kernel attached XDP without a bpf_link")?;
                 link.pin(&pin)
                     .with_context(|| format!("pinning {}", pin.display()))?;
-                attached.1
+                attached.1.to_string()
             }
         };
-        info!(interface, program, how, "attached");
+        info!(interface, program, how = %how, "attached");
         out.push(InterfaceStatus {
             name: interface,
             program: program.to_string(),
-            mode: how.to_string(),
+            mode: how,
         });
     }
     forget_other_links(config, pins)?;
     Ok(out)
+}
+
+/// The mode of a link kept over a restart, which a program swap cannot
+/// change: a configured mode it does not match is warned about and shown in
+/// the status (`generic, kept: configured native`).
+async fn kept_mode(resolver: &Resolver, interface: &str, wanted: XdpModeSetting) -> Result<String> {
+    let mode = resolver
+        .xdp_program(interface)
+        .await?
+        .map_or("unknown", |(_, mode)| mode);
+    let differs = match wanted {
+        XdpModeSetting::Native => mode != "native",
+        XdpModeSetting::Generic => mode != "generic",
+        XdpModeSetting::NativeOrGeneric => false,
+    };
+    if !differs {
+        return Ok(format!("{mode} (replaced in its link)"));
+    }
+    let wanted = match wanted {
+        XdpModeSetting::Native => "native",
+        _ => "generic",
+    };
+    warn!(
+        interface,
+        mode,
+        configured = wanted,
+        "the pinned link keeps its XDP mode: to change it, stop with `lbctl shutdown`, run `lb-agent --cleanup` (a short gap), then start again"
+    );
+    Ok(format!("{mode}, kept: configured {wanted}"))
 }
 
 /// Unpins the links of interfaces the configuration no longer names: their
