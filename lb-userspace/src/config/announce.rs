@@ -10,7 +10,7 @@ const RESERVED_TABLES: [i64; 4] = [0, 253, 254, 255];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnnounceConfig {
-    /// The kernel routing table the agent owns: routes in it that are not
+    /// The kernel routing table the agent owns: host routes in it that are not
     /// servable VIPs are removed.
     pub table: u32,
     /// How often the announced set is checked against the table (ms); drain,
