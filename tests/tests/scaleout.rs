@@ -197,6 +197,12 @@ fn drain_no_backend_and_shutdown_withdraw_the_node() {
     t.wait_next_hops(VIP_V4, &[0, 1], Duration::from_secs(10));
     assert_unbroken(&mut conns, 4, "with lb1 back");
 
+    // An agent without [announce] refuses, and says why.
+    let out = t.lbctl_at(&t.dir.join("b0.sock"), &["node", "drain"]);
+    assert!(!out.status.success());
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("[announce]"), "{why}");
+
     // A stopping agent withdraws its VIPs (its datapath stays pinned).
     t.stop_agent(1);
     t.wait_next_hops(VIP_V4, &[0], Duration::from_secs(10));
