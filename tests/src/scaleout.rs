@@ -377,6 +377,9 @@ second_chance = {second_chance}
 [visibility]
 collect_interval_ms = 500
 
+[metrics]
+listen = "127.0.0.1:9180"
+
 [lifecycle]
 state_file = "{dir}/lb{i}-lifecycle.json"
 
@@ -442,6 +445,24 @@ refresh_ms = 200
         let path = self.dir.join(format!("lb{i}.toml"));
         std::fs::write(&path, self.lb_config(i, "")).expect("agent config");
         self.start_agent(i);
+    }
+
+    /// One scrape of LB node `i`'s metrics: the body.
+    pub fn scrape(&self, i: usize) -> String {
+        use std::io::{Read as _, Write as _};
+        in_netns(&self.ns(&format!("lb{i}")), || {
+            let mut s = TcpStream::connect("127.0.0.1:9180").expect("metrics endpoint");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("a scrape");
+            out.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default()
+        })
+        .join()
+        .expect("scrape thread")
     }
 
     /// Packets the backends' `lb_decap` sent on to a second candidate.

@@ -162,6 +162,20 @@ fn drain_no_backend_and_shutdown_withdraw_the_node() {
     assert_eq!(drained["withheld"][0]["reason"], "the node is drained");
     let took = t.wait_next_hops(VIP_V4, &[1], Duration::from_secs(10));
     eprintln!("drain: the router withdrew lb0 after {took:?}");
+    // The metrics say the same, and carry the table digest.
+    let (m0, m1) = (t.scrape(0), t.scrape(1));
+    assert!(m0.contains("\nlb_node_drained 1\n"), "{m0}");
+    assert!(m1.contains("\nlb_node_drained 0\n"), "{m1}");
+    let withheld =
+        format!("lb_vip_announced{{address=\"{VIP_V4}\",reason=\"the node is drained\"}} 0");
+    assert!(m0.contains(&withheld), "{m0}");
+    let announced = format!("lb_vip_announced{{address=\"{VIP_V4}\",reason=\"\"}} 1");
+    assert!(m1.contains(&announced), "{m1}");
+    let info = format!(
+        "lb_vip_table_info{{vip=\"web\",digest=\"{}\"}} 1",
+        digest(&t, 0)
+    );
+    assert!(m0.contains(&info) && m1.contains(&info), "{m0}\n{m1}");
     assert_unbroken(&mut conns, 1, "after the drain");
 
     // The drain survives an agent restart.

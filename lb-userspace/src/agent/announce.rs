@@ -181,7 +181,8 @@ pub(crate) async fn node(state: &Shared, action: NodeAction) -> Result<Response>
     Ok(Response::Node(node_status(&st)))
 }
 
-fn node_status(st: &State) -> NodeStatus {
+/// What `lbctl node status` and the metrics show.
+pub(crate) fn node_status(st: &State) -> NodeStatus {
     let Some(a) = st.announce.as_ref() else {
         return NodeStatus::default();
     };
