@@ -14,15 +14,23 @@
 //! LB node. BGP timers are low (hold 3 s) so a lost node goes within ~3 s.
 //! Dropping `Ecmp` stops BIRD, the agents and servers, etcd, removes the
 //! pinned datapaths, the namespaces and the temp dir, also on a panic.
+//!
+//! `bird`: the BIRD configurations and what the router's route says;
+//! `conns`: long-lived client connections and the probe that finds broken ones.
 
 use std::{
     fs::File,
-    net::{SocketAddr, TcpStream},
+    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
+
+mod bird;
+mod conns;
+
+pub use conns::{probe, Connection};
 
 use crate::{
     etcd::Etcd,
@@ -71,10 +79,6 @@ pub struct Ecmp {
 fn sysctl(ns: &str, setting: &str) {
     must(&["ip", "netns", "exec", ns, "sysctl", "-qw", setting]);
 }
-
-/// BGP timers low enough for tests: a session within ~1 s, a lost peer
-/// withdrawn within the 3 s hold time.
-const TIMERS: &str = "hold time 3; keepalive time 1; connect retry time 1; connect delay time 1; error wait time 1, 2;";
 
 impl Ecmp {
     pub fn ns(&self, role: &str) -> String {
@@ -324,42 +328,6 @@ impl Ecmp {
         );
     }
 
-    /// The router's BIRD, with one BGP session per LB node that may come
-    /// (`max_nodes`); sessions to nodes not started yet just stay down.
-    pub fn start_router(&mut self, max_nodes: usize) {
-        let mut conf = format!(
-            "log stderr {{ info, remote, warning, error, auth, fatal, bug }};\nrouter id {ROUTER};\nprotocol device {{ }}\n\
-             protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
-             template bgp lbs {{ local {ROUTER} as 65000; {TIMERS} ipv4 {{ import all; export none; }}; }}\n"
-        );
-        for i in 0..max_nodes {
-            conf.push_str(&format!(
-                "protocol bgp lb{i} from lbs {{ neighbor {} as 65001; }}\n",
-                lb_address(i)
-            ));
-        }
-        self.router_bird = Some(self.spawn_bird("rt", &conf));
-    }
-
-    fn spawn_bird(&self, role: &str, conf: &str) -> Child {
-        let path = self.dir.join(format!("bird-{role}.conf"));
-        std::fs::write(&path, conf).expect("bird config");
-        let log = File::create(self.dir.join(format!("bird-{role}.log"))).expect("bird log");
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(role), "bird", "-f", "-c"])
-            .arg(&path)
-            .arg("-s")
-            .arg(self.bird_socket(role))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn bird")
-    }
-
-    pub fn bird_socket(&self, role: &str) -> PathBuf {
-        self.dir.join(format!("bird-{role}.ctl"))
-    }
-
     /// The configuration of LB node `i`: `[announce]` into the kernel table
     /// its BIRD learns, `[fleet]` for the VIPs; `extra` is appended.
     pub fn lb_config(&self, i: usize, extra: &str) -> String {
@@ -409,14 +377,7 @@ refresh_ms = 200
         // XDP_TX frames reach the bridge only when its port has NAPI on.
         self.pass_through
             .push(attach_pass_through(&self.ns("rt"), &role));
-        let conf = format!(
-            "log stderr {{ info, remote, warning, error, auth, fatal, bug }};\nrouter id {addr};\nprotocol device {{ }}\n\
-             protocol kernel vips {{ ipv4 {{ import all; export none; }}; kernel table {ANNOUNCE_TABLE}; learn; scan time 10; }}\n\
-             protocol bgp uplink {{ local {addr} as 65001; neighbor {ROUTER} as 65000; {TIMERS}\n\
-               ipv4 {{ import none; export where proto = \"vips\"; next hop self; }}; }}\n",
-            addr = lb_address(i)
-        );
-        let bird = self.spawn_bird(&role, &conf);
+        let bird = self.spawn_bird(&role, &bird::node_bird_config(i));
         while self.nodes.len() <= i {
             self.nodes.push(Node {
                 agent: None,
@@ -490,136 +451,6 @@ refresh_ms = 200
             terminate(&mut c);
         }
     }
-
-    /// Loses LB node `i` as a host dies: its link goes first (so no BGP
-    /// notification or TCP close reaches the router: only the hold timer
-    /// tells), then its agent and BIRD are killed (SIGKILL, nothing
-    /// withdrawn). Returns when the link went.
-    pub fn kill_node(&mut self, i: usize) -> Instant {
-        must(&["ip", "-n", &self.ns("rt"), "link", "del", &format!("lb{i}")]);
-        let lost = Instant::now();
-        for c in [self.nodes[i].agent.take(), self.nodes[i].bird.take()]
-            .into_iter()
-            .flatten()
-        {
-            let mut c = c;
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        lost
-    }
-
-    /// The LB nodes the router's route to `vip` goes through now.
-    pub fn next_hops(&self, vip: &str) -> Vec<String> {
-        let out = Command::new("ip")
-            .args(["-n", &self.ns("rt"), "route", "show", vip])
-            .output()
-            .expect("ip route");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let words: Vec<&str> = text.split_whitespace().collect();
-        let mut hops: Vec<String> = words
-            .windows(2)
-            .filter(|w| w[0] == "via")
-            .map(|w| w[1].to_string())
-            .collect();
-        hops.sort();
-        hops
-    }
-
-    /// Waits until the router's route to `vip` has exactly the next hops of
-    /// LB nodes `nodes`; returns how long it took.
-    pub fn wait_next_hops(&self, vip: &str, nodes: &[usize], patience: Duration) -> Duration {
-        let start = Instant::now();
-        let mut want: Vec<String> = nodes.iter().map(|i| lb_address(*i)).collect();
-        want.sort();
-        loop {
-            let hops = self.next_hops(vip);
-            if hops == want {
-                return start.elapsed();
-            }
-            assert!(
-                start.elapsed() < patience,
-                "the router's next hops for {vip} are {hops:?}, not {want:?}, after {patience:?}\n{}",
-                self.bird_log("rt")
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    pub fn bird_log(&self, role: &str) -> String {
-        std::fs::read_to_string(self.dir.join(format!("bird-{role}.log"))).unwrap_or_default()
-    }
-
-    /// Runs `f` in the client's namespace.
-    pub fn from_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        in_netns(&self.ns("cl"), f)
-            .join()
-            .expect("client thread panicked")
-    }
-
-    /// `n` TCP connections to `vip` from the client, each with the name of
-    /// the backend that answered.
-    pub fn open_connections(&self, vip: SocketAddr, n: usize) -> Vec<Connection> {
-        self.from_client(move || {
-            (0..n)
-                .map(|_| Connection::open(vip).expect("a connection through the VIP"))
-                .collect()
-        })
-    }
-}
-
-/// A long-lived client connection and the backend it reached.
-pub struct Connection {
-    pub stream: TcpStream,
-    pub backend: String,
-}
-
-impl Connection {
-    pub fn open(vip: SocketAddr) -> std::io::Result<Connection> {
-        use std::io::BufRead as _;
-        let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
-        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-        let mut reader = std::io::BufReader::new(stream.try_clone()?);
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        if line.is_empty() {
-            return Err(std::io::Error::other("closed before the backend answered"));
-        }
-        Ok(Connection {
-            stream,
-            backend: line.trim().to_string(),
-        })
-    }
-}
-
-/// Sends a message on every connection, then reads every echo within
-/// `patience` (TCP retransmits while the router converges). Returns the
-/// indexes of connections that broke (reset, closed, or no echo in time).
-pub fn probe(conns: &mut [Connection], round: u32, patience: Duration) -> Vec<usize> {
-    use std::io::{Read as _, Write as _};
-    let message = format!("ping {round:08}\n");
-    let mut broken = Vec::new();
-    for (i, c) in conns.iter_mut().enumerate() {
-        if c.stream.write_all(message.as_bytes()).is_err() {
-            broken.push(i);
-        }
-    }
-    let deadline = Instant::now() + patience;
-    for (i, c) in conns.iter_mut().enumerate() {
-        if broken.contains(&i) {
-            continue;
-        }
-        let mut buf = vec![0u8; message.len()];
-        let left = deadline.saturating_duration_since(Instant::now());
-        let _ = c
-            .stream
-            .set_read_timeout(Some(left.max(Duration::from_millis(10))));
-        match c.stream.read_exact(&mut buf) {
-            Ok(()) if buf == message.as_bytes() => {}
-            _ => broken.push(i),
-        }
-    }
-    broken
 }
 
 fn add_ns(list: &mut Vec<String>, ns: &str) {
