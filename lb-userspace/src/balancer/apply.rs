@@ -198,8 +198,8 @@ impl<D: Datapath> Balancer<D> {
                 .map(|vip| vip.backends.iter().map(|b| self.entry(vip, b)).collect())
                 .collect();
             let tables = maglev::build_many(&sets, self.sizes.maglev_size);
-            for ((vip, table), entries) in chunk.iter().zip(tables).zip(&sets) {
-                self.switch_vip(vip, entries, &table, &mut reusable_vip_ids, summary)?;
+            for (vip, table) in chunk.iter().zip(tables) {
+                self.switch_vip(vip, &table, &mut reusable_vip_ids, summary)?;
             }
         }
         for id in reusable_vip_ids {
@@ -258,7 +258,6 @@ impl<D: Datapath> Balancer<D> {
     pub(super) fn switch_vip(
         &mut self,
         vip: &VipConfig,
-        entries: &[maglev::Entry],
         table: &maglev::Table,
         reusable_vip_ids: &mut Vec<u32>,
         summary: &mut ApplySummary,
@@ -317,7 +316,7 @@ impl<D: Datapath> Balancer<D> {
                 vip_id,
                 ring,
                 slots,
-                digest: maglev::digest(entries, &table.slots),
+                digest: table.digest,
                 previous,
             },
         );

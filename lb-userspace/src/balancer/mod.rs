@@ -401,7 +401,6 @@ impl<D: Datapath> Balancer<D> {
         let table = maglev::build_table(&entries, self.sizes.maglev_size);
         self.switch_vip(
             config,
-            &entries,
             &table,
             &mut Vec::new(),
             &mut ApplySummary::default(),
