@@ -98,6 +98,7 @@ struct Route {
 struct Link {
     mac: [u8; 6],
     mtu: u32,
+    name: String,
 }
 
 /// Neighbour states whose link-layer address may be used (the kernel's `NUD_VALID`).
@@ -155,6 +156,16 @@ impl Resolver {
                 Ok(None)
             }
         }
+    }
+
+    /// The name of the interface the route toward `dst` leaves by: on a
+    /// host, the host side of the veth of the guest that has `dst`.
+    pub async fn interface_toward(&self, dst: IpAddr) -> anyhow::Result<String> {
+        let route = self.route(dst).await?;
+        if let Some(gateway) = route.gateway {
+            bail!("{dst} is reached through the gateway {gateway}, not a local interface");
+        }
+        Ok(self.link(route.oif).await?.name)
     }
 
     /// Returns the ifindex of the interface called `name`.
@@ -244,17 +255,19 @@ impl Resolver {
             .await
             .map_err(|e| refused(e, format_args!("no interface with index {ifindex}")))?
             .ok_or_else(|| anyhow!("no interface with index {ifindex}"))?;
-        let (mut mac, mut mtu) = (None, None);
+        let (mut mac, mut mtu, mut name) = (None, None, String::new());
         for attribute in link.attributes {
             match attribute {
                 LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a).ok(),
                 LinkAttribute::Mtu(m) => mtu = Some(m),
+                LinkAttribute::IfName(n) => name = n,
                 _ => {}
             }
         }
         Ok(Link {
             mac: mac.ok_or_else(|| anyhow!("interface {ifindex} has no Ethernet address"))?,
             mtu: mtu.ok_or_else(|| anyhow!("interface {ifindex} has no MTU"))?,
+            name,
         })
     }
 

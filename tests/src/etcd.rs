@@ -93,6 +93,50 @@ fn issue(dir: &Path, name: &str, cn: &str, ext: &str) {
     );
 }
 
+/// A CA, a server certificate for 127.0.0.1, localhost and `extra`, and a
+/// client certificate, in `dir`.
+fn make_certs(dir: &Path, extra: Option<&str>) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=lb-test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    issue(
+            dir,
+            "server",
+            "etcd",
+            &format!(
+                "subjectAltName=IP:127.0.0.1,DNS:localhost{}\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+                extra.map(|a| format!(",IP:{a}")).unwrap_or_default()
+            ),
+        );
+    issue(
+            dir,
+            "client",
+            "lb-agent",
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+        );
+}
+
 impl Etcd {
     /// Makes the certificates and starts etcd in `ns` (or here), on
     /// 127.0.0.1 ports free here; returns once it answers.
@@ -106,45 +150,7 @@ impl Etcd {
             std::env::temp_dir().join(format!("lbt{}x-etcd-{}", std::process::id(), free_port()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("etcd temp dir");
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=lb-test-ca",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        );
-        issue(
-            &dir,
-            "server",
-            "etcd",
-            &format!(
-                "subjectAltName=IP:127.0.0.1,DNS:localhost{}\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-                extra.map(|a| format!(",IP:{a}")).unwrap_or_default()
-            ),
-        );
-        issue(
-            &dir,
-            "client",
-            "lb-agent",
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
-        );
+        make_certs(&dir, extra);
         let mut etcd = Etcd {
             dir,
             ns: ns.map(str::to_string),
@@ -247,6 +253,149 @@ impl Drop for Etcd {
         self.kill();
         if std::thread::panicking() {
             eprintln!("etcd log and certificates kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A cluster of `n` etcd members in one namespace (each on its own client
+/// and peer ports, on 127.0.0.1 and `extra`), sharing one CA and server
+/// certificate. Members can be killed one by one; dropping the guard kills
+/// the rest and removes the dir.
+pub struct EtcdCluster {
+    pub dir: PathBuf,
+    ns: String,
+    extra: String,
+    /// (client port, peer port) per member.
+    ports: Vec<(u16, u16)>,
+    children: Vec<Option<Child>>,
+}
+
+impl EtcdCluster {
+    pub fn start(ns: &str, extra: &str, n: usize) -> EtcdCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "lbt{}x-etcd-cluster-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("etcd temp dir");
+        make_certs(&dir, Some(extra));
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let mut cluster = EtcdCluster {
+            dir,
+            ns: ns.to_string(),
+            extra: extra.to_string(),
+            ports,
+            children: Vec::new(),
+        };
+        for i in 0..n {
+            let child = cluster.spawn(i, &initial.join(","));
+            cluster.children.push(Some(child));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(0..n).all(|i| cluster.log(i).contains("ready to serve client requests")) {
+            assert!(
+                Instant::now() < deadline,
+                "etcd cluster not ready:\n{}",
+                (0..n)
+                    .map(|i| cluster.log(i))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    fn spawn(&self, i: usize, initial: &str) -> Child {
+        let (client_port, peer_port) = self.ports[i];
+        let client = format!(
+            "https://127.0.0.1:{client_port},https://{}:{client_port}",
+            self.extra
+        );
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let d = |f: &str| self.dir.join(f).display().to_string();
+        let log = std::fs::File::create(self.dir.join(format!("etcd-{i}.log"))).expect("log");
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, ETCD])
+            .args([
+                "--name",
+                &format!("m{i}"),
+                "--data-dir",
+                &d(&format!("data-{i}")),
+            ])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args([
+                "--initial-cluster",
+                initial,
+                "--initial-cluster-state",
+                "new",
+            ])
+            .args([
+                "--cert-file",
+                &d("server.pem"),
+                "--key-file",
+                &d("server.key"),
+            ])
+            .args(["--trusted-ca-file", &d("ca.pem"), "--client-cert-auth"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd")
+    }
+
+    /// The `[fleet]` section naming every member, through `extra`.
+    pub fn fleet_section(&self, node: &str, lease_ttl_s: u32) -> String {
+        let endpoints: Vec<String> = self
+            .ports
+            .iter()
+            .map(|(c, _)| format!("\"https://{}:{c}\"", self.extra))
+            .collect();
+        format!(
+            "[fleet]\nendpoints = [{}]\nca = \"{dir}/ca.pem\"\ncert = \"{dir}/client.pem\"\nkey = \"{dir}/client.key\"\nnode = \"{node}\"\nprefix = \"/lbtest\"\nlease_ttl_s = {lease_ttl_s}\n",
+            endpoints.join(", "),
+            dir = self.dir.display(),
+        )
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("etcd-{i}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+        if std::thread::panicking() {
+            eprintln!("etcd logs kept in {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

@@ -2,6 +2,7 @@
 //! network-namespace topologies for end-to-end tests and the demo.
 pub mod etcd;
 pub mod fixture;
+pub mod hosts;
 pub mod packet;
 pub mod scaleout;
 pub mod topology;

@@ -167,10 +167,10 @@ pub struct Topology {
     /// routes the backends' replies; forwarding leaves through the DevMap.
     pub two_armed: bool,
     pub dir: PathBuf,
-    namespaces: Vec<String>,
-    agents: Vec<(String, Child)>,
+    pub(crate) namespaces: Vec<String>,
+    pub(crate) agents: Vec<(String, Child)>,
     servers: Vec<Servers>,
-    pass_through: Vec<aya::Ebpf>,
+    pub(crate) pass_through: Vec<aya::Ebpf>,
 }
 
 impl Topology {
@@ -429,7 +429,7 @@ impl Topology {
         t
     }
 
-    fn add_ns(&mut self, ns: &str) {
+    pub(crate) fn add_ns(&mut self, ns: &str) {
         let _ = sh(&["ip", "netns", "del", ns]);
         must(&["ip", "netns", "add", ns]);
         self.namespaces.push(ns.to_string());
@@ -546,7 +546,7 @@ backends = [{equal6}]
         format!("{}-{role}", self.id)
     }
 
-    fn spawn_agent(&mut self, role: &str, config: &str, args: &[&str]) {
+    pub(crate) fn spawn_agent(&mut self, role: &str, config: &str, args: &[&str]) {
         let ns = self.ns(role);
         let config = if config.contains("instance =") {
             config.to_string()
@@ -571,7 +571,7 @@ backends = [{equal6}]
         std::fs::read_to_string(self.dir.join(format!("{role}.log"))).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self, role: &str, socket: &PathBuf) {
+    pub(crate) fn wait_ready(&mut self, role: &str, socket: &PathBuf) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if self

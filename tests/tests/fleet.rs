@@ -355,6 +355,8 @@ fn lbctl_checks_writes_and_the_registry_round_trips() {
                 "198.18.0.11:80,weight=5,node=b0",
                 "--instance",
                 "[fd00::12]:80",
+                "--vip",
+                "198.18.10.1:80/tcp",
             ],
         ),
         "service set",
@@ -370,7 +372,7 @@ fn lbctl_checks_writes_and_the_registry_round_trips() {
     let web = json!({"name": "web", "instances": [
         {"address": "198.18.0.11:80", "weight": 5, "node": "b0"},
         {"address": "[fd00::12]:80", "weight": 100, "node": null},
-    ]});
+    ], "vips": [{"address": "198.18.10.1", "port": 80, "protocol": "tcp"}]});
     assert_eq!(
         json_of(None, fleet, &["service", "show", "web", "--json"]),
         json!([web])

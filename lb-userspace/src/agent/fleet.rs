@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::{control, state::wall_ms, Shared};
 use crate::{
     config::{BalancerConfig, Config, FleetConfig, RawVipDocument},
-    fleet::{NodeRecord, StatusError, StatusRecord, Store, Versioned},
+    fleet::{HealthRecord, NodeRecord, StatusError, StatusRecord, Store, Versioned},
     limits::LogEvery,
     nexthop::Resolver,
 };
@@ -31,6 +31,9 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// While the store stays unreachable, one warning per this period.
 const LOG_PERIOD: Duration = Duration::from_secs(60);
+/// How often a balancer compares its health verdicts with those it
+/// published.
+const HEALTH_PUBLISH: Duration = Duration::from_millis(250);
 /// Time a stopping agent gives the store to revoke its lease.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -167,8 +170,13 @@ async fn session(
         watch = Some(store.watch(&vips_key, revision + 1).await?);
     }
     let mut renew = tokio::time::interval(Duration::from_secs(cfg.lease_ttl_s.div_ceil(3)));
+    let mut health_tick = tokio::time::interval(HEALTH_PUBLISH);
+    let mut published: Option<HealthRecord> = None;
     loop {
         tokio::select! {
+            _ = health_tick.tick(), if balancer => {
+                publish_health(&mut store, state, cfg, lease, &mut published).await?;
+            }
             _ = stop.notified() => {
                 match store.revoke(lease).await {
                     Ok(()) => info!(node = cfg.node, "left the fleet store (lease revoked)"),
@@ -321,6 +329,62 @@ async fn report(
     Ok(())
 }
 
+/// The balancer's health verdicts on the backends it checks (VIPs with a
+/// health check); `None` when it checks none.
+async fn health_record(state: &Shared, node: &str) -> Option<HealthRecord> {
+    let st = state.lock().await;
+    let (Some(b), Some(bal)) = (&st.config.balancer, &st.balancer) else {
+        return None;
+    };
+    let mut checked = std::collections::BTreeSet::new();
+    let mut down = std::collections::BTreeSet::new();
+    for v in b.vips.iter().filter(|v| v.health.is_some()) {
+        let Ok(vip) = bal.vip_named(&v.name) else {
+            continue;
+        };
+        for x in &v.backends {
+            checked.insert(x.address);
+            if !bal.up(vip, x.address) {
+                down.insert(x.address);
+            }
+        }
+    }
+    (!checked.is_empty()).then(|| HealthRecord {
+        node: node.to_string(),
+        checked: checked.into_iter().collect(),
+        down: down.into_iter().collect(),
+        updated_ms: 0,
+    })
+}
+
+/// Publishes the verdicts under `PREFIX/health/NODE` (the agent's lease:
+/// a dead checker's opinion goes with it) when they changed.
+async fn publish_health(
+    store: &mut Store,
+    state: &Shared,
+    cfg: &FleetConfig,
+    lease: i64,
+    published: &mut Option<HealthRecord>,
+) -> Result<()> {
+    let Some(mut record) = health_record(state, &cfg.node).await else {
+        return Ok(());
+    };
+    if published
+        .as_ref()
+        .is_some_and(|p| (&p.checked, &p.down) == (&record.checked, &record.down))
+    {
+        return Ok(());
+    }
+    record.updated_ms = wall_ms();
+    let key = store.keys.health(&cfg.node);
+    store
+        .put(&key, &serde_json::to_string(&record)?, Some(lease))
+        .await?;
+    info!(down = ?record.down, "health verdicts published to the fleet store");
+    *published = Some(record);
+    Ok(())
+}
+
 async fn node_record(state: &Shared, cfg: &FleetConfig) -> NodeRecord {
     let st = state.lock().await;
     let mut roles = Vec::new();
@@ -328,6 +392,9 @@ async fn node_record(state: &Shared, cfg: &FleetConfig) -> NodeRecord {
     if let Some(b) = &st.config.balancer {
         roles.push("lb".to_string());
         addresses.extend(b.vips.iter().map(|v| v.address.to_string()));
+    }
+    if st.config.host.is_some() {
+        roles.push("host".to_string());
     }
     if let Some(d) = &st.config.decap {
         roles.push("backend".to_string());

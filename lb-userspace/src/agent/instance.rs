@@ -252,6 +252,12 @@ pub fn cleanup(config: &Config) -> Result<()> {
     // The instance is gone: so is its lock file (held until we exit).
     let _ = std::fs::remove_file(Path::new(LOCK_DIR).join(format!("{}.lock", config.instance)));
     remove_stale_socket(&config.socket)?;
+    if let Some(host) = &config.host {
+        let inner = crate::config::host_instance(&config.instance);
+        let _inner_lock = InstanceLock::take(&inner)?;
+        super::host::cleanup(&config.instance, host)?;
+        let _ = std::fs::remove_file(Path::new(LOCK_DIR).join(format!("{inner}.lock")));
+    }
     info!(instance = config.instance, pinned = had, "cleaned up");
     Ok(())
 }

@@ -9,12 +9,17 @@
 //! - `loops`: one function per loop (collect, health, load, events, next hops).
 //! - `control`: the control API and its handlers.
 //! - `announce`: the VIPs announced through BIRD, node drain.
-//! - `fleet`: registration in the fleet store, and a balancer's VIPs from it.
+//! - `fleet`: registration in the fleet store, a balancer's VIPs from it, and
+//!   the health verdicts it publishes there.
+//! - `host`: the host intermediary role: source-side balancers installed
+//!   through the store, on the guests' interfaces.
 //! - `status`, `report`, `metrics`: what the agent shows, read from the state.
 
 mod announce;
 mod control;
+mod dashboard;
 mod fleet;
+mod host;
 mod instance;
 mod loops;
 mod metrics;
@@ -308,7 +313,11 @@ pub async fn run_object(
         .fleet
         .as_ref()
         .map(|f| fleet::Membership::spawn(state.clone(), resolver.clone(), f.clone()));
+    let host_role = host::HostRole::spawn_for(&config, &resolver);
     control::accept(listener, &state, &resolver, stopped).await;
+    if let Some(h) = host_role {
+        h.leave().await;
+    }
     for t in tasks {
         t.abort();
     }

@@ -12,11 +12,13 @@ use serde::{Deserialize, Serialize};
 
 mod announce;
 mod fleet;
+mod host;
 mod raw;
 mod validate;
 
 pub use announce::AnnounceConfig;
 pub use fleet::{check_name, FleetConfig, DEFAULT_FLEET_PREFIX};
+pub use host::{host_instance, HostConfig, HostVip};
 pub use raw::*;
 
 pub const DEFAULT_SOCKET: &str = "/run/lb-agent/lb.sock";
@@ -62,6 +64,9 @@ pub struct Config {
     /// The VIP routes this balancer keeps for BIRD to announce; none when
     /// the section is absent.
     pub announce: Option<AnnounceConfig>,
+    /// The host intermediary role: source-side balancers installed through
+    /// the fleet store run on this host's guests' interfaces.
+    pub host: Option<HostConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,8 +240,24 @@ impl Default for HealthCheck {
 pub enum HealthKind {
     /// A TCP connection is accepted.
     Tcp,
-    /// `GET path` answers with `expect_status`.
-    Http { path: String, expect_status: u16 },
+    /// `GET path` answers with `expect_status` (redirects are not
+    /// followed); over TLS when `tls` is set (`kind = "https"`).
+    Http {
+        path: String,
+        expect_status: u16,
+        tls: Option<TlsCheck>,
+    },
+}
+
+/// How an HTTPS check verifies the backend's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsCheck {
+    /// The name the certificate must carry (and the SNI sent); `None`: the
+    /// backend's IP address, which the certificate must then list.
+    pub server_name: Option<String>,
+    /// PEM certificates of the only CAs trusted (read from `tls_ca_file`
+    /// at validation); `None`: the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,6 +379,9 @@ impl Config {
         }
         if self.announce != new.announce {
             return err("announce", "cannot change on reload; restart the agent");
+        }
+        if self.host != new.host {
+            return err("host", "cannot change on reload; restart the agent");
         }
         Ok(())
     }

@@ -19,6 +19,7 @@ pub struct RawConfig {
     pub lifecycle: Option<RawLifecycle>,
     pub fleet: Option<RawFleet>,
     pub announce: Option<RawAnnounce>,
+    pub host: Option<RawHost>,
 }
 
 /// `[announce]`: the kernel table BIRD learns the VIP routes from.
@@ -27,6 +28,20 @@ pub struct RawConfig {
 pub struct RawAnnounce {
     pub table: Option<i64>,
     pub refresh_ms: Option<i64>,
+}
+
+/// `[host]`: this agent runs source-side balancers for its guests when the
+/// fleet store installs one (see `config::host`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHost {
+    pub socket: Option<String>,
+    pub xdp_mode: Option<String>,
+    pub encap_source_v4: Option<String>,
+    pub encap_source_v6: Option<String>,
+    pub maglev_table_size: Option<i64>,
+    pub flow_table_size: Option<i64>,
+    pub state_file: Option<String>,
 }
 
 /// `[fleet]`: the etcd store this agent registers with (and, for a
@@ -146,6 +161,8 @@ pub struct RawHealth {
     pub port: Option<i64>,
     pub path: Option<String>,
     pub expect_status: Option<i64>,
+    pub tls_server_name: Option<String>,
+    pub tls_ca_file: Option<String>,
     pub interval_ms: Option<i64>,
     pub timeout_ms: Option<i64>,
     pub rise: Option<i64>,

@@ -10,26 +10,36 @@
 //! | `PREFIX/vips` | the VIP document: TOML with `[[vips]]` | none |
 //! | `PREFIX/status/NODE` | [`StatusRecord`] (JSON) | the agent's |
 //! | `PREFIX/services/NAME` | [`Service`] (JSON) | none |
+//! | `PREFIX/installs/FROM/TO` | [`Install`] (JSON) | none |
+//! | `PREFIX/health/NODE` | [`HealthRecord`] (JSON): a checker's verdicts | the checker's |
+//! | `PREFIX/hosts/NODE` | [`HostStatus`] (JSON): what a host applied | the host's |
 //!
 //! - `service`: the service registry's records and their validation.
+//! - `install`: installs, published health, host status, and the plan a
+//!   host works out from them.
 
+mod install;
 mod service;
 
 use std::time::Duration;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use etcd_client::{
-    Certificate, Client, ConnectOptions, GetOptions, Identity, LeaseKeepAliveStream, LeaseKeeper,
-    PutOptions, TlsOptions, WatchOptions, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
 };
 use serde::{Deserialize, Serialize};
 
-pub use service::{parse_instance, Instance, Service};
+pub use install::{combine_health, plan, HealthRecord, HostPlan, HostStatus, Install, InstallView};
+pub use service::{parse_instance, parse_vip, Instance, Service, ServiceVip};
 
 use crate::config::FleetConfig;
 
 /// Time any single request to the store may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time one endpoint has to accept a connection and answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A registered agent (`PREFIX/nodes/NODE`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +116,28 @@ impl Keys {
     pub fn service(&self, name: &str) -> String {
         format!("{}{name}", self.services())
     }
+    pub fn installs(&self) -> String {
+        format!("{}/installs/", self.prefix)
+    }
+    pub fn install(&self, from: &str, to: &str) -> String {
+        format!("{}{from}/{to}", self.installs())
+    }
+    pub fn healths(&self) -> String {
+        format!("{}/health/", self.prefix)
+    }
+    pub fn health(&self, node: &str) -> String {
+        format!("{}{node}", self.healths())
+    }
+    pub fn hosts(&self) -> String {
+        format!("{}/hosts/", self.prefix)
+    }
+    pub fn host(&self, node: &str) -> String {
+        format!("{}{node}", self.hosts())
+    }
+    /// Every key of the fleet (a watch on it sees every change).
+    pub fn all(&self) -> String {
+        format!("{}/", self.prefix)
+    }
 }
 
 /// `fut` within `REQUEST_TIMEOUT`, with `what` in the error.
@@ -129,31 +161,50 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects over TLS with the configured client certificate. Fails when
-    /// no endpoint answers within `REQUEST_TIMEOUT`.
+    /// Connects over TLS with the configured client certificate to the
+    /// first endpoint that answers, trying each in turn (a dead member of
+    /// the cluster is skipped). Fails when none answers.
     pub async fn connect(cfg: &FleetConfig) -> Result<Store> {
         let read = |p: &std::path::Path| {
             std::fs::read(p).with_context(|| format!("reading {}", p.display()))
         };
-        let tls = TlsOptions::new()
-            .ca_certificate(Certificate::from_pem(read(&cfg.ca)?))
-            .identity(Identity::from_pem(read(&cfg.cert)?, read(&cfg.key)?));
+        let (ca, cert, key) = (read(&cfg.ca)?, read(&cfg.cert)?, read(&cfg.key)?);
+        // Successive connections start at successive endpoints, so clients
+        // spread over the members and one that keeps failing is not always
+        // tried first.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let start = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = cfg.endpoints.len();
+        let mut errors = Vec::new();
+        for k in 0..n {
+            let endpoint = &cfg.endpoints[(start + k) % n];
+            let tls = TlsOptions::new()
+                .ca_certificate(Certificate::from_pem(ca.clone()))
+                .identity(Identity::from_pem(cert.clone(), key.clone()));
+            match Store::connect_one(endpoint, tls, &cfg.prefix).await {
+                Ok(store) => return Ok(store),
+                Err(e) => errors.push(format!("{endpoint}: {e:#}")),
+            }
+        }
+        Err(anyhow!("no etcd endpoint answered: {}", errors.join("; ")))
+    }
+
+    async fn connect_one(endpoint: &str, tls: TlsOptions, prefix: &str) -> Result<Store> {
         let options = ConnectOptions::new()
             .with_tls(tls)
-            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_connect_timeout(CONNECT_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
-        let client = timed(
-            "connecting",
-            Client::connect(cfg.endpoints.clone(), Some(options)),
-        )
-        .await?;
+        let client = timed("connecting", Client::connect([endpoint], Some(options))).await?;
         let mut store = Store {
             client,
-            keys: Keys::new(&cfg.prefix),
+            keys: Keys::new(prefix),
         };
         // The channel connects lazily: one request proves the store answers.
-        timed("status", store.client.status()).await?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, store.client.status()).await {
+            Ok(r) => r.context("etcd: status")?,
+            Err(_) => bail!("etcd: no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        };
         Ok(store)
     }
 
@@ -178,9 +229,16 @@ impl Store {
 
     /// Every key under `prefix`, with the part after the prefix and the value.
     pub async fn list(&mut self, prefix: &str) -> Result<Vec<(String, Versioned)>> {
+        Ok(self.list_at(prefix).await?.0)
+    }
+
+    /// `list`, and the store's revision when it was read.
+    pub async fn list_at(&mut self, prefix: &str) -> Result<(Vec<(String, Versioned)>, i64)> {
         let options = GetOptions::new().with_prefix();
         let resp = timed("get", self.client.get(prefix, Some(options))).await?;
-        resp.kvs()
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let items = resp
+            .kvs()
             .iter()
             .map(|kv| {
                 let key = kv.key_str()?;
@@ -192,7 +250,30 @@ impl Store {
                     },
                 ))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok((items, revision))
+    }
+
+    /// Writes `value` to `key` (deletes `key` when `value` is `None`) only
+    /// if every key of `unchanged` still has the mod revision given (0: the
+    /// key does not exist). Returns whether it was written.
+    pub async fn put_if(
+        &mut self,
+        key: &str,
+        value: Option<&str>,
+        unchanged: &[(String, i64)],
+    ) -> Result<bool> {
+        let compares: Vec<Compare> = unchanged
+            .iter()
+            .map(|(k, rev)| Compare::mod_revision(k.as_str(), CompareOp::Equal, *rev))
+            .collect();
+        let op = match value {
+            Some(v) => TxnOp::put(key, v, None),
+            None => TxnOp::delete(key, None),
+        };
+        let txn = Txn::new().when(compares).and_then([op]);
+        let resp = timed("txn", self.client.txn(txn)).await?;
+        Ok(resp.succeeded())
     }
 
     /// Writes `value`; with `lease`, the key goes when the lease does.
@@ -216,6 +297,14 @@ impl Store {
     pub async fn revoke(&mut self, id: i64) -> Result<()> {
         timed("lease revoke", self.client.lease_revoke(id)).await?;
         Ok(())
+    }
+
+    /// Watches every key under `prefix` from `revision` on.
+    pub async fn watch_prefix(&mut self, prefix: &str, revision: i64) -> Result<WatchStream> {
+        let options = WatchOptions::new()
+            .with_start_revision(revision)
+            .with_prefix();
+        timed("watch", self.client.watch(prefix, Some(options))).await
     }
 
     /// Watches `key` from `revision` on.

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the datapath's cost per packet against a floor program,
 //! the connection table at a million flows, Maglev, the control plane, the flow
-//! scan, and live forwarding over veth. Each figure is the median of several
+//! scan, live forwarding over veth, and source-side balancing (install time
+//! against the number of hosts, cost per packet). Each figure is the median of several
 //! rounds; ratios are against baselines measured in the same run. Writes
 //! `target/bench/results.json` and `target/bench/results.md`.
 //! `scaleout` (in `lb-bench/scaleout.rs`): the second chance's cost and the
@@ -24,6 +25,9 @@ use lb_common::{DecapOutcome, FlowKey, FlowState, Outcome, PROTO_IPIP, PROTO_TCP
 use lb_tests::{fixture::*, packet::*, topology};
 use lb_userspace::{datapath::MapSizes, maglev};
 use serde_json::{json, Value};
+
+#[path = "lb-bench/srcside.rs"]
+mod srcside;
 
 const ROUNDS: usize = 5;
 const REPEAT: u32 = 1_000_000;
@@ -1139,7 +1143,7 @@ fn main() {
     // written only for a full run.
     let only: Vec<String> = std::env::args().skip(1).collect();
     type Section = (&'static str, fn(&mut Report));
-    let sections: [Section; 6] = [
+    let sections: [Section; 7] = [
         ("datapath", |r| {
             datapath_cost(r);
         }),
@@ -1151,6 +1155,7 @@ fn main() {
         ("control", control_plane),
         ("live", live::forwarding),
         ("scaleout", scaleout::run),
+        ("srcside", srcside::run),
     ];
     for (name, run) in sections {
         if only.is_empty() || only.iter().any(|o| o == name) {

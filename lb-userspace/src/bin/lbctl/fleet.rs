@@ -7,7 +7,7 @@ use anyhow::{anyhow, Context as _, Result};
 use clap::Subcommand;
 use lb_userspace::{
     config::{FleetConfig, RawVipDocument},
-    fleet::{parse_instance, NodeRecord, Service, StatusRecord, Store},
+    fleet::{parse_instance, parse_vip, NodeRecord, Service, StatusRecord, Store},
 };
 use serde::Serialize;
 
@@ -49,6 +49,9 @@ pub enum ServiceAction {
         /// ADDR:PORT[,weight=W][,node=N] (repeatable).
         #[arg(long = "instance", required = true)]
         instances: Vec<String>,
+        /// ADDR:PORT[/tcp|/udp]: where callers reach the service (repeatable).
+        #[arg(long = "vip")]
+        vips: Vec<String>,
     },
     /// One service, or all of them.
     Show {
@@ -58,7 +61,7 @@ pub enum ServiceAction {
     },
 }
 
-async fn connect(file: Option<&Path>) -> Result<Store> {
+pub(super) async fn connect(file: Option<&Path>) -> Result<Store> {
     let file = file.ok_or_else(|| {
         anyhow!("fleet commands need --fleet FILE (or LBCTL_FLEET): a TOML file with a [fleet] section, such as the agent's configuration")
     })?;
@@ -169,23 +172,42 @@ fn print_nodes(views: &[NodeView]) {
 
 pub async fn run_service(file: Option<&Path>, action: ServiceAction) -> Result<()> {
     match action {
-        ServiceAction::Set { name, instances } => {
+        ServiceAction::Set {
+            name,
+            instances,
+            vips,
+        } => {
             let instances = instances
                 .iter()
                 .enumerate()
                 .map(|(i, text)| parse_instance(&format!("instance[{i}]"), text))
                 .collect::<Result<Vec<_>, _>>()
                 .context("invalid service")?;
-            let service = Service { name, instances };
+            let vips = vips
+                .iter()
+                .enumerate()
+                .map(|(i, text)| parse_vip(&format!("vip[{i}]"), text))
+                .collect::<Result<Vec<_>, _>>()
+                .context("invalid service")?;
+            let service = Service {
+                name,
+                instances,
+                vips,
+            };
             service.validate().context("invalid service")?;
             let mut store = connect(file).await?;
             let key = store.keys.service(&service.name);
-            let revision = store
-                .put(&key, &serde_json::to_string(&service)?, None)
-                .await?;
+            let unchanged = super::install::check_service_change(&mut store, &service).await?;
+            let text = serde_json::to_string(&service)?;
+            if !store.put_if(&key, Some(&text), &unchanged).await? {
+                anyhow::bail!(
+                    "the registry changed while {key} was being written; nothing written, try again"
+                );
+            }
             println!(
-                "{key}: {} instances written at revision {revision}",
-                service.instances.len()
+                "{key}: {} instances, {} VIPs written",
+                service.instances.len(),
+                service.vips.len()
             );
             Ok(())
         }
@@ -208,7 +230,8 @@ pub async fn run_service(file: Option<&Path>, action: ServiceAction) -> Result<(
             };
             print(json, &services, |services| {
                 for s in services {
-                    println!("service {}", s.name);
+                    let vips: Vec<String> = s.vips.iter().map(|v| v.to_string()).collect();
+                    println!("service {}  vips {}", s.name, vips.join(" "));
                     for i in &s.instances {
                         println!(
                             "  {:<24} weight {:>5}  node {}",
