@@ -10,11 +10,11 @@ use std::{
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{
-    err, socket_text, BackendConfig, BalancerConfig, Config, ConfigError, DatapathConfig,
-    DecapConfig, EncapConfig, Feedback, HealthCheck, HealthKind, Maintenance, Protocol, RawBackend,
-    RawConfig, RawDatapath, RawDecap, RawEncap, RawFeedback, RawHealth, RawMaintenance, RawVip,
-    RawVisibility, TlsCheck, VipConfig, VisibilityConfig, XdpModeSetting, DEFAULT_INSTANCE,
-    DEFAULT_SOCKET, DEFAULT_STATE_FILE, MAX_RING_ENTRIES,
+    announce::validate_announce, err, socket_text, BackendConfig, BalancerConfig, Config,
+    ConfigError, DatapathConfig, DecapConfig, EncapConfig, Feedback, HealthCheck, HealthKind,
+    Maintenance, Protocol, RawBackend, RawConfig, RawDatapath, RawDecap, RawEncap, RawFeedback,
+    RawHealth, RawMaintenance, RawVip, RawVisibility, TlsCheck, VipConfig, VisibilityConfig,
+    XdpModeSetting, DEFAULT_INSTANCE, DEFAULT_SOCKET, DEFAULT_STATE_FILE, MAX_RING_ENTRIES,
 };
 use crate::maglev::is_prime;
 
@@ -116,10 +116,7 @@ impl RawConfig {
         };
         let decap = self.decap.map(validate_decap).transpose()?;
         let fleet = self.fleet.map(super::fleet::validate_fleet).transpose()?;
-        let announce = self
-            .announce
-            .map(super::announce::validate_announce)
-            .transpose()?;
+        let announce = self.announce.map(validate_announce).transpose()?;
         let host = self
             .host
             .map(|h| super::host::validate_host(&instance, h, fleet.as_ref()))
