@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian machine (as root) to build and test the project:
 # the Debian tools the tests use (etcd-server and openssl for the fleet tests, chromium and
-# chromium-driver for the dashboard test, systemd for `systemd-analyze verify` of the units), protoc and
+# chromium-driver for the dashboard test, systemd for `systemd-analyze verify` of the units,
+# bird2 for the scale-out tests), protoc and
 # the well-known .proto files (etcd-client's build script needs them), LLVM 22,
 # bpf-linker built against it, rust-src for the nightly toolchain that
 # builds the eBPF crate, and cargo-deb (the Debian package).
@@ -17,7 +18,7 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 packages=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 procps ethtool bpftool xdp-tools tcpdump curl
-  etcd-server protobuf-compiler libprotobuf-dev openssl chromium chromium-driver systemd)
+  etcd-server protobuf-compiler libprotobuf-dev openssl chromium chromium-driver systemd bird2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -56,7 +56,7 @@ pub const BACKEND_ALLOCATED: u32 = 1 << 2;
 /// Version of the map layout (key and value types, map set). Pinned maps
 /// live under a directory named after it, so an agent with another layout
 /// never reads them as its own.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Key of the VIP table: (address, port, protocol). Port 0 matches every port.
 /// Aligned to 4 bytes so the datapath reads and writes it in words.
@@ -78,8 +78,21 @@ pub struct VipInfo {
     pub vip_id: u32,
     /// Which Maglev ring in `MAGLEV` the VIP uses (ring * table size is the base).
     pub ring: u32,
-    pub flags: u32,
+    /// The ring of the VIP's table before its last change, plus one (0: none).
+    /// A flow the connection table does not know, whose backend differs in
+    /// the two tables, gets the previous table's backend as a second chance
+    /// (see `SECOND_CHANCE_*`).
+    pub previous_ring: u32,
 }
+
+/// IPv4 option in the outer header of a packet sent with a second chance:
+/// type (copied, class 0, number 30: RFC 4727's experimental value), length,
+/// then the second candidate's IPv4 address and the next-hop MAC toward it.
+/// `lb_decap` on the first candidate forwards a non-SYN TCP packet that no
+/// local socket owns to that address, with the option removed.
+pub const SECOND_CHANCE_OPTION: u8 = 0x9e;
+/// Length of the option (type, length, address, MAC): the outer header is 32 bytes.
+pub const SECOND_CHANCE_LEN: usize = 12;
 
 /// Value of the backend table, indexed by backend id.
 #[repr(C)]
@@ -177,6 +190,9 @@ pub const SETTING_CLAMP_MSS: u32 = 1 << 1;
 /// agent only while it knows of none; absent (an older agent, zeroed
 /// settings) means look both up.
 pub const SETTING_NO_EVERY_PORT_VIPS: u32 = 1 << 2;
+/// `Settings::flags`: give flows the connection table does not know the
+/// previous table's backend as a second candidate (see `SECOND_CHANCE_OPTION`).
+pub const SETTING_SECOND_CHANCE: u32 = 1 << 3;
 
 /// Index into `EVENT_STATS`.
 pub const EVENTS_SENT: u32 = 0;
@@ -353,9 +369,12 @@ pub enum DecapOutcome {
     DroppedMalformed = 2,
     /// Removing the outer header failed.
     DroppedAdjustFailed = 3,
+    /// A non-SYN TCP packet no local socket owns, sent on to the second
+    /// candidate its outer header named.
+    SecondChance = 4,
 }
 
-pub const DECAP_OUTCOME_COUNT: u32 = 4;
+pub const DECAP_OUTCOME_COUNT: u32 = 5;
 
 impl DecapOutcome {
     pub const ALL: [DecapOutcome; DECAP_OUTCOME_COUNT as usize] = [
@@ -363,6 +382,7 @@ impl DecapOutcome {
         DecapOutcome::Passed,
         DecapOutcome::DroppedMalformed,
         DecapOutcome::DroppedAdjustFailed,
+        DecapOutcome::SecondChance,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -371,6 +391,7 @@ impl DecapOutcome {
             DecapOutcome::Passed => "passed",
             DecapOutcome::DroppedMalformed => "dropped_malformed",
             DecapOutcome::DroppedAdjustFailed => "dropped_adjust_failed",
+            DecapOutcome::SecondChance => "second_chance",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `lb_decap`, for backend hosts: removes the outer header of packets the
 //! balancer encapsulated to one of this host's addresses and passes the inner
-//! packet to the stack, which answers the client directly.
+//! packet to the stack, which answers the client directly. A packet that
+//! carries a second candidate goes through `second_chance` first.
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
 };
@@ -13,6 +14,7 @@ use crate::{
         IPV6_LEN,
     },
     maps::DECAP_ADDRS,
+    second_chance,
 };
 
 #[xdp]
@@ -119,6 +121,11 @@ fn try_decap(ctx: &XdpContext) -> (u32, DecapOutcome) {
     let outer_len = outer.len & 0x3f;
     if !inner_is_sound(ctx, ETH_LEN + outer_len, outer.inner_v4) {
         return (xdp_action::XDP_DROP, DecapOutcome::DroppedMalformed);
+    }
+    if outer_len > IPV4_LEN {
+        if let Some(verdict) = second_chance::on_decap(ctx, outer_len, outer.inner_v4) {
+            return verdict;
+        }
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return (xdp_action::XDP_DROP, DecapOutcome::DroppedMalformed);

@@ -11,7 +11,7 @@ use crate::{
     encap::{encapsulate, send},
     headers::{IPV4_LEN, IPV6_LEN},
     maps::SETTINGS,
-    mtu, trace,
+    mtu, second_chance, trace,
 };
 
 /// The verdict for a packet and the outcome it is counted under.
@@ -70,18 +70,23 @@ pub fn forward(
     {
         return drop(Outcome::DropEncapFailed);
     }
+    let mut new_flow = choice.flow.is_none() && !icmp;
+    let mut bytes_out = bytes_in + outer;
+    if new_flow {
+        let (hash, id) = (choice.hash, choice.backend_id);
+        let Ok(added) = second_chance::consider(ctx, key, vip, hash, id, ip_len, tcp_flags) else {
+            return drop(Outcome::DropEncapFailed);
+        };
+        // A flow that may belong to the previous table's backend is not recorded.
+        new_flow = added == 0;
+        bytes_out += added;
+    }
     let Some((action, redirected)) = send(ctx, &choice.backend) else {
         return drop(Outcome::DropRedirectFailed);
     };
-    let new_flow = choice.flow.is_none() && !icmp;
-    counters::forwarded(
-        vip.vip_id,
-        choice.backend_id,
-        bytes_in,
-        bytes_in + outer,
-        new_flow,
-    );
-    if !icmp {
+    counters::forwarded(vip.vip_id, choice.backend_id, bytes_in, bytes_out, new_flow);
+    // Flows sent with a second candidate stay out of the connection table.
+    if !icmp && (choice.flow.is_some() || new_flow) {
         let packet = trace::Packet {
             key,
             vip_id: vip.vip_id,
@@ -89,7 +94,7 @@ pub fn forward(
             hash: choice.hash,
             tcp_flags,
             bytes_in,
-            bytes_out: bytes_in + outer,
+            bytes_out,
         };
         match choice.flow {
             Some(state) => trace::known_flow(&packet, settings, state),

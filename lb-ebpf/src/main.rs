@@ -10,6 +10,9 @@
 //! - `icmp`: ICMP "fragmentation needed" / ICMPv6 "packet too big" about VIP flows.
 //! - `mtu`: packets too big for the backend's link: SYN MSS clamping, ICMP
 //!   "too big" answers to clients (rate-limited), drops.
+//! - `second_chance`: the previous table's backend for flows the connection
+//!   table does not know, carried in the outer header; `lb_decap` sends
+//!   packets no local socket owns on to it.
 //! - `trace`: connection and traffic tracers, flow events.
 //! - `ingress`: the `lb_ingress` entry point (parse, balance, encapsulate, send).
 //! - `decap`: the `lb_decap` entry point for backend hosts.
@@ -26,6 +29,7 @@ mod icmp;
 mod ingress;
 mod maps;
 mod mtu;
+mod second_chance;
 mod trace;
 
 #[cfg(not(test))]

@@ -21,7 +21,7 @@ pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(128, 0);
 /// ring with one copy.
 #[map]
 pub static MAGLEV: Array<MaglevChunk> =
-    Array::with_max_entries(2 * 64 * 65537 / MAGLEV_LANES, BPF_F_MMAPABLE);
+    Array::with_max_entries(3 * 64 * 65537 / MAGLEV_LANES, BPF_F_MMAPABLE);
 
 /// Backends by backend id. Written by the agent (flags, next-hop MACs).
 #[map]

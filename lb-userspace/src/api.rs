@@ -42,6 +42,41 @@ pub enum Request {
     Shutdown {
         detach: bool,
     },
+    /// The node's BGP announcement: drain, undrain, status.
+    Node {
+        action: NodeAction,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeAction {
+    /// Withdraw every VIP (kept across restarts) so the router sends the
+    /// node's flows to the other LB nodes.
+    Drain,
+    /// Announce the servable VIPs again.
+    Undrain,
+    Status,
+}
+
+/// A VIP address this node does not announce, and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WithheldVip {
+    pub address: IpAddr,
+    pub reason: String,
+}
+
+/// `lbctl node status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub drained: bool,
+    /// The kernel routing table BIRD learns the VIP routes from.
+    pub table: u32,
+    /// VIP addresses whose route is in the table (BIRD announces them).
+    pub announced: Vec<IpAddr>,
+    pub withheld: Vec<WithheldVip>,
+    /// The last failure to update the table, if the last attempt failed.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,6 +139,7 @@ pub enum Response {
     MaintenanceStatus {
         vips: Vec<VipMaintenance>,
     },
+    Node(NodeStatus),
     /// The agent stops once this answer is sent.
     ShuttingDown {
         detach: bool,
@@ -197,6 +233,10 @@ pub struct VipStatus {
     pub protocol: Protocol,
     pub vip_id: u32,
     pub counters: Counters,
+    /// A digest of the VIP's Maglev table, by backend identity: LB nodes
+    /// with the same backends and weights show the same digest.
+    #[serde(default)]
+    pub table_digest: String,
     pub backends: Vec<VipBackendStatus>,
 }
 

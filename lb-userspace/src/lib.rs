@@ -16,6 +16,7 @@
 //! - `collector`: reads flows and counters, expires idle flows, aggregates.
 //! - `datapath`: the `Datapath` trait, the kernel maps behind it, and the
 //!   fake for unit tests.
+//! - `announce`: the VIP routes BIRD learns from a kernel table and announces.
 //! - `nexthop`: interface indexes, next-hop MACs and link MTUs through rtnetlink.
 //! - `ethtool`: drivers' XDP error counters (`ethtool -S`).
 //! - `config`: the TOML file and its validation.
@@ -27,6 +28,7 @@
 //!
 //! Below all of them, `lb-common` holds the map ABI and address encoding.
 pub mod agent;
+pub mod announce;
 pub mod api;
 pub mod balancer;
 pub mod bypass;

@@ -42,6 +42,42 @@ fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
 pub struct Table {
     pub slots: Vec<u32>,
     pub counts: Vec<u32>,
+    /// `digest(entries, slots)`, computed with the table (in `build_many`'s
+    /// threads).
+    pub digest: u64,
+}
+
+/// A digest of a built table that two LB nodes can compare: each slot is
+/// hashed as the identity of the backend it holds (backend ids are local to
+/// a node), so nodes with the same backends and weights show the same digest.
+pub fn digest(entries: &[Entry], slots: &[u32]) -> u64 {
+    let mut sorted: Vec<&Entry> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.identity.cmp(&b.identity));
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut mix = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for e in &sorted {
+        mix(&(e.identity.len() as u32).to_le_bytes());
+        mix(&e.identity);
+    }
+    // A slot is hashed as its backend's rank in identity order (u32::MAX
+    // when empty), one multiply per slot: a thousand tables of 65537 slots
+    // are digested in well under a second. Ids are small and dense.
+    let top = sorted.iter().map(|e| e.id as usize + 1).max().unwrap_or(0);
+    let mut rank = vec![u32::MAX; top];
+    for (r, e) in sorted.iter().enumerate() {
+        rank[e.id as usize] = r as u32;
+    }
+    for slot in slots {
+        let r = rank.get(*slot as usize).copied().unwrap_or(u32::MAX);
+        h = (h ^ u64::from(r)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 29;
+    }
+    h
 }
 
 /// Builds a table of `size` slots (a prime) holding backend ids.
@@ -88,9 +124,11 @@ pub fn build_table(entries: &[Entry], size: u32) -> Table {
         .filter(|(_, e)| e.weight > 0)
         .collect();
     if backends.is_empty() || size == 0 {
+        let digest = digest(entries, &table);
         return Table {
             slots: table,
             counts,
+            digest,
         };
     }
     // Identity order, not input order: this is what makes agents agree.
@@ -146,9 +184,11 @@ pub fn build_table(entries: &[Entry], size: u32) -> Table {
                 }
             }
             if filled == m {
+                let digest = digest(entries, &table);
                 return Table {
                     slots: table,
                     counts,
+                    digest,
                 };
             }
         }
@@ -188,6 +228,17 @@ mod tests {
             .collect()
     }
 
+    /// (id, last address byte, weight) triples.
+    fn entries(list: &[(u32, u8, u32)]) -> Vec<Entry> {
+        list.iter()
+            .map(|&(id, last, weight)| Entry {
+                id,
+                identity: vec![198, 18, 0, last],
+                weight,
+            })
+            .collect()
+    }
+
     fn shares(table: &[u32]) -> HashMap<u32, usize> {
         let mut s = HashMap::new();
         for id in table {
@@ -208,6 +259,17 @@ mod tests {
                 s.get(&e.id).copied().unwrap_or(0) as f64 / ideal
             })
             .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn digest_follows_identities_not_ids() {
+        let a = entries(&[(1, 10, 100), (2, 11, 100), (3, 12, 50)]);
+        // The same backends under other local ids, given in another order.
+        let b = entries(&[(9, 12, 50), (7, 10, 100), (8, 11, 100)]);
+        let (ta, tb) = (build(&a, 65537), build(&b, 65537));
+        assert_eq!(digest(&a, &ta), digest(&b, &tb));
+        let c = entries(&[(1, 10, 100), (2, 11, 100), (3, 12, 60)]);
+        assert_ne!(digest(&a, &ta), digest(&c, &build(&c, 65537)));
     }
 
     #[test]

@@ -4,4 +4,5 @@ pub mod etcd;
 pub mod fixture;
 pub mod hosts;
 pub mod packet;
+pub mod scaleout;
 pub mod topology;

@@ -112,7 +112,7 @@ static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
 /// Deletes namespaces left by test processes that were killed before their
 /// guard ran (names are `lbt<pid>x<n>-<role>`).
-fn remove_stale_namespaces() {
+pub fn remove_stale_namespaces() {
     let out = sh(&["ip", "netns", "list"]);
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
@@ -144,10 +144,20 @@ fn remove_stale_namespaces() {
 
 /// A backend's TCP and UDP servers; each answers with the backend's name.
 /// A load report (`GET /load` on port 8081, `{"load": x}`) says `load`/1000.
-struct Servers {
+pub struct Servers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     load: Arc<AtomicU32>,
+}
+
+impl Servers {
+    /// Stops the servers and waits for their threads.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 pub struct Topology {
@@ -627,76 +637,8 @@ backends = [{equal6}]
     }
 
     fn start_servers(&mut self, i: usize) {
-        let ns = self.ns(&format!("b{i}"));
-        let name = format!("b{i}");
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        // TCP: the first line back is the backend's name, then an echo.
-        let (n, s) = (name.clone(), stop.clone());
-        threads.push(in_netns(&ns, move || {
-            let listener = TcpListener::bind("[::]:80").expect("bind TCP [::]:80");
-            listener.set_nonblocking(true).expect("nonblocking");
-            let mut conns: Vec<JoinHandle<()>> = Vec::new();
-            while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let (n, s) = (n.clone(), s.clone());
-                        conns.push(std::thread::spawn(move || serve_tcp(stream, &n, &s)));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-                conns.retain(|c| !c.is_finished());
-            }
-            for c in conns {
-                let _ = c.join();
-            }
-        }));
-        // UDP: bound to the VIPs so replies leave from the VIP address.
-        for vip in [
-            SocketAddr::new(VIP_V4.parse().unwrap(), 53),
-            SocketAddr::new(VIP_V6.parse().unwrap(), 53),
-        ] {
-            let (n, s) = (name.clone(), stop.clone());
-            threads.push(in_netns(&ns, move || {
-                let sock = UdpSocket::bind(vip).unwrap_or_else(|e| panic!("bind UDP {vip}: {e}"));
-                sock.set_read_timeout(Some(Duration::from_millis(50)))
-                    .expect("timeout");
-                let mut buf = [0u8; 2048];
-                while !s.load(Ordering::Relaxed) {
-                    if let Ok((_, from)) = sock.recv_from(&mut buf) {
-                        let _ = sock.send_to(n.as_bytes(), from);
-                    }
-                }
-            }));
-        }
-        // Load report.
-        let load = Arc::new(AtomicU32::new(0));
-        let (l, s) = (load.clone(), stop.clone());
-        threads.push(in_netns(&ns, move || {
-            let listener = TcpListener::bind("[::]:8081").expect("bind TCP [::]:8081");
-            listener.set_nonblocking(true).expect("nonblocking");
-            while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut stream, _)) => {
-                        let _ = stream.set_nonblocking(false);
-                        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-                        let mut buf = [0u8; 512];
-                        let _ = stream.read(&mut buf);
-                        let body = format!("{{\"load\": {}}}", f64::from(l.load(Ordering::Relaxed)) / 1000.0);
-                        let _ = stream.write_all(
-                            format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-                                .as_bytes(),
-                        );
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        }));
-        self.servers.push(Servers {
-            stop,
-            threads,
-            load,
-        });
+        let servers = start_servers(&self.ns(&format!("b{i}")), &format!("b{i}"));
+        self.servers.push(servers);
     }
 
     /// Sets the load backend `i` reports (0 idle, 1 at its limit).
@@ -708,11 +650,7 @@ backends = [{equal6}]
 
     /// Stops backend `i`'s servers (its host and decapsulator stay up).
     pub fn stop_servers(&mut self, i: usize) {
-        let s = &mut self.servers[i];
-        s.stop.store(true, Ordering::Relaxed);
-        for t in s.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.servers[i].stop();
     }
 
     pub fn lbctl_at(&self, socket: &PathBuf, args: &[&str]) -> std::process::Output {
@@ -826,9 +764,85 @@ backends = [{equal6}]
     }
 }
 
+/// Starts a backend's servers in namespace `ns`, answering as `name`: TCP
+/// port 80 (the name, then an echo), UDP port 53 on the VIPs, and the load
+/// report on port 8081.
+pub fn start_servers(ns: &str, name: &str) -> Servers {
+    let ns = ns.to_string();
+    let name = name.to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    // TCP: the first line back is the backend's name, then an echo.
+    let (n, s) = (name.clone(), stop.clone());
+    threads.push(in_netns(&ns, move || {
+        let listener = TcpListener::bind("[::]:80").expect("bind TCP [::]:80");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let mut conns: Vec<JoinHandle<()>> = Vec::new();
+        while !s.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let (n, s) = (n.clone(), s.clone());
+                    conns.push(std::thread::spawn(move || serve_tcp(stream, &n, &s)));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+            conns.retain(|c| !c.is_finished());
+        }
+        for c in conns {
+            let _ = c.join();
+        }
+    }));
+    // UDP: bound to the VIPs so replies leave from the VIP address.
+    for vip in [
+        SocketAddr::new(VIP_V4.parse().unwrap(), 53),
+        SocketAddr::new(VIP_V6.parse().unwrap(), 53),
+    ] {
+        let (n, s) = (name.clone(), stop.clone());
+        threads.push(in_netns(&ns, move || {
+            let sock = UdpSocket::bind(vip).unwrap_or_else(|e| panic!("bind UDP {vip}: {e}"));
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("timeout");
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(n.as_bytes(), from);
+                }
+            }
+        }));
+    }
+    // Load report.
+    let load = Arc::new(AtomicU32::new(0));
+    let (l, s) = (load.clone(), stop.clone());
+    threads.push(in_netns(&ns, move || {
+        let listener = TcpListener::bind("[::]:8081").expect("bind TCP [::]:8081");
+        listener.set_nonblocking(true).expect("nonblocking");
+        while !s.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                    let mut buf = [0u8; 512];
+                    let _ = stream.read(&mut buf);
+                    let body = format!("{{\"load\": {}}}", f64::from(l.load(Ordering::Relaxed)) / 1000.0);
+                    let _ = stream.write_all(
+                        format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                            .as_bytes(),
+                    );
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }));
+    Servers {
+        stop,
+        threads,
+        load,
+    }
+}
+
 /// Attaches `lb_decap` (with no decapsulation address, so it passes every
 /// frame) to `iface` in namespace `ns`; detached when the object is dropped.
-pub(crate) fn attach_pass_through(ns: &str, iface: &str) -> aya::Ebpf {
+pub fn attach_pass_through(ns: &str, iface: &str) -> aya::Ebpf {
     let iface = iface.to_string();
     in_netns(ns, move || {
         let mut ebpf = lb_userspace::datapath::load(&lb_userspace::datapath::MapSizes::DECAP_ONLY)
@@ -872,7 +886,8 @@ fn serve_tcp(mut stream: TcpStream, name: &str, stop: &AtomicBool) {
     }
 }
 
-fn terminate(child: &mut Child) -> std::process::ExitStatus {
+/// SIGTERM, then SIGKILL after 5 s; waits for the child.
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(5);

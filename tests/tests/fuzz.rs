@@ -12,7 +12,12 @@
 //!   the frame, an ICMP error's quote within the error) behind an outer header
 //!   whose length is the inner packet's;
 //! - `lb_decap` passes every packet that is not encapsulated to one of its
-//!   addresses, and what it decapsulates is the inner packet, whole.
+//!   addresses, and what it decapsulates is the inner packet, whole;
+//! - the second chance: `lb_ingress` adds a well-formed option naming a
+//!   backend (the fixture's VIP has a previous table), and `lb_decap` sends
+//!   on only packets with a well-formed option, to the address it names,
+//!   with the option removed and the rest intact. Tunnelled packets carry
+//!   valid, damaged and random options.
 //!
 //! `LB_FUZZ_PACKETS` (default 1,000,000) sets the number of packets and
 //! `LB_FUZZ_SEED` another seed; a failure prints the seed, the packet's index
@@ -22,7 +27,7 @@ use std::{
     time::Instant,
 };
 
-use lb_common::{DecapOutcome, Outcome};
+use lb_common::{DecapOutcome, Outcome, SECOND_CHANCE_LEN, SECOND_CHANCE_OPTION};
 use lb_tests::{fixture::*, packet::*};
 
 const SEED: u64 = 0x4c42_5f46_555a_5a31;
@@ -211,6 +216,13 @@ fn check_encapsulated(input: &[u8], out: &[u8]) -> Result<(), String> {
         (Some(ETH_IPV4), Some(4)) if out.len() >= 34 && out[14] == 0x45 => {
             (20, be16(out, 16), out[23])
         }
+        (Some(ETH_IPV4), Some(4)) if out.len() >= 46 && out[14] == 0x48 => {
+            check_option(&out[34..46])?;
+            if checksum(&out[14..46]) != 0 {
+                return Err("outer checksum with the option".into());
+            }
+            (32, be16(out, 16), out[23])
+        }
         (Some(ETH_IPV6), Some(6)) if out.len() >= 54 => (40, be16(out, 18) + 40, out[20]),
         _ => return Err("outer IP header".into()),
     };
@@ -230,6 +242,45 @@ fn check_encapsulated(input: &[u8], out: &[u8]) -> Result<(), String> {
         return Err(format!(
             "outer length {outer_total} for an inner packet of {inner_total}"
         ));
+    }
+    Ok(())
+}
+
+/// A second-chance option as `lb_ingress` writes it: naming an IPv4 backend
+/// and the next hop's MAC.
+fn check_option(o: &[u8]) -> Result<(), String> {
+    let named = BACKEND4.iter().any(|b| o[2..6] == b.octets());
+    if o[0] != SECOND_CHANCE_OPTION || o[1] as usize != SECOND_CHANCE_LEN || !named {
+        return Err("second-chance option".into());
+    }
+    if o[6..12] != NEXT_HOP_MAC {
+        return Err("second-chance next-hop MAC".into());
+    }
+    Ok(())
+}
+
+/// Checks a packet `lb_decap` sent on to the second candidate: only with a
+/// well-formed option, to the address and MAC it named, option removed,
+/// TTL lowered, checksum right, the inner packet intact.
+fn check_sent_on(input: &[u8], out: &[u8]) -> Result<(), String> {
+    let well_formed = input.len() >= 46
+        && input[14] == 0x48
+        && input[34] == SECOND_CHANCE_OPTION
+        && input[35] as usize == SECOND_CHANCE_LEN;
+    if !well_formed {
+        return Err("sent on without a well-formed option".into());
+    }
+    if out.len() != input.len() - SECOND_CHANCE_LEN || out[..6] != input[40..46] {
+        return Err("frame length or destination MAC".into());
+    }
+    if out[6..12] != input[..6] || out[14] != 0x45 || out[30..34] != input[36..40] {
+        return Err("source MAC, header length or destination".into());
+    }
+    if out[22] != input[22] - 1 || checksum(&out[14..34]) != 0 {
+        return Err("TTL or checksum".into());
+    }
+    if be16(out, 16) + SECOND_CHANCE_LEN != be16(input, 16) || out[34..] != input[46..] {
+        return Err("length or inner packet".into());
     }
     Ok(())
 }
@@ -525,6 +576,20 @@ impl Gen {
         }
     }
 
+    /// A second-chance option: mostly well formed, else damaged or random.
+    fn second_chance_option(&mut self) -> Vec<u8> {
+        let mut o = vec![SECOND_CHANCE_OPTION, SECOND_CHANCE_LEN as u8];
+        o.extend_from_slice(&self.pick(&BACKEND4).octets());
+        o.extend_from_slice(&NEXT_HOP_MAC);
+        match self.rng.u8(..6) {
+            0 => o[1] = self.rng.u8(..),
+            1 => o[0] = self.rng.u8(..),
+            2 => o = self.bytes(SECOND_CHANCE_LEN),
+            _ => {}
+        }
+        o
+    }
+
     /// An encapsulated packet as the balancer sends it, mostly to `lb_decap`'s address.
     fn tunnel(&mut self, depth: u8) -> Vec<u8> {
         let inner = self.ip_packet(depth);
@@ -539,7 +604,18 @@ impl Gen {
             } else {
                 BACKEND4[0]
             };
-            self.ipv4_with(Ipv4Addr::new(198, 18, 200, 1), dst, proto, &inner)
+            let src = Ipv4Addr::new(198, 18, 200, 1);
+            if self.rng.u8(..3) == 0 {
+                let option = self.second_chance_option();
+                let fields = V4Fields {
+                    id: 0,
+                    frag_off: 0x4000,
+                    ttl: self.rng.u8(..3).max(1) * 32 - 31 + self.rng.u8(..2),
+                    options: &option,
+                };
+                return ipv4_full(src, dst, proto, fields, &inner);
+            }
+            self.ipv4_with(src, dst, proto, &inner)
         } else {
             let dst = if self.rng.u8(..4) == 0 {
                 self.dst6()
@@ -680,6 +756,8 @@ struct Tally {
     packets: u64,
     ingress: [u64; 5],
     decap: [u64; 5],
+    /// Packets `lb_ingress` sent with a second-chance option.
+    with_option: u64,
 }
 
 struct Fuzz {
@@ -695,7 +773,16 @@ impl Fuzz {
             max_vips: 8,
             ..SIZES
         };
-        let mut f = Fixture::with_sizes(sizes, &vips());
+        // The IPv4 TCP VIP had one backend fewer before: its previous table
+        // gives flows a second chance.
+        let b4: Vec<IpAddr> = BACKEND4.iter().map(|a| IpAddr::V4(*a)).collect();
+        let before = vips().replacen(
+            &vip(IpAddr::V4(VIP4), 80, "tcp", &b4),
+            &vip(IpAddr::V4(VIP4), 80, "tcp", &b4[..2]),
+            1,
+        );
+        let mut f = Fixture::with_sizes(sizes, &before);
+        f.apply(&vips());
         f.add_decap_address(IpAddr::V4(BACKEND4[0]));
         f.add_decap_address(IpAddr::V6(BACKEND6[0]));
         Fuzz {
@@ -727,6 +814,9 @@ impl Fuzz {
             XDP_TX => check_encapsulated(frame, &r.output),
             _ => Err("unexpected action".to_string()),
         };
+        if r.action == XDP_TX && r.output.get(14) == Some(&0x48) {
+            self.tally.with_option += 1;
+        }
         if let Err(why) = verdict {
             self.fail("lb_ingress", frame, r.action, &why);
         }
@@ -740,6 +830,7 @@ impl Fuzz {
             XDP_PASS => check_decapsulated(frame, &r.output),
             XDP_DROP if ours => Ok(()),
             XDP_DROP => Err("dropped a packet not tunnelled to this host".into()),
+            XDP_TX if ours => check_sent_on(frame, &r.output),
             _ => Err("unexpected action".to_string()),
         };
         if let Err(why) = verdict {
@@ -806,6 +897,7 @@ fn random_and_mutated_packets_are_never_aborted_nor_misrouted() {
     for o in Outcome::ALL {
         println!("  {:<24} {}", o.name(), fuzz.f.outcome(o));
     }
+    println!("  with a second-chance option {}", t.with_option);
     println!("lb_decap: {}", actions(&t.decap));
     for o in DecapOutcome::ALL {
         println!("  {:<24} {}", o.name(), decap[o as usize].packets);
@@ -832,8 +924,10 @@ fn random_and_mutated_packets_are_never_aborted_nor_misrouted() {
             DecapOutcome::Decapsulated,
             DecapOutcome::Passed,
             DecapOutcome::DroppedMalformed,
+            DecapOutcome::SecondChance,
         ] {
             assert!(decap[o as usize].packets > 0, "no packet {}", o.name());
         }
+        assert!(t.with_option > 0, "no packet with a second-chance option");
     }
 }

@@ -357,10 +357,11 @@ fn a_changed_flow_table_size_migrates_the_connections() {
         "{}",
         t.log("lb")
     );
-    let maps = pins_of(&t, "lb").join("maps-v1");
+    let layout = format!("maps-v{}", lb_common::LAYOUT_VERSION);
+    let maps = pins_of(&t, "lb").join(&layout);
     let info = aya::maps::MapInfo::from_pin(maps.join("FLOWS")).expect("pinned FLOWS");
     assert_eq!(info.max_entries(), 131072);
-    assert!(!pins_of(&t, "lb").join("maps-v1-next").exists());
+    assert!(!pins_of(&t, "lb").join(format!("{layout}-next")).exists());
     std::thread::sleep(Duration::from_secs(1));
     let (_, _, failures) = load.stop();
     assert!(

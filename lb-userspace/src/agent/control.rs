@@ -199,6 +199,7 @@ async fn handle(req: Request, state: &Shared, resolver: &Resolver) -> Response {
         Request::Maintenance(cmd) => maintenance(state, cmd).await,
         Request::MaintenanceStatus => Ok(maintenance_status(&*state.lock().await)),
         Request::Shutdown { detach } => Ok(shutdown(&mut *state.lock().await, detach)),
+        Request::Node { action } => super::announce::node(state, action).await,
     };
     result.unwrap_or_else(|e| Response::Error {
         message: format!("{e:#}"),

@@ -8,12 +8,14 @@
 //! - `instance`: the instance lock, attaching through pinned links, cleanup.
 //! - `loops`: one function per loop (collect, health, load, events, next hops).
 //! - `control`: the control API and its handlers.
+//! - `announce`: the VIPs announced through BIRD, node drain.
 //! - `fleet`: registration in the fleet store, a balancer's VIPs from it, and
 //!   the health verdicts it publishes there.
 //! - `host`: the host intermediary role: source-side balancers installed
 //!   through the store, on the guests' interfaces.
 //! - `status`, `report`, `metrics`: what the agent shows, read from the state.
 
+mod announce;
 mod control;
 mod dashboard;
 mod fleet;
@@ -229,6 +231,10 @@ async fn spawn_loops(
             refresh,
         )));
     }
+    if let Some(a) = &config.announce {
+        let every = Duration::from_millis(a.refresh_ms);
+        tasks.push(tokio::spawn(announce::keep(state.clone(), every)));
+    }
     if let Some(addr) = config.metrics {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -287,7 +293,12 @@ pub async fn run_object(
         info!("migration complete");
     }
     let socket = config.socket.clone();
-    let state = shared_state(config.clone(), balancing, decap, interfaces);
+    // Only now that the programs are attached may VIPs be announced.
+    let announce = match (&config.announce, &config.balancer) {
+        (Some(a), Some(b)) => Some(announce::Announce::start(a, b).await?),
+        _ => None,
+    };
+    let state = shared_state(config.clone(), balancing, decap, interfaces, announce);
     let tasks = spawn_loops(&state.0, &config, state.1, &resolver).await?;
     let state = state.0;
     info!(socket = %socket.display(), instance = config.instance, "serving the control API");
@@ -307,11 +318,12 @@ pub async fn run_object(
     if let Some(h) = host_role {
         h.leave().await;
     }
-    if let Some(m) = membership {
-        m.leave().await;
-    }
     for t in tasks {
         t.abort();
+    }
+    announce::withdraw_all(&state).await;
+    if let Some(m) = membership {
+        m.leave().await;
     }
     let _ = std::fs::remove_file(&socket);
     let detach = state.lock().await.detach;
@@ -332,6 +344,7 @@ fn shared_state(
     balancing: Option<Balancing>,
     decap: Option<DecapMaps>,
     interfaces: Vec<InterfaceStatus>,
+    announce: Option<announce::Announce>,
 ) -> (Shared, Option<(FlowTable, RingBuf<MapData>)>) {
     let collector = config
         .balancer
@@ -355,6 +368,7 @@ fn shared_state(
         collector,
         lifecycle,
         flows,
+        announce,
         stop: Arc::new(tokio::sync::Notify::new()),
         detach: false,
     }));

@@ -6,6 +6,7 @@ use anyhow::{Context as _, Result};
 use tokio::sync::Mutex;
 use tracing::warn;
 
+use super::announce::Announce;
 use crate::{
     api::InterfaceStatus,
     balancer::Balancer,
@@ -24,6 +25,8 @@ pub(crate) struct State {
     pub(crate) lifecycle: Lifecycle,
     /// A handle on the connection table for `lbctl flows`, read without the lock.
     pub(crate) flows: Option<Arc<FlowTable>>,
+    /// The VIP routes for BIRD, with `[announce]`.
+    pub(crate) announce: Option<Announce>,
     /// Notified by `lbctl shutdown`.
     pub(crate) stop: Arc<tokio::sync::Notify>,
     /// `lbctl shutdown --detach`: remove the pinned datapath on the way out.

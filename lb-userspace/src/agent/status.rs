@@ -119,6 +119,7 @@ pub(crate) fn vips(
                 protocol: v.protocol,
                 vip_id,
                 counters: bal.datapath().vip_counters(vip_id)?.into(),
+                table_digest: format!("{:016x}", bal.table_digest((v.address, v.port, v.protocol))),
                 backends,
             })
         })

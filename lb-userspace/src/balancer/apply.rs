@@ -234,6 +234,9 @@ impl<D: Datapath> Balancer<D> {
                 let _ = self.dp.remove_vip(&marker_key(k.0));
             }
             self.rings.rest(old.ring);
+            if let Some(previous) = old.previous {
+                self.rings.rest(previous);
+            }
             summary.vips_removed += 1;
         }
         for address in gone_backends {
@@ -269,6 +272,7 @@ impl<D: Datapath> Balancer<D> {
     ) -> Result<()> {
         let key = ident(vip);
         let old = self.vips.get(&key).map(|o| (o.vip_id, o.ring));
+        let old_previous = self.vips.get(&key).and_then(|o| o.previous);
         let ring = self
             .rings
             .take()
@@ -294,21 +298,24 @@ impl<D: Datapath> Balancer<D> {
                 id
             }
         };
+        // The table being replaced stays as the previous one (second
+        // chance); the one before it is given up.
+        let previous = old.map(|(_, old_ring)| old_ring);
         let info = VipInfo {
             vip_id,
             ring,
-            flags: 0,
+            previous_ring: previous.map_or(0, |r| r + 1),
         };
         self.dp
             .set_vip(&vip_key(vip.address, vip.port, vip.protocol), &info)?;
         self.dp
             .set_vip(&marker_key(vip.address), &VipInfo::default())?;
         match old {
-            Some((_, old_ring)) => {
-                self.rings.rest(old_ring);
-                summary.vips_changed += 1;
-            }
+            Some(_) => summary.vips_changed += 1,
             None => summary.vips_added += 1,
+        }
+        if let Some(given_up) = old_previous {
+            self.rings.rest(given_up);
         }
         self.vips.insert(
             key,
@@ -317,6 +324,8 @@ impl<D: Datapath> Balancer<D> {
                 vip_id,
                 ring,
                 slots,
+                digest: table.digest,
+                previous,
             },
         );
         Ok(())

@@ -45,6 +45,9 @@ pub fn settings(config: &BalancerConfig) -> Settings {
     if dp.clamp_mss {
         flags |= lb_common::SETTING_CLAMP_MSS;
     }
+    if dp.second_chance {
+        flags |= lb_common::SETTING_SECOND_CHANCE;
+    }
     let mut s = Settings {
         maglev_size: dp.maglev_table_size,
         flags,

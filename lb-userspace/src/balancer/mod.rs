@@ -18,6 +18,7 @@ mod apply;
 mod ids;
 mod keys;
 mod pairs;
+mod serving;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -47,6 +48,11 @@ struct VipState {
     ring: u32,
     /// Slots each backend holds in the ring, by address.
     slots: BTreeMap<IpAddr, u32>,
+    /// `maglev::digest` of the table in the ring (0 until one is built).
+    digest: u64,
+    /// The ring of the table before the last change, kept for the
+    /// datapath's second chance until the next change.
+    previous: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -158,11 +164,16 @@ impl<D: Datapath> Balancer<D> {
                 addr_from_bytes(key.addr, key.family),
                 u16::from_be(key.port),
             );
-            if !self.vip_ids.claim(info.vip_id) || !self.rings.claim(info.ring) {
+            let previous = info.previous_ring.checked_sub(1);
+            if !self.vip_ids.claim(info.vip_id)
+                || !self.rings.claim(info.ring)
+                || previous.is_some_and(|r| !self.rings.claim(r))
+            {
                 bail!(
-                    "the pinned VIP {address} port {port} has vip id {} and ring {}, outside this agent's sizes or used twice",
+                    "the pinned VIP {address} port {port} has vip id {}, ring {} and previous ring {}, outside this agent's sizes or used twice",
                     info.vip_id,
-                    info.ring
+                    info.ring,
+                    info.previous_ring
                 );
             }
             let config = VipConfig {
@@ -180,6 +191,8 @@ impl<D: Datapath> Balancer<D> {
                 vip_id: info.vip_id,
                 ring: info.ring,
                 slots: BTreeMap::new(),
+                digest: 0,
+                previous,
             };
             self.vips.insert((address, port, protocol), state);
         }

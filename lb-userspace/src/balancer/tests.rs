@@ -383,3 +383,80 @@ fn second_vip_lookup_is_skipped_only_while_no_vip_has_every_port() {
     b.apply_cfg(&web_two()).unwrap();
     assert_ne!(b.datapath().settings.flags & NONE, 0);
 }
+
+/// Second chance: a changed table keeps the one it replaced as the VIP's
+/// previous ring, untouched, until the next change gives it up.
+#[test]
+fn a_changed_table_keeps_the_previous_one_for_the_second_chance() {
+    let mut b = balancer();
+    b.apply_cfg(&web_two()).unwrap();
+    let k = key("198.18.10.1", 80);
+    let first = b.datapath().vips[&k];
+    assert_eq!(first.previous_ring, 0, "a new VIP has no previous table");
+    let first_table = b.datapath().rings[&first.ring].clone();
+
+    let three = config(&vip(
+        "198.18.10.1",
+        80,
+        &[("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)],
+    ));
+    b.apply_cfg(&three).unwrap();
+    let second = b.datapath().vips[&k];
+    assert_ne!(second.ring, first.ring);
+    assert_eq!(second.previous_ring, first.ring + 1);
+    // The previous ring still holds the first table for the datapath to read.
+    assert_eq!(b.datapath().rings[&first.ring], first_table);
+
+    // Many changes later no ring in use has been rewritten under the VIP:
+    // the live and the previous ring always differ and are never reused
+    // while named.
+    let mut named = vec![(second.ring, second.previous_ring)];
+    for round in 0..12u32 {
+        let weight = 1 + round % 3;
+        b.apply_cfg(&config(&vip(
+            "198.18.10.1",
+            80,
+            &[
+                ("198.18.0.11", 1),
+                ("198.18.0.12", weight),
+                ("198.18.0.13", 1),
+            ],
+        )))
+        .unwrap();
+        let now = b.datapath().vips[&k];
+        let (last_ring, _) = *named.last().unwrap();
+        if now.ring != last_ring {
+            assert_eq!(now.previous_ring, last_ring + 1);
+        }
+        assert_ne!(now.ring + 1, now.previous_ring);
+        named.push((now.ring, now.previous_ring));
+    }
+    // Removing the VIP gives both rings up.
+    b.apply_cfg(&config(&vip("198.18.10.2", 80, &[("198.18.0.11", 1)])))
+        .unwrap();
+    assert!(!b.datapath().vips.contains_key(&k));
+}
+
+#[test]
+fn the_digest_is_the_same_whatever_the_order_and_ids() {
+    let mut a = balancer();
+    a.apply_cfg(&config(&vip(
+        "198.18.10.1",
+        80,
+        &[("198.18.0.11", 1), ("198.18.0.12", 2)],
+    )))
+    .unwrap();
+    let mut b = balancer();
+    // Another backend first takes other ids; then the same VIP, reordered.
+    b.apply_cfg(&config(&vip("198.18.10.9", 80, &[("198.18.0.30", 1)])))
+        .unwrap();
+    b.apply_cfg(&config(&vip(
+        "198.18.10.1",
+        80,
+        &[("198.18.0.12", 2), ("198.18.0.11", 1)],
+    )))
+    .unwrap();
+    let ident = ("198.18.10.1".parse().unwrap(), 80, Protocol::Tcp);
+    assert_ne!(a.table_digest(ident), 0);
+    assert_eq!(a.table_digest(ident), b.table_digest(ident));
+}

@@ -4,6 +4,8 @@
 mod fleet;
 #[path = "lbctl/install.rs"]
 mod install;
+#[path = "lbctl/node.rs"]
+mod node;
 #[path = "lbctl/progress.rs"]
 mod progress;
 
@@ -114,6 +116,11 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// This LB node's VIP announcement through BIRD: drain, undrain, status.
+    Node {
+        #[command(subcommand)]
+        action: node::NodeCommand,
     },
     /// The fleet's etcd store: registered nodes, the VIP document.
     Fleet {
@@ -346,13 +353,14 @@ fn print_xdp_errors(list: &[XdpErrors]) {
 fn print_vip_status(v: &VipStatus, maglev_table_size: u32) {
     println!();
     println!(
-        "VIP {} {} {}  packets {}  bytes {}  new flows {}",
+        "VIP {} {} {}  packets {}  bytes {}  new flows {}  table {}",
         v.name,
         v.protocol,
         socket_text(v.address, v.port),
         v.counters.packets,
         human_bytes(v.counters.bytes),
-        v.counters.new_flows
+        v.counters.new_flows,
+        v.table_digest
     );
     println!(
         "  {:<40} {:>6} {:>9} {:>7} {:>9} {:<20} {:>5} {:>6} {:>6}",
@@ -630,6 +638,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Maintenance { action } => run_maintenance(socket, action).await,
         Command::Apply { file, json } => run_apply(socket, &file, json).await,
         Command::Shutdown { detach } => run_shutdown(socket, detach).await,
+        Command::Node { action } => node::run_node(socket, action).await,
         Command::Fleet { action } => fleet::run_fleet(cli.fleet.as_deref(), action).await,
         Command::Service { action } => fleet::run_service(cli.fleet.as_deref(), action).await,
         Command::Install { from, to } => install::install(cli.fleet.as_deref(), from, to).await,

@@ -10,11 +10,13 @@ use std::{fmt, net::IpAddr, path::PathBuf, str::FromStr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+mod announce;
 mod fleet;
 mod host;
 mod raw;
 mod validate;
 
+pub use announce::AnnounceConfig;
 pub use fleet::{check_name, FleetConfig, DEFAULT_FLEET_PREFIX};
 pub use host::{host_instance, HostConfig, HostVip};
 pub use raw::*;
@@ -59,6 +61,9 @@ pub struct Config {
     /// The etcd store of a fleet: the agent registers there, and a balancer
     /// takes its VIPs from it (the file's `[[vips]]` serve until then).
     pub fleet: Option<FleetConfig>,
+    /// The VIP routes this balancer keeps for BIRD to announce; none when
+    /// the section is absent.
+    pub announce: Option<AnnounceConfig>,
     /// The host intermediary role: source-side balancers installed through
     /// the fleet store run on this host's guests' interfaces.
     pub host: Option<HostConfig>,
@@ -161,6 +166,9 @@ pub struct DatapathConfig {
     pub icmp_too_big_burst: u32,
     /// Lower the MSS option of SYNs to VIPs to what fits the backend's link.
     pub clamp_mss: bool,
+    /// Flows the connection table does not know, whose backend differs in
+    /// the VIP's previous table, carry that backend as a second candidate.
+    pub second_chance: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -368,6 +376,9 @@ impl Config {
         }
         if self.fleet != new.fleet {
             return err("fleet", "cannot change on reload; restart the agent");
+        }
+        if self.announce != new.announce {
+            return err("announce", "cannot change on reload; restart the agent");
         }
         if self.host != new.host {
             return err("host", "cannot change on reload; restart the agent");

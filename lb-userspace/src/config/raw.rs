@@ -18,7 +18,16 @@ pub struct RawConfig {
     pub metrics: Option<RawMetrics>,
     pub lifecycle: Option<RawLifecycle>,
     pub fleet: Option<RawFleet>,
+    pub announce: Option<RawAnnounce>,
     pub host: Option<RawHost>,
+}
+
+/// `[announce]`: the kernel table BIRD learns the VIP routes from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAnnounce {
+    pub table: Option<i64>,
+    pub refresh_ms: Option<i64>,
 }
 
 /// `[host]`: this agent runs source-side balancers for its guests when the
@@ -110,6 +119,7 @@ pub struct RawDatapath {
     pub icmp_too_big_rate: Option<i64>,
     pub icmp_too_big_burst: Option<i64>,
     pub clamp_mss: Option<bool>,
+    pub second_chance: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

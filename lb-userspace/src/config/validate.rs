@@ -10,11 +10,11 @@ use std::{
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{
-    err, socket_text, BackendConfig, BalancerConfig, Config, ConfigError, DatapathConfig,
-    DecapConfig, EncapConfig, Feedback, HealthCheck, HealthKind, Maintenance, Protocol, RawBackend,
-    RawConfig, RawDatapath, RawDecap, RawEncap, RawFeedback, RawHealth, RawMaintenance, RawVip,
-    RawVisibility, TlsCheck, VipConfig, VisibilityConfig, XdpModeSetting, DEFAULT_INSTANCE,
-    DEFAULT_SOCKET, DEFAULT_STATE_FILE, MAX_RING_ENTRIES,
+    announce::validate_announce, err, socket_text, BackendConfig, BalancerConfig, Config,
+    ConfigError, DatapathConfig, DecapConfig, EncapConfig, Feedback, HealthCheck, HealthKind,
+    Maintenance, Protocol, RawBackend, RawConfig, RawDatapath, RawDecap, RawEncap, RawFeedback,
+    RawHealth, RawMaintenance, RawVip, RawVisibility, TlsCheck, VipConfig, VisibilityConfig,
+    XdpModeSetting, DEFAULT_INSTANCE, DEFAULT_SOCKET, DEFAULT_STATE_FILE, MAX_RING_ENTRIES,
 };
 use crate::maglev::is_prime;
 
@@ -75,14 +75,16 @@ impl RawConfig {
         if self.datapath.is_none() && !self.vips.is_empty() {
             return err("vips", "VIPs need a [datapath] section");
         }
-        if self.datapath.is_none() && self.encap.is_some() {
-            return err("encap", "[encap] needs a [datapath] section");
-        }
-        if self.datapath.is_none() && self.lifecycle.is_some() {
-            return err("lifecycle", "[lifecycle] needs a [datapath] section");
-        }
-        if self.datapath.is_none() && self.visibility.is_some() {
-            return err("visibility", "[visibility] needs a [datapath] section");
+        let balancer_only = [
+            ("encap", self.encap.is_some()),
+            ("lifecycle", self.lifecycle.is_some()),
+            ("announce", self.announce.is_some()),
+            ("visibility", self.visibility.is_some()),
+        ];
+        for (section, present) in balancer_only {
+            if present && self.datapath.is_none() {
+                return err(section, format!("[{section}] needs a [datapath] section"));
+            }
         }
         let balancer = match self.datapath {
             Some(dp) => {
@@ -114,6 +116,7 @@ impl RawConfig {
         };
         let decap = self.decap.map(validate_decap).transpose()?;
         let fleet = self.fleet.map(super::fleet::validate_fleet).transpose()?;
+        let announce = self.announce.map(validate_announce).transpose()?;
         let host = self
             .host
             .map(|h| super::host::validate_host(&instance, h, fleet.as_ref()))
@@ -141,6 +144,7 @@ impl RawConfig {
             decap,
             metrics,
             fleet,
+            announce,
             host,
         })
     }
@@ -232,6 +236,7 @@ pub(super) fn validate_datapath(dp: RawDatapath) -> Result<DatapathConfig, Confi
         icmp_too_big_rate,
         icmp_too_big_burst,
         clamp_mss: dp.clamp_mss.unwrap_or(true),
+        second_chance: dp.second_chance.unwrap_or(true),
     })
 }
 

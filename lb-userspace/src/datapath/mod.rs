@@ -84,10 +84,11 @@ impl MapSizes {
         flow_table_size: 1,
     };
 
-    /// Maglev rings: two per VIP, so a changed table is written beside the
-    /// live one and switched in.
+    /// Maglev rings: three per VIP: the live table, the previous one (for
+    /// the second chance), and room for a changed table to be written beside
+    /// them and switched in.
     pub fn rings(&self) -> u32 {
-        2 * self.max_vips
+        3 * self.max_vips
     }
 }
 

@@ -6,6 +6,7 @@ use anyhow::Result;
 
 use super::exposition::Exposition;
 use crate::agent::{
+    announce,
     state::{Shared, State},
     status,
 };
@@ -270,6 +271,9 @@ pub(super) async fn render(state: &Shared) -> Result<Exposition> {
             health::local_errors(),
         );
     }
+    if st.announce.is_some() {
+        announce_series(&mut out, &st);
+    }
     if let Some(d) = &st.decap {
         let decap = status::decap(d)?;
         outcomes(
@@ -292,6 +296,37 @@ pub(super) async fn render(state: &Shared) -> Result<Exposition> {
         }
     }
     Ok(out)
+}
+
+/// The node's BGP announcement, as `lbctl node status` shows it.
+fn announce_series(out: &mut Exposition, st: &State) {
+    let node = announce::node_status(st);
+    out.family(
+        "lb_node_drained",
+        "gauge",
+        "1 while the node is drained (lbctl node drain).",
+    );
+    out.sample("lb_node_drained", &[], u64::from(node.drained));
+    out.family(
+        "lb_vip_announced",
+        "gauge",
+        "1 for a VIP address whose route BIRD announces, 0 for one withheld (reason label).",
+    );
+    for a in &node.announced {
+        out.sample(
+            "lb_vip_announced",
+            &[("address", &a.to_string()), ("reason", "")],
+            1,
+        );
+    }
+    for w in &node.withheld {
+        let labels = [
+            ("address", w.address.to_string()),
+            ("reason", w.reason.clone()),
+        ];
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        out.sample("lb_vip_announced", &labels, 0);
+    }
 }
 
 /// Per-VIP, per-backend and per-pair series, from the same rows as
@@ -322,6 +357,18 @@ fn balancer_series(out: &mut Exposition, st: &State) -> Result<()> {
         })
         .collect();
     table(out, &VIP_FAMILIES, &rows);
+    out.family(
+        "lb_vip_table_info",
+        "gauge",
+        "1, labelled with the digest of the VIP's Maglev table: equal on LB nodes with the same backends and weights.",
+    );
+    for v in &vips {
+        let labels = [
+            ("vip", v.name.as_str()),
+            ("digest", v.table_digest.as_str()),
+        ];
+        out.sample("lb_vip_table_info", &labels, 1);
+    }
     let backend_data: Vec<BackendData> = status::backends(bal, c)?
         .into_iter()
         .map(|status| BackendData {

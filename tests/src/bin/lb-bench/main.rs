@@ -4,6 +4,9 @@
 //! against the number of hosts, cost per packet). Each figure is the median of several
 //! rounds; ratios are against baselines measured in the same run. Writes
 //! `target/bench/results.json` and `target/bench/results.md`.
+//! `scaleout` (`scaleout.rs`): the second chance's cost and the
+//! convergence of several LB nodes behind an ECMP router.
+mod scaleout;
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -1239,7 +1242,7 @@ fn main() {
         }
     }
     type Section = (&'static str, fn(&mut Report));
-    let sections: [Section; 6] = [
+    let sections: [Section; 7] = [
         ("datapath", |r| {
             datapath_cost(r);
         }),
@@ -1250,6 +1253,7 @@ fn main() {
         }),
         ("control", control_plane),
         ("live", live::forwarding),
+        ("scaleout", scaleout::run),
         ("srcside", srcside::run),
     ];
     for (name, run) in sections {
