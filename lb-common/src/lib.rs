@@ -186,6 +186,38 @@ pub struct HostAddr {
     pub _pad: [u8; 3],
 }
 
+/// `VipInfo::flags`: this instance is a bypass source intermediary for the
+/// VIP (a client host): a flow with an entry in `BYPASS` is encapsulated
+/// straight to that entry's backend; every other packet is recorded in
+/// `BYPASS_SENT` and passed to the stack, which routes it to the LB.
+pub const VIP_BYPASS_SOURCE: u32 = 1 << 0;
+
+/// Value of the bypass table (keyed by `FlowKey`): the backend a flow is sent
+/// straight to, and what the intermediary sent on that leg. Written by the
+/// agent (backend id, on an accepted instruction) and by the datapath
+/// (counters; it removes the entry on the client's FIN or RST, or when the
+/// backend is no longer usable).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BypassEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// Packets and bytes received from the client and sent straight to the
+    /// backend (bytes as received, before the outer header).
+    pub packets: u64,
+    pub bytes: u64,
+    /// `bpf_ktime_get_coarse_ns` of the last packet; 0 before the first.
+    pub last_ns: u64,
+}
+
+/// Index into `BYPASS_STATS`: packets sent straight to a backend; packets of
+/// bypass VIPs passed toward the LB (no entry); entries the datapath ended
+/// (FIN/RST, or a backend no longer usable).
+pub const BYPASS_SENT_DIRECT: u32 = 0;
+pub const BYPASS_PASSED: u32 = 1;
+pub const BYPASS_ENDED: u32 = 2;
+pub const BYPASS_STAT_COUNT: u32 = 3;
+
 /// Maglev slots per `MAGLEV` array element. Array elements are padded to 8
 /// bytes; packing 8 slots in one 32-byte element wastes nothing and makes the
 /// memory-mapped array a plain `u32` slice for the agent.
@@ -463,6 +495,7 @@ const _: () = assert!(core::mem::size_of::<HostAddr>() == 20);
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 48);
 const _: () = assert!(core::mem::size_of::<PacketCounter>() == 16);
 const _: () = assert!(core::mem::size_of::<IcmpTokens>() == 16);
+const _: () = assert!(core::mem::size_of::<BypassEntry>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -480,4 +513,5 @@ mod pod {
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for PacketCounter {}
     unsafe impl aya::Pod for IcmpTokens {}
+    unsafe impl aya::Pod for BypassEntry {}
 }

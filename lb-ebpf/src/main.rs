@@ -11,12 +11,16 @@
 //! - `mtu`: packets too big for the backend's link: SYN MSS clamping, ICMP
 //!   "too big" answers to clients (rate-limited), drops.
 //! - `trace`: connection and traffic tracers, flow events.
+//! - `bypass`: the `lb_source` entry point, the source intermediary of a
+//!   client host (flows sent straight to their backend on instruction,
+//!   others recorded and passed to the LB; the rest as `lb_ingress`).
 //! - `ingress`: the `lb_ingress` entry point (parse, balance, encapsulate, send).
 //! - `decap`: the `lb_decap` entry point for backend hosts.
 #![no_std]
 #![no_main]
 
 mod balance;
+mod bypass;
 mod counters;
 mod decap;
 mod encap;

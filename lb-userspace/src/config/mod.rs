@@ -10,11 +10,13 @@ use std::{fmt, net::IpAddr, path::PathBuf, str::FromStr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+mod bypass;
 mod fleet;
 mod host;
 mod raw;
 mod validate;
 
+pub use bypass::{BypassPolicy, RawBypass};
 pub use fleet::{check_name, FleetConfig, DEFAULT_FLEET_PREFIX};
 pub use host::{host_instance, HostConfig, HostVip};
 pub use raw::*;
@@ -161,6 +163,10 @@ pub struct DatapathConfig {
     pub icmp_too_big_burst: u32,
     /// Lower the MSS option of SYNs to VIPs to what fits the backend's link.
     pub clamp_mss: bool,
+    /// This agent is a bypass source intermediary (a client host) for the
+    /// VIPs with a `bypass` policy: their flows go to the LB unless an
+    /// accepted instruction sends them straight to the backend.
+    pub bypass_source: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -182,6 +188,8 @@ pub struct VipConfig {
     /// Load reports from the backends, which scale their weights.
     pub feedback: Option<Feedback>,
     pub maintenance: Maintenance,
+    /// Off (`None`) by default.
+    pub bypass: Option<BypassPolicy>,
 }
 
 /// Where and how often backends report their load, and how it is damped.

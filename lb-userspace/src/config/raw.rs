@@ -110,6 +110,7 @@ pub struct RawDatapath {
     pub icmp_too_big_rate: Option<i64>,
     pub icmp_too_big_burst: Option<i64>,
     pub clamp_mss: Option<bool>,
+    pub bypass_source: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +132,7 @@ pub struct RawVip {
     pub health: Option<RawHealth>,
     pub feedback: Option<RawFeedback>,
     pub maintenance: Option<RawMaintenance>,
+    pub bypass: Option<super::RawBypass>,
 }
 
 #[derive(Debug, Deserialize)]

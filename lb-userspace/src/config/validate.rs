@@ -232,6 +232,7 @@ pub(super) fn validate_datapath(dp: RawDatapath) -> Result<DatapathConfig, Confi
         icmp_too_big_rate,
         icmp_too_big_burst,
         clamp_mss: dp.clamp_mss.unwrap_or(true),
+        bypass_source: dp.bypass_source.unwrap_or(false),
     })
 }
 
@@ -358,7 +359,16 @@ fn validate_vip(
         Some(m) => validate_maintenance(&format!("{f}.maintenance"), m)?,
         None => Maintenance::default(),
     };
+    let bypass = match rv.bypass {
+        Some(b) => Some(super::bypass::validate_bypass(
+            &format!("{f}.bypass"),
+            b,
+            protocol,
+        )?),
+        None => None,
+    };
     Ok(VipConfig {
+        bypass,
         name,
         address,
         port,
