@@ -218,6 +218,36 @@ pub const BYPASS_PASSED: u32 = 1;
 pub const BYPASS_ENDED: u32 = 2;
 pub const BYPASS_STAT_COUNT: u32 = 3;
 
+/// Key of `BYPASS_CLIENTS` (an LPM trie): a client prefix, IPv4 as
+/// `::ffff:a.b.c.d` (prefix length + 96).
+pub type BypassPrefix = [u8; 16];
+
+/// Value of `BYPASS_CLIENTS`: where the intermediary of a client prefix
+/// listens for instructions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BypassIntermediary {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// A flow `lb_decap` saw reach its VIP's `after_packets` from a client
+/// behind an intermediary: the backend host's agent sends the instruction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BypassEvent {
+    /// The inner flow as the client sent it.
+    pub key: FlowKey,
+    /// The outer destination: this backend's address.
+    pub backend: [u8; 16],
+    pub backend_family: u8,
+    pub _pad: [u8; 3],
+    pub intermediary: BypassIntermediary,
+}
+
 /// Maglev slots per `MAGLEV` array element. Array elements are padded to 8
 /// bytes; packing 8 slots in one 32-byte element wastes nothing and makes the
 /// memory-mapped array a plain `u32` slice for the agent.
@@ -496,6 +526,8 @@ const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 48);
 const _: () = assert!(core::mem::size_of::<PacketCounter>() == 16);
 const _: () = assert!(core::mem::size_of::<IcmpTokens>() == 16);
 const _: () = assert!(core::mem::size_of::<BypassEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<BypassIntermediary>() == 20);
+const _: () = assert!(core::mem::size_of::<BypassEvent>() == 80);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -514,4 +546,6 @@ mod pod {
     unsafe impl aya::Pod for PacketCounter {}
     unsafe impl aya::Pod for IcmpTokens {}
     unsafe impl aya::Pod for BypassEntry {}
+    unsafe impl aya::Pod for BypassIntermediary {}
+    unsafe impl aya::Pod for BypassEvent {}
 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use lb_common::{DecapOutcome, HostAddr, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6};
 
 use crate::{
-    counters,
+    bypass_dest, counters,
     headers::{
         len_from, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN,
         IPV6_LEN,
@@ -120,6 +120,7 @@ fn try_decap(ctx: &XdpContext) -> (u32, DecapOutcome) {
     if !inner_is_sound(ctx, ETH_LEN + outer_len, outer.inner_v4) {
         return (xdp_action::XDP_DROP, DecapOutcome::DroppedMalformed);
     }
+    bypass_dest::notice(ctx, outer_len, outer.inner_v4);
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return (xdp_action::XDP_DROP, DecapOutcome::DroppedMalformed);
     };

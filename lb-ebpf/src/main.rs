@@ -14,6 +14,8 @@
 //! - `bypass`: the `lb_source` entry point, the source intermediary of a
 //!   client host (flows sent straight to their backend on instruction,
 //!   others recorded and passed to the LB; the rest as `lb_ingress`).
+//! - `bypass_dest`: in `lb_decap`, the destination intermediary: flows of
+//!   bypass VIPs from clients behind an intermediary, reported to the agent.
 //! - `ingress`: the `lb_ingress` entry point (parse, balance, encapsulate, send).
 //! - `decap`: the `lb_decap` entry point for backend hosts.
 #![no_std]
@@ -21,6 +23,7 @@
 
 mod balance;
 mod bypass;
+mod bypass_dest;
 mod counters;
 mod decap;
 mod encap;

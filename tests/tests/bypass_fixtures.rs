@@ -50,7 +50,11 @@ fn ring(id: u16, secret: &str) -> KeyRing {
 impl Bypass {
     fn new() -> Bypass {
         let mut f = Fixture::new(&vips());
-        f.apply_full("bypass_source = true", &vips());
+        // The key file is read by the agent, not here.
+        f.apply_full(
+            "bypass_source = true\n[bypass]\nkey_file = \"/etc/lb/bypass-keys.toml\"\nlisten = \"127.0.0.1:7470\"",
+            &vips(),
+        );
         f.load_source();
         let maps = BypassMaps::new(&mut f.ebpf).expect("bypass maps");
         let verifier = Verifier::new(ring(1, KEY_A), DEFAULT_WINDOW_MS, DEFAULT_MAX_NONCES);

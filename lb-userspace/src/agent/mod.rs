@@ -14,6 +14,7 @@
 //!   through the store, on the guests' interfaces.
 //! - `status`, `report`, `metrics`: what the agent shows, read from the state.
 
+mod bypass;
 mod control;
 mod fleet;
 mod host;
@@ -265,6 +266,9 @@ pub async fn run_object(
     instance::remove_stale_socket(&config.socket)?;
     let sizes = sizes(&config);
     let (mut ebpf, origin) = load_programs(&pins, &sizes, object)?;
+    if bypass::is_source(&config) {
+        bypass::load_source(&mut ebpf, &pins)?;
+    }
     let mut balancing = match &config.balancer {
         Some(b) => Some(start_balancer(&mut ebpf, b, &sizes, &resolver, &origin).await?),
         None => None,
@@ -272,6 +276,14 @@ pub async fn run_object(
     let decap = match &config.decap {
         Some(d) => Some(start_decap(&mut ebpf, d, &resolver).await?),
         None => None,
+    };
+    let source = match (&config.bypass, bypass::is_source(&config)) {
+        (Some(bp), true) => Some(bypass::start_source(&mut ebpf, bp)?),
+        _ => None,
+    };
+    let instructions = match &config.bypass {
+        Some(bp) if source.is_some() => bypass::bind(bp).await?,
+        _ => None,
     };
     let listener = bind_socket(&config.socket).await?;
     if let (Origin::Migrating { old }, Some(b)) = (&origin, balancing.as_mut()) {
@@ -287,7 +299,16 @@ pub async fn run_object(
     }
     let socket = config.socket.clone();
     let state = shared_state(config.clone(), balancing, decap, interfaces);
-    let tasks = spawn_loops(&state.0, &config, state.1, &resolver).await?;
+    state.0.lock().await.bypass = source;
+    let mut tasks = spawn_loops(&state.0, &config, state.1, &resolver).await?;
+    if let (Some(socket), Some(bp)) = (instructions, &config.bypass) {
+        tasks.push(tokio::spawn(bypass::receive(state.0.clone(), socket)));
+        tasks.push(tokio::spawn(bypass::sweep(
+            state.0.clone(),
+            Duration::from_secs(1),
+            Duration::from_secs(bp.idle_timeout_s),
+        )));
+    }
     let state = state.0;
     info!(socket = %socket.display(), instance = config.instance, "serving the control API");
     let stop = state.lock().await.stop.clone();
@@ -356,6 +377,7 @@ fn shared_state(
         flows,
         stop: Arc::new(tokio::sync::Notify::new()),
         detach: false,
+        bypass: None,
     }));
     (state, tables)
 }

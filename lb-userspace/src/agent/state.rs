@@ -28,6 +28,8 @@ pub(crate) struct State {
     pub(crate) stop: Arc<tokio::sync::Notify>,
     /// `lbctl shutdown --detach`: remove the pinned datapath on the way out.
     pub(crate) detach: bool,
+    /// The bypass source intermediary (a client host).
+    pub(crate) bypass: Option<super::bypass::Source>,
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;

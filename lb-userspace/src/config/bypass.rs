@@ -105,3 +105,131 @@ mod tests {
         }
     }
 }
+
+/// `[bypass]`: this agent's part in bypass. On a client host (with
+/// `[datapath] bypass_source`), `listen` is where instructions arrive; on a
+/// backend host (with `[decap]`), `intermediaries` says which client
+/// prefixes have an intermediary and where, and `vips` which VIPs' flows
+/// may be bypassed after how many packets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBypassSection {
+    pub key_file: String,
+    pub listen: Option<String>,
+    pub window_ms: Option<i64>,
+    pub idle_timeout_s: Option<i64>,
+    #[serde(default)]
+    pub intermediaries: Vec<RawIntermediary>,
+    #[serde(default)]
+    pub vips: Vec<RawBypassVip>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIntermediary {
+    pub prefix: String,
+    pub address: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBypassVip {
+    pub address: String,
+    pub port: i64,
+    pub protocol: String,
+    pub after_packets: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BypassConfig {
+    pub key_file: std::path::PathBuf,
+    pub listen: Option<std::net::SocketAddr>,
+    pub window_ms: u64,
+    /// A bypassed flow without packets for this long loses its entry.
+    pub idle_timeout_s: u64,
+    pub intermediaries: Vec<(ipnet::IpNet, std::net::SocketAddr)>,
+    /// (address, port, protocol, after_packets).
+    pub vips: Vec<(std::net::IpAddr, u16, Protocol, u32)>,
+}
+
+pub fn validate_bypass_section(raw: RawBypassSection) -> Result<BypassConfig, ConfigError> {
+    let key_file = std::path::PathBuf::from(&raw.key_file);
+    if !key_file.is_absolute() {
+        return err(
+            "bypass.key_file",
+            format!("{:?} is not an absolute path", raw.key_file),
+        );
+    }
+    let listen = match raw.listen {
+        Some(l) => Some(
+            l.parse()
+                .or_else(|_| err("bypass.listen", format!("{l:?} is not an address:port")))?,
+        ),
+        None => None,
+    };
+    let window_ms = in_range(
+        "bypass.window_ms",
+        raw.window_ms,
+        crate::bypass::DEFAULT_WINDOW_MS as i64,
+        100,
+        300_000,
+    )?;
+    let idle_timeout_s = in_range("bypass.idle_timeout_s", raw.idle_timeout_s, 120, 1, 86_400)?;
+    let mut intermediaries = Vec::new();
+    for (i, m) in raw.intermediaries.iter().enumerate() {
+        let f = format!("bypass.intermediaries[{i}]");
+        let prefix: ipnet::IpNet = m.prefix.parse().or_else(|_| {
+            err(
+                format!("{f}.prefix"),
+                format!("{:?} is not a prefix", m.prefix),
+            )
+        })?;
+        let address: std::net::SocketAddr = m.address.parse().or_else(|_| {
+            err(
+                format!("{f}.address"),
+                format!("{:?} is not an address:port", m.address),
+            )
+        })?;
+        if address.port() == 0 {
+            return err(format!("{f}.address"), "port 0");
+        }
+        intermediaries.push((prefix.trunc(), address));
+    }
+    let mut vips = Vec::new();
+    for (i, v) in raw.vips.iter().enumerate() {
+        let f = format!("bypass.vips[{i}]");
+        let address: std::net::IpAddr = v.address.parse().or_else(|_| {
+            err(
+                format!("{f}.address"),
+                format!("{:?} is not an address", v.address),
+            )
+        })?;
+        let port: u16 = in_range(&format!("{f}.port"), Some(v.port), 0, 1, 65_535)?;
+        let protocol = match v.protocol.as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => {
+                return err(
+                    format!("{f}.protocol"),
+                    format!("{other:?} is neither \"tcp\" nor \"udp\""),
+                )
+            }
+        };
+        let after = in_range(
+            &format!("{f}.after_packets"),
+            v.after_packets,
+            DEFAULT_AFTER_PACKETS,
+            1,
+            MAX_AFTER_PACKETS,
+        )?;
+        vips.push((address, port, protocol, after));
+    }
+    Ok(BypassConfig {
+        key_file,
+        listen,
+        window_ms,
+        idle_timeout_s,
+        intermediaries,
+        vips,
+    })
+}

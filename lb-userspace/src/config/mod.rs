@@ -16,7 +16,7 @@ mod host;
 mod raw;
 mod validate;
 
-pub use bypass::{BypassPolicy, RawBypass};
+pub use bypass::{BypassConfig, BypassPolicy, RawBypass};
 pub use fleet::{check_name, FleetConfig, DEFAULT_FLEET_PREFIX};
 pub use host::{host_instance, HostConfig, HostVip};
 pub use raw::*;
@@ -64,6 +64,8 @@ pub struct Config {
     /// The host intermediary role: source-side balancers installed through
     /// the fleet store run on this host's guests' interfaces.
     pub host: Option<HostConfig>,
+    /// Bypass: instructions received (client host) or sent (backend host).
+    pub bypass: Option<BypassConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -19,6 +19,7 @@ pub struct RawConfig {
     pub lifecycle: Option<RawLifecycle>,
     pub fleet: Option<RawFleet>,
     pub host: Option<RawHost>,
+    pub bypass: Option<super::bypass::RawBypassSection>,
 }
 
 /// `[host]`: this agent runs source-side balancers for its guests when the
