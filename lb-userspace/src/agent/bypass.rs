@@ -206,8 +206,16 @@ pub(crate) async fn bind(bp: &BypassConfig) -> Result<Option<UdpSocket>> {
 /// What `lbctl status` and the metrics show of bypass, if this agent has a
 /// part in it.
 pub(crate) fn status(st: &super::state::State) -> Result<Option<crate::api::BypassStatus>> {
+    let (sent, send_errors) = st.bypass_sent.as_ref().map_or((0, 0), |s| {
+        use std::sync::atomic::Ordering::Relaxed;
+        (s.sent.load(Relaxed), s.errors.load(Relaxed))
+    });
     let Some(source) = &st.bypass else {
-        return Ok(None);
+        return Ok(st.bypass_sent.as_ref().map(|_| crate::api::BypassStatus {
+            sent,
+            send_errors,
+            ..Default::default()
+        }));
     };
     let stats = source.maps.stats()?;
     let i = &source.intermediary;
@@ -224,7 +232,7 @@ pub(crate) fn status(st: &super::state::State) -> Result<Option<crate::api::Bypa
         packets_direct: stats[lb_common::BYPASS_SENT_DIRECT as usize],
         packets_to_lb: stats[lb_common::BYPASS_PASSED as usize],
         ended_by_datapath: stats[lb_common::BYPASS_ENDED as usize],
-        sent: 0,
-        send_errors: 0,
+        sent,
+        send_errors,
     }))
 }

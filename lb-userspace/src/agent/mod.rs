@@ -15,6 +15,7 @@
 //! - `status`, `report`, `metrics`: what the agent shows, read from the state.
 
 mod bypass;
+mod bypass_send;
 mod control;
 mod fleet;
 mod host;
@@ -281,6 +282,12 @@ pub async fn run_object(
         (Some(bp), true) => Some(bypass::start_source(&mut ebpf, bp)?),
         _ => None,
     };
+    let sender = match (&config.bypass, &config.decap) {
+        (Some(bp), Some(_)) if !bp.intermediaries.is_empty() => {
+            Some(bypass_send::start(&mut ebpf, bp)?)
+        }
+        _ => None,
+    };
     let instructions = match &config.bypass {
         Some(bp) if source.is_some() => bypass::bind(bp).await?,
         _ => None,
@@ -299,8 +306,15 @@ pub async fn run_object(
     }
     let socket = config.socket.clone();
     let state = shared_state(config.clone(), balancing, decap, interfaces);
-    state.0.lock().await.bypass = source;
+    {
+        let mut st = state.0.lock().await;
+        st.bypass = source;
+        st.bypass_sent = sender.as_ref().map(|s| s.stats.clone());
+    }
     let mut tasks = spawn_loops(&state.0, &config, state.1, &resolver).await?;
+    if let Some(sender) = sender {
+        tasks.push(tokio::spawn(bypass_send::run(sender)));
+    }
     if let (Some(socket), Some(bp)) = (instructions, &config.bypass) {
         tasks.push(tokio::spawn(bypass::receive(state.0.clone(), socket)));
         tasks.push(tokio::spawn(bypass::sweep(
@@ -378,6 +392,7 @@ fn shared_state(
         stop: Arc::new(tokio::sync::Notify::new()),
         detach: false,
         bypass: None,
+        bypass_sent: None,
     }));
     (state, tables)
 }

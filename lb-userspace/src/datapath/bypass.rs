@@ -75,3 +75,51 @@ impl BypassMaps {
         Ok(out)
     }
 }
+
+/// The destination side's maps (a backend host): client prefixes with an
+/// intermediary, bypass VIPs with their packet counts, and the events
+/// `lb_decap` sends.
+pub struct DestMaps {
+    clients: aya::maps::LpmTrie<MapData, lb_common::BypassPrefix, lb_common::BypassIntermediary>,
+    policy: HashMap<MapData, lb_common::VipKey, u32>,
+}
+
+impl DestMaps {
+    /// The maps, and the event ring for the sender.
+    pub fn new(ebpf: &mut Ebpf) -> Result<(Self, aya::maps::RingBuf<MapData>)> {
+        Ok((
+            Self {
+                clients: take(ebpf, "BYPASS_CLIENTS")?,
+                policy: take(ebpf, "BYPASS_POLICY")?,
+            },
+            take(ebpf, "BYPASS_EVENTS")?,
+        ))
+    }
+
+    pub fn add_client_prefix(
+        &mut self,
+        prefix: ipnet::IpNet,
+        intermediary: std::net::SocketAddr,
+    ) -> Result<()> {
+        let (data, len) = match prefix {
+            ipnet::IpNet::V4(p) => (p.addr().to_ipv6_mapped().octets(), 96 + p.prefix_len()),
+            ipnet::IpNet::V6(p) => (p.addr().octets(), p.prefix_len()),
+        };
+        let (addr, family) = lb_common::addr_bytes(intermediary.ip());
+        let value = lb_common::BypassIntermediary {
+            addr,
+            port: intermediary.port().to_be(),
+            family,
+            _pad: 0,
+        };
+        self.clients
+            .insert(&aya::maps::lpm_trie::Key::new(len.into(), data), value, 0)
+            .context("writing BYPASS_CLIENTS")
+    }
+
+    pub fn add_policy(&mut self, vip: &lb_common::VipKey, after_packets: u32) -> Result<()> {
+        self.policy
+            .insert(vip, after_packets, 0)
+            .context("writing BYPASS_POLICY")
+    }
+}

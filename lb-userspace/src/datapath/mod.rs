@@ -32,7 +32,7 @@ use lb_common::{
 };
 
 pub use batch::for_each;
-pub use bypass::BypassMaps;
+pub use bypass::{BypassMaps, DestMaps};
 pub use decap::DecapMaps;
 pub use flows::{FlowSource, FlowTable};
 pub use kernel::{sum_packets, KernelDatapath};
