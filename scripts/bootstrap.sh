@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian machine (as root) to build and test the project:
-# the Debian tools the tests use (etcd-server and openssl for the fleet tests), protoc and
+# the Debian tools the tests use (etcd-server and openssl for the fleet tests, chromium and
+# chromium-driver for the dashboard test, systemd for `systemd-analyze verify` of the units), protoc and
 # the well-known .proto files (etcd-client's build script needs them), LLVM 22,
-# bpf-linker built against it, and rust-src for the nightly toolchain that
-# builds the eBPF crate.
+# bpf-linker built against it, rust-src for the nightly toolchain that
+# builds the eBPF crate, and cargo-deb (the Debian package).
 # Idempotent: everything already present is skipped, so a second run takes seconds.
 set -euo pipefail
 
@@ -16,7 +17,7 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 packages=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 procps ethtool bpftool xdp-tools tcpdump curl
-  etcd-server protobuf-compiler libprotobuf-dev openssl)
+  etcd-server protobuf-compiler libprotobuf-dev openssl chromium chromium-driver systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -47,5 +48,11 @@ if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/bpf-linke
     --no-default-features --features llvm-22
 else
   log "bpf-linker present"
+fi
+if ! cargo deb --version >/dev/null 2>&1; then
+  log "installing cargo-deb (cargo xtask dist; about 3 min)"
+  cargo install --locked cargo-deb --version 3.8.0
+else
+  log "cargo-deb present"
 fi
 log "done"

@@ -20,6 +20,8 @@
 //! - `ethtool`: drivers' XDP error counters (`ethtool -S`).
 //! - `config`: the TOML file and its validation.
 //! - `maglev`: weighted Maglev tables.
+//! - `docs`: man pages and shell completions from the binaries' clap
+//!   definitions (for the Debian package).
 //! - `limits`: what keeps clients from using up the agent: the descriptor
 //!   limit, bounded listeners, errors that mean the agent ran short.
 //!
@@ -31,6 +33,7 @@ pub mod bypass;
 pub mod collector;
 pub mod config;
 pub mod datapath;
+pub mod docs;
 pub mod ethtool;
 pub mod fleet;
 pub mod health;

@@ -160,12 +160,21 @@ fn a_rollout_under_continuous_load_fails_no_connection() {
     }
     std::thread::sleep(Duration::from_secs(1));
 
-    let out = t.lbctl(&["maintenance", "rollout", "web"]);
-    assert!(
-        out.status.success(),
-        "rollout: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Started with --wait: lbctl follows it to the end, one line per change
+    // (its output is not a terminal).
+    let waiting = std::process::Command::new(bin("lbctl"))
+        .arg("--socket")
+        .arg(t.lb_socket())
+        .args(["maintenance", "rollout", "web", "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lbctl");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while maintenance_json(&t)["rollout"].is_null() {
+        assert!(Instant::now() < deadline, "the rollout did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // A second rollout while one runs is refused.
     let again = t.lbctl(&["maintenance", "rollout", "web"]);
     assert!(!again.status.success());
@@ -237,6 +246,24 @@ fn a_rollout_under_continuous_load_fails_no_connection() {
     assert!(
         short_ok > 100 && long_ok > 10,
         "{short_ok} short, {long_ok} long"
+    );
+
+    let waited = waiting.wait_with_output().expect("lbctl --wait");
+    let said = String::from_utf8_lossy(&waited.stdout);
+    assert!(
+        waited.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    assert!(said.contains("rollout of web: 0/3 backends done"), "{said}");
+    assert!(said.contains("draining"), "{said}");
+    assert!(
+        said.contains("rollout of web complete: 3/3 backends up to date"),
+        "{said}"
+    );
+    assert!(
+        !said.contains('\x1b'),
+        "no terminal codes when piped: {said}"
     );
 
     // Every backend's hook ran exactly once, with its address and VIP.
@@ -389,16 +416,20 @@ fn a_failing_hook_keeps_its_backend_out_and_halts_the_rollout() {
         .replace(&default_hook, &script.display().to_string())
     });
     wait_for_loads(&t, 0.0);
-    assert!(t.lbctl(&["maintenance", "rollout", "web"]).status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let web = loop {
-        let web = maintenance_json(&t);
-        if web["backends"][&failing]["phase"] == "hook-failed" {
-            break web;
-        }
-        assert!(Instant::now() < deadline, "no failure: {web:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // lbctl --wait follows the rollout until the hook fails, then exits
+    // non-zero saying what to do.
+    let out = t.lbctl(&["maintenance", "rollout", "web", "--wait"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("the maintenance hook of {failing} failed"))
+            && err.contains("package conflict")
+            && err.contains(&format!("lbctl backend maintain web {failing}"))
+            && err.contains("lbctl maintenance cancel web"),
+        "{err}"
+    );
+    let web = maintenance_json(&t);
+    assert_eq!(web["backends"][&failing]["phase"], "hook-failed", "{web:#}");
     let error = web["backends"][&failing]["last_error"].as_str().unwrap();
     assert!(
         error.contains("exit status: 3") && error.contains("package conflict"),

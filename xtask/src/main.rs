@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench | modules`.
+//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench | modules | dist`.
 
+mod dist;
 mod modules;
 
 use std::{
@@ -47,6 +48,10 @@ enum Task {
     },
     /// Check that no crate's top-level modules import each other in a circle.
     Modules,
+    /// Build the Debian package (release binaries, systemd units, example
+    /// configurations, man pages, completions, Grafana dashboard) into
+    /// target/dist/.
+    Dist,
 }
 
 fn root() -> PathBuf {
@@ -116,8 +121,11 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => build_ebpf(),
         Task::Modules => modules::check(&root()),
+        Task::Dist => dist::dist().map(|_| ()),
         Task::Build { release } => build(release),
         Task::Test { args } => {
+            // The package tests (tests/tests/package.rs) read target/dist.
+            dist::dist()?;
             build(false)?;
             build_ebpf_into("target/ebpf-upgrade", &["--features", "upgrade-test"])?;
             let mut cmd = cargo(&["test", "--locked", "--workspace"]);

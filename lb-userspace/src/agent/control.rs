@@ -256,7 +256,7 @@ fn shutdown(st: &mut State, detach: bool) -> Response {
 }
 
 /// `lbctl maintenance status`.
-fn maintenance_status(st: &State) -> Response {
+pub(super) fn maintenance_status(st: &State) -> Response {
     let vips = st
         .lifecycle
         .vips()

@@ -224,7 +224,13 @@ pub(crate) async fn check_health(state: Shared) {
         state,
         health_of,
         |hc| Duration::from_millis(hc.interval_ms),
-        |target, hc| async move { health::check(target, &hc).await },
+        {
+            let clients = Arc::new(health::Clients::default());
+            move |target, hc| {
+                let clients = clients.clone();
+                async move { health::check(&clients, target, &hc).await }
+            }
+        },
         apply_health,
     )
     .await;
@@ -297,7 +303,13 @@ pub(crate) async fn poll_load(state: Shared) {
         state,
         feedback_of,
         |fb| Duration::from_millis(fb.interval_ms),
-        |target, fb| async move { health::fetch_load(target, &fb.path, fb.timeout_ms).await },
+        {
+            let clients = Arc::new(health::Clients::default());
+            move |target, fb| {
+                let clients = clients.clone();
+                async move { health::fetch_load(&clients, target, &fb.path, fb.timeout_ms).await }
+            }
+        },
         |st: &mut State, _: &mut Schedule, results| {
             for (p, result) in results {
                 match result {

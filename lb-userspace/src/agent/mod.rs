@@ -17,6 +17,7 @@
 mod bypass;
 mod bypass_send;
 mod control;
+mod dashboard;
 mod fleet;
 mod host;
 mod instance;

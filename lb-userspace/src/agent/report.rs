@@ -43,7 +43,7 @@ fn filters(
             vips.iter()
                 .find(|(_, v)| v.name == name)
                 .map(|(id, _)| *id)
-                .with_context(|| format!("no VIP named {name:?}"))?,
+                .with_context(|| format!("no VIP named {name:?}; `lbctl status` lists the VIPs"))?,
         ),
         None => None,
     };

@@ -248,7 +248,7 @@ impl<D: Datapath> Balancer<D> {
             .values()
             .find(|v| v.config.name == vip_name)
             .map(|v| ident(&v.config))
-            .with_context(|| format!("no VIP named {vip_name:?}"))
+            .with_context(|| format!("no VIP named {vip_name:?}; `lbctl status` lists the VIPs"))
     }
 
     /// The VIP and backend an operator names, or a clear error.
@@ -260,7 +260,7 @@ impl<D: Datapath> Balancer<D> {
             .iter()
             .any(|b| b.address == address)
         {
-            bail!("{address} is not a backend of {vip_name}");
+            bail!("{address} is not a backend of {vip_name}; `lbctl status` lists its backends");
         }
         Ok((vip, address))
     }

@@ -1,17 +1,26 @@
 //! `lb-agent --config FILE`: validates the configuration, then runs the
 //! balancer and/or decapsulator until SIGINT or SIGTERM (the pinned datapath
-//! keeps forwarding after it stops); `--cleanup` removes that datapath.
+//! keeps forwarding after it stops); `--cleanup` removes that datapath;
+//! `--log-format json` writes one JSON object per log record.
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::Parser;
+use clap::{CommandFactory as _, Parser, ValueEnum};
 use lb_userspace::{agent, config::Config};
 
 #[derive(Parser)]
-#[command(version, about = "XDP layer-4 load balancer agent")]
+#[command(name = "lb-agent", version, about = "XDP layer-4 load balancer agent")]
 struct Args {
     /// The TOML configuration file.
-    #[arg(long, short)]
-    config: PathBuf,
+    #[arg(long, short, required_unless_present = "generate_docs")]
+    config: Option<PathBuf>,
+    /// How log records are written to stderr: `text` for people, `json`
+    /// (one object per line) for log shippers.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Write man pages and shell completions under DIR, then exit (used
+    /// to build the package).
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_docs: Option<PathBuf>,
     /// Validate the configuration and exit without attaching anything.
     #[arg(long)]
     check: bool,
@@ -26,19 +35,43 @@ struct Args {
     ebpf_object: Option<PathBuf>,
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    tracing_subscriber::fmt()
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr at `RUST_LOG`'s level (`info` by default).
+fn init_logs(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let text = match std::fs::read_to_string(&args.config) {
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(dir) = &args.generate_docs {
+        return match lb_userspace::docs::generate(Args::command(), dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    init_logs(args.log_format);
+    let config_path = args.config.expect("clap requires --config");
+    let text = match std::fs::read_to_string(&config_path) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("lb-agent: cannot read {}: {e}", args.config.display());
+            eprintln!("lb-agent: cannot read {}: {e}", config_path.display());
             return ExitCode::from(2);
         }
     };
@@ -47,13 +80,13 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!(
                 "lb-agent: invalid configuration {}: {e}",
-                args.config.display()
+                config_path.display()
             );
             return ExitCode::from(2);
         }
     };
     if args.check {
-        println!("{}: valid", args.config.display());
+        println!("{}: valid", config_path.display());
         return ExitCode::SUCCESS;
     }
     if args.cleanup {

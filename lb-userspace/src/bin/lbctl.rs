@@ -4,6 +4,8 @@
 mod fleet;
 #[path = "lbctl/install.rs"]
 mod install;
+#[path = "lbctl/progress.rs"]
+mod progress;
 
 use std::{
     fmt,
@@ -25,7 +27,7 @@ use lb_userspace::{
 use serde::{Serialize, Serializer};
 
 #[derive(Parser)]
-#[command(version, about = "Control a running lb-agent")]
+#[command(name = "lbctl", version, about = "Control a running lb-agent")]
 struct Cli {
     /// The agent's control socket.
     #[arg(long, global = true, env = "LBCTL_SOCKET", default_value = DEFAULT_SOCKET)]
@@ -143,6 +145,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write man pages and shell completions under DIR (used to build the
+    /// package).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
     /// Stop the agent. The pinned datapath keeps forwarding with its last
     /// state until an agent of the same instance starts and adopts it.
     Shutdown {
@@ -185,7 +191,14 @@ enum BackendAction {
 enum MaintenanceAction {
     /// Mark every backend of the VIP for maintenance: a rolling upgrade,
     /// one backend (or more, as capacity and max_parallel allow) at a time.
-    Rollout { vip: String },
+    Rollout {
+        vip: String,
+        /// Follow the rollout until it completes (exit 0) or fails (a hook
+        /// failed, or it was cancelled: exit 1), with a progress bar on a
+        /// terminal and one line per change otherwise.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Stop the VIP's rollout: pending and draining backends return to active.
     Cancel { vip: String },
     /// Each VIP's rollout, spare capacity and backends' phases.
@@ -636,6 +649,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Install { from, to } => install::install(cli.fleet.as_deref(), from, to).await,
         Command::Uninstall { from, to } => install::uninstall(cli.fleet.as_deref(), from, to).await,
         Command::Installs { json } => install::show(cli.fleet.as_deref(), json).await,
+        Command::GenerateDocs { dir } => {
+            lb_userspace::docs::generate(<Cli as clap::CommandFactory>::command(), &dir)
+        }
     }
 }
 
@@ -681,8 +697,17 @@ async fn run_report(
         )?;
         add_delivered(&mut report, decap_sockets).await?;
         print(json, &*report, |r| {
-            if watch.is_some() {
-                print!("\x1b[2J\x1b[H");
+            if let Some(secs) = watch {
+                // On a terminal the report is redrawn in place; piped, each
+                // one follows the last.
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    print!("\x1b[H\x1b[2J");
+                }
+                println!(
+                    "every {}s, at {} (Ctrl-C stops)\n",
+                    secs.max(1),
+                    humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                );
             }
             print_report(r);
         })?;
@@ -807,8 +832,12 @@ async fn run_maintenance(socket: &Path, action: MaintenanceAction) -> Result<()>
             )?;
             print(json, vips.as_slice(), print_maintenance)
         }
-        MaintenanceAction::Rollout { vip } => {
-            maintenance(socket, MaintenanceCommand::Rollout { vip }).await
+        MaintenanceAction::Rollout { vip, wait } => {
+            maintenance(socket, MaintenanceCommand::Rollout { vip: vip.clone() }).await?;
+            if wait {
+                progress::wait_rollout(socket, &vip).await?;
+            }
+            Ok(())
         }
         MaintenanceAction::Cancel { vip } => {
             maintenance(socket, MaintenanceCommand::Cancel { vip }).await

@@ -242,8 +242,24 @@ impl Default for HealthCheck {
 pub enum HealthKind {
     /// A TCP connection is accepted.
     Tcp,
-    /// `GET path` answers with `expect_status`.
-    Http { path: String, expect_status: u16 },
+    /// `GET path` answers with `expect_status` (redirects are not
+    /// followed); over TLS when `tls` is set (`kind = "https"`).
+    Http {
+        path: String,
+        expect_status: u16,
+        tls: Option<TlsCheck>,
+    },
+}
+
+/// How an HTTPS check verifies the backend's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsCheck {
+    /// The name the certificate must carry (and the SNI sent); `None`: the
+    /// backend's IP address, which the certificate must then list.
+    pub server_name: Option<String>,
+    /// PEM certificates of the only CAs trusted (read from `tls_ca_file`
+    /// at validation); `None`: the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

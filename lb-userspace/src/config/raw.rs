@@ -154,6 +154,8 @@ pub struct RawHealth {
     pub port: Option<i64>,
     pub path: Option<String>,
     pub expect_status: Option<i64>,
+    pub tls_server_name: Option<String>,
+    pub tls_ca_file: Option<String>,
     pub interval_ms: Option<i64>,
     pub timeout_ms: Option<i64>,
     pub rise: Option<i64>,

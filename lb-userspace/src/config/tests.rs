@@ -264,6 +264,31 @@ const BAD_FIELDS: &[(&str, &str, &str)] = &[
         "vips[0].health.fall",
     ),
     (
+        "port = 80",
+        "port = 80\nhealth = { kind = \"http\", tls_server_name = \"a.test\" }",
+        "vips[0].health.tls_server_name",
+    ),
+    (
+        "port = 80",
+        "port = 80\nhealth = { kind = \"https\", tls_server_name = \"not a name\" }",
+        "vips[0].health.tls_server_name",
+    ),
+    (
+        "port = 80",
+        "port = 80\nhealth = { kind = \"https\", tls_server_name = \"198.18.0.11\" }",
+        "vips[0].health.tls_server_name",
+    ),
+    (
+        "port = 80",
+        "port = 80\nhealth = { kind = \"https\", tls_ca_file = \"/nonexistent/ca.pem\" }",
+        "vips[0].health.tls_ca_file",
+    ),
+    (
+        "port = 80",
+        "port = 80\nhealth = { kind = \"https\", tls_ca_file = \"/proc/version\" }",
+        "vips[0].health.tls_ca_file",
+    ),
+    (
         "protocol = \"udp\"",
         "protocol = \"udp\"\nhealth = { kind = \"tcp\" }",
         "vips[1].health.port",
@@ -534,4 +559,27 @@ fn vip_documents_follow_the_vips_rules() {
         .validate_alone()
         .unwrap()
         .is_empty());
+}
+
+#[test]
+fn https_checks_read_their_ca_bundle() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let path = std::env::temp_dir().join(format!("lb-config-ca-{}.pem", std::process::id()));
+    std::fs::write(&path, ca.pem()).unwrap();
+    let health = format!(
+        "port = 80\nhealth = {{ kind = \"https\", tls_server_name = \"Api.Example.com\", tls_ca_file = \"{}\" }}",
+        path.display()
+    );
+    let c = with("port = 80", &health);
+    std::fs::remove_file(&path).unwrap();
+    let hc = c.unwrap().balancer.unwrap().vips[0].health.clone().unwrap();
+    let HealthKind::Http { tls: Some(tls), .. } = hc.kind else {
+        panic!("{hc:?}")
+    };
+    assert_eq!(tls.server_name.as_deref(), Some("api.example.com"));
+    assert_eq!(tls.ca_pem.as_deref(), Some(ca.pem().as_bytes()));
 }

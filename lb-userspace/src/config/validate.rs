@@ -13,8 +13,8 @@ use super::{
     err, socket_text, BackendConfig, BalancerConfig, Config, ConfigError, DatapathConfig,
     DecapConfig, EncapConfig, Feedback, HealthCheck, HealthKind, Maintenance, Protocol, RawBackend,
     RawConfig, RawDatapath, RawDecap, RawEncap, RawFeedback, RawHealth, RawMaintenance, RawVip,
-    RawVisibility, VipConfig, VisibilityConfig, XdpModeSetting, DEFAULT_INSTANCE, DEFAULT_SOCKET,
-    DEFAULT_STATE_FILE, MAX_RING_ENTRIES,
+    RawVisibility, TlsCheck, VipConfig, VisibilityConfig, XdpModeSetting, DEFAULT_INSTANCE,
+    DEFAULT_SOCKET, DEFAULT_STATE_FILE, MAX_RING_ENTRIES,
 };
 use crate::maglev::is_prime;
 
@@ -549,17 +549,27 @@ fn validate_maintenance(f: &str, m: RawMaintenance) -> Result<Maintenance, Confi
 
 fn validate_health(f: &str, h: RawHealth, vip_port: u16) -> Result<HealthCheck, ConfigError> {
     let d = HealthCheck::default();
+    let tls = match h.kind.as_str() {
+        "https" => Some(validate_tls(f, &h)?),
+        _ if h.tls_server_name.is_some() || h.tls_ca_file.is_some() => {
+            return err(
+                format!("{f}.tls_server_name"),
+                "tls_server_name and tls_ca_file are for kind = \"https\"",
+            );
+        }
+        _ => None,
+    };
     let kind = match h.kind.as_str() {
         "tcp" => {
             if h.path.is_some() || h.expect_status.is_some() {
                 return err(
                     format!("{f}.path"),
-                    "path and expect_status are for kind = \"http\"",
+                    "path and expect_status are for kind = \"http\" or \"https\"",
                 );
             }
             HealthKind::Tcp
         }
-        "http" => {
+        "http" | "https" => {
             let path = h.path.unwrap_or_else(|| "/".into());
             if !path.starts_with('/') || path.contains(char::is_whitespace) {
                 return err(
@@ -576,12 +586,13 @@ fn validate_health(f: &str, h: RawHealth, vip_port: u16) -> Result<HealthCheck, 
                     100,
                     599,
                 )?,
+                tls,
             }
         }
         other => {
             return err(
                 format!("{f}.kind"),
-                format!("{other:?} is not a check; expected \"tcp\" or \"http\""),
+                format!("{other:?} is not a check; expected \"tcp\", \"http\" or \"https\""),
             )
         }
     };
@@ -616,6 +627,50 @@ fn validate_health(f: &str, h: RawHealth, vip_port: u16) -> Result<HealthCheck, 
         timeout_ms,
         rise: in_range(&format!("{f}.rise"), h.rise, d.rise.into(), 1, 100)?,
         fall: in_range(&format!("{f}.fall"), h.fall, d.fall.into(), 1, 100)?,
+    })
+}
+
+/// The certificate checks of an HTTPS health check: a DNS name to verify,
+/// and the CA bundle, read and parsed now so a bad file is refused here.
+fn validate_tls(f: &str, h: &RawHealth) -> Result<TlsCheck, ConfigError> {
+    let server_name = match &h.tls_server_name {
+        None => None,
+        Some(name) => {
+            let valid = !name.is_empty()
+                && name.len() <= 253
+                && name.parse::<IpAddr>().is_err()
+                && name.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                });
+            if !valid {
+                return err(
+                    format!("{f}.tls_server_name"),
+                    format!("{name:?} is not a DNS name (leave it out to verify the backend's IP address)"),
+                );
+            }
+            Some(name.to_ascii_lowercase())
+        }
+    };
+    let ca_pem = match &h.tls_ca_file {
+        None => None,
+        Some(path) => {
+            let field = format!("{f}.tls_ca_file");
+            let pem = std::fs::read(path)
+                .or_else(|e| err(&field, format!("cannot read {path:?}: {e}")))?;
+            match reqwest::Certificate::from_pem_bundle(&pem) {
+                Ok(certs) if !certs.is_empty() => {}
+                _ => return err(&field, format!("{path:?} holds no PEM certificate")),
+            }
+            Some(pem)
+        }
+    };
+    Ok(TlsCheck {
+        server_name,
+        ca_pem,
     })
 }
 

@@ -297,7 +297,7 @@ impl Lifecycle {
                 "{backend} of {name} has no hook to retry; `lbctl backend return` puts it back"
             ),
             other => bail!(
-                "{backend} of {name} is {}; only an active backend can be marked for maintenance",
+                "{backend} of {name} is {}; only an active backend can be marked for maintenance (`lbctl maintenance status` shows each phase)",
                 other.name()
             ),
         }
@@ -323,9 +323,9 @@ impl Lifecycle {
                 r.health_passes = 0;
                 r.hook = HookRun::Idle;
             }
-            (Phase::InMaintenance, _) => bail!("{backend} of {name}: its hook is running"),
+            (Phase::InMaintenance, _) => bail!("{backend} of {name}: its hook is running; `lbctl maintenance status` shows when it ends"),
             (other, _) => bail!(
-                "{backend} of {name} is {}; only a backend in maintenance can return",
+                "{backend} of {name} is {}; only a backend in maintenance can return (`lbctl maintenance status` shows each phase)",
                 other.name()
             ),
         }
@@ -387,7 +387,7 @@ impl Lifecycle {
         }
         let rollout = life.rollout.as_mut().filter(|r| r.running());
         if returned == 0 && rollout.is_none() {
-            bail!("{name} has no rollout running and no backend pending or draining");
+            bail!("{name} has no rollout running and no backend pending or draining: nothing to cancel");
         }
         if let Some(r) = rollout {
             r.cancelled_ms = Some(now_ms);

@@ -118,11 +118,16 @@ pub(crate) struct HttpBound {
     pub(crate) lifetime: Duration,
 }
 
+/// The largest request head (request line and headers) an HTTP listener
+/// reads: past it the client gets 431 and the connection is closed.
+const MAX_HEAD: usize = 16 * 1024;
+
 /// Serves HTTP/1 requests on `listener` with `router`, within `bound`.
 pub(crate) async fn serve_http(listener: TcpListener, router: axum::Router, bound: HttpBound) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(bound.header_timeout);
+        .header_read_timeout(bound.header_timeout)
+        .max_buf_size(MAX_HEAD);
     let forever = std::future::pending();
     serve(listener, bound.bound, forever, |stream| {
         let connection = http.serve_connection(

@@ -1,13 +1,11 @@
-//! Prometheus text exposition (format 0.0.4) of the datapath counters and the
-//! collector's aggregates, on the TCP address in `[metrics] listen`.
-
-use std::{fmt::Write as _, time::Duration};
+//! The series of a scrape: the datapath counters, the collector's
+//! aggregates and the lifecycle's figures, from the same rows as
+//! `lbctl status`.
 
 use anyhow::Result;
-use axum::{http::header::CONTENT_TYPE, http::StatusCode, routing::get, Router};
-use tokio::net::TcpListener;
 
-use super::{
+use super::exposition::Exposition;
+use crate::agent::{
     state::{Shared, State},
     status,
 };
@@ -17,55 +15,7 @@ use crate::{
     datapath::Datapath as _,
     health,
     lifecycle::{Phase, Record, VipLife},
-    limits::{self, Bound, HttpBound},
 };
-
-/// How many scrapers may be connected at once, and for how long.
-const HTTP: HttpBound = HttpBound {
-    bound: Bound {
-        name: "metrics",
-        max_connections: 32,
-    },
-    header_timeout: Duration::from_secs(5),
-    lifetime: Duration::from_secs(60),
-};
-
-/// Serves `/metrics` on `listener`.
-pub(crate) async fn serve(listener: TcpListener, state: Shared) {
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let state = state.clone();
-            async move {
-                match render(&state).await {
-                    Ok(text) => (
-                        StatusCode::OK,
-                        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        text,
-                    ),
-                    Err(e) => (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        [(CONTENT_TYPE, "text/plain")],
-                        format!("{e:#}\n"),
-                    ),
-                }
-            }
-        }),
-    );
-    limits::serve_http(listener, app, HTTP).await;
-}
-
-/// Text exposition writer: one `# HELP`/`# TYPE` per family, escaped labels.
-#[derive(Default)]
-struct Exposition {
-    text: String,
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
 
 /// One metric family over rows of `R`: `parts` gives (value of the `extra`
 /// label, sample value) pairs for a row.
@@ -83,70 +33,46 @@ struct Row<'a, R> {
     data: &'a R,
 }
 
-impl Exposition {
-    /// Every family of `families` over every row.
-    fn table<R>(&mut self, families: &[Family<R>], rows: &[Row<'_, R>]) {
-        for f in families {
-            self.family(f.name, f.kind, f.help);
-            for r in rows {
-                for (label, value) in (f.parts)(r.data) {
-                    let mut l: Vec<(&str, &str)> =
-                        r.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                    if let Some(key) = f.extra {
-                        l.push((key, label));
-                    }
-                    self.sample(f.name, &l, value);
+/// Every family of `families` over every row.
+fn table<R>(out: &mut Exposition, families: &[Family<R>], rows: &[Row<'_, R>]) {
+    for f in families {
+        out.family(f.name, f.kind, f.help);
+        for r in rows {
+            for (label, value) in (f.parts)(r.data) {
+                let mut l: Vec<(&str, &str)> =
+                    r.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                if let Some(key) = f.extra {
+                    l.push((key, label));
                 }
+                out.sample(f.name, &l, value);
             }
         }
     }
+}
 
-    /// A program's packets and bytes by outcome, as two counter families;
-    /// `bytes_as` says how its bytes are counted.
-    fn outcomes(&mut self, prefix: &str, program: &str, bytes_as: &str, list: &[OutcomeStatus]) {
-        let packets = format!("{prefix}_packets_total");
-        self.family(
-            &packets,
-            "counter",
-            &format!("{program} packets by outcome."),
-        );
-        for o in list {
-            self.sample(&packets, &[("outcome", &o.outcome)], o.packets);
-        }
-        let bytes = format!("{prefix}_bytes_total");
-        let help = format!("{program} bytes ({bytes_as}) by outcome.");
-        self.family(&bytes, "counter", &help);
-        for o in list {
-            self.sample(&bytes, &[("outcome", &o.outcome)], o.bytes);
-        }
+/// A program's packets and bytes by outcome, as two counter families;
+/// `bytes_as` says how its bytes are counted.
+fn outcomes(
+    out: &mut Exposition,
+    prefix: &str,
+    program: &str,
+    bytes_as: &str,
+    list: &[OutcomeStatus],
+) {
+    let packets = format!("{prefix}_packets_total");
+    out.family(
+        &packets,
+        "counter",
+        &format!("{program} packets by outcome."),
+    );
+    for o in list {
+        out.sample(&packets, &[("outcome", &o.outcome)], o.packets);
     }
-
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
-        self.sample_text(name, labels, &value.to_string());
-    }
-
-    /// A fractional sample; non-finite values are left out.
-    fn sample_f(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        if value.is_finite() {
-            self.sample_text(name, labels, &value.to_string());
-        }
-    }
-
-    fn sample_text(&mut self, name: &str, labels: &[(&str, &str)], value: &str) {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            let l: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-                .collect();
-            let _ = write!(self.text, "{{{}}}", l.join(","));
-        }
-        let _ = writeln!(self.text, " {value}");
+    let bytes = format!("{prefix}_bytes_total");
+    let help = format!("{program} bytes ({bytes_as}) by outcome.");
+    out.family(&bytes, "counter", &help);
+    for o in list {
+        out.sample(&bytes, &[("outcome", &o.outcome)], o.bytes);
     }
 }
 
@@ -326,7 +252,7 @@ const PAIR_FAMILIES: [Family<VipBackendStatus>; 4] = [
 ];
 
 /// The exposition text for the agent's current state.
-pub(crate) async fn render(state: &Shared) -> Result<String> {
+pub(super) async fn render(state: &Shared) -> Result<Exposition> {
     let st = state.lock().await;
     let mut out = Exposition::default();
     if st.balancer.is_some() {
@@ -346,7 +272,8 @@ pub(crate) async fn render(state: &Shared) -> Result<String> {
     }
     if let Some(d) = &st.decap {
         let decap = status::decap(d)?;
-        out.outcomes(
+        outcomes(
+            &mut out,
             "lb_decap",
             "lb_decap",
             "as received, outer header included",
@@ -367,7 +294,7 @@ pub(crate) async fn render(state: &Shared) -> Result<String> {
             out.sample("lb_interface_xdp_errors_total", &labels, *v);
         }
     }
-    Ok(out.text)
+    Ok(out)
 }
 
 /// Per-VIP, per-backend and per-pair series, from the same rows as
@@ -397,7 +324,7 @@ fn balancer_series(out: &mut Exposition, st: &State) -> Result<()> {
             data,
         })
         .collect();
-    out.table(&VIP_FAMILIES, &rows);
+    table(out, &VIP_FAMILIES, &rows);
     let backend_data: Vec<BackendData> = status::backends(bal, c)?
         .into_iter()
         .map(|status| BackendData {
@@ -412,7 +339,7 @@ fn balancer_series(out: &mut Exposition, st: &State) -> Result<()> {
             data,
         })
         .collect();
-    out.table(&BACKEND_FAMILIES, &rows);
+    table(out, &BACKEND_FAMILIES, &rows);
     let rows: Vec<Row<'_, VipBackendStatus>> = vips
         .iter()
         .flat_map(|v| {
@@ -425,7 +352,7 @@ fn balancer_series(out: &mut Exposition, st: &State) -> Result<()> {
             })
         })
         .collect();
-    out.table(&PAIR_FAMILIES, &rows);
+    table(out, &PAIR_FAMILIES, &rows);
     Ok(())
 }
 
@@ -434,7 +361,8 @@ fn datapath_series(out: &mut Exposition, st: &State) -> Result<()> {
     let bal = st.balancer()?;
     let dp = bal.datapath();
     let c = &st.collector;
-    out.outcomes(
+    outcomes(
+        out,
         "lb_datapath",
         "lb_ingress",
         "as received",
