@@ -280,7 +280,7 @@ pub(super) async fn render(state: &Shared) -> Result<Exposition> {
             &decap.outcomes,
         );
     }
-    if let Some(b) = super::bypass::status(&st)? {
+    if let Some(b) = crate::agent::bypass::status(&st)? {
         bypass_series(&mut out, &b);
     }
     out.family(
