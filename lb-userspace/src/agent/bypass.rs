@@ -35,6 +35,46 @@ pub(crate) struct Source {
     /// not moved.
     idle: HashMap<lb_common::FlowKey, (u64, u64)>,
     pub(crate) revoked_by_sweep: u64,
+    keys: KeyFile,
+}
+
+/// A key file followed for rotation: read again when its modification time
+/// changes; a file that no longer reads keeps the ring in use (logged).
+pub(crate) struct KeyFile {
+    path: std::path::PathBuf,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl KeyFile {
+    pub(crate) fn new(path: &Path) -> KeyFile {
+        KeyFile {
+            path: path.to_path_buf(),
+            modified: modified(path),
+        }
+    }
+
+    /// The new ring if the file changed and reads.
+    pub(crate) fn changed(&mut self) -> Option<KeyRing> {
+        let now = modified(&self.path);
+        if now == self.modified {
+            return None;
+        }
+        self.modified = now;
+        match read_keys(&self.path) {
+            Ok(ring) => {
+                info!(keys = ?ring, "bypass: key file read again");
+                Some(ring)
+            }
+            Err(e) => {
+                warn!("bypass: {e:#}; the keys in use stay");
+                None
+            }
+        }
+    }
+}
+
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// Reads a key file (errors name the file and the field).
@@ -78,7 +118,7 @@ pub(crate) fn load_source(ebpf: &mut Ebpf, pins: &Pins) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn start_source(ebpf: &mut Ebpf, bp: &BypassConfig) -> Result<Source> {
+fn start_source(ebpf: &mut Ebpf, bp: &BypassConfig) -> Result<Source> {
     let ring = read_keys(&bp.key_file)?;
     info!(keys = ?ring, "bypass: source intermediary");
     Ok(Source {
@@ -86,7 +126,71 @@ pub(crate) fn start_source(ebpf: &mut Ebpf, bp: &BypassConfig) -> Result<Source>
         intermediary: Intermediary::new(Verifier::new(ring, bp.window_ms, DEFAULT_MAX_NONCES)),
         idle: HashMap::new(),
         revoked_by_sweep: 0,
+        keys: KeyFile::new(&bp.key_file),
     })
+}
+
+/// What a configuration's bypass roles start with, before the state exists.
+pub(crate) struct Parts {
+    source: Option<Source>,
+    socket: Option<UdpSocket>,
+    sender: Option<super::bypass_send::Sender>,
+}
+
+/// Fills the bypass maps, reads the keys and binds the instruction socket.
+pub(crate) async fn start(ebpf: &mut Ebpf, config: &Config) -> Result<Parts> {
+    let Some(bp) = &config.bypass else {
+        return Ok(Parts {
+            source: None,
+            socket: None,
+            sender: None,
+        });
+    };
+    let source = if is_source(config) {
+        Some(start_source(ebpf, bp)?)
+    } else {
+        None
+    };
+    let sender = if config.decap.is_some() && !bp.intermediaries.is_empty() {
+        Some(super::bypass_send::start(ebpf, bp)?)
+    } else {
+        None
+    };
+    let socket = if source.is_some() {
+        bind(bp).await?
+    } else {
+        None
+    };
+    Ok(Parts {
+        source,
+        socket,
+        sender,
+    })
+}
+
+/// Puts the parts in the state and starts their loops.
+pub(crate) async fn spawn(
+    state: &Shared,
+    config: &Config,
+    parts: Parts,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
+    {
+        let mut st = state.lock().await;
+        st.bypass = parts.source;
+        st.bypass_sent = parts.sender.as_ref().map(|s| s.stats.clone());
+    }
+    if let Some(sender) = parts.sender {
+        tasks.push(tokio::spawn(super::bypass_send::run(sender)));
+    }
+    if let (Some(socket), Some(bp)) = (parts.socket, &config.bypass) {
+        tasks.push(tokio::spawn(receive(state.clone(), socket)));
+        tasks.push(tokio::spawn(sweep(
+            state.clone(),
+            Duration::from_secs(1),
+            Duration::from_secs(bp.idle_timeout_s),
+        )));
+    }
 }
 
 /// Receives instructions on `socket` and applies the accepted ones.
@@ -137,6 +241,9 @@ pub(crate) async fn sweep(state: Shared, every: Duration, idle: Duration) {
         let (Some(balancer), Some(source)) = (s.balancer.as_ref(), s.bypass.as_mut()) else {
             continue;
         };
+        if let Some(ring) = source.keys.changed() {
+            source.intermediary.verifier_mut().set_ring(ring);
+        }
         if let Err(e) = sweep_once(balancer, source, wall_ms(), idle.as_millis() as u64) {
             warn!("bypass: sweep: {e:#}");
         }
@@ -192,7 +299,7 @@ pub(crate) fn flow_of(key: &lb_common::FlowKey) -> crate::bypass::Flow {
 }
 
 /// Binds the instruction socket.
-pub(crate) async fn bind(bp: &BypassConfig) -> Result<Option<UdpSocket>> {
+async fn bind(bp: &BypassConfig) -> Result<Option<UdpSocket>> {
     let Some(addr) = bp.listen else {
         return Ok(None);
     };

@@ -42,6 +42,7 @@ pub(crate) struct Sender {
     ring: RingBuf<MapData>,
     keys: KeyRing,
     pub(crate) stats: Arc<SendStats>,
+    key_file: super::bypass::KeyFile,
     _maps: DestMaps,
 }
 
@@ -65,6 +66,7 @@ pub(crate) fn start(ebpf: &mut Ebpf, bp: &BypassConfig) -> Result<Sender> {
         ring,
         keys,
         stats: Arc::new(SendStats::default()),
+        key_file: super::bypass::KeyFile::new(&bp.key_file),
         _maps: maps,
     })
 }
@@ -92,7 +94,11 @@ fn instruction(e: &BypassEvent) -> (Instruction, SocketAddr) {
 /// Reads `lb_decap`'s events and sends the instructions.
 pub(crate) async fn run(sender: Sender) {
     let Sender {
-        ring, keys, stats, ..
+        ring,
+        mut keys,
+        stats,
+        mut key_file,
+        ..
     } = sender;
     let socket4 = UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).await;
     let socket6 = UdpSocket::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)).await;
@@ -106,7 +112,6 @@ pub(crate) async fn run(sender: Sender) {
                 return;
             }
         };
-    let sealer = Sealer::new(&keys);
     let mut log = LogEvery::new(Duration::from_secs(10));
     loop {
         let Ok(mut guard) = fd.readable_mut().await else {
@@ -125,6 +130,10 @@ pub(crate) async fn run(sender: Sender) {
             }
         }
         guard.clear_ready();
+        if let Some(ring) = key_file.changed() {
+            keys = ring;
+        }
+        let sealer = Sealer::new(&keys);
         for e in batch {
             let (i, to) = instruction(&e);
             let datagram = sealer.seal(i, wall_ms());

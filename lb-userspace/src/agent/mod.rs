@@ -271,6 +271,7 @@ pub async fn run_object(
     if bypass::is_source(&config) {
         bypass::load_source(&mut ebpf, &pins)?;
     }
+    let bypass_parts = bypass::start(&mut ebpf, &config).await?;
     let mut balancing = match &config.balancer {
         Some(b) => Some(start_balancer(&mut ebpf, b, &sizes, &resolver, &origin).await?),
         None => None,
@@ -278,20 +279,6 @@ pub async fn run_object(
     let decap = match &config.decap {
         Some(d) => Some(start_decap(&mut ebpf, d, &resolver).await?),
         None => None,
-    };
-    let source = match (&config.bypass, bypass::is_source(&config)) {
-        (Some(bp), true) => Some(bypass::start_source(&mut ebpf, bp)?),
-        _ => None,
-    };
-    let sender = match (&config.bypass, &config.decap) {
-        (Some(bp), Some(_)) if !bp.intermediaries.is_empty() => {
-            Some(bypass_send::start(&mut ebpf, bp)?)
-        }
-        _ => None,
-    };
-    let instructions = match &config.bypass {
-        Some(bp) if source.is_some() => bypass::bind(bp).await?,
-        _ => None,
     };
     let listener = bind_socket(&config.socket).await?;
     if let (Origin::Migrating { old }, Some(b)) = (&origin, balancing.as_mut()) {
@@ -307,23 +294,8 @@ pub async fn run_object(
     }
     let socket = config.socket.clone();
     let state = shared_state(config.clone(), balancing, decap, interfaces);
-    {
-        let mut st = state.0.lock().await;
-        st.bypass = source;
-        st.bypass_sent = sender.as_ref().map(|s| s.stats.clone());
-    }
     let mut tasks = spawn_loops(&state.0, &config, state.1, &resolver).await?;
-    if let Some(sender) = sender {
-        tasks.push(tokio::spawn(bypass_send::run(sender)));
-    }
-    if let (Some(socket), Some(bp)) = (instructions, &config.bypass) {
-        tasks.push(tokio::spawn(bypass::receive(state.0.clone(), socket)));
-        tasks.push(tokio::spawn(bypass::sweep(
-            state.0.clone(),
-            Duration::from_secs(1),
-            Duration::from_secs(bp.idle_timeout_s),
-        )));
-    }
+    bypass::spawn(&state.0, &config, bypass_parts, &mut tasks).await;
     let state = state.0;
     info!(socket = %socket.display(), instance = config.instance, "serving the control API");
     let stop = state.lock().await.stop.clone();

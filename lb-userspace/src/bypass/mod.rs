@@ -25,7 +25,7 @@ pub use wire::{Flow, Instruction, Kind, Malformed};
 
 /// Instructions older or newer than this (by their timestamp against the
 /// receiver's clock) are refused as stale; hosts' clocks must agree within it.
-pub const DEFAULT_WINDOW_MS: u64 = 5_000;
+pub const DEFAULT_WINDOW_MS: u64 = crate::config::DEFAULT_BYPASS_WINDOW_MS;
 /// Nonces remembered at most: at the window's end they expire. A receiver
 /// whose memory is full refuses (and counts) rather than forget a nonce
 /// still inside the window.

@@ -23,6 +23,9 @@ pub struct BypassPolicy {
 }
 
 pub const DEFAULT_AFTER_PACKETS: i64 = 1;
+/// Instructions older or newer than this (by their timestamp against the
+/// receiver's clock) are refused as stale.
+pub const DEFAULT_WINDOW_MS: u64 = 5_000;
 pub const MAX_AFTER_PACKETS: i64 = 1000;
 
 /// `f` names the policy (`vips[i].bypass`); `vip` is the VIP's protocol,
@@ -104,6 +107,82 @@ mod tests {
             assert_eq!(e.field, field, "{e}");
         }
     }
+
+    const SOURCE: &str = "[datapath]\ninterfaces = [\"g0\"]\nbypass_source = true\n\
+        [encap]\nsource_v4 = \"198.18.0.21/32\"\n";
+    const VIP: &str = "[[vips]]\naddress = \"198.18.10.1\"\nport = 80\nprotocol = \"tcp\"\n\
+        backends = [{ address = \"198.18.0.11\" }]\nbypass = { after_packets = 3 }\n";
+    const DECAP: &str = "[decap]\ninterfaces = [\"eth0\"]\naddresses = [\"198.18.0.11\"]\n";
+
+    fn parse(text: &str) -> Result<crate::config::Config, ConfigError> {
+        crate::config::Config::from_toml(text)
+    }
+
+    #[test]
+    fn both_roles_parse() {
+        let c = parse(&format!(
+            "{SOURCE}[bypass]\nkey_file = \"/etc/k.toml\"\nlisten = \"198.18.0.21:7470\"\n{VIP}"
+        ))
+        .unwrap();
+        let b = c.balancer.unwrap();
+        assert!(b.datapath.bypass_source);
+        assert_eq!(b.vips[0].bypass.as_ref().unwrap().after_packets, 3);
+        assert_eq!(c.bypass.unwrap().idle_timeout_s, 120);
+        let c = parse(&format!(
+            "{DECAP}[bypass]\nkey_file = \"/etc/k.toml\"\n\
+             intermediaries = [{{ prefix = \"198.18.20.7/22\", address = \"198.18.0.21:7470\" }}]\n\
+             vips = [{{ address = \"198.18.10.1\", port = 80, protocol = \"tcp\" }}]\n"
+        ))
+        .unwrap();
+        let bp = c.bypass.unwrap();
+        assert_eq!(bp.intermediaries[0].0.to_string(), "198.18.20.0/22");
+        assert_eq!(bp.vips[0].3, 1);
+    }
+
+    #[test]
+    fn bad_sections_name_the_field() {
+        let key = "key_file = \"/etc/k.toml\"\n";
+        let cases = [
+            (format!("{SOURCE}{VIP}"), "datapath.bypass_source"),
+            (format!("{SOURCE}[bypass]\n{key}{VIP}"), "bypass.listen"),
+            (
+                format!("{DECAP}[bypass]\n{key}listen = \"198.18.0.21:7470\"\n"),
+                "bypass.listen",
+            ),
+            (
+                format!("{SOURCE}[bypass]\nkey_file = \"k.toml\"\nlisten = \"198.18.0.21:1\"\n{VIP}"),
+                "bypass.key_file",
+            ),
+            (
+                format!("{SOURCE}[bypass]\n{key}listen = \"nowhere\"\n{VIP}"),
+                "bypass.listen",
+            ),
+            (
+                format!("{DECAP}[bypass]\n{key}intermediaries = [{{ prefix = \"198.18.20.0/33\", address = \"198.18.0.21:7470\" }}]\n"),
+                "bypass.intermediaries[0].prefix",
+            ),
+            (
+                format!("{DECAP}[bypass]\n{key}intermediaries = [{{ prefix = \"198.18.20.0/22\", address = \"198.18.0.21:0\" }}]\n"),
+                "bypass.intermediaries[0].address",
+            ),
+            (
+                format!("{DECAP}[bypass]\n{key}vips = [{{ address = \"198.18.10.1\", port = 80, protocol = \"sctp\" }}]\n"),
+                "bypass.vips[0].protocol",
+            ),
+            (
+                format!("{DECAP}[bypass]\n{key}vips = [{{ address = \"198.18.10.1\", port = 80, protocol = \"tcp\", after_packets = 0 }}]\n"),
+                "bypass.vips[0].after_packets",
+            ),
+            (
+                format!("{SOURCE}[bypass]\n{key}listen = \"198.18.0.21:1\"\n{}", VIP.replace("after_packets = 3", "after_packets = 3, protocols = [\"udp\"]")),
+                "vips[0].bypass.protocols",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = parse(&text).expect_err(&text);
+            assert_eq!(e.field, field, "{text}: {e}");
+        }
+    }
 }
 
 /// `[bypass]`: this agent's part in bypass. On a client host (with
@@ -152,6 +231,38 @@ pub struct BypassConfig {
     pub vips: Vec<(std::net::IpAddr, u16, Protocol, u32)>,
 }
 
+/// The roles `[bypass]` asks for must have their sections: a source
+/// intermediary `listen` and `[datapath] bypass_source` (both or neither),
+/// a sender `[decap]`.
+pub fn check_roles(
+    bypass: Option<&BypassConfig>,
+    bypass_source: bool,
+    decap: bool,
+) -> Result<(), ConfigError> {
+    let Some(bp) = bypass else {
+        if bypass_source {
+            return err(
+                "datapath.bypass_source",
+                "a source intermediary needs a [bypass] section (key_file, listen)",
+            );
+        }
+        return Ok(());
+    };
+    if bp.listen.is_some() != bypass_source {
+        return err(
+            "bypass.listen",
+            "a source intermediary needs both bypass.listen and [datapath] bypass_source = true",
+        );
+    }
+    if (!bp.intermediaries.is_empty() || !bp.vips.is_empty()) && !decap {
+        return err(
+            "bypass.intermediaries",
+            "sending instructions needs a [decap] section (a backend host)",
+        );
+    }
+    Ok(())
+}
+
 pub fn validate_bypass_section(raw: RawBypassSection) -> Result<BypassConfig, ConfigError> {
     let key_file = std::path::PathBuf::from(&raw.key_file);
     if !key_file.is_absolute() {
@@ -170,7 +281,7 @@ pub fn validate_bypass_section(raw: RawBypassSection) -> Result<BypassConfig, Co
     let window_ms = in_range(
         "bypass.window_ms",
         raw.window_ms,
-        crate::bypass::DEFAULT_WINDOW_MS as i64,
+        DEFAULT_WINDOW_MS as i64,
         100,
         300_000,
     )?;
@@ -195,35 +306,12 @@ pub fn validate_bypass_section(raw: RawBypassSection) -> Result<BypassConfig, Co
         }
         intermediaries.push((prefix.trunc(), address));
     }
-    let mut vips = Vec::new();
-    for (i, v) in raw.vips.iter().enumerate() {
-        let f = format!("bypass.vips[{i}]");
-        let address: std::net::IpAddr = v.address.parse().or_else(|_| {
-            err(
-                format!("{f}.address"),
-                format!("{:?} is not an address", v.address),
-            )
-        })?;
-        let port: u16 = in_range(&format!("{f}.port"), Some(v.port), 0, 1, 65_535)?;
-        let protocol = match v.protocol.as_str() {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            other => {
-                return err(
-                    format!("{f}.protocol"),
-                    format!("{other:?} is neither \"tcp\" nor \"udp\""),
-                )
-            }
-        };
-        let after = in_range(
-            &format!("{f}.after_packets"),
-            v.after_packets,
-            DEFAULT_AFTER_PACKETS,
-            1,
-            MAX_AFTER_PACKETS,
-        )?;
-        vips.push((address, port, protocol, after));
-    }
+    let vips = raw
+        .vips
+        .iter()
+        .enumerate()
+        .map(|(i, v)| validate_vip(&format!("bypass.vips[{i}]"), v))
+        .collect::<Result<_, _>>()?;
     Ok(BypassConfig {
         key_file,
         listen,
@@ -232,4 +320,36 @@ pub fn validate_bypass_section(raw: RawBypassSection) -> Result<BypassConfig, Co
         intermediaries,
         vips,
     })
+}
+
+/// One of `[bypass] vips` (a backend host's policy for a VIP).
+fn validate_vip(
+    f: &str,
+    v: &RawBypassVip,
+) -> Result<(std::net::IpAddr, u16, Protocol, u32), ConfigError> {
+    let address: std::net::IpAddr = v.address.parse().or_else(|_| {
+        err(
+            format!("{f}.address"),
+            format!("{:?} is not an address", v.address),
+        )
+    })?;
+    let port: u16 = in_range(&format!("{f}.port"), Some(v.port), 0, 1, 65_535)?;
+    let protocol = match v.protocol.as_str() {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        other => {
+            return err(
+                format!("{f}.protocol"),
+                format!("{other:?} is neither \"tcp\" nor \"udp\""),
+            )
+        }
+    };
+    let after = in_range(
+        &format!("{f}.after_packets"),
+        v.after_packets,
+        DEFAULT_AFTER_PACKETS,
+        1,
+        MAX_AFTER_PACKETS,
+    )?;
+    Ok((address, port, protocol, after))
 }

@@ -16,7 +16,9 @@ mod host;
 mod raw;
 mod validate;
 
-pub use bypass::{BypassConfig, BypassPolicy, RawBypass};
+pub use bypass::{
+    BypassConfig, BypassPolicy, RawBypass, DEFAULT_WINDOW_MS as DEFAULT_BYPASS_WINDOW_MS,
+};
 pub use fleet::{check_name, FleetConfig, DEFAULT_FLEET_PREFIX};
 pub use host::{host_instance, HostConfig, HostVip};
 pub use raw::*;

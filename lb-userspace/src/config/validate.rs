@@ -122,27 +122,11 @@ impl RawConfig {
             .bypass
             .map(super::bypass::validate_bypass_section)
             .transpose()?;
-        if bypass.is_none() && balancer.as_ref().is_some_and(|b| b.datapath.bypass_source) {
-            return err(
-                "datapath.bypass_source",
-                "a source intermediary needs a [bypass] section (key_file, listen)",
-            );
-        }
-        if let Some(bp) = &bypass {
-            let source = balancer.as_ref().is_some_and(|b| b.datapath.bypass_source);
-            if bp.listen.is_some() != source {
-                return err(
-                    "bypass.listen",
-                    "a source intermediary needs both bypass.listen and [datapath] bypass_source = true",
-                );
-            }
-            if (!bp.intermediaries.is_empty() || !bp.vips.is_empty()) && decap.is_none() {
-                return err(
-                    "bypass.intermediaries",
-                    "sending instructions needs a [decap] section (a backend host)",
-                );
-            }
-        }
+        super::bypass::check_roles(
+            bypass.as_ref(),
+            balancer.as_ref().is_some_and(|b| b.datapath.bypass_source),
+            decap.is_some(),
+        )?;
         if balancer.is_none() && decap.is_none() && host.is_none() {
             return err(
                 "config",

@@ -22,6 +22,8 @@ use lb_tests::{fixture::*, packet::*, topology};
 use lb_userspace::{datapath::MapSizes, maglev};
 use serde_json::{json, Value};
 
+#[path = "lb-bench/bypass.rs"]
+mod bypass;
 #[path = "lb-bench/srcside.rs"]
 mod srcside;
 
@@ -1139,7 +1141,7 @@ fn main() {
     // written only for a full run.
     let only: Vec<String> = std::env::args().skip(1).collect();
     type Section = (&'static str, fn(&mut Report));
-    let sections: [Section; 6] = [
+    let sections: [Section; 7] = [
         ("datapath", |r| {
             datapath_cost(r);
         }),
@@ -1151,6 +1153,7 @@ fn main() {
         ("control", control_plane),
         ("live", live::forwarding),
         ("srcside", srcside::run),
+        ("bypass", bypass::run),
     ];
     for (name, run) in sections {
         if only.is_empty() || only.iter().any(|o| o == name) {
