@@ -172,6 +172,11 @@ pub const SETTING_TRACE_FLOWS: u32 = 1 << 0;
 /// `Settings::flags`: lower the MSS option of TCP SYNs to VIPs to what fits
 /// the backend's link once encapsulated.
 pub const SETTING_CLAMP_MSS: u32 = 1 << 1;
+/// `Settings::flags`: no VIP has port 0 (every port), so a packet whose exact
+/// (address, port, protocol) is not a VIP needs no second lookup. Set by the
+/// agent only while it knows of none; absent (an older agent, zeroed
+/// settings) means look both up.
+pub const SETTING_NO_EVERY_PORT_VIPS: u32 = 1 << 2;
 
 /// Index into `EVENT_STATS`.
 pub const EVENTS_SENT: u32 = 0;

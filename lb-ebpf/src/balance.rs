@@ -1,12 +1,13 @@
 //! Backend choice: VIP lookup, the connection table, then the VIP's Maglev ring.
 use lb_common::{
     flow_hash, BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE, FLOW_CLOSED_FIN,
-    FLOW_CLOSED_RST, MAGLEV_LANES, NO_BACKEND, TCP_ACK, TCP_SYN,
+    FLOW_CLOSED_RST, MAGLEV_LANES, NO_BACKEND, SETTING_NO_EVERY_PORT_VIPS, TCP_ACK, TCP_SYN,
 };
 
-use crate::maps::{BACKENDS, FLOWS, MAGLEV, VIPS};
+use crate::maps::{BACKENDS, FLOWS, MAGLEV, SETTINGS, VIPS};
 
-/// The VIP a flow is addressed to: exact port first, then the every-port VIP.
+/// The VIP a flow is addressed to: exact port first, then the every-port VIP
+/// (unless the agent said there is none).
 #[inline(always)]
 pub fn lookup_vip(key: &FlowKey) -> Option<VipInfo> {
     let mut vk = VipKey {
@@ -19,6 +20,11 @@ pub fn lookup_vip(key: &FlowKey) -> Option<VipInfo> {
     // a stale copy, which is what RCU readers see anyway.
     if let Some(v) = unsafe { VIPS.get(vk) } {
         return Some(*v);
+    }
+    if let Some(s) = SETTINGS.get(0) {
+        if s.flags & SETTING_NO_EVERY_PORT_VIPS != 0 {
+            return None;
+        }
     }
     vk.port = 0;
     unsafe { VIPS.get(vk) }.copied()

@@ -46,7 +46,6 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
     if ip.version_ihl >> 4 != 4 || ihl < 20 || (tot_len as usize) < ihl {
         return pass(Outcome::PassMalformed);
     }
-    let key = FlowKey::v4(ip.src, ip.dst, 0, 0, ip.proto);
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != PROTO_ICMP {
         return pass(Outcome::PassNotVip);
     }
@@ -54,17 +53,32 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
     // of the quoted header), so they cannot be balanced consistently; VIP
     // fragments are dropped and counted.
     if u16::from_be(ip.frag_off) & 0x3fff != 0 {
+        let key = FlowKey::v4(ip.src, ip.dst, 0, 0, ip.proto);
         if is_vip_address(&key.dst, FAMILY_V4) {
             return drop(Outcome::DropFragment);
         }
         return pass(Outcome::PassNotVip);
     }
     if ip.proto == PROTO_ICMP {
+        let key = FlowKey::v4(ip.src, ip.dst, 0, 0, ip.proto);
         return icmp::icmp4(ctx, &key, ihl, tot_len);
     }
     let ip_len = ip_len_in_frame(ctx, tot_len as usize)
         .filter(|&len| len as usize >= ihl + l4_min_len(ip.proto));
-    forward_l4(ctx, key, ETH_LEN + ihl, ip_len)
+    // The key is built with its ports: with them left zero, LLVM merges the
+    // key's zero words into a `memset`, which BPF calls as a byte loop.
+    let l4 = ETH_LEN + ihl;
+    let (sport, dport) = match ptr_at::<Ports>(ctx, l4) {
+        // SAFETY: ptr_at checked bounds.
+        Some(p) => unsafe { ((*p).src, (*p).dst) },
+        None => (0, 0),
+    };
+    forward_l4(
+        ctx,
+        FlowKey::v4(ip.src, ip.dst, sport, dport, ip.proto),
+        l4,
+        ip_len,
+    )
 }
 
 fn ipv6(ctx: &XdpContext) -> Verdict {

@@ -1,6 +1,6 @@
 //! Connection and traffic tracers: per-flow times, TCP flags and per-leg
 //! counters, close detection, and sampled flow events to the agent.
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     FlowEvent, FlowKey, FlowState, Settings, EVENTS_DROPPED, EVENTS_SENT, EVENT_CLOSE_FIN,
     EVENT_CLOSE_RST, EVENT_OPEN, FLOW_CLOSED_FIN, FLOW_CLOSED_RST, SETTING_TRACE_FLOWS, TCP_FIN,
@@ -9,7 +9,7 @@ use lb_common::{
 
 use crate::{
     counters,
-    maps::{EVENT_STATS, FLOWS, FLOW_EVENTS},
+    maps::{CLOCK_CACHE, EVENT_STATS, FLOWS, FLOW_EVENTS},
 };
 
 /// One forwarded packet of a VIP flow, as the tracers see it.
@@ -48,17 +48,38 @@ fn event(p: &Packet, settings: &Settings, kind: u32, now: u64) {
     }
 }
 
+/// `CLOCK_MONOTONIC_COARSE` in ns, the tracers' clock. The coarse clock moves
+/// once per tick, so each CPU keeps its last reading with the jiffy it was
+/// taken in and reads the clock again only when the jiffy changed: the kernel
+/// inlines `bpf_jiffies64` into a load, while the clock read is a helper call
+/// on every packet. A reading taken between a tick's jiffies update and its
+/// clock update stays one tick behind until the next tick: a tick more of
+/// imprecision on a clock that has a tick's precision anyway.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    // SAFETY: helpers without arguments.
+    let jiffy = unsafe { bpf_jiffies64() };
+    let Some(c) = CLOCK_CACHE.get_ptr_mut(0) else {
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: per-CPU value, only this CPU uses it while the program runs.
+    unsafe {
+        if (*c)[0] == jiffy && (*c)[1] != 0 {
+            return (*c)[1];
+        }
+        let now = bpf_ktime_get_coarse_ns();
+        *c = [jiffy, now];
+        now
+    }
+}
+
 /// Records a flow the connection table did not know.
 #[inline(always)]
 pub fn new_flow(p: &Packet, settings: &Settings) {
     let trace = settings.flags & SETTING_TRACE_FLOWS != 0;
-    // SAFETY: helper without arguments. The coarse clock (a tick's precision)
-    // is plenty for ages and idle times and much cheaper per packet.
-    let now = if trace {
-        unsafe { bpf_ktime_get_coarse_ns() }
-    } else {
-        0
-    };
+    // The coarse clock (a tick's precision) is plenty for ages and idle
+    // times and much cheaper per packet.
+    let now = if trace { coarse_now() } else { 0 };
     let state = FlowState {
         backend_id: p.backend_id,
         vip_id: p.vip_id,
@@ -87,8 +108,7 @@ pub fn known_flow(p: &Packet, settings: &Settings, state: *mut FlowState) {
     if settings.flags & SETTING_TRACE_FLOWS == 0 {
         return;
     }
-    // SAFETY: helper without arguments (see new_flow on the coarse clock).
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = coarse_now();
     // SAFETY: a connection-table entry; racing updates from two CPUs can lose
     // an increment, never corrupt the entry (a flow normally stays on one queue).
     unsafe {

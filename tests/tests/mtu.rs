@@ -47,12 +47,16 @@ impl Drop for Bulk {
 
 fn bulk_servers(t: &Topology) -> Bulk {
     let stop = Arc::new(AtomicBool::new(false));
+    // Every server listens before the first connection is made.
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     let threads = (0..t.backends)
         .map(|i| {
             let s = stop.clone();
+            let bound = bound_tx.clone();
             in_netns(&t.ns(&format!("b{i}")), move || {
                 let listener = TcpListener::bind(("::", BULK_PORT)).expect("bind bulk port");
                 listener.set_nonblocking(true).expect("nonblocking");
+                let _ = bound.send(());
                 let mut conns: Vec<JoinHandle<()>> = Vec::new();
                 while !s.load(Ordering::Relaxed) {
                     match listener.accept() {
@@ -66,6 +70,11 @@ fn bulk_servers(t: &Topology) -> Bulk {
             })
         })
         .collect();
+    for _ in 0..t.backends {
+        bound_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a bulk server did not start");
+    }
     Bulk { stop, threads }
 }
 

@@ -45,6 +45,10 @@ enum Task {
         /// fuzz test with 20,000,000 packets (or LB_FUZZ_PACKETS), only when
         /// named.
         sections: Vec<String>,
+        /// Also run a peer in the datapath section, through the same shim and
+        /// floor: `katran=PATH/balancer.bpf.o` (see docs/BENCHMARKS.md).
+        #[arg(long)]
+        peer: Option<String>,
     },
     /// Check that no crate's top-level modules import each other in a circle.
     Modules,
@@ -136,13 +140,16 @@ fn main() -> Result<()> {
             cmd.env("LB_UPGRADE_OBJECT", ebpf_upgrade_object());
             run(&mut cmd)
         }
-        Task::Bench { sections } => {
+        Task::Bench { sections, peer } => {
             build(true)?;
             let fuzz = sections.iter().any(|s| s == "fuzz");
             let rest: Vec<&String> = sections.iter().filter(|s| *s != "fuzz").collect();
             if !fuzz || !rest.is_empty() {
                 let mut cmd = cargo(&["run", "--locked", "--release", "-q", "-p", "lb-tests"]);
                 cmd.args(["--bin", "lb-bench", "--"]).args(rest);
+                if let Some(p) = peer {
+                    cmd.args(["--peer", &p]);
+                }
                 run(cmd.env("LB_BIN_DIR", root().join("target/release")))?;
             }
             if fuzz {

@@ -66,7 +66,15 @@ impl<D: Datapath> Balancer<D> {
         }
         let plan = self.plan(config)?;
         let mut summary = ApplySummary::default();
-        self.dp.set_settings(&settings(config))?;
+        let mut s = settings(config);
+        // Written before new VIPs, so a new every-port VIP is looked up from
+        // its first packet; cleared only once no old VIP has port 0 either.
+        let every_port = config.vips.iter().any(|v| v.port == 0)
+            || self.vips.values().any(|v| v.config.port == 0);
+        if !every_port {
+            s.flags |= lb_common::SETTING_NO_EVERY_PORT_VIPS;
+        }
+        self.dp.set_settings(&s)?;
         self.add_backends(&plan.new_backends, next_hops, &mut summary)?;
         let gone_vips = self.switch_tables(config, &plan, &mut summary)?;
         self.remove_gone(config, gone_vips, &plan.gone_backends, &mut summary)?;

@@ -361,3 +361,25 @@ fn two_agents_agree_whatever_the_order() {
         assert_eq!(addr_of(&a, pa), addr_of(&b, pb));
     }
 }
+
+#[test]
+fn second_vip_lookup_is_skipped_only_while_no_vip_has_every_port() {
+    use lb_common::SETTING_NO_EVERY_PORT_VIPS as NONE;
+    let mut b = balancer();
+    b.apply_cfg(&web_two()).unwrap();
+    assert_ne!(b.datapath().settings.flags & NONE, 0);
+    let both = config(&format!(
+        "{}{}",
+        vip("198.18.10.1", 80, &[("198.18.0.11", 1)]),
+        vip("198.18.10.2", 0, &[("198.18.0.12", 1)])
+    ));
+    // Cleared before the every-port VIP is written.
+    b.apply_cfg(&both).unwrap();
+    assert_eq!(b.datapath().settings.flags & NONE, 0);
+    // Still clear in the apply that removes it (packets may still reach it)...
+    b.apply_cfg(&web_two()).unwrap();
+    assert_eq!(b.datapath().settings.flags & NONE, 0);
+    // ...and set again once no VIP has port 0.
+    b.apply_cfg(&web_two()).unwrap();
+    assert_ne!(b.datapath().settings.flags & NONE, 0);
+}

@@ -22,14 +22,20 @@ use lb_tests::{fixture::*, packet::*, topology};
 use lb_userspace::{datapath::MapSizes, maglev};
 use serde_json::{json, Value};
 
-#[path = "lb-bench/bypass.rs"]
 mod bypass;
-#[path = "lb-bench/srcside.rs"]
 mod srcside;
 
 const ROUNDS: usize = 5;
 const REPEAT: u32 = 1_000_000;
 const FRAME_LEN: usize = 128;
+/// Runs per round of a new-flow case that the peer runs too: Katran skips its
+/// LRU insert above 125,000 new connections per second and CPU.
+const NEW_FLOW_REPEAT: u32 = 100_000;
+/// Runs of `NEW_FLOW_REPEAT` new flows that overfill a 1,000,000-entry table.
+const FILL_RUNS: u32 = 11;
+
+mod katran;
+mod peer;
 
 /// Mirrors `BenchFrame` in lb-ebpf/src/bench.rs.
 #[repr(C)]
@@ -148,6 +154,14 @@ impl Shim {
             let p: &Xdp = obj.program(name).expect(name).try_into().expect("XDP");
             p.fd().expect("loaded").try_clone().expect("dup fd")
         };
+        let mut progs = ProgramArray::try_from(self.ebpf.map_mut("BENCH_PROGS").expect("map"))
+            .expect("prog array");
+        progs.set(0, &fd, 0).expect("tail-call slot");
+    }
+
+    /// Puts a program loaded elsewhere (the peer) in the tail-call slot.
+    fn target_fd(&mut self, fd: &aya::programs::ProgramFd) {
+        let fd = fd.try_clone().expect("dup fd");
         let mut progs = ProgramArray::try_from(self.ebpf.map_mut("BENCH_PROGS").expect("map"))
             .expect("prog array");
         progs.set(0, &fd, 0).expect("tail-call slot");
@@ -280,6 +294,11 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
         counted: Option<Outcome>,
         /// Run with tracers and flow events switched off.
         untraced: bool,
+        /// Also run through the peer (Katran), when one is given.
+        katran: bool,
+        /// Runs per round (new-flow cases against the peer stay under its
+        /// per-CPU new-connection limit).
+        repeat: u32,
     }
     let cases = vec![
         Case {
@@ -291,6 +310,8 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             verdict: XDP_TX,
             counted: None,
             untraced: false,
+            katran: false,
+            repeat: REPEAT,
         },
         Case {
             key: "v4_syn_new",
@@ -301,6 +322,20 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             verdict: XDP_TX,
             counted: Some(Outcome::Forwarded),
             untraced: false,
+            katran: false,
+            repeat: REPEAT,
+        },
+        Case {
+            key: "v4_syn_full",
+            name: "IPv4 TCP SYN, new flow into the full 1M-entry table",
+            program: Some("lb_ingress"),
+            frame: v4_tcp(V4_VIP, TCP_SYN),
+            vary: Some(V4_VARY),
+            verdict: XDP_TX,
+            counted: Some(Outcome::Forwarded),
+            untraced: false,
+            katran: true,
+            repeat: NEW_FLOW_REPEAT,
         },
         Case {
             key: "v4_established",
@@ -311,6 +346,8 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             verdict: XDP_TX,
             counted: Some(Outcome::Forwarded),
             untraced: false,
+            katran: true,
+            repeat: REPEAT,
         },
         Case {
             key: "v4_udp",
@@ -326,6 +363,8 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             verdict: XDP_TX,
             counted: Some(Outcome::Forwarded),
             untraced: false,
+            katran: true,
+            repeat: REPEAT,
         },
         Case {
             key: "v6_established",
@@ -348,6 +387,8 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             verdict: XDP_TX,
             counted: Some(Outcome::Forwarded),
             untraced: false,
+            katran: true,
+            repeat: REPEAT,
         },
         Case {
             key: "v4_to_v6",
@@ -358,6 +399,8 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             verdict: XDP_TX,
             counted: Some(Outcome::Forwarded),
             untraced: false,
+            katran: true,
+            repeat: REPEAT,
         },
         Case {
             key: "pass",
@@ -368,6 +411,8 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             verdict: XDP_PASS,
             counted: Some(Outcome::PassNotVip),
             untraced: false,
+            katran: true,
+            repeat: REPEAT,
         },
         Case {
             key: "decap",
@@ -378,6 +423,8 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             verdict: XDP_PASS,
             counted: None,
             untraced: false,
+            katran: false,
+            repeat: REPEAT,
         },
         Case {
             key: "v4_syn_new_untraced",
@@ -388,6 +435,8 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             verdict: XDP_TX,
             counted: Some(Outcome::Forwarded),
             untraced: true,
+            katran: false,
+            repeat: REPEAT,
         },
         Case {
             key: "v4_established_untraced",
@@ -398,6 +447,8 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             verdict: XDP_TX,
             counted: Some(Outcome::Forwarded),
             untraced: true,
+            katran: true,
+            repeat: REPEAT,
         },
     ];
     // The floor runs right before every round of every case, and each case is
@@ -407,6 +458,8 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
     let mut ns = BTreeMap::new();
     let mut ratios = BTreeMap::new();
     let mut traced = true;
+    let mut peer_ratios = BTreeMap::new();
+    let mut katran = peer::load();
     for c in cases {
         if c.untraced && traced {
             f.apply(&format!(
@@ -420,22 +473,49 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
         shim.target(c.program.map(|p| (&f.ebpf, p)));
         shim.frame(data, c.vary);
         shim.run(&data, 1000);
+        if c.key == "v4_syn_full" {
+            // Past the table's size: from here on every insert evicts.
+            for _ in 0..FILL_RUNS {
+                shim.run(&data, NEW_FLOW_REPEAT);
+            }
+        }
+        let mut peer = katran.as_mut().filter(|_| c.katran);
+        let peer_before = peer.as_deref_mut().map(|k| {
+            peer::prepare(
+                k,
+                &mut shim,
+                &data,
+                c.vary,
+                c.verdict,
+                c.key == "v4_syn_full",
+            )
+        });
         let before = c.counted.map(|o| outcome(&f, o));
         let decap_before = f.decap_outcomes()[DecapOutcome::Decapsulated as usize].packets;
         let (mut samples, mut per_round) = (Vec::new(), Vec::new());
+        let (mut to_peer, mut peer_to_floor) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             shim.target(None);
             shim.frame(floor_frame, None);
-            let (floor_ns, verdict) = shim.run(&floor_frame, REPEAT);
+            let (floor_ns, verdict) = shim.run(&floor_frame, c.repeat);
             assert_eq!(verdict, XDP_TX, "floor: unexpected verdict");
             shim.target(c.program.map(|p| (&f.ebpf, p)));
             shim.frame(data, c.vary);
-            let (t, verdict) = shim.run(&data, REPEAT);
+            let (t, verdict) = shim.run(&data, c.repeat);
             assert_eq!(verdict, c.verdict, "{}: unexpected verdict", c.name);
             samples.push(t);
             per_round.push(t / floor_ns);
+            if let Some(k) = peer.as_deref_mut() {
+                let kt = peer::run(k, &mut shim, &data, c.vary, c.repeat, c.verdict);
+                to_peer.push(t / kt);
+                peer_to_floor.push(kt / floor_ns);
+            }
         }
-        let runs = u64::from(REPEAT) * ROUNDS as u64;
+        let runs = u64::from(c.repeat) * ROUNDS as u64;
+        if let (Some(k), Some(b)) = (peer.as_deref(), peer_before) {
+            peer::check(k, &b, runs, c.verdict, c.vary.is_some(), c.name);
+            peer_ratios.insert(c.key, (median(to_peer), median(peer_to_floor)));
+        }
         if let (Some(o), Some(b)) = (c.counted, before) {
             assert_eq!(
                 outcome(&f, o) - b,
@@ -458,6 +538,11 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
     let names = [
         ("floor", "floor: swap MACs, XDP_TX", None),
         ("v4_syn_new", "IPv4 TCP SYN, new flow each run", Some(5.0)),
+        (
+            "v4_syn_full",
+            "IPv4 TCP SYN, new flow into the full 1M-entry table",
+            None,
+        ),
         ("v4_established", "IPv4 TCP established", Some(3.0)),
         ("v4_udp", "IPv4 UDP (established)", Some(3.0)),
         ("v6_established", "IPv6 TCP established", Some(3.0)),
@@ -527,6 +612,7 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             .json
             .insert(format!("datapath.{on}.tracer_cost_ratio"), json!(delta));
     }
+    peer::report(report, &peer_ratios);
     ns
 }
 
@@ -1139,7 +1225,20 @@ fn main() {
     let mut report = Report::default();
     // `lb-bench [section ...]` runs only the named sections; results files are
     // written only for a full run.
-    let only: Vec<String> = std::env::args().skip(1).collect();
+    let mut only: Vec<String> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--peer" {
+            let v = args.next().unwrap_or_default();
+            let Some(path) = v.strip_prefix("katran=") else {
+                eprintln!("--peer: expected katran=PATH/balancer.bpf.o, got {v:?}");
+                std::process::exit(2);
+            };
+            peer::KATRAN_OBJECT.set(path.into()).expect("one --peer");
+        } else {
+            only.push(a);
+        }
+    }
     type Section = (&'static str, fn(&mut Report));
     let sections: [Section; 7] = [
         ("datapath", |r| {
@@ -1436,10 +1535,21 @@ mod live {
         let (est, est_fwd) = run(false);
         let (new, new_fwd) = run(true);
         // The floor on the same interface, same generator.
+        // The agent's XDP link is pinned (it outlives a stopped agent), so
+        // it is stopped with its datapath detached and its pins removed.
         if let Some(mut c) = net.1.take() {
-            // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let detached = Command::new(topology::bin("lbctl"))
+                .arg("--socket")
+                .arg(&socket)
+                .args(["shutdown", "--detach"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !detached {
+                // SAFETY: plain kill(2) on our own child.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            }
             let _ = c.wait();
+            topology::cleanup_agent(&net.2);
         }
         let floor_prog = topology::in_netns(&lb, || {
             let mut shim = Shim::load();
