@@ -315,7 +315,14 @@ fn revocation(t: &mut Topology) {
     wait_for(
         "the LB sends new flows elsewhere",
         Duration::from_secs(5),
-        || t.from_guest(0, 0, || connect_once(vip()).ok()) == Some(other.clone()),
+        // Until the LB's health checks hold the backend down: ten new
+        // connections in a row reach the other one.
+        || {
+            let other = other.clone();
+            t.from_guest(0, 0, move || {
+                (0..10).all(|_| connect_once(vip()).ok().as_deref() == Some(other.as_str()))
+            })
+        },
     );
     let to_lb = bypass_field(t, "packets_to_lb");
     drop(stream);
