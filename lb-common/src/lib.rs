@@ -78,6 +78,8 @@ pub struct VipInfo {
     pub vip_id: u32,
     /// Which Maglev ring in `MAGLEV` the VIP uses (ring * table size is the base).
     pub ring: u32,
+    /// `VIP_*` bits (bypass source).
+    pub flags: u32,
     /// The ring of the VIP's table before its last change, plus one (0: none).
     /// A flow the connection table does not know, whose backend differs in
     /// the two tables, gets the previous table's backend as a second chance
@@ -205,6 +207,68 @@ pub struct HostAddr {
     pub addr: [u8; 16],
     pub family: u8,
     pub _pad: [u8; 3],
+}
+
+/// `VipInfo::flags`: this instance is a bypass source intermediary for the
+/// VIP (a client host): a flow with an entry in `BYPASS` is encapsulated
+/// straight to that entry's backend; every other packet is recorded in
+/// `BYPASS_SENT` and passed to the stack, which routes it to the LB.
+pub const VIP_BYPASS_SOURCE: u32 = 1 << 0;
+
+/// Value of the bypass table (keyed by `FlowKey`): the backend a flow is sent
+/// straight to, and what the intermediary sent on that leg. Written by the
+/// agent (backend id, on an accepted instruction) and by the datapath
+/// (counters; it removes the entry on the client's FIN or RST, or when the
+/// backend is no longer usable).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BypassEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// Packets and bytes received from the client and sent straight to the
+    /// backend (bytes as received, before the outer header).
+    pub packets: u64,
+    pub bytes: u64,
+    /// `bpf_ktime_get_coarse_ns` of the last packet; 0 before the first.
+    pub last_ns: u64,
+}
+
+/// Index into `BYPASS_STATS`: packets sent straight to a backend; packets of
+/// bypass VIPs passed toward the LB (no entry); entries the datapath ended
+/// (FIN/RST, or a backend no longer usable).
+pub const BYPASS_SENT_DIRECT: u32 = 0;
+pub const BYPASS_PASSED: u32 = 1;
+pub const BYPASS_ENDED: u32 = 2;
+pub const BYPASS_STAT_COUNT: u32 = 3;
+
+/// Key of `BYPASS_CLIENTS` (an LPM trie): a client prefix, IPv4 as
+/// `::ffff:a.b.c.d` (prefix length + 96).
+pub type BypassPrefix = [u8; 16];
+
+/// Value of `BYPASS_CLIENTS`: where the intermediary of a client prefix
+/// listens for instructions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BypassIntermediary {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// A flow `lb_decap` saw reach its VIP's `after_packets` from a client
+/// behind an intermediary: the backend host's agent sends the instruction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BypassEvent {
+    /// The inner flow as the client sent it.
+    pub key: FlowKey,
+    /// The outer destination: this backend's address.
+    pub backend: [u8; 16],
+    pub backend_family: u8,
+    pub _pad: [u8; 3],
+    pub intermediary: BypassIntermediary,
 }
 
 /// Maglev slots per `MAGLEV` array element. Array elements are padded to 8
@@ -479,7 +543,7 @@ impl FlowKey {
 }
 
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
-const _: () = assert!(core::mem::size_of::<VipInfo>() == 12);
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<BackendInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 56);
@@ -489,6 +553,9 @@ const _: () = assert!(core::mem::size_of::<HostAddr>() == 20);
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 48);
 const _: () = assert!(core::mem::size_of::<PacketCounter>() == 16);
 const _: () = assert!(core::mem::size_of::<IcmpTokens>() == 16);
+const _: () = assert!(core::mem::size_of::<BypassEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<BypassIntermediary>() == 20);
+const _: () = assert!(core::mem::size_of::<BypassEvent>() == 80);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -506,4 +573,7 @@ mod pod {
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for PacketCounter {}
     unsafe impl aya::Pod for IcmpTokens {}
+    unsafe impl aya::Pod for BypassEntry {}
+    unsafe impl aya::Pod for BypassIntermediary {}
+    unsafe impl aya::Pod for BypassEvent {}
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::{DecapOutcome, HostAddr, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6};
 
 use crate::{
-    counters,
+    bypass_dest, counters,
     headers::{
         len_from, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN,
         IPV6_LEN,
@@ -127,6 +127,8 @@ fn try_decap(ctx: &XdpContext) -> (u32, DecapOutcome) {
             return verdict;
         }
     }
+    // Only a packet this host keeps tells its flow's intermediary.
+    bypass_dest::notice(ctx, outer_len, outer.inner_v4);
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return (xdp_action::XDP_DROP, DecapOutcome::DroppedMalformed);
     };

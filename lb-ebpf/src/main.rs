@@ -14,12 +14,19 @@
 //!   table does not know, carried in the outer header; `lb_decap` sends
 //!   packets no local socket owns on to it.
 //! - `trace`: connection and traffic tracers, flow events.
+//! - `bypass`: the `lb_source` entry point, the source intermediary of a
+//!   client host (flows sent straight to their backend on instruction,
+//!   others recorded and passed to the LB; the rest as `lb_ingress`).
+//! - `bypass_dest`: in `lb_decap`, the destination intermediary: flows of
+//!   bypass VIPs from clients behind an intermediary, reported to the agent.
 //! - `ingress`: the `lb_ingress` entry point (parse, balance, encapsulate, send).
 //! - `decap`: the `lb_decap` entry point for backend hosts.
 #![no_std]
 #![no_main]
 
 mod balance;
+mod bypass;
+mod bypass_dest;
 mod counters;
 mod decap;
 mod encap;

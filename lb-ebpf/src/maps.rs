@@ -3,11 +3,12 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
-    BackendInfo, FlowKey, FlowState, HostAddr, IcmpTokens, MaglevChunk, PacketCounter, Settings,
-    TrafficCounters, VipInfo, VipKey, DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT,
+    BackendInfo, BypassEntry, BypassIntermediary, BypassPrefix, FlowKey, FlowState, HostAddr,
+    IcmpTokens, MaglevChunk, PacketCounter, Settings, TrafficCounters, VipInfo, VipKey,
+    BYPASS_STAT_COUNT, DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT,
 };
 
 /// VIPs keyed by (address, port, protocol); also one marker per VIP address
@@ -86,3 +87,46 @@ pub static DECAP_ADDRS: HashMap<HostAddr, u32> = HashMap::with_max_entries(64, 0
 #[map]
 pub static DECAP_OUTCOMES: PerCpuArray<PacketCounter> =
     PerCpuArray::with_max_entries(DECAP_OUTCOME_COUNT, 0);
+
+/// Bypass entries of a client host's intermediary, keyed by the flow as the
+/// client sent it. Written by the agent (accepted instructions, revokes) and
+/// by the datapath (counters; removal on FIN/RST or an unusable backend).
+#[map]
+pub static BYPASS: HashMap<FlowKey, BypassEntry> = HashMap::with_max_entries(65536, 0);
+
+/// Flows to bypass VIPs this host sent toward the LB, keyed by the flow,
+/// with the coarse time of the last packet. Written by the datapath; the
+/// agent reads it to accept instructions only for flows it sent.
+#[map]
+pub static BYPASS_SENT: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Bypass counters by `BYPASS_*` index. Written by the datapath.
+#[map]
+pub static BYPASS_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(BYPASS_STAT_COUNT, 0);
+
+/// What `lb_source` hands frames that are not to a bypass VIP to (index 0:
+/// `lb_ingress`, the source-side balancer). Written by the agent; empty, the
+/// frames pass to the stack.
+#[map]
+pub static BYPASS_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Client prefixes that have a bypass intermediary, and where it listens.
+/// Written by the agent of a backend host.
+#[map]
+pub static BYPASS_CLIENTS: LpmTrie<BypassPrefix, BypassIntermediary> =
+    LpmTrie::with_max_entries(1024, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// VIPs whose flows may be bypassed (port 0: every port), with the packets
+/// a flow must reach first. Written by the agent of a backend host.
+#[map]
+pub static BYPASS_POLICY: HashMap<VipKey, u32> = HashMap::with_max_entries(128, 0);
+
+/// Packets `lb_decap` saw per flow of a bypass VIP from a client behind an
+/// intermediary (the event goes out when the count reaches the policy's).
+/// Written by the datapath.
+#[map]
+pub static BYPASS_SEEN: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// Flows to tell an intermediary about, for the backend host's agent.
+#[map]
+pub static BYPASS_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 18, 0);

@@ -285,6 +285,33 @@ pub struct Status {
     pub mss_clamped: u64,
     #[serde(default)]
     pub xdp_errors: Vec<XdpErrors>,
+    /// The bypass intermediary of a client host, or the sender of a
+    /// backend host.
+    #[serde(default)]
+    pub bypass: Option<BypassStatus>,
+}
+
+/// Bypass at this agent: instructions received (source intermediary) and
+/// sent (backend host), and the intermediary's datapath counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BypassStatus {
+    /// Entries in the bypass table now.
+    pub entries: u64,
+    pub accepted: u64,
+    pub revoked: u64,
+    /// Refused instructions by reason (bad_tag, unknown_key, stale,
+    /// replayed, unknown_flow, wrong_backend, malformed, ...).
+    pub refused: std::collections::BTreeMap<String, u64>,
+    /// Entries the agent ended (backend left the VIP, flow idle).
+    pub ended_by_agent: u64,
+    /// Datapath: packets sent straight to a backend, packets of bypass VIPs
+    /// passed toward the LB, entries ended (FIN/RST, unusable backend).
+    pub packets_direct: u64,
+    pub packets_to_lb: u64,
+    pub ended_by_datapath: u64,
+    /// Backend host: instructions sent, and those that could not be.
+    pub sent: u64,
+    pub send_errors: u64,
 }
 
 /// A VIP's maintenance settings and lifecycle (`lbctl maintenance status`).

@@ -39,6 +39,8 @@ pub struct Fixture {
     pub sizes: MapSizes,
     /// The MTU every backend's next hop is given.
     pub mtu: u32,
+    /// `BYPASS_NEXT`, held while `lb_source` is loaded.
+    source_next: Option<aya::maps::ProgramArray<MapData>>,
 }
 
 pub struct Run {
@@ -106,6 +108,7 @@ impl Fixture {
             decap,
             sizes,
             mtu: LINK_MTU,
+            source_next: None,
         };
         f.resolve_all();
         f
@@ -180,6 +183,34 @@ impl Fixture {
 
     pub fn decap(&self, input: &[u8]) -> Run {
         self.run("lb_decap", input)
+    }
+
+    /// Loads `lb_source` (the bypass source intermediary) with `lb_ingress`
+    /// as the program it hands other frames to.
+    pub fn load_source(&mut self) {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut("lb_source")
+            .expect("program exists")
+            .try_into()
+            .expect("is XDP");
+        prog.load()
+            .unwrap_or_else(|e| panic!("the verifier accepts lb_source: {e:?}"));
+        let next = self.ebpf.take_map("BYPASS_NEXT").expect("BYPASS_NEXT");
+        let mut next = aya::maps::ProgramArray::try_from(next).expect("program array");
+        let ingress: &Xdp = self
+            .ebpf
+            .program("lb_ingress")
+            .expect("program")
+            .try_into()
+            .expect("XDP");
+        next.set(0, ingress.fd().expect("loaded"), 0)
+            .expect("BYPASS_NEXT[0]");
+        self.source_next = Some(next);
+    }
+
+    pub fn source(&self, input: &[u8]) -> Run {
+        self.run("lb_source", input)
     }
 
     /// Backend id of an address, as the balancer allocated it.

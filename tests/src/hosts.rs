@@ -144,6 +144,31 @@ impl Topology {
         self.wait_ready(&role, &socket);
     }
 
+    /// The control socket of host `h`'s agent.
+    pub fn host_socket(&self, h: usize) -> PathBuf {
+        self.dir.join(format!("h{h}.sock"))
+    }
+
+    /// Starts host `h`'s agent as a bypass source intermediary from a file
+    /// configuration: `lb_source` on its guests' interfaces `g0..`, `vips`
+    /// (`[[vips]]` tables), encapsulating from the host's address, and
+    /// `bypass` (the lines of its `[bypass]` section).
+    pub fn start_intermediary(&mut self, h: usize, guests: usize, vips: &str, bypass: &str) {
+        let role = format!("h{h}");
+        let socket = self.host_socket(h);
+        let interfaces: Vec<String> = (0..guests).map(|g| format!("\"g{g}\"")).collect();
+        let config = format!(
+            "socket = \"{}\"\n[datapath]\ninterfaces = [{}]\nxdp_mode = \"native\"\nbypass_source = true\n\
+             [lifecycle]\nstate_file = \"{}\"\n[encap]\nsource_v4 = \"{}/32\"\n[bypass]\n{bypass}\n{vips}",
+            socket.display(),
+            interfaces.join(", "),
+            self.dir.join(format!("{role}-lifecycle.json")).display(),
+            self.host_v4(h),
+        );
+        self.spawn_agent(&role, &config, &[]);
+        self.wait_ready(&role, &socket);
+    }
+
     /// Kills `role`'s agent with SIGKILL (its datapath stays pinned).
     pub fn kill_agent(&mut self, role: &str) {
         let pos = self

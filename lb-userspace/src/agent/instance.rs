@@ -64,8 +64,13 @@ impl InstanceLock {
 pub(crate) fn attachments(config: &Config) -> Vec<(&'static str, String, XdpModeSetting)> {
     let mut out = Vec::new();
     if let Some(b) = &config.balancer {
+        let program = if b.datapath.bypass_source {
+            "lb_source"
+        } else {
+            "lb_ingress"
+        };
         for name in &b.datapath.interfaces {
-            out.push(("lb_ingress", name.clone(), b.datapath.xdp_mode));
+            out.push((program, name.clone(), b.datapath.xdp_mode));
         }
     }
     if let Some(d) = &config.decap {

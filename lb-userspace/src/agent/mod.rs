@@ -16,6 +16,8 @@
 //! - `status`, `report`, `metrics`: what the agent shows, read from the state.
 
 mod announce;
+mod bypass;
+mod bypass_send;
 mod control;
 mod dashboard;
 mod fleet;
@@ -272,6 +274,10 @@ pub async fn run_object(
     instance::remove_stale_socket(&config.socket)?;
     let sizes = sizes(&config);
     let (mut ebpf, origin) = load_programs(&pins, &sizes, object)?;
+    if bypass::is_source(&config) {
+        bypass::load_source(&mut ebpf, &pins)?;
+    }
+    let bypass_parts = bypass::start(&mut ebpf, &config).await?;
     let mut balancing = match &config.balancer {
         Some(b) => Some(start_balancer(&mut ebpf, b, &sizes, &resolver, &origin).await?),
         None => None,
@@ -299,7 +305,8 @@ pub async fn run_object(
         _ => None,
     };
     let state = shared_state(config.clone(), balancing, decap, interfaces, announce);
-    let tasks = spawn_loops(&state.0, &config, state.1, &resolver).await?;
+    let mut tasks = spawn_loops(&state.0, &config, state.1, &resolver).await?;
+    bypass::spawn(&state.0, &config, bypass_parts, &mut tasks).await;
     let state = state.0;
     info!(socket = %socket.display(), instance = config.instance, "serving the control API");
     let stop = state.lock().await.stop.clone();
@@ -371,6 +378,8 @@ fn shared_state(
         announce,
         stop: Arc::new(tokio::sync::Notify::new()),
         detach: false,
+        bypass: None,
+        bypass_sent: None,
     }));
     (state, tables)
 }

@@ -31,6 +31,10 @@ pub(crate) struct State {
     pub(crate) stop: Arc<tokio::sync::Notify>,
     /// `lbctl shutdown --detach`: remove the pinned datapath on the way out.
     pub(crate) detach: bool,
+    /// The bypass source intermediary (a client host).
+    pub(crate) bypass: Option<super::bypass::Source>,
+    /// The bypass sender's counters (a backend host).
+    pub(crate) bypass_sent: Option<Arc<super::bypass_send::SendStats>>,
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;

@@ -35,6 +35,7 @@ pub(crate) fn status(st: &State) -> anyhow::Result<Status> {
         status.decap = Some(decap(d)?);
     }
     status.xdp_errors = xdp_errors(st);
+    status.bypass = super::bypass::status(st)?;
     Ok(status)
 }
 

@@ -78,7 +78,42 @@ impl<D: Datapath> Balancer<D> {
         self.add_backends(&plan.new_backends, next_hops, &mut summary)?;
         let gone_vips = self.switch_tables(config, &plan, &mut summary)?;
         self.remove_gone(config, gone_vips, &plan.gone_backends, &mut summary)?;
+        self.bypass_source = config.datapath.bypass_source;
+        self.sync_vip_flags(config)?;
         Ok(summary)
+    }
+
+    /// The `VIP_*` flags a VIP's entry carries under this configuration.
+    fn vip_flags(&self, vip: &VipConfig) -> u32 {
+        if self.bypass_source && vip.bypass.is_some() {
+            lb_common::VIP_BYPASS_SOURCE
+        } else {
+            0
+        }
+    }
+
+    /// Rewrites the entries of VIPs whose flags changed without a table
+    /// rebuild (a bypass policy or `bypass_source` switched).
+    fn sync_vip_flags(&mut self, config: &BalancerConfig) -> Result<()> {
+        for vip in &config.vips {
+            let flags = self.vip_flags(vip);
+            let Some(state) = self.vips.get_mut(&ident(vip)) else {
+                continue;
+            };
+            state.config.bypass = vip.bypass.clone();
+            if state.flags != flags {
+                state.flags = flags;
+                let info = VipInfo {
+                    vip_id: state.vip_id,
+                    ring: state.ring,
+                    flags,
+                    previous_ring: state.previous.map_or(0, |r| r + 1),
+                };
+                self.dp
+                    .set_vip(&vip_key(vip.address, vip.port, vip.protocol), &info)?;
+            }
+        }
+        Ok(())
     }
 
     /// What is new, what changes, and whether it fits.
@@ -301,9 +336,11 @@ impl<D: Datapath> Balancer<D> {
         // The table being replaced stays as the previous one (second
         // chance); the one before it is given up.
         let previous = old.map(|(_, old_ring)| old_ring);
+        let flags = self.vip_flags(vip);
         let info = VipInfo {
             vip_id,
             ring,
+            flags,
             previous_ring: previous.map_or(0, |r| r + 1),
         };
         self.dp
@@ -323,6 +360,7 @@ impl<D: Datapath> Balancer<D> {
                 config: vip.clone(),
                 vip_id,
                 ring,
+                flags,
                 slots,
                 digest: table.digest,
                 previous,

@@ -46,6 +46,8 @@ struct VipState {
     config: VipConfig,
     vip_id: u32,
     ring: u32,
+    /// `VIP_*` flags as last written to the datapath.
+    flags: u32,
     /// Slots each backend holds in the ring, by address.
     slots: BTreeMap<IpAddr, u32>,
     /// `maglev::digest` of the table in the ring (0 until one is built).
@@ -118,6 +120,8 @@ pub struct Balancer<D: Datapath> {
     /// What health checks and the lifecycle's placement say about each
     /// (VIP, backend) pair; absent pairs are at their default.
     pairs: BTreeMap<Pair, PairState>,
+    /// `[datapath] bypass_source` of the configuration applied.
+    bypass_source: bool,
 }
 
 impl<D: Datapath> Balancer<D> {
@@ -133,6 +137,7 @@ impl<D: Datapath> Balancer<D> {
             tx_ports: BTreeSet::new(),
             local_ports,
             pairs: BTreeMap::new(),
+            bypass_source: false,
         }
     }
 
@@ -185,11 +190,13 @@ impl<D: Datapath> Balancer<D> {
                 health: None,
                 feedback: None,
                 maintenance: Default::default(),
+                bypass: None,
             };
             let state = VipState {
                 config,
                 vip_id: info.vip_id,
                 ring: info.ring,
+                flags: info.flags,
                 slots: BTreeMap::new(),
                 digest: 0,
                 previous,
@@ -488,6 +495,38 @@ impl<D: Datapath> Balancer<D> {
             .get(&vip)
             .and_then(|v| v.slots.get(&address).copied())
             .unwrap_or(0)
+    }
+
+    /// The backend id of `backend` if it is in the current set of the VIP
+    /// `(address, port, protocol)` (exact port, else the every-port VIP),
+    /// that VIP has a bypass policy for the protocol, and the backend may
+    /// carry the flow: usable, not down, not out of service (a draining
+    /// backend keeps its flows, bypassed or not).
+    pub fn bypass_target(
+        &self,
+        address: IpAddr,
+        port: u16,
+        protocol: crate::config::Protocol,
+        backend: IpAddr,
+    ) -> Option<u32> {
+        let vip = self
+            .vips
+            .get(&(address, port, protocol))
+            .or_else(|| self.vips.get(&(address, 0, protocol)))?;
+        let policy = vip.config.bypass.as_ref()?;
+        if !policy.protocols.contains(&protocol)
+            || !vip.config.backends.iter().any(|b| b.address == backend)
+        {
+            return None;
+        }
+        let ident = ident(&vip.config);
+        let state = self.backends.get(&backend)?;
+        let pair = self
+            .pairs
+            .get(&(ident, backend))
+            .copied()
+            .unwrap_or_default();
+        (state.usable && !pair.blocks_flows()).then_some(state.id)
     }
 
     /// (address, backend id, next hop) of every live backend.

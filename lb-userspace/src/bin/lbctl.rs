@@ -316,6 +316,20 @@ fn print_status(s: &Status) {
         }
     }
     print_xdp_errors(&s.xdp_errors);
+    if let Some(b) = &s.bypass {
+        println!();
+        println!(
+            "bypass: {} flows sent straight to their backend; instructions accepted {}, revoked {}, sent {} (errors {})",
+            b.entries, b.accepted, b.revoked, b.sent, b.send_errors
+        );
+        println!(
+            "  packets straight to backends {}, toward the LB {}; entries ended by the datapath {}, by the agent {}",
+            b.packets_direct, b.packets_to_lb, b.ended_by_datapath, b.ended_by_agent
+        );
+        for (reason, n) in &b.refused {
+            println!("  refused {reason:<16} {n:>10}");
+        }
+    }
     if let Some(d) = &s.decap {
         println!();
         let addrs: Vec<String> = d.addresses.iter().map(|a| a.to_string()).collect();

@@ -8,9 +8,10 @@
 //!   window). An instruction refused at any step changes nothing, and the
 //!   refusal is counted by its reason.
 //!
-//! What the intermediary checks next (a flow it sent, a backend in the
-//! VIP's current set) needs its own tables and is not done here.
+//! - `intermediary`: what the source intermediary checks next (a flow it
+//!   sent, a backend in the VIP's current set) and the entry it writes.
 
+pub mod intermediary;
 pub mod keys;
 pub mod wire;
 
@@ -24,7 +25,7 @@ pub use wire::{Flow, Instruction, Kind, Malformed};
 
 /// Instructions older or newer than this (by their timestamp against the
 /// receiver's clock) are refused as stale; hosts' clocks must agree within it.
-pub const DEFAULT_WINDOW_MS: u64 = 5_000;
+pub const DEFAULT_WINDOW_MS: u64 = crate::config::DEFAULT_BYPASS_WINDOW_MS;
 /// Nonces remembered at most: at the window's end they expire. A receiver
 /// whose memory is full refuses (and counts) rather than forget a nonce
 /// still inside the window.
@@ -45,6 +46,12 @@ pub enum Refusal {
     Replayed,
     /// The nonce memory is full of nonces still inside the window.
     NoncesFull,
+    /// A flow this host did not send toward the LB (or no longer remembers).
+    UnknownFlow,
+    /// A backend not in the VIP's current set, or a VIP without bypass.
+    WrongBackend,
+    /// The datapath's tables could not be read or written (full?).
+    Datapath,
 }
 
 impl Refusal {
@@ -57,6 +64,9 @@ impl Refusal {
             Refusal::Stale { .. } => "stale",
             Refusal::Replayed => "replayed",
             Refusal::NoncesFull => "nonces_full",
+            Refusal::UnknownFlow => "unknown_flow",
+            Refusal::WrongBackend => "wrong_backend",
+            Refusal::Datapath => "datapath",
         }
     }
 }
@@ -72,6 +82,12 @@ impl std::fmt::Display for Refusal {
             }
             Refusal::Replayed => write!(f, "nonce already seen: a replay"),
             Refusal::NoncesFull => write!(f, "too many instructions within the window"),
+            Refusal::UnknownFlow => write!(f, "a flow this host did not send"),
+            Refusal::WrongBackend => write!(
+                f,
+                "the backend is not in the VIP's current set (or the VIP has no bypass)"
+            ),
+            Refusal::Datapath => write!(f, "the bypass table could not be written"),
         }
     }
 }

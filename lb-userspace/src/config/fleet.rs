@@ -190,6 +190,7 @@ impl RawVipDocument {
             icmp_too_big_burst: None,
             clamp_mss: None,
             second_chance: None,
+            bypass_source: None,
         })?;
         datapath.max_vips = u32::MAX;
         datapath.max_backends = u32::MAX;

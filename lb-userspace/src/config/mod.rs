@@ -11,12 +11,16 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 mod announce;
+mod bypass;
 mod fleet;
 mod host;
 mod raw;
 mod validate;
 
 pub use announce::AnnounceConfig;
+pub use bypass::{
+    BypassConfig, BypassPolicy, RawBypass, DEFAULT_WINDOW_MS as DEFAULT_BYPASS_WINDOW_MS,
+};
 pub use fleet::{check_name, FleetConfig, DEFAULT_FLEET_PREFIX};
 pub use host::{host_instance, HostConfig, HostVip};
 pub use raw::*;
@@ -67,6 +71,8 @@ pub struct Config {
     /// The host intermediary role: source-side balancers installed through
     /// the fleet store run on this host's guests' interfaces.
     pub host: Option<HostConfig>,
+    /// Bypass: instructions received (client host) or sent (backend host).
+    pub bypass: Option<BypassConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +175,10 @@ pub struct DatapathConfig {
     /// Flows the connection table does not know, whose backend differs in
     /// the VIP's previous table, carry that backend as a second candidate.
     pub second_chance: bool,
+    /// This agent is a bypass source intermediary (a client host) for the
+    /// VIPs with a `bypass` policy: their flows go to the LB unless an
+    /// accepted instruction sends them straight to the backend.
+    pub bypass_source: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -190,6 +200,8 @@ pub struct VipConfig {
     /// Load reports from the backends, which scale their weights.
     pub feedback: Option<Feedback>,
     pub maintenance: Maintenance,
+    /// Off (`None`) by default.
+    pub bypass: Option<BypassPolicy>,
 }
 
 /// Where and how often backends report their load, and how it is damped.

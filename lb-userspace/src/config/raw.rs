@@ -20,6 +20,7 @@ pub struct RawConfig {
     pub fleet: Option<RawFleet>,
     pub announce: Option<RawAnnounce>,
     pub host: Option<RawHost>,
+    pub bypass: Option<super::bypass::RawBypassSection>,
 }
 
 /// `[announce]`: the kernel table BIRD learns the VIP routes from.
@@ -120,6 +121,7 @@ pub struct RawDatapath {
     pub icmp_too_big_burst: Option<i64>,
     pub clamp_mss: Option<bool>,
     pub second_chance: Option<bool>,
+    pub bypass_source: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +143,7 @@ pub struct RawVip {
     pub health: Option<RawHealth>,
     pub feedback: Option<RawFeedback>,
     pub maintenance: Option<RawMaintenance>,
+    pub bypass: Option<super::RawBypass>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -121,6 +121,15 @@ impl RawConfig {
             .host
             .map(|h| super::host::validate_host(&instance, h, fleet.as_ref()))
             .transpose()?;
+        let bypass = self
+            .bypass
+            .map(super::bypass::validate_bypass_section)
+            .transpose()?;
+        super::bypass::check_roles(
+            bypass.as_ref(),
+            balancer.as_ref().is_some_and(|b| b.datapath.bypass_source),
+            decap.is_some(),
+        )?;
         if balancer.is_none() && decap.is_none() && host.is_none() {
             return err(
                 "config",
@@ -146,6 +155,7 @@ impl RawConfig {
             fleet,
             announce,
             host,
+            bypass,
         })
     }
 }
@@ -237,6 +247,7 @@ pub(super) fn validate_datapath(dp: RawDatapath) -> Result<DatapathConfig, Confi
         icmp_too_big_burst,
         clamp_mss: dp.clamp_mss.unwrap_or(true),
         second_chance: dp.second_chance.unwrap_or(true),
+        bypass_source: dp.bypass_source.unwrap_or(false),
     })
 }
 
@@ -363,7 +374,16 @@ fn validate_vip(
         Some(m) => validate_maintenance(&format!("{f}.maintenance"), m)?,
         None => Maintenance::default(),
     };
+    let bypass = match rv.bypass {
+        Some(b) => Some(super::bypass::validate_bypass(
+            &format!("{f}.bypass"),
+            b,
+            protocol,
+        )?),
+        None => None,
+    };
     Ok(VipConfig {
+        bypass,
         name,
         address,
         port,

@@ -9,11 +9,13 @@
 //!   and `FlowTable`, a second handle read without the agent's lock).
 //! - `batch`: `BPF_MAP_LOOKUP_BATCH` scans.
 //! - `decap`: the decapsulator's maps.
+//! - `bypass`: the source intermediary's maps (bypass entries, flows sent).
 //! - `pins`: the maps and links pinned under bpffs, adopted at start.
 //! - `migrate`: moving a running datapath into maps of new sizes.
 //! - `fake`: the in-memory datapath for unit tests.
 
 mod batch;
+mod bypass;
 mod decap;
 #[cfg(test)]
 pub mod fake;
@@ -30,6 +32,7 @@ use lb_common::{
 };
 
 pub use batch::for_each;
+pub use bypass::{BypassMaps, DestMaps};
 pub use decap::DecapMaps;
 pub use flows::{FlowSource, FlowTable};
 pub use kernel::{sum_packets, KernelDatapath};

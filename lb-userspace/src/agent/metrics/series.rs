@@ -284,6 +284,9 @@ pub(super) async fn render(state: &Shared) -> Result<Exposition> {
             &decap.outcomes,
         );
     }
+    if let Some(b) = crate::agent::bypass::status(&st)? {
+        bypass_series(&mut out, &b);
+    }
     out.family(
         "lb_interface_xdp_errors_total",
         "counter",
@@ -539,5 +542,35 @@ fn lifecycle_series(out: &mut Exposition, st: &State) {
                 out.sample_f(name, &[("vip", &l.name)], v);
             }
         }
+    }
+}
+
+/// The bypass intermediary's and sender's counters.
+fn bypass_series(out: &mut Exposition, b: &crate::api::BypassStatus) {
+    out.family(
+        "lb_bypass_instructions_refused_total",
+        "counter",
+        "Bypass instructions the intermediary refused, by reason; a refused instruction changes nothing.",
+    );
+    for (reason, n) in &b.refused {
+        out.sample(
+            "lb_bypass_instructions_refused_total",
+            &[("reason", reason)],
+            *n,
+        );
+    }
+    for (name, help, v) in [
+        ("lb_bypass_instructions_accepted_total", "Bypass instructions applied.", b.accepted),
+        ("lb_bypass_instructions_revoked_total", "Revoke instructions applied.", b.revoked),
+        ("lb_bypass_entries", "Flows sent straight to their backend now.", b.entries),
+        ("lb_bypass_packets_direct_total", "Packets the intermediary sent straight to a backend.", b.packets_direct),
+        ("lb_bypass_packets_to_lb_total", "Packets of bypass VIPs the intermediary passed toward the LB.", b.packets_to_lb),
+        ("lb_bypass_entries_ended_total", "Entries ended by the datapath (FIN/RST, unusable backend) and by the agent (backend left the VIP, idle).", b.ended_by_datapath + b.ended_by_agent),
+        ("lb_bypass_instructions_sent_total", "Bypass instructions this backend host sent.", b.sent),
+        ("lb_bypass_send_errors_total", "Bypass instructions this backend host could not send.", b.send_errors),
+    ] {
+        let kind = if name == "lb_bypass_entries" { "gauge" } else { "counter" };
+        out.family(name, kind, help);
+        out.sample(name, &[], v);
     }
 }

@@ -25,6 +25,7 @@ use lb_tests::{fixture::*, packet::*, topology};
 use lb_userspace::{datapath::MapSizes, maglev};
 use serde_json::{json, Value};
 
+mod bypass;
 mod srcside;
 
 const ROUNDS: usize = 5;
@@ -1242,7 +1243,7 @@ fn main() {
         }
     }
     type Section = (&'static str, fn(&mut Report));
-    let sections: [Section; 7] = [
+    let sections: [Section; 8] = [
         ("datapath", |r| {
             datapath_cost(r);
         }),
@@ -1255,6 +1256,7 @@ fn main() {
         ("live", live::forwarding),
         ("scaleout", scaleout::run),
         ("srcside", srcside::run),
+        ("bypass", bypass::run),
     ];
     for (name, run) in sections {
         if only.is_empty() || only.iter().any(|o| o == name) {

@@ -1,0 +1,335 @@
+//! End to end: bypass between a client host's intermediary and the
+//! backends' hosts. Host h0's guest calls the VIP; the host runs the agent
+//! as source intermediary (`lb_source` on the guest's interface, its own
+//! health checks of the backends), the backends' agents run `lb_decap` with
+//! `[bypass]` (client prefix 198.18.20.0/22 → h0's intermediary). After a
+//! flow's first packets went through the LB node, the backend's host tells
+//! the intermediary to send the rest straight to the backend.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{hosts::pause, topology::*};
+use lb_userspace::bypass::{Flow, Instruction, KeyRing, Kind, Sealer};
+use serde_json::Value;
+
+const KEY: &str = "5f1e6a3c9b2d47e8a0c4f6b8d2e1a3c5b7d9f0e2a4c6b8d0f1e3a5c7b9d1f3e5";
+const FORGED_KEY: &str = "0f1e6a3c9b2d47e8a0c4f6b8d2e1a3c5b7d9f0e2a4c6b8d0f1e3a5c7b9d1f3e5";
+const AFTER_PACKETS: u32 = 2;
+const PORT: u16 = 7470;
+const MIB: usize = 1 << 20;
+
+fn vip() -> SocketAddr {
+    SocketAddr::new(VIP_V4.parse().unwrap(), 80)
+}
+
+fn key_file(secret: &str) -> String {
+    format!("[[keys]]\nid = 1\nsecret = \"{secret}\"\n")
+}
+
+/// The topology with bypass configured on the backends; the host agent is
+/// started by the test (before it runs, every packet takes the LB path).
+fn topology() -> Topology {
+    let mut t = Topology::new(2);
+    t.add_host(0, 1);
+    let keys = t.write("bypass-keys.toml", &key_file(KEY));
+    let intermediary = format!("{}:{PORT}", t.host_v4(0));
+    t.start_edited(
+        &[100, 100],
+        |c| c,
+        |_, c| {
+            format!(
+                "{c}[bypass]\nkey_file = \"{}\"\nintermediaries = [{{ prefix = \"198.18.20.0/22\", address = \"{intermediary}\" }}]\n\
+                 vips = [{{ address = \"{VIP_V4}\", port = 80, protocol = \"tcp\", after_packets = {AFTER_PACKETS} }}]\n",
+                keys.display()
+            )
+        },
+    );
+    // The host resolves the backends' MACs from its neighbour table: a
+    // connection from the host fills it.
+    for i in 0..2 {
+        let b: SocketAddr = format!("{}:80", t.backend_v4(i)).parse().unwrap();
+        in_netns(&t.ns("h0"), move || {
+            connect_once(b).expect("host to backend")
+        })
+        .join()
+        .unwrap();
+    }
+    t
+}
+
+fn start_host(t: &mut Topology) {
+    let backends: Vec<String> = (0..2)
+        .map(|i| format!("{{ address = \"{}\", weight = 100 }}", t.backend_v4(i)))
+        .collect();
+    let vips = format!(
+        "[[vips]]\nname = \"web\"\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nbackends = [{}]\n\
+         bypass = {{ after_packets = {AFTER_PACKETS} }}\n\
+         health = {{ kind = \"tcp\", interval_ms = 300, timeout_ms = 200, rise = 2, fall = 2 }}\n",
+        backends.join(", ")
+    );
+    let keys = t.dir.join("bypass-keys.toml");
+    let bypass = format!(
+        "key_file = \"{}\"\nlisten = \"{}:{PORT}\"",
+        keys.display(),
+        t.host_v4(0)
+    );
+    t.start_intermediary(0, 1, &vips, &bypass);
+}
+
+fn host_status(t: &Topology) -> Value {
+    let out = t.lbctl_at(&t.host_socket(0), &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+fn bypass_field(t: &Topology, field: &str) -> u64 {
+    host_status(t)["bypass"][field].as_u64().unwrap_or(0)
+}
+
+fn refused(t: &Topology, reason: &str) -> u64 {
+    host_status(t)["bypass"]["refused"][reason]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Packets the LB node forwarded for the VIP.
+fn lb_packets(t: &Topology) -> u64 {
+    t.status_json()["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"] == "web")
+        .map(|v| v["counters"]["packets"].as_u64().unwrap())
+        .sum()
+}
+
+/// One connection from the guest: `bytes` up, echoed back down; returns
+/// the backend's name and the client's local address.
+fn transfer(t: &Topology, bytes: usize) -> (String, SocketAddr) {
+    t.from_guest(0, 0, move || {
+        let stream = TcpStream::connect_timeout(&vip(), Duration::from_secs(3)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let local = stream.local_addr().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut name = String::new();
+        reader.read_line(&mut name).expect("backend's name");
+        let mut writer = stream.try_clone().unwrap();
+        let up = std::thread::spawn(move || {
+            let chunk = vec![0x5au8; 16 * 1024];
+            for _ in 0..bytes / chunk.len() {
+                writer.write_all(&chunk).expect("upload");
+            }
+        });
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < bytes {
+            let n = reader.read(&mut buf).expect("download");
+            assert!(n > 0, "closed after {got} bytes");
+            assert!(buf[..n].iter().all(|b| *b == 0x5a));
+            got += n;
+        }
+        up.join().unwrap();
+        (name.trim().to_string(), local)
+    })
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn bypass_end_to_end() {
+    let mut t = topology();
+
+    // Without the intermediary every packet crosses the LB node.
+    let before = lb_packets(&t);
+    transfer(&t, MIB);
+    let without = lb_packets(&t) - before;
+    assert!(
+        without > 700,
+        "{without} packets through the LB without bypass"
+    );
+
+    start_host(&mut t);
+    let before = lb_packets(&t);
+    let (name, _) = transfer(&t, MIB);
+    let with = lb_packets(&t) - before;
+    eprintln!("LB node packets for a 1 MiB upload + 1 MiB download: {without} without bypass, {with} with");
+    assert!(
+        with <= 10,
+        "{with} packets of the flow crossed the LB with bypass on (backend {name})"
+    );
+    assert!(bypass_field(&t, "accepted") >= 1);
+    assert!(bypass_field(&t, "packets_direct") > 700);
+
+    // Many connections: none fails; the first packet to entry time.
+    let failures = t.from_guest(0, 0, || {
+        (0..1000).filter(|_| connect_once(vip()).is_err()).count()
+    });
+    assert_eq!(failures, 0, "failed connections with bypass on");
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let accepted = bypass_field(&t, "accepted");
+        let start = Instant::now();
+        let stream = t.from_guest(0, 0, || {
+            TcpStream::connect_timeout(&vip(), Duration::from_secs(3)).expect("connect")
+        });
+        wait_for("the entry", Duration::from_secs(3), || {
+            bypass_field(&t, "accepted") > accepted
+        });
+        times.push(start.elapsed());
+        drop(stream);
+    }
+    times.sort();
+    eprintln!(
+        "first packet to the intermediary's entry (lbctl polling included): median {:?}, max {:?}",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+
+    refused_instructions(&t);
+    revocation(&mut t);
+}
+
+/// Forged, replayed, stale, unknown-flow and wrong-backend instructions sent
+/// to the intermediary are refused and counted; nothing changes.
+fn refused_instructions(t: &Topology) {
+    // A flow the host sent (its first packets went to the LB), kept open.
+    let (client, name, stream) = t.from_guest(0, 0, || {
+        let s = TcpStream::connect_timeout(&vip(), Duration::from_secs(3)).expect("connect");
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut name = String::new();
+        r.read_line(&mut name).unwrap();
+        (s.local_addr().unwrap(), name.trim().to_string(), s)
+    });
+    pause();
+    let own: usize = name.trim_start_matches('b').parse().unwrap();
+    let ring = KeyRing::parse(&key_file(KEY)).unwrap();
+    let forged = KeyRing::parse(&key_file(FORGED_KEY)).unwrap();
+    let flow = Flow {
+        protocol: 6,
+        client,
+        vip: vip(),
+    };
+    let to_backend = |backend: &str| Instruction {
+        kind: Kind::Bypass,
+        flow,
+        backend: backend.parse().unwrap(),
+    };
+    let now = lb_userspace::agent::wall_ms();
+    // The flow's own backend: accepted once, then refused as a replay.
+    let good = Sealer::new(&ring).seal(to_backend(&t.backend_v4(own)), now);
+    let mut unknown = flow;
+    unknown.client.set_port(1);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "bad_tag",
+            Sealer::new(&forged)
+                .seal(to_backend(&t.backend_v4(1)), now)
+                .to_vec(),
+        ),
+        (
+            "stale",
+            Sealer::new(&ring)
+                .seal(to_backend(&t.backend_v4(1)), now - 60_000)
+                .to_vec(),
+        ),
+        (
+            "wrong_backend",
+            Sealer::new(&ring)
+                .seal(to_backend("198.18.0.99"), now)
+                .to_vec(),
+        ),
+        (
+            "unknown_flow",
+            Sealer::new(&ring)
+                .seal(
+                    Instruction {
+                        kind: Kind::Bypass,
+                        flow: unknown,
+                        backend: t.backend_v4(1).parse().unwrap(),
+                    },
+                    now,
+                )
+                .to_vec(),
+        ),
+    ];
+    let to: SocketAddr = format!("{}:{PORT}", t.host_v4(0)).parse().unwrap();
+    let before: Vec<u64> = cases.iter().map(|(r, _)| refused(t, r)).collect();
+    let replayed_before = refused(t, "replayed");
+    let sent: Vec<Vec<u8>> = cases.iter().map(|(_, d)| d.clone()).collect();
+    let good_twice = good.to_vec();
+    t.from_guest(0, 0, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for d in sent {
+            s.send_to(&d, to).unwrap();
+        }
+        s.send_to(&good_twice, to).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        s.send_to(&good_twice, to).unwrap();
+    });
+    wait_for("the refusals are counted", Duration::from_secs(3), || {
+        refused(t, "replayed") > replayed_before
+    });
+    for ((reason, _), b) in cases.iter().zip(before) {
+        assert_eq!(refused(t, reason), b + 1, "{reason} counted once");
+    }
+    drop(stream);
+}
+
+/// A backend taken down: its entries are revoked within 3 s and its
+/// clients' later packets take the LB path (to the backend the LB picks).
+fn revocation(t: &mut Topology) {
+    let (name, stream) = t.from_guest(0, 0, || {
+        let s = TcpStream::connect_timeout(&vip(), Duration::from_secs(3)).expect("connect");
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut name = String::new();
+        r.read_line(&mut name).unwrap();
+        (name.trim().to_string(), s)
+    });
+    wait_for("the open flow is bypassed", Duration::from_secs(3), || {
+        bypass_field(t, "entries") >= 1
+    });
+    let i: usize = name.trim_start_matches('b').parse().unwrap();
+    let ended = bypass_field(t, "ended_by_agent") + bypass_field(t, "ended_by_datapath");
+    t.stop_servers(i);
+    let took = wait_for("the entry is revoked", Duration::from_secs(3), || {
+        bypass_field(t, "ended_by_agent") + bypass_field(t, "ended_by_datapath") > ended
+    });
+    eprintln!("backend {name} down: its bypass entry revoked after {took:?}");
+    let other = format!("b{}", 1 - i);
+    wait_for(
+        "the LB sends new flows elsewhere",
+        Duration::from_secs(5),
+        // Until the LB's health checks hold the backend down: ten new
+        // connections in a row reach the other one.
+        || {
+            let other = other.clone();
+            t.from_guest(0, 0, move || {
+                (0..10).all(|_| connect_once(vip()).ok().as_deref() == Some(other.as_str()))
+            })
+        },
+    );
+    let to_lb = bypass_field(t, "packets_to_lb");
+    drop(stream);
+    // New flows, and the closed one's last packets, go through the LB to
+    // the backend left.
+    for _ in 0..20 {
+        assert_eq!(t.from_guest(0, 0, || connect_once(vip()).unwrap()), other);
+    }
+    assert!(bypass_field(t, "packets_to_lb") > to_lb);
+}
