@@ -112,6 +112,20 @@ fn inner_is_sound(ctx: &XdpContext, off: usize, v4: bool) -> bool {
     }
 }
 
+/// `second_chance::on_decap` as a call of its own, so that its stack and
+/// `bypass_dest::notice`'s are not added up in `lb_decap`'s (512 bytes at
+/// most). A subprogram returns one scalar: 0 keep going, 1 sent on, 2 and 3
+/// dropped (adjust failed, malformed).
+#[inline(never)]
+fn second_chance_call(ctx: &XdpContext, outer_len: usize, inner_v4: bool) -> u32 {
+    match second_chance::on_decap(ctx, outer_len & 0x3f, inner_v4) {
+        None => 0,
+        Some((_, DecapOutcome::SecondChance)) => 1,
+        Some((_, DecapOutcome::DroppedAdjustFailed)) => 2,
+        Some(_) => 3,
+    }
+}
+
 fn try_decap(ctx: &XdpContext) -> (u32, DecapOutcome) {
     let Some(outer) = outer_header(ctx) else {
         return (xdp_action::XDP_PASS, DecapOutcome::Passed);
@@ -123,8 +137,11 @@ fn try_decap(ctx: &XdpContext) -> (u32, DecapOutcome) {
         return (xdp_action::XDP_DROP, DecapOutcome::DroppedMalformed);
     }
     if outer_len > IPV4_LEN {
-        if let Some(verdict) = second_chance::on_decap(ctx, outer_len, outer.inner_v4) {
-            return verdict;
+        match second_chance_call(ctx, outer_len, outer.inner_v4) {
+            0 => {}
+            1 => return (xdp_action::XDP_TX, DecapOutcome::SecondChance),
+            2 => return (xdp_action::XDP_DROP, DecapOutcome::DroppedAdjustFailed),
+            _ => return (xdp_action::XDP_DROP, DecapOutcome::DroppedMalformed),
         }
     }
     // Only a packet this host keeps tells its flow's intermediary.
