@@ -401,3 +401,23 @@ impl Drop for EtcdCluster {
         }
     }
 }
+
+/// Writes `key` straight to the store, as a client other than lbctl would.
+pub fn store_put(ns: &str, fleet_text: String, key: &'static str, value: &'static str) -> i64 {
+    crate::topology::in_netns(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let cfg = lb_userspace::config::FleetConfig::from_toml_section(&fleet_text)
+                .expect("fleet settings");
+            let mut store = lb_userspace::fleet::Store::connect(&cfg)
+                .await
+                .expect("connect to etcd");
+            store.put(key, value, None).await.expect("put")
+        })
+    })
+    .join()
+    .expect("store thread")
+}

@@ -12,8 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{etcd::Etcd, topology::*};
-use lb_userspace::{config::FleetConfig, fleet::Store};
+use lb_tests::{
+    etcd::{self, Etcd},
+    topology::*,
+};
 use serde_json::{json, Value};
 
 /// `lbctl --fleet FLEET ARGS`, in network namespace `ns` when given.
@@ -83,23 +85,6 @@ fn vip_doc(t: &Topology, i: usize) -> String {
 
 const BAD_DOC: &str =
     "[[vips]]\nname = \"web\"\naddress = \"198.18.10.1\"\nport = 70000\nprotocol = \"tcp\"\nbackends = [{ address = \"198.18.0.11\" }]\n";
-
-/// Writes `key` straight to the store, as a client other than lbctl would.
-fn store_put(ns: &str, fleet_text: String, key: &'static str, value: &'static str) -> i64 {
-    in_netns(ns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let cfg = FleetConfig::from_toml_section(&fleet_text).expect("fleet settings");
-            let mut store = Store::connect(&cfg).await.expect("connect to etcd");
-            store.put(key, value, None).await.expect("put")
-        })
-    })
-    .join()
-    .expect("store thread")
-}
 
 /// `n` connections to the VIP answered by `backend`.
 fn all_from(t: &Topology, backend: &str, n: usize) {
@@ -185,7 +170,7 @@ fn balancer_follows_the_store() {
     all_from(&t, "b0", 10);
 
     // An invalid document written around lbctl: refused, the VIPs stay.
-    let bad_rev = store_put(&lb_ns, fleet_text.clone(), "/lbtest/vips", BAD_DOC);
+    let bad_rev = etcd::store_put(&lb_ns, fleet_text.clone(), "/lbtest/vips", BAD_DOC);
     let n = wait_for(
         "the LB reports the bad document",
         Duration::from_secs(10),

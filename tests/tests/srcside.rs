@@ -17,10 +17,9 @@ use std::{
 };
 
 use lb_tests::{
-    etcd::{Etcd, EtcdCluster},
+    etcd::{self, Etcd, EtcdCluster},
     topology::*,
 };
-use lb_userspace::{config::FleetConfig, fleet::Store};
 use serde_json::Value;
 
 const HOSTS: usize = 2;
@@ -208,23 +207,6 @@ fn echo(held: &mut Held) {
         .read_line(&mut line)
         .expect("echo on the established connection");
     assert_eq!(line, "still there\n", "backend {}", held.backend);
-}
-
-/// Writes `key` straight to the store, as a client other than lbctl would.
-fn store_put(ns: &str, fleet_text: String, key: &'static str, value: &'static str) -> i64 {
-    in_netns(ns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let cfg = FleetConfig::from_toml_section(&fleet_text).expect("fleet settings");
-            let mut store = Store::connect(&cfg).await.expect("connect to etcd");
-            store.put(key, value, None).await.expect("put")
-        })
-    })
-    .join()
-    .expect("store thread")
 }
 
 /// Connections from every guest all answered, each by one of `live`.
@@ -472,7 +454,7 @@ fn installed_balancing_on_callers_hosts() {
 
     // An invalid record written around lbctl: every host keeps its last good
     // state and reports the error; the next good write is applied.
-    let bad = store_put(
+    let bad = etcd::store_put(
         ns,
         std::fs::read_to_string(fleet).unwrap(),
         "/lbtest/services/b",
