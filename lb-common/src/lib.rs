@@ -56,7 +56,7 @@ pub const BACKEND_ALLOCATED: u32 = 1 << 2;
 /// Version of the map layout (key and value types, map set). Pinned maps
 /// live under a directory named after it, so an agent with another layout
 /// never reads them as its own.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Key of the VIP table: (address, port, protocol). Port 0 matches every port.
 /// Aligned to 4 bytes so the datapath reads and writes it in words.
@@ -76,15 +76,19 @@ pub struct VipKey {
 pub struct VipInfo {
     /// Stable index of the VIP for per-VIP counters.
     pub vip_id: u32,
-    /// Which Maglev ring in `MAGLEV` the VIP uses (ring * table size is the base).
-    pub ring: u32,
     /// `VIP_*` bits (bypass source).
     pub flags: u32,
-    /// The ring of the VIP's table before its last change, plus one (0: none).
-    /// A flow the connection table does not know, whose backend differs in
-    /// the two tables, gets the previous table's backend as a second chance
-    /// (see `SECOND_CHANCE_*`).
-    pub previous_ring: u32,
+    /// The VIP's Maglev ring: `ring_size` slots of `MAGLEV` from slot
+    /// `ring_base` (a flow's slot is `ring_base + hash % ring_size`). Each
+    /// VIP's size follows its backend count; 0 means no table.
+    pub ring_base: u32,
+    pub ring_size: u32,
+    /// The ring of the VIP's table before its last change (size 0: none),
+    /// of its own size. A flow the connection table does not know, whose
+    /// backend differs in the two tables, gets the previous table's backend
+    /// as a second chance (see `SECOND_CHANCE_*`).
+    pub previous_base: u32,
+    pub previous_size: u32,
 }
 
 /// IPv4 option in the outer header of a packet sent with a second chance:
@@ -284,7 +288,8 @@ pub const NO_BACKEND: u32 = u32::MAX;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
-    /// Size of every Maglev ring (M).
+    /// The smallest Maglev ring size (`maglev_table_size`). Each VIP's own
+    /// size is in its entry; the datapath does not read this one.
     pub maglev_size: u32,
     /// `SETTING_*` bits.
     pub flags: u32,
@@ -543,7 +548,7 @@ impl FlowKey {
 }
 
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
-const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<BackendInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 56);

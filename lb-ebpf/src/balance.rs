@@ -59,12 +59,7 @@ pub struct Choice {
 /// 5-tuple: it is balanced and recorded afresh, like any new flow, while the
 /// closed connection's late packets still follow the entry.
 #[inline(always)]
-pub fn choose_backend(
-    key: &FlowKey,
-    vip: &VipInfo,
-    maglev_size: u32,
-    tcp_flags: u8,
-) -> Option<Choice> {
+pub fn choose_backend(key: &FlowKey, vip: &VipInfo, tcp_flags: u8) -> Option<Choice> {
     if let Some(state) = FLOWS.get_ptr_mut(key) {
         // SAFETY: a valid entry pointer; FlowState is plain data.
         let (id, closed) = unsafe {
@@ -86,14 +81,14 @@ pub fn choose_backend(
             }
         }
     }
-    if maglev_size == 0 {
+    // Each VIP's ring has a size of its own, read from the entry already
+    // loaded: the same one division the single global size took.
+    let size = vip.ring_size;
+    if size == 0 {
         return None;
     }
     let hash = flow_hash(key);
-    let slot = vip
-        .ring
-        .wrapping_mul(maglev_size)
-        .wrapping_add(hash % maglev_size);
+    let slot = vip.ring_base.wrapping_add(hash % size);
     let chunk = MAGLEV.get(slot / MAGLEV_LANES)?;
     let id = chunk[(slot % MAGLEV_LANES) as usize];
     if id == NO_BACKEND {

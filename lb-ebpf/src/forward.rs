@@ -42,7 +42,7 @@ pub fn forward(
     let Some(settings) = SETTINGS.get(0) else {
         return drop(Outcome::DropNoBackend);
     };
-    let Some(choice) = choose_backend(key, vip, settings.maglev_size, tcp_flags) else {
+    let Some(choice) = choose_backend(key, vip, tcp_flags) else {
         return drop(Outcome::DropNoBackend);
     };
     if choice.backend.ifindex == 0 {

@@ -16,10 +16,11 @@ use lb_common::{
 #[map]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(128, 0);
 
-/// Maglev rings: slot `g = ring * maglev_size + slot` holds a backend id, at
-/// lane `g % 8` of element `g / 8`. Written by the agent into a free ring before
-/// the VIP is switched to it; memory-mapped by the agent, which writes a whole
-/// ring with one copy.
+/// Maglev rings of every size, one after another: slot `g = ring_base +
+/// hash % ring_size` (from the VIP's entry) holds a backend id, at lane
+/// `g % 8` of element `g / 8`. Written by the agent into free space before
+/// the VIP is switched to it; memory-mapped by the agent, which writes a
+/// whole ring with one copy. The agent sizes it (`maglev_slots`).
 #[map]
 pub static MAGLEV: Array<MaglevChunk> =
     Array::with_max_entries(3 * 64 * 65537 / MAGLEV_LANES, BPF_F_MMAPABLE);

@@ -56,30 +56,29 @@ pub fn consider(
     ip_len: u16,
     tcp_flags: u8,
 ) -> Result<u64, ()> {
-    if vip.previous_ring == 0 {
+    if vip.previous_size == 0
+        || key.proto != PROTO_TCP
+        || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    {
         return Ok(0);
     }
-    // The packet facts in one argument: a BPF call takes five.
-    let packed = u32::from(key.proto) << 24 | u32::from(tcp_flags) << 16 | u32::from(ip_len);
-    match offer(ctx, vip.previous_ring, hash, backend_id, packed) {
+    // The flow's slot in the previous ring, which has a size of its own.
+    let slot = vip.previous_base.wrapping_add(hash % vip.previous_size);
+    match offer(ctx, slot, backend_id, ip_len) {
         NONE => Ok(0),
         ATTACHED => Ok(SECOND_CHANCE_LEN as u64),
         _ => Err(()),
     }
 }
 
-/// For a flow the connection table did not know, encapsulated (20-byte
-/// outer IPv4 header) to `backend_id`: adds the previous table's backend as
-/// the second candidate when it differs, is usable, takes IPv4 too, the
-/// packet is TCP but not a connection's first SYN, and it still fits the
-/// link with the option. A function of its own: inlined, it would not fit
+/// For a TCP packet, not a connection's first SYN, of a flow the connection
+/// table did not know, encapsulated (20-byte outer IPv4 header) to
+/// `backend_id`: adds the backend in the previous ring's `slot` as the
+/// second candidate when it differs, is usable, takes IPv4 too, and the
+/// packet still fits the link with the option. A function of its own: inlined, it would not fit
 /// `lb_ingress`'s stack.
 #[inline(never)]
-fn offer(ctx: &XdpContext, previous_ring: u32, hash: u32, backend_id: u32, packed: u32) -> u32 {
-    let (proto, tcp_flags, ip_len) = ((packed >> 24) as u8, (packed >> 16) as u8, packed as u16);
-    if previous_ring == 0 || proto != PROTO_TCP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        return NONE;
-    }
+fn offer(ctx: &XdpContext, slot: u32, backend_id: u32, ip_len: u16) -> u32 {
     let Some(settings) = SETTINGS.get(0) else {
         return NONE;
     };
@@ -89,17 +88,10 @@ fn offer(ctx: &XdpContext, previous_ring: u32, hash: u32, backend_id: u32, packe
     let Some(backend) = BACKENDS.get(backend_id) else {
         return NONE;
     };
-    let size = settings.maglev_size;
     let with_option = ip_len as usize + IPV4_LEN + SECOND_CHANCE_LEN;
-    if size == 0
-        || backend.family != FAMILY_V4
-        || (backend.mtu != 0 && with_option > backend.mtu as usize)
-    {
+    if backend.family != FAMILY_V4 || (backend.mtu != 0 && with_option > backend.mtu as usize) {
         return NONE;
     }
-    let slot = (previous_ring - 1)
-        .wrapping_mul(size)
-        .wrapping_add(hash % size);
     let Some(chunk) = MAGLEV.get(slot / MAGLEV_LANES) else {
         return NONE;
     };

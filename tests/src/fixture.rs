@@ -21,8 +21,14 @@ pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
-/// The Maglev table size fixtures use: small, so tests can enumerate slots.
+/// The smallest Maglev table size fixtures use; a VIP's table grows with
+/// its backend count (`ring_size`).
 pub const M: u32 = 13;
+
+/// The size of the Maglev table of a fixture VIP with `backends` backends.
+pub fn ring_size(backends: usize) -> u32 {
+    lb_userspace::maglev::ring_size(M, backends)
+}
 /// In `BPF_PROG_TEST_RUN` the packet arrives on the loopback device.
 pub const TEST_RUN_IFINDEX: u32 = 1;
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -51,6 +57,7 @@ pub struct Run {
 /// Map sizes fixtures use: small, so tests can enumerate Maglev slots.
 pub const SIZES: MapSizes = MapSizes {
     maglev_size: M,
+    maglev_slots: 1 << 17,
     max_vips: 4,
     max_backends: 16,
     flow_table_size: 1024,
@@ -68,9 +75,13 @@ pub fn config_with(sizes: &MapSizes, vips: &str) -> BalancerConfig {
 /// Like `config_with`, with more `[datapath]` settings (TOML lines).
 pub fn config_full(sizes: &MapSizes, datapath: &str, vips: &str) -> BalancerConfig {
     let text = format!(
-        "[datapath]\ninterfaces=[\"lo\"]\nmaglev_table_size={}\nmax_vips={}\nmax_backends={}\nflow_table_size={}\n{datapath}\n\
+        "[datapath]\ninterfaces=[\"lo\"]\nmaglev_table_size={}\nmaglev_slots={}\nmax_vips={}\nmax_backends={}\nflow_table_size={}\n{datapath}\n\
          [encap]\nsource_v4=\"198.18.200.0/24\"\nsource_v6=\"fd00:200::/64\"\n{vips}",
-        sizes.maglev_size, sizes.max_vips, sizes.max_backends, sizes.flow_table_size
+        sizes.maglev_size,
+        sizes.maglev_slots,
+        sizes.max_vips,
+        sizes.max_backends,
+        sizes.flow_table_size
     );
     Config::from_toml(&text)
         .expect("fixture config is valid")

@@ -67,8 +67,9 @@ fn maglev_pick(f: &Fixture, backends: &[(&str, u32)], key: &lb_common::FlowKey) 
             weight: *w,
         })
         .collect();
-    let table = maglev::build(&entries, M);
-    let id = table[(flow_hash(key) % M) as usize];
+    let m = ring_size(entries.len());
+    let table = maglev::build(&entries, m);
+    let id = table[(flow_hash(key) % m) as usize];
     backends
         .iter()
         .find(|(a, _)| f.backend_id(a) == id)
@@ -242,7 +243,10 @@ fn established_flow_keeps_its_backend_after_the_table_changes() {
 
     // The same slot for a flow the table has not seen goes to the new choice.
     let newcomer = (41000..50000u16)
-        .find(|p| flow_hash(&key4(*p, 80, PROTO_TCP)) % M == flow_hash(&key) % M)
+        .find(|p| {
+            let m = ring_size(skewed.len());
+            flow_hash(&key4(*p, 80, PROTO_TCP)) % m == flow_hash(&key) % m
+        })
         .unwrap();
     let nkey = key4(newcomer, 80, PROTO_TCP);
     let nip = tcp4(newcomer, 80, TCP_SYN);

@@ -44,7 +44,8 @@ fn pick(f: &Fixture, backends: &[&str], key: &FlowKey) -> String {
             weight: 1,
         })
         .collect();
-    let id = maglev::build(&entries, M)[(flow_hash(key) % M) as usize];
+    let m = ring_size(entries.len());
+    let id = maglev::build(&entries, m)[(flow_hash(key) % m) as usize];
     backends
         .iter()
         .find(|a| f.backend_id(a) == id)

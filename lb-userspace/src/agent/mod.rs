@@ -67,6 +67,8 @@ fn sizes(config: &Config) -> MapSizes {
     match &config.balancer {
         Some(b) => MapSizes {
             maglev_size: b.datapath.maglev_table_size,
+            // Validated to at most `config::MAX_RING_ENTRIES` (2^28).
+            maglev_slots: u32::try_from(b.datapath.maglev_slots).unwrap_or(u32::MAX),
             max_vips: b.datapath.max_vips,
             max_backends: b.datapath.max_backends,
             flow_table_size: b.datapath.flow_table_size,

@@ -60,9 +60,11 @@ impl<D: Datapath> Balancer<D> {
         self.vip_ids.wake();
         self.rings.wake();
         self.backend_ids.wake();
-        let m = self.sizes.maglev_size;
-        if config.datapath.maglev_table_size != m {
+        if config.datapath.maglev_table_size != self.sizes.maglev_size {
             bail!("datapath.maglev_table_size cannot change while running");
+        }
+        if config.datapath.maglev_slots != u64::from(self.sizes.maglev_slots) {
+            bail!("datapath.maglev_slots cannot change while running");
         }
         let plan = self.plan(config)?;
         let mut summary = ApplySummary::default();
@@ -103,12 +105,7 @@ impl<D: Datapath> Balancer<D> {
             state.config.bypass = vip.bypass.clone();
             if state.flags != flags {
                 state.flags = flags;
-                let info = VipInfo {
-                    vip_id: state.vip_id,
-                    ring: state.ring,
-                    flags,
-                    previous_ring: state.previous.map_or(0, |r| r + 1),
-                };
+                let info = state.info();
                 self.dp
                     .set_vip(&vip_key(vip.address, vip.port, vip.protocol), &info)?;
             }
@@ -161,9 +158,13 @@ impl<D: Datapath> Balancer<D> {
                 self.sizes.max_vips
             );
         }
-        if rebuild.len() > self.rings.available() {
-            bail!("not enough free Maglev rings; retry the apply");
-        }
+        let rings: Vec<(&VipConfig, u32)> = config
+            .vips
+            .iter()
+            .filter(|v| rebuild.contains(&ident(v)))
+            .map(|v| (v, self.ring_size(v)))
+            .collect();
+        self.rings_fit(&rings)?;
         if new_backends.len() > self.backend_ids.available() {
             bail!(
                 "not enough backend slots (datapath.max_backends = {})",
@@ -236,11 +237,14 @@ impl<D: Datapath> Balancer<D> {
             .filter(|v| plan.rebuild.contains(&ident(v)))
             .collect();
         for chunk in to_build.chunks(BUILD_CHUNK) {
-            let sets: Vec<Vec<maglev::Entry>> = chunk
+            let jobs: Vec<(Vec<maglev::Entry>, u32)> = chunk
                 .iter()
-                .map(|vip| vip.backends.iter().map(|b| self.entry(vip, b)).collect())
+                .map(|vip| {
+                    let entries = vip.backends.iter().map(|b| self.entry(vip, b)).collect();
+                    (entries, self.ring_size(vip))
+                })
                 .collect();
-            let tables = maglev::build_many(&sets, self.sizes.maglev_size);
+            let tables = maglev::build_many(&jobs);
             for (vip, table) in chunk.iter().zip(tables) {
                 self.switch_vip(vip, &table, &mut reusable_vip_ids, summary)?;
             }
@@ -297,6 +301,31 @@ impl<D: Datapath> Balancer<D> {
         Ok(())
     }
 
+    /// The size of the VIP's ring: from its configured backend count, so
+    /// health and weight changes never resize it.
+    pub(super) fn ring_size(&self, vip: &VipConfig) -> u32 {
+        maglev::ring_size(self.sizes.maglev_size, vip.backends.len())
+    }
+
+    /// Whether rings of these sizes fit the free space now (rings given up
+    /// in this apply are not free yet); an error naming the first that
+    /// does not. Nothing is taken.
+    pub(super) fn rings_fit(&self, rings: &[(&VipConfig, u32)]) -> Result<()> {
+        let mut space = self.rings.clone();
+        for (vip, size) in rings {
+            if space.take(*size).is_none() {
+                let (free, largest) = self.rings.free();
+                bail!(
+                    "the Maglev rings do not fit datapath.maglev_slots = {}: VIP {} ({} backends) needs a ring of {size} slots; {free} slots are free, at most {largest} in one piece (rings given up by the last change are free after the next); raise datapath.maglev_slots",
+                    self.sizes.maglev_slots,
+                    vip.name,
+                    vip.backends.len()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `table` into a free ring and points the VIP at it.
     pub(super) fn switch_vip(
         &mut self,
@@ -310,9 +339,9 @@ impl<D: Datapath> Balancer<D> {
         let old_previous = self.vips.get(&key).and_then(|o| o.previous);
         let ring = self
             .rings
-            .take()
+            .take(table.slots.len() as u32)
             .expect("capacity checked before any write");
-        self.dp.set_ring(ring, &table.slots)?;
+        self.dp.set_ring(ring.base, &table.slots)?;
         let slots: BTreeMap<IpAddr, u32> = vip
             .backends
             .iter()
@@ -334,17 +363,19 @@ impl<D: Datapath> Balancer<D> {
             }
         };
         // The table being replaced stays as the previous one (second
-        // chance); the one before it is given up.
+        // chance), whatever its size; the one before it is given up.
         let previous = old.map(|(_, old_ring)| old_ring);
-        let flags = self.vip_flags(vip);
-        let info = VipInfo {
+        let state = VipState {
+            config: vip.clone(),
             vip_id,
             ring,
-            flags,
-            previous_ring: previous.map_or(0, |r| r + 1),
+            flags: self.vip_flags(vip),
+            slots,
+            digest: table.digest,
+            previous,
         };
         self.dp
-            .set_vip(&vip_key(vip.address, vip.port, vip.protocol), &info)?;
+            .set_vip(&vip_key(vip.address, vip.port, vip.protocol), &state.info())?;
         self.dp
             .set_vip(&marker_key(vip.address), &VipInfo::default())?;
         match old {
@@ -354,18 +385,7 @@ impl<D: Datapath> Balancer<D> {
         if let Some(given_up) = old_previous {
             self.rings.rest(given_up);
         }
-        self.vips.insert(
-            key,
-            VipState {
-                config: vip.clone(),
-                vip_id,
-                ring,
-                flags,
-                slots,
-                digest: table.digest,
-                previous,
-            },
-        );
+        self.vips.insert(key, state);
         Ok(())
     }
 }

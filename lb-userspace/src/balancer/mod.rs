@@ -5,7 +5,8 @@
 //! a configuration that does not fit changes nothing. Writes then go in an
 //! order where no packet sees half a change:
 //! 1. new backends are written (nothing points at them yet);
-//! 2. changed or new Maglev tables are written into free rings;
+//! 2. changed or new Maglev tables are written into free rings (each VIP's
+//!    ring sized from its backend count, carved out of one array: `rings`);
 //! 3. each VIP entry is switched to its new ring in one map update;
 //! 4. removed VIPs are deleted, then removed backends lose their usable bit
 //!    (their established flows are re-balanced through Maglev).
@@ -18,6 +19,7 @@ mod apply;
 mod ids;
 mod keys;
 mod pairs;
+mod rings;
 mod serving;
 
 use std::{
@@ -33,6 +35,7 @@ use ids::IdPool;
 pub use keys::{settings, vip_key};
 use pairs::PairState;
 pub use pairs::{Pair, Placement, Service, VipIdent};
+use rings::{RingSpace, Span};
 
 use crate::{
     config::{BackendConfig, Protocol, VipConfig},
@@ -45,7 +48,7 @@ use crate::{
 struct VipState {
     config: VipConfig,
     vip_id: u32,
-    ring: u32,
+    ring: Span,
     /// `VIP_*` flags as last written to the datapath.
     flags: u32,
     /// Slots each backend holds in the ring, by address.
@@ -53,8 +56,24 @@ struct VipState {
     /// `maglev::digest` of the table in the ring (0 until one is built).
     digest: u64,
     /// The ring of the table before the last change, kept for the
-    /// datapath's second chance until the next change.
-    previous: Option<u32>,
+    /// datapath's second chance until the next change. Its size may differ
+    /// (the backend count crossed a size boundary).
+    previous: Option<Span>,
+}
+
+impl VipState {
+    /// The VIP's datapath entry.
+    fn info(&self) -> lb_common::VipInfo {
+        let previous = self.previous.unwrap_or(Span { base: 0, size: 0 });
+        lb_common::VipInfo {
+            vip_id: self.vip_id,
+            flags: self.flags,
+            ring_base: self.ring.base,
+            ring_size: self.ring.size,
+            previous_base: previous.base,
+            previous_size: previous.size,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -112,7 +131,7 @@ pub struct Balancer<D: Datapath> {
     vips: BTreeMap<VipIdent, VipState>,
     backends: BTreeMap<IpAddr, BackendState>,
     vip_ids: IdPool,
-    rings: IdPool,
+    rings: RingSpace,
     backend_ids: IdPool,
     tx_ports: BTreeSet<u32>,
     /// Receiving interfaces: frames leave them with XDP_TX, no DevMap entry needed.
@@ -132,7 +151,7 @@ impl<D: Datapath> Balancer<D> {
             vips: BTreeMap::new(),
             backends: BTreeMap::new(),
             vip_ids: IdPool::new(sizes.max_vips),
-            rings: IdPool::new(sizes.rings()),
+            rings: RingSpace::new(sizes.maglev_slots),
             backend_ids: IdPool::new(sizes.max_backends),
             tx_ports: BTreeSet::new(),
             local_ports,
@@ -169,16 +188,22 @@ impl<D: Datapath> Balancer<D> {
                 addr_from_bytes(key.addr, key.family),
                 u16::from_be(key.port),
             );
-            let previous = info.previous_ring.checked_sub(1);
+            let ring = Span {
+                base: info.ring_base,
+                size: info.ring_size,
+            };
+            let previous = (info.previous_size > 0).then_some(Span {
+                base: info.previous_base,
+                size: info.previous_size,
+            });
             if !self.vip_ids.claim(info.vip_id)
-                || !self.rings.claim(info.ring)
+                || !self.rings.claim(ring)
                 || previous.is_some_and(|r| !self.rings.claim(r))
             {
                 bail!(
-                    "the pinned VIP {address} port {port} has vip id {}, ring {} and previous ring {}, outside this agent's sizes or used twice",
+                    "the pinned VIP {address} port {port} has vip id {}, ring {ring:?} and previous ring {previous:?}, outside this agent's sizes (datapath.maglev_slots = {}) or used twice",
                     info.vip_id,
-                    info.ring,
-                    info.previous_ring
+                    self.rings.total()
                 );
             }
             let config = VipConfig {
@@ -195,7 +220,7 @@ impl<D: Datapath> Balancer<D> {
             let state = VipState {
                 config,
                 vip_id: info.vip_id,
-                ring: info.ring,
+                ring,
                 flags: info.flags,
                 slots: BTreeMap::new(),
                 digest: 0,
@@ -397,15 +422,14 @@ impl<D: Datapath> Balancer<D> {
     /// settings, lifecycle and load, and switches it in.
     fn rebuild(&mut self, config: &VipConfig) -> Result<()> {
         self.rings.wake();
-        if self.rings.available() == 0 {
-            bail!("no free Maglev ring to rebuild {}", config.name);
-        }
+        let size = self.ring_size(config);
+        self.rings_fit(&[(config, size)])?;
         let entries: Vec<maglev::Entry> = config
             .backends
             .iter()
             .map(|b| self.entry(config, b))
             .collect();
-        let table = maglev::build_table(&entries, self.sizes.maglev_size);
+        let table = maglev::build_table(&entries, size);
         self.switch_vip(
             config,
             &table,

@@ -10,6 +10,7 @@ use lb_common::{VipKey, BACKEND_ALLOCATED, BACKEND_AVAILABLE, BACKEND_USABLE};
 
 const SIZES: MapSizes = MapSizes {
     maglev_size: 257,
+    maglev_slots: 32768,
     max_vips: 4,
     max_backends: 8,
     flow_table_size: 1024,
@@ -17,7 +18,7 @@ const SIZES: MapSizes = MapSizes {
 
 fn config(vips: &str) -> BalancerConfig {
     let text = format!(
-        "[datapath]\ninterfaces=[\"eth0\"]\nmaglev_table_size=257\nmax_vips=4\nmax_backends=8\n\
+        "[datapath]\ninterfaces=[\"eth0\"]\nmaglev_table_size=257\nmaglev_slots=32768\nmax_vips=4\nmax_backends=8\n\
          [encap]\nsource_v4=\"198.18.200.0/24\"\nsource_v6=\"fd00:200::/64\"\n{vips}"
     );
     Config::from_toml(&text).unwrap().balancer.unwrap()
@@ -44,11 +45,7 @@ fn web_two() -> BalancerConfig {
 }
 
 fn balancer() -> Balancer<FakeDatapath> {
-    let dp = FakeDatapath {
-        maglev_size: 257,
-        ..FakeDatapath::default()
-    };
-    Balancer::new(dp, SIZES, BTreeSet::from([2]))
+    Balancer::new(FakeDatapath::default(), SIZES, BTreeSet::from([2]))
 }
 
 impl Balancer<FakeDatapath> {
@@ -79,17 +76,19 @@ fn first_apply_writes_backends_rings_vips_and_markers() {
     assert_eq!(dp.settings.maglev_size, 257);
     assert_eq!(u32::from_be(dp.settings.src_v4_hostmask), 0xff);
     assert_eq!(u32::from_be(dp.settings.src_v6_hostmask), u32::MAX);
-    // The ring holds both backends in about equal shares.
-    let ring = &dp.rings[&dp.vips[&key("198.18.10.1", 80)].ring];
+    // The ring, sized for two backends (400 slots each, in sizes doubling
+    // from 257), holds both in about equal shares.
+    let ring = &dp.rings[&dp.vips[&key("198.18.10.1", 80)].ring_base];
+    assert_eq!(ring.len(), 1031);
     let first = ring.iter().filter(|id| **id == ring[0]).count();
-    assert!((120..=137).contains(&first), "{first} of 257 slots");
+    assert!((495..=536).contains(&first), "{first} of 1031 slots");
 }
 
 #[test]
 fn changed_weights_go_to_a_new_ring_written_before_the_switch() {
     let mut b = balancer();
     b.apply_cfg(&web_two()).unwrap();
-    let old_ring = b.datapath().vips[&key("198.18.10.1", 80)].ring;
+    let old_ring = b.datapath().vips[&key("198.18.10.1", 80)].ring_base;
     let start = b.datapath().log.len();
     let s = b
         .apply_cfg(&config(&vip(
@@ -103,13 +102,13 @@ fn changed_weights_go_to_a_new_ring_written_before_the_switch() {
         (1, 0, 0)
     );
     let log = &b.datapath().log[start..];
-    let new_ring = b.datapath().vips[&key("198.18.10.1", 80)].ring;
+    let new_ring = b.datapath().vips[&key("198.18.10.1", 80)].ring_base;
     assert_ne!(new_ring, old_ring);
     let ring_at = log.iter().position(|o| *o == Op::Ring(new_ring)).unwrap();
     let switch_at = log
         .iter()
         .position(
-            |o| matches!(o, Op::Vip(k, i) if *k == key("198.18.10.1", 80) && i.ring == new_ring),
+            |o| matches!(o, Op::Vip(k, i) if *k == key("198.18.10.1", 80) && i.ring_base == new_ring),
         )
         .unwrap();
     assert!(ring_at < switch_at);
@@ -145,7 +144,7 @@ fn removed_backend_loses_usable_bit_after_vip_switch() {
         .position(|o| *o == Op::Backend(gone_id, 0))
         .unwrap();
     assert!(switch_at < cleared_at);
-    let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring];
+    let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring_base];
     assert!(!ring.contains(&gone_id));
 }
 
@@ -184,8 +183,15 @@ fn many_applies_never_run_out_of_rings_or_reuse_a_live_ring() {
             })
             .collect();
         b.apply_cfg(&config(&vips)).unwrap();
-        let live: BTreeSet<u32> = b.vips.values().map(|v| v.ring).collect();
-        assert_eq!(live.len(), 4, "round {round}: two VIPs share a ring");
+        let mut live: Vec<Span> = b.vips.values().map(|v| v.ring).collect();
+        live.extend(b.vips.values().filter_map(|v| v.previous));
+        live.sort();
+        for pair in live.windows(2) {
+            assert!(
+                pair[0].base + pair[0].size <= pair[1].base,
+                "round {round}: two rings overlap: {pair:?}"
+            );
+        }
     }
 }
 
@@ -273,7 +279,7 @@ fn a_down_backend_leaves_the_table_then_loses_its_flows_and_comes_back() {
         switch < unusable,
         "new flows stop before established ones move"
     );
-    let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring];
+    let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring_base];
     assert!(!ring.contains(&id));
     // A reload keeps the verdict.
     b.apply_cfg(&config(&vip(
@@ -282,7 +288,7 @@ fn a_down_backend_leaves_the_table_then_loses_its_flows_and_comes_back() {
         &[("198.18.0.11", 2), ("198.18.0.12", 1)],
     )))
     .unwrap();
-    let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring];
+    let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring_base];
     assert!(!ring.contains(&id));
     let start = b.datapath().log.len();
     assert!(b.set_health(web, addr, true).unwrap());
@@ -293,7 +299,7 @@ fn a_down_backend_leaves_the_table_then_loses_its_flows_and_comes_back() {
         .unwrap();
     let switch = log.iter().position(|o| matches!(o, Op::Vip(..))).unwrap();
     assert!(usable < switch, "usable again before new flows come");
-    let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring];
+    let ring = &b.datapath().rings[&b.datapath().vips[&key("198.18.10.1", 80)].ring_base];
     assert!(ring.contains(&id));
     // Unknown pairs change nothing.
     assert!(!b
@@ -332,7 +338,8 @@ fn load_scales_weights_and_shares() {
         .map(|x| b.effective_weight(&cfg, x))
         .collect();
     assert_eq!(weights, [100, 25]);
-    let share = f64::from(b.slots(web, busy)) / 257.0;
+    let size = b.datapath().vips[&key("198.18.10.1", 80)].ring_size;
+    let share = f64::from(b.slots(web, busy)) / f64::from(size);
     assert!((share - 0.2).abs() < 0.02, "25 of 125: {share}");
 }
 
@@ -392,9 +399,12 @@ fn a_changed_table_keeps_the_previous_one_for_the_second_chance() {
     b.apply_cfg(&web_two()).unwrap();
     let k = key("198.18.10.1", 80);
     let first = b.datapath().vips[&k];
-    assert_eq!(first.previous_ring, 0, "a new VIP has no previous table");
-    let first_table = b.datapath().rings[&first.ring].clone();
+    assert_eq!(first.previous_size, 0, "a new VIP has no previous table");
+    let first_table = b.datapath().rings[&first.ring_base].clone();
 
+    // A third backend crosses a size boundary (800 slots are wanted for two
+    // backends, 1,200 for three): the new ring is larger, the previous one
+    // keeps its own size.
     let three = config(&vip(
         "198.18.10.1",
         80,
@@ -402,15 +412,19 @@ fn a_changed_table_keeps_the_previous_one_for_the_second_chance() {
     ));
     b.apply_cfg(&three).unwrap();
     let second = b.datapath().vips[&k];
-    assert_ne!(second.ring, first.ring);
-    assert_eq!(second.previous_ring, first.ring + 1);
+    assert_ne!(second.ring_base, first.ring_base);
+    assert!(second.ring_size > first.ring_size);
+    assert_eq!(
+        (second.previous_base, second.previous_size),
+        (first.ring_base, first.ring_size)
+    );
     // The previous ring still holds the first table for the datapath to read.
-    assert_eq!(b.datapath().rings[&first.ring], first_table);
+    assert_eq!(b.datapath().rings[&first.ring_base], first_table);
 
     // Many changes later no ring in use has been rewritten under the VIP:
     // the live and the previous ring always differ and are never reused
     // while named.
-    let mut named = vec![(second.ring, second.previous_ring)];
+    let mut named = vec![(second.ring_base, second.previous_base)];
     for round in 0..12u32 {
         let weight = 1 + round % 3;
         b.apply_cfg(&config(&vip(
@@ -425,11 +439,12 @@ fn a_changed_table_keeps_the_previous_one_for_the_second_chance() {
         .unwrap();
         let now = b.datapath().vips[&k];
         let (last_ring, _) = *named.last().unwrap();
-        if now.ring != last_ring {
-            assert_eq!(now.previous_ring, last_ring + 1);
+        if now.ring_base != last_ring {
+            assert_eq!(now.previous_base, last_ring);
+            assert!(b.datapath().rings.contains_key(&now.previous_base));
         }
-        assert_ne!(now.ring + 1, now.previous_ring);
-        named.push((now.ring, now.previous_ring));
+        assert_ne!(now.ring_base, now.previous_base);
+        named.push((now.ring_base, now.previous_base));
     }
     // Removing the VIP gives both rings up.
     b.apply_cfg(&config(&vip("198.18.10.2", 80, &[("198.18.0.11", 1)])))
@@ -459,4 +474,41 @@ fn the_digest_is_the_same_whatever_the_order_and_ids() {
     let ident = ("198.18.10.1".parse().unwrap(), 80, Protocol::Tcp);
     assert_ne!(a.table_digest(ident), 0);
     assert_eq!(a.table_digest(ident), b.table_digest(ident));
+}
+
+/// Rings that do not fit `maglev_slots` fail the apply before any write,
+/// with an error naming the setting; what runs is untouched.
+#[test]
+fn rings_that_do_not_fit_fail_the_apply_and_change_nothing() {
+    // Eight backends take rings of 4,127 slots: four VIPs fill 16,508 of
+    // the 32,768, and changing all four at once needs four more rings.
+    let vips = |changed: usize, weight: u32| -> BalancerConfig {
+        let text: String = (0..4)
+            .map(|i| {
+                let list: Vec<(String, u32)> = (0..8)
+                    .map(|j| {
+                        (
+                            format!("198.18.0.{}", 11 + j),
+                            if i < changed { weight } else { 1 },
+                        )
+                    })
+                    .collect();
+                let list: Vec<(&str, u32)> = list.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+                vip(&format!("198.18.10.{}", i + 1), 80, &list)
+            })
+            .collect();
+        config(&text)
+    };
+    let mut b = balancer();
+    b.apply_cfg(&vips(0, 1)).unwrap();
+    assert_eq!(b.datapath().vips[&key("198.18.10.1", 80)].ring_size, 4127);
+    let (log, entries) = (b.datapath().log.len(), b.datapath().vips.clone());
+    let e = b.apply_cfg(&vips(4, 2)).unwrap_err().to_string();
+    assert!(e.contains("datapath.maglev_slots = 32768"), "{e}");
+    assert!(e.contains("4127 slots"), "{e}");
+    assert_eq!(b.datapath().log.len(), log, "nothing was written");
+    assert_eq!(b.datapath().vips, entries);
+    // Three changed VIPs fit.
+    let s = b.apply_cfg(&vips(3, 2)).unwrap();
+    assert_eq!(s.vips_changed, 3);
 }

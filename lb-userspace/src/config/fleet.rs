@@ -182,6 +182,7 @@ impl RawVipDocument {
             interfaces: vec!["any".into()],
             xdp_mode: None,
             maglev_table_size: None,
+            maglev_slots: None,
             max_vips: None,
             max_backends: None,
             flow_table_size: None,
@@ -195,6 +196,7 @@ impl RawVipDocument {
         datapath.max_vips = u32::MAX;
         datapath.max_backends = u32::MAX;
         datapath.maglev_table_size = u32::MAX;
+        datapath.maglev_slots = u64::MAX;
         let any_v4: Ipv4Net = "0.0.0.0/0".parse().expect("a prefix");
         let any_v6: Ipv6Net = "::/0".parse().expect("a prefix");
         let encap = EncapConfig {

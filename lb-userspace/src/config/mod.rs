@@ -160,7 +160,11 @@ impl Default for VisibilityConfig {
 pub struct DatapathConfig {
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpModeSetting,
+    /// The smallest Maglev ring (prime); a VIP's ring grows with its
+    /// backend count (`maglev::ring_size`).
     pub maglev_table_size: u32,
+    /// Slots of the array every VIP's rings are carved from (4 bytes each).
+    pub maglev_slots: u64,
     pub max_vips: u32,
     pub max_backends: u32,
     pub flow_table_size: u32,

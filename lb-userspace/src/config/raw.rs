@@ -113,6 +113,7 @@ pub struct RawDatapath {
     // Numbers are read as i64 and range-checked here, so a bad value gets a
     // message naming its field rather than a type error.
     pub maglev_table_size: Option<i64>,
+    pub maglev_slots: Option<i64>,
     pub max_vips: Option<i64>,
     pub max_backends: Option<i64>,
     pub flow_table_size: Option<i64>,

@@ -47,6 +47,8 @@ fn good_config_parses_with_defaults() {
     assert_eq!(b.vips[1].port, 0);
     assert_eq!(b.vips[1].backends[0].weight, 100);
     assert_eq!(b.datapath.max_vips, 64);
+    // Three rings of the smallest size per VIP, by default.
+    assert_eq!(b.datapath.maglev_slots, 3 * 64 * 65537);
     assert_eq!(b.datapath.flow_table_size, 1_000_000);
     assert!(c.decap.is_none());
 }
@@ -122,6 +124,22 @@ const BAD_FIELDS: &[(&str, &str, &str)] = &[
         "maglev_table_size = 65537",
         "maglev_table_size = 65537\nmax_backends = 1",
         "vips",
+    ),
+    (
+        "maglev_table_size = 65537",
+        "maglev_table_size = 65537\nmaglev_slots = 196610",
+        "datapath.maglev_slots",
+    ),
+    (
+        "maglev_table_size = 65537",
+        "maglev_table_size = 65537\nmaglev_slots = 268435457",
+        "datapath.maglev_slots",
+    ),
+    // Two backends take rings of 907 slots from 7: three do not fit 2,000.
+    (
+        "maglev_table_size = 65537",
+        "maglev_table_size = 7\nmaglev_slots = 2000",
+        "vips[0].backends",
     ),
     (
         "maglev_table_size = 65537",

@@ -16,7 +16,7 @@ use super::{
     RawHealth, RawMaintenance, RawVip, RawVisibility, TlsCheck, VipConfig, VisibilityConfig,
     XdpModeSetting, DEFAULT_INSTANCE, DEFAULT_SOCKET, DEFAULT_STATE_FILE, MAX_RING_ENTRIES,
 };
-use crate::maglev::is_prime;
+use crate::maglev::{self, is_prime};
 
 fn parse_addr(field: &str, text: &str) -> Result<IpAddr, ConfigError> {
     let addr: IpAddr = text
@@ -206,6 +206,7 @@ pub(super) fn validate_datapath(dp: RawDatapath) -> Result<DatapathConfig, Confi
             ),
         );
     }
+    let maglev_slots = validate_maglev_slots(dp.maglev_slots, maglev_table_size, max_vips)?;
     let max_backends: u32 = in_range("datapath.max_backends", dp.max_backends, 4096, 1, 1 << 20)?;
     let flow_table_size: u32 = in_range(
         "datapath.flow_table_size",
@@ -239,6 +240,7 @@ pub(super) fn validate_datapath(dp: RawDatapath) -> Result<DatapathConfig, Confi
         interfaces: dp.interfaces,
         xdp_mode,
         maglev_table_size,
+        maglev_slots,
         max_vips,
         max_backends,
         flow_table_size,
@@ -249,6 +251,34 @@ pub(super) fn validate_datapath(dp: RawDatapath) -> Result<DatapathConfig, Confi
         second_chance: dp.second_chance.unwrap_or(true),
         bypass_source: dp.bypass_source.unwrap_or(false),
     })
+}
+
+/// `datapath.maglev_slots`: by default three rings of the smallest size per
+/// VIP (at most `MAX_RING_ENTRIES`); at least the three rings of one VIP
+/// with one backend.
+fn validate_maglev_slots(
+    raw: Option<i64>,
+    maglev_table_size: u32,
+    max_vips: u32,
+) -> Result<u64, ConfigError> {
+    let default = (3 * u64::from(maglev_table_size) * u64::from(max_vips)).min(MAX_RING_ENTRIES);
+    let least = 3 * u64::from(maglev::ring_size(maglev_table_size, 1));
+    let slots: u64 = in_range(
+        "datapath.maglev_slots",
+        raw,
+        default as i64,
+        0,
+        MAX_RING_ENTRIES as i64,
+    )?;
+    if slots < least {
+        return err(
+            "datapath.maglev_slots",
+            format!(
+                "{slots} slots cannot hold the three rings of one VIP ({least} slots with datapath.maglev_table_size = {maglev_table_size})"
+            ),
+        );
+    }
+    Ok(slots)
 }
 
 fn validate_encap(encap: Option<RawEncap>) -> Result<EncapConfig, ConfigError> {
@@ -302,13 +332,20 @@ pub(super) fn validate_vips(
     let mut seen = VipsSeen::default();
     for (i, rv) in raw_vips.into_iter().enumerate() {
         let f = format!("vips[{i}]");
-        vips.push(validate_vip(
-            &f,
-            rv,
-            dp.maglev_table_size,
-            encap,
-            &mut seen,
-        )?);
+        let vip = validate_vip(&f, rv, dp.maglev_table_size, encap, &mut seen)?;
+        // The live ring, the previous one and a changed one, side by side.
+        let ring = maglev::ring_size(dp.maglev_table_size, vip.backends.len());
+        if 3 * u64::from(ring) > dp.maglev_slots {
+            return err(
+                format!("{f}.backends"),
+                format!(
+                    "{} backends take rings of {ring} slots, and three of them (the live table, the previous one and a changed one) do not fit datapath.maglev_slots = {}",
+                    vip.backends.len(),
+                    dp.maglev_slots
+                ),
+            );
+        }
+        vips.push(vip);
     }
     let max_backends = dp.max_backends;
     if seen.backends.len() > max_backends as usize {

@@ -20,9 +20,10 @@ pub enum Op {
 
 #[derive(Default)]
 pub struct FakeDatapath {
-    pub maglev_size: u32,
     pub settings: Settings,
     pub backends: HashMap<u32, BackendInfo>,
+    /// Rings by first slot; writing one drops those it overlaps (their
+    /// slots are overwritten).
     pub rings: HashMap<u32, Vec<u32>>,
     pub vips: HashMap<VipKey, VipInfo>,
     pub tx_ports: BTreeSet<u32>,
@@ -36,8 +37,9 @@ impl FakeDatapath {
     /// The backend a new flow with this hash would get, as the datapath decides.
     pub fn pick(&self, key: &VipKey, hash: u32) -> Option<u32> {
         let vip = self.vips.get(key)?;
-        let ring = self.rings.get(&vip.ring)?;
-        let id = ring[(hash % self.maglev_size) as usize];
+        let ring = self.rings.get(&vip.ring_base)?;
+        assert_eq!(ring.len() as u32, vip.ring_size);
+        let id = ring[(hash % vip.ring_size) as usize];
         (id != NO_BACKEND).then_some(id)
     }
 }
@@ -65,10 +67,12 @@ impl Datapath for FakeDatapath {
         self.log.push(Op::Backend(id, backend.flags));
         Ok(())
     }
-    fn set_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()> {
-        assert_eq!(slots.len() as u32, self.maglev_size);
-        self.rings.insert(ring, slots.to_vec());
-        self.log.push(Op::Ring(ring));
+    fn set_ring(&mut self, base: u32, slots: &[u32]) -> Result<()> {
+        let end = base as usize + slots.len();
+        self.rings
+            .retain(|b, r| *b as usize + r.len() <= base as usize || *b as usize >= end);
+        self.rings.insert(base, slots.to_vec());
+        self.log.push(Op::Ring(base));
         Ok(())
     }
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {

@@ -88,7 +88,6 @@ pub struct KernelDatapath {
     pub(super) flows: HashMap<MapData, FlowKey, FlowState>,
     pub(super) event_stats: PerCpuArray<MapData, u64>,
     pub(super) mss_clamped: PerCpuArray<MapData, u64>,
-    maglev_size: u32,
     cpus: usize,
 }
 
@@ -148,8 +147,7 @@ pub fn sum_packets(values: &PerCpuValues<PacketCounter>) -> PacketCounter {
 impl KernelDatapath {
     pub fn new(ebpf: &mut Ebpf, sizes: &MapSizes) -> Result<Self> {
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
-        let maglev_size = sizes.maglev_size;
-        let slots = sizes.rings() as usize * maglev_size as usize;
+        let slots = sizes.maglev_slots as usize;
         Ok(Self {
             settings: take(ebpf, "SETTINGS")?,
             backends: take(ebpf, "BACKENDS")?,
@@ -162,7 +160,6 @@ impl KernelDatapath {
             flows: take(ebpf, "FLOWS")?,
             event_stats: take(ebpf, "EVENT_STATS")?,
             mss_clamped: take(ebpf, "MSS_CLAMPED")?,
-            maglev_size,
             cpus,
         })
     }
@@ -207,11 +204,10 @@ impl Datapath for KernelDatapath {
             .with_context(|| format!("writing backend {id}"))
     }
 
-    fn set_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()> {
-        let base = ring as usize * self.maglev_size as usize;
+    fn set_ring(&mut self, base: u32, slots: &[u32]) -> Result<()> {
         self.maglev
-            .write(base, slots)
-            .with_context(|| format!("writing Maglev ring {ring}"))
+            .write(base as usize, slots)
+            .with_context(|| format!("writing the Maglev ring at slot {base}"))
     }
 
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {

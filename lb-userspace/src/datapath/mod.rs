@@ -43,8 +43,8 @@ pub use pins::{Origin, Pins, PINNED_MAPS, PIN_ROOT};
 pub trait Datapath {
     fn set_settings(&mut self, settings: &Settings) -> Result<()>;
     fn set_backend(&mut self, id: u32, backend: &BackendInfo) -> Result<()>;
-    /// Writes a whole Maglev ring (its `maglev_size` slots).
-    fn set_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()>;
+    /// Writes a whole Maglev ring: `slots` from slot `base` of `MAGLEV`.
+    fn set_ring(&mut self, base: u32, slots: &[u32]) -> Result<()>;
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()>;
     fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
     fn clear_vip_counters(&mut self, vip_id: u32) -> Result<()>;
@@ -72,7 +72,10 @@ pub trait Datapath {
 /// Map sizes set before the object is loaded.
 #[derive(Debug, Clone, Copy)]
 pub struct MapSizes {
+    /// The smallest ring size (`maglev_table_size`).
     pub maglev_size: u32,
+    /// Slots of the `MAGLEV` array, shared by every VIP's rings.
+    pub maglev_slots: u32,
     pub max_vips: u32,
     pub max_backends: u32,
     pub flow_table_size: u32,
@@ -82,17 +85,11 @@ impl MapSizes {
     /// Smallest sizes, for an agent that only decapsulates.
     pub const DECAP_ONLY: MapSizes = MapSizes {
         maglev_size: 7,
+        maglev_slots: 21,
         max_vips: 1,
         max_backends: 1,
         flow_table_size: 1,
     };
-
-    /// Maglev rings: three per VIP: the live table, the previous one (for
-    /// the second chance), and room for a changed table to be written beside
-    /// them and switched in.
-    pub fn rings(&self) -> u32 {
-        3 * self.max_vips
-    }
 }
 
 /// The eBPF object, embedded at build time (`cargo xtask build-ebpf`).
@@ -100,8 +97,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT
 
 /// `max_entries` of the maps whose size the configuration sets.
 pub(crate) fn max_entries(sizes: &MapSizes) -> Result<[(&'static str, u32); 6]> {
-    let slots = u64::from(sizes.rings()) * u64::from(sizes.maglev_size);
-    let chunks = slots.div_ceil(u64::from(MAGLEV_LANES));
+    let chunks = u64::from(sizes.maglev_slots).div_ceil(u64::from(MAGLEV_LANES));
     let chunks = u32::try_from(chunks).context("Maglev rings do not fit a BPF array")?;
     Ok([
         // VIP entries of the old and the new configuration coexist during an

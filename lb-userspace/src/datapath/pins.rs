@@ -240,8 +240,8 @@ mod tests {
         assert_eq!(
             (LAYOUT_VERSION, abi),
             (
-                2,
-                [20, 16, 40, 40, 56, 64, 20, 48, 16, 48, 16, 32, 15, 5, 15]
+                3,
+                [20, 24, 40, 40, 56, 64, 20, 48, 16, 48, 16, 32, 15, 5, 15]
             ),
             "the map ABI changed: raise LAYOUT_VERSION and update this list"
         );

@@ -67,15 +67,13 @@ impl World {
     fn with(cfg: BalancerConfig) -> World {
         let sizes = MapSizes {
             maglev_size: 257,
+            // The default of the configuration above (max_vips = 64).
+            maglev_slots: 3 * 64 * 257,
             max_vips: 8,
             max_backends: 8,
             flow_table_size: 1024,
         };
-        let dp = FakeDatapath {
-            maglev_size: 257,
-            ..FakeDatapath::default()
-        };
-        let mut bal = Balancer::new(dp, sizes, BTreeSet::new());
+        let mut bal = Balancer::new(FakeDatapath::default(), sizes, BTreeSet::new());
         bal.apply(&cfg, &BTreeMap::new()).unwrap();
         let mut life = Lifecycle::default();
         life.sync(&cfg, 1_000);
@@ -577,7 +575,7 @@ fn disabled_and_down_are_both_needed_to_clear() {
     let in_ring = |w: &World| {
         let dp = w.bal.datapath();
         let (a, port, proto) = web();
-        let live = dp.vips[&crate::balancer::vip_key(a, port, proto)].ring;
+        let live = dp.vips[&crate::balancer::vip_key(a, port, proto)].ring_base;
         dp.rings[&live].contains(&id)
     };
     assert!(w.life.set_disabled(&mut w.bal, "web", addr, true).unwrap());
@@ -640,7 +638,9 @@ fn load_levels_become_weights_damped_and_with_hysteresis() {
     assert_eq!(weight(&w, B2), 32, "a change under min_change is held");
     assert_eq!(w.bal.datapath().log.len(), writes, "and rebuilds nothing");
     // The shares follow the weights: 100 : 100 : 32 of the table.
-    let slots = w.slots(B2) as f64 / 257.0;
+    let (a, port, proto) = web();
+    let size = w.bal.datapath().vips[&crate::balancer::vip_key(a, port, proto)].ring_size;
+    let slots = w.slots(B2) as f64 / f64::from(size);
     assert!((slots - 32.0 / 232.0).abs() < 0.03, "{slots}");
     // Flows over max_flows count as load too: see load_level.
     let r = w.life.record(web(), ip(B2)).unwrap();

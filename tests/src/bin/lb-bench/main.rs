@@ -22,10 +22,11 @@ use aya::{
 };
 use lb_common::{DecapOutcome, FlowKey, FlowState, Outcome, PROTO_IPIP, PROTO_TCP, PROTO_UDP};
 use lb_tests::{fixture::*, packet::*, topology};
-use lb_userspace::{datapath::MapSizes, maglev};
+use lb_userspace::datapath::MapSizes;
 use serde_json::{json, Value};
 
 mod bypass;
+mod maglev;
 mod srcside;
 
 const ROUNDS: usize = 5;
@@ -245,6 +246,7 @@ fn bench_vips() -> String {
 fn bench_sizes(flows: u32) -> MapSizes {
     MapSizes {
         maglev_size: 65537,
+        maglev_slots: 3 * 8 * 65537,
         max_vips: 8,
         max_backends: 64,
         flow_table_size: flows,
@@ -907,128 +909,6 @@ fn connection_table(report: &mut Report) {
         .insert("scan.per_element_s".into(), json!(per_elem));
 }
 
-fn maglev_figures(report: &mut Report) {
-    println!("== Maglev, M = 65537, one core");
-    let m = 65537u32;
-    for n in [10u32, 100, 1000] {
-        let entries: Vec<maglev::Entry> = (0..n)
-            .map(|i| maglev::Entry {
-                id: i,
-                identity: vec![198, 18, (i >> 8) as u8, i as u8],
-                weight: 100 + (i % 3) * 50,
-            })
-            .collect();
-        let times: Vec<f64> = (0..ROUNDS)
-            .map(|_| {
-                let t = Instant::now();
-                std::hint::black_box(maglev::build(&entries, m));
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .collect();
-        let table = maglev::build(&entries, m);
-        let total: u32 = entries.iter().map(|e| e.weight).sum();
-        let mut slots = vec![0u32; n as usize];
-        for id in &table {
-            slots[*id as usize] += 1;
-        }
-        let balance = entries
-            .iter()
-            .map(|e| {
-                f64::from(slots[e.id as usize])
-                    / (f64::from(m) * f64::from(e.weight) / f64::from(total))
-            })
-            .fold(0.0, f64::max);
-        let equal: Vec<maglev::Entry> = entries
-            .iter()
-            .map(|e| maglev::Entry {
-                weight: 1,
-                ..e.clone()
-            })
-            .collect();
-        let before = maglev::build(&equal, m);
-        let after = maglev::build(&equal[1..], m);
-        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64;
-        let disruption = moved / (f64::from(m) / f64::from(n));
-        let mut shuffled = entries.clone();
-        shuffled.reverse();
-        let identical = maglev::build(&shuffled, m) == table;
-        let t = median(times);
-        report.row(
-            "maglev",
-            format!("build, N = {n} weighted"),
-            format!("{t:.2} ms"),
-            "",
-            if n == 1000 { "≤ 20 ms" } else { "" },
-            (n == 1000).then_some(t <= 20.0),
-        );
-        report.row(
-            "maglev",
-            format!("balance, N = {n} (largest share / weighted ideal)"),
-            format!("{balance:.4}"),
-            "",
-            "≤ 1.05",
-            Some(balance <= 1.05),
-        );
-        report.row(
-            "maglev",
-            format!("disruption, one of N = {n} leaves"),
-            format!("{disruption:.3}× ideal"),
-            format!("{moved} slots moved"),
-            "≤ 1.1×",
-            Some(disruption <= 1.1),
-        );
-        report.row(
-            "maglev",
-            format!("two agents, N = {n}, any order"),
-            if identical { "identical" } else { "DIFFERENT" },
-            "",
-            "identical",
-            Some(identical),
-        );
-        report
-            .json
-            .insert(format!("maglev.n{n}.build_ms"), json!(t));
-        report
-            .json
-            .insert(format!("maglev.n{n}.balance"), json!(balance));
-        report
-            .json
-            .insert(format!("maglev.n{n}.disruption"), json!(disruption));
-        report
-            .json
-            .insert(format!("maglev.n{n}.identical"), json!(identical));
-    }
-}
-
-/// Disruption falls as the table grows relative to N (the Maglev paper's
-/// M >> N): the same measurement with a larger prime table.
-fn maglev_large_tables(report: &mut Report) {
-    for (n, m) in [(100u32, 1_000_003u32), (1000, 1_000_003)] {
-        let equal: Vec<maglev::Entry> = (0..n)
-            .map(|i| maglev::Entry {
-                id: i,
-                identity: vec![198, 18, (i >> 8) as u8, i as u8],
-                weight: 1,
-            })
-            .collect();
-        let before = maglev::build(&equal, m);
-        let after = maglev::build(&equal[1..], m);
-        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64;
-        let disruption = moved / (f64::from(m) / f64::from(n));
-        report.row(
-            "maglev",
-            format!("disruption, one of N = {n} leaves, M = {m}"),
-            format!("{disruption:.3}× ideal"),
-            "",
-            "",
-            None,
-        );
-        report
-            .json
-            .insert(format!("maglev.n{n}.m{m}.disruption"), json!(disruption));
-    }
-}
-
 fn big_config(instance: &str, socket: &str, weight: u32) -> String {
     let mut s = format!(
         "instance = \"{instance}\"\nsocket = \"{socket}\"\n[datapath]\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nmaglev_table_size = 65537\nmax_vips = 1000\nmax_backends = 256\nflow_table_size = 65536\n[lifecycle]\nstate_file = \"{socket}.lifecycle.json\"\n[encap]\nsource_v4 = \"198.18.200.0/24\"\n"
@@ -1248,10 +1128,7 @@ fn main() {
             datapath_cost(r);
         }),
         ("conntrack", connection_table),
-        ("maglev", |r| {
-            maglev_figures(r);
-            maglev_large_tables(r);
-        }),
+        ("maglev", maglev::run),
         ("control", control_plane),
         ("live", live::forwarding),
         ("scaleout", scaleout::run),

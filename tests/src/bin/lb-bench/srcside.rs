@@ -239,6 +239,7 @@ fn packet_cost(report: &mut Report) {
     let b = config.balancer.expect("a balancer");
     let sizes = MapSizes {
         maglev_size: b.datapath.maglev_table_size,
+        maglev_slots: u32::try_from(b.datapath.maglev_slots).expect("validated"),
         max_vips: b.datapath.max_vips,
         max_backends: b.datapath.max_backends,
         flow_table_size: b.datapath.flow_table_size,
