@@ -364,7 +364,7 @@ impl<D: Datapath> Balancer<D> {
         };
         // The table being replaced stays as the previous one (second
         // chance), whatever its size; the one before it is given up.
-        let previous = old.map(|(_, old_ring)| old_ring);
+        let previous = old.map(|(_, old_ring)| old_ring).filter(|r| r.size > 0);
         let state = VipState {
             config: vip.clone(),
             vip_id,

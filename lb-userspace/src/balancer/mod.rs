@@ -97,7 +97,9 @@ impl Balancer<KernelDatapath> {
     /// into the new maps and the counters copied. The next apply builds every
     /// table.
     pub fn adopt_from(&mut self, old: &OldMaps) -> Result<(usize, usize)> {
-        let counts = self.adopt_entries(old.vip_entries()?, old.backend_entries()?)?;
+        // The old maps' rings are not copied: nothing of the new array is
+        // in use yet, and no VIP has a previous table in it.
+        let counts = self.adopt_entries(old.vip_entries()?, old.backend_entries()?, false)?;
         for (address, state) in &self.backends {
             self.dp.set_backend(state.id, &state.info(*address))?;
         }
@@ -172,13 +174,14 @@ impl<D: Datapath> Balancer<D> {
     /// what the configuration no longer has. Returns (VIPs, backends).
     pub fn adopt(&mut self) -> Result<(usize, usize)> {
         let (vips, backends) = (self.dp.vip_entries()?, self.dp.backend_entries()?);
-        self.adopt_entries(vips, backends)
+        self.adopt_entries(vips, backends, true)
     }
 
     fn adopt_entries(
         &mut self,
         vip_entries: Vec<(lb_common::VipKey, lb_common::VipInfo)>,
         backend_entries: Vec<(u32, BackendInfo)>,
+        rings_in_use: bool,
     ) -> Result<(usize, usize)> {
         for (key, info) in vip_entries {
             let Some(protocol) = Protocol::from_number(key.proto) else {
@@ -188,16 +191,17 @@ impl<D: Datapath> Balancer<D> {
                 addr_from_bytes(key.addr, key.family),
                 u16::from_be(key.port),
             );
-            let ring = Span {
-                base: info.ring_base,
-                size: info.ring_size,
+            let (ring, previous) = if rings_in_use {
+                let previous = (info.previous_size > 0).then_some(Span {
+                    base: info.previous_base,
+                    size: info.previous_size,
+                });
+                (Span::of_live(&info), previous)
+            } else {
+                (Span::NONE, None)
             };
-            let previous = (info.previous_size > 0).then_some(Span {
-                base: info.previous_base,
-                size: info.previous_size,
-            });
             if !self.vip_ids.claim(info.vip_id)
-                || !self.rings.claim(ring)
+                || (rings_in_use && !self.rings.claim(ring))
                 || previous.is_some_and(|r| !self.rings.claim(r))
             {
                 bail!(

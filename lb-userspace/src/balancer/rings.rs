@@ -15,6 +15,19 @@ pub(super) struct Span {
     pub size: u32,
 }
 
+impl Span {
+    /// No ring (a VIP adopted from maps whose rings were not copied).
+    pub const NONE: Span = Span { base: 0, size: 0 };
+
+    /// The live ring of a VIP entry.
+    pub fn of_live(info: &lb_common::VipInfo) -> Span {
+        Span {
+            base: info.ring_base,
+            size: info.ring_size,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct RingSpace {
     /// Free pieces: base -> size, never adjacent (merged).
@@ -78,7 +91,9 @@ impl RingSpace {
     }
 
     pub(super) fn rest(&mut self, span: Span) {
-        self.resting.push(span);
+        if span.size > 0 {
+            self.resting.push(span);
+        }
     }
 
     /// Rings given up by the previous apply become free again.

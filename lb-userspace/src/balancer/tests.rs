@@ -512,3 +512,56 @@ fn rings_that_do_not_fit_fail_the_apply_and_change_nothing() {
     let s = b.apply_cfg(&vips(3, 2)).unwrap();
     assert_eq!(s.vips_changed, 3);
 }
+
+/// A restarted agent adopts the live and previous rings of every VIP where
+/// they are (sizes included), so its first apply writes around them.
+#[test]
+fn an_adopting_agent_keeps_the_rings_in_use() {
+    let mut a = balancer();
+    a.apply_cfg(&web_two()).unwrap();
+    let three = config(&vip(
+        "198.18.10.1",
+        80,
+        &[("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)],
+    ));
+    a.apply_cfg(&three).unwrap();
+    let k = key("198.18.10.1", 80);
+    let held = a.datapath().vips[&k];
+    assert!(held.previous_size > 0 && held.previous_size != held.ring_size);
+    let dp = FakeDatapath {
+        vips: a.datapath().vips.clone(),
+        backends: a.datapath().backends.clone(),
+        rings: a.datapath().rings.clone(),
+        ..FakeDatapath::default()
+    };
+    let mut b = Balancer::new(dp, SIZES, BTreeSet::from([2]));
+    assert_eq!(b.adopt().unwrap(), (1, 3));
+    let four = config(&vip(
+        "198.18.10.1",
+        80,
+        &[("198.18.0.11", 2), ("198.18.0.12", 1), ("198.18.0.13", 1)],
+    ));
+    b.apply_cfg(&four).unwrap();
+    let now = b.datapath().vips[&k];
+    assert_eq!(
+        (now.previous_base, now.previous_size),
+        (held.ring_base, held.ring_size)
+    );
+    // The adopted live ring (now the previous one) was not written over.
+    assert_eq!(
+        b.datapath().rings[&held.ring_base],
+        a.datapath().rings[&held.ring_base]
+    );
+    // Pinned rings outside this agent's array are refused.
+    let mut outside = a.datapath().vips.clone();
+    outside.get_mut(&k).unwrap().ring_base = SIZES.maglev_slots - 10;
+    let dp = FakeDatapath {
+        vips: outside,
+        ..FakeDatapath::default()
+    };
+    let e = Balancer::new(dp, SIZES, BTreeSet::new())
+        .adopt()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("datapath.maglev_slots = 32768"), "{e}");
+}

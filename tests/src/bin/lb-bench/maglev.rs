@@ -53,7 +53,10 @@ fn classic(entries: &[maglev::Entry], size: u32) -> Vec<u32> {
             *credit -= max_weight;
             loop {
                 let slot = *pos as usize;
-                *pos = (*pos + *skip) % m;
+                *pos += *skip;
+                if *pos >= m {
+                    *pos -= m;
+                }
                 if table[slot] == NO_BACKEND {
                     table[slot] = *id;
                     filled += 1;
