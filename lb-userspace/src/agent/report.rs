@@ -122,6 +122,12 @@ pub(crate) async fn report(state: &Shared, q: &ReportQuery) -> Result<Report> {
         .iter()
         .map(|(k, s)| flow_record(k, s, backends.address(s.backend_id), now))
         .collect();
+    report.bypassed_flows = super::bypass::bypassed_flows(&st, &backends.0, now)?;
+    if !report.bypassed_flows.is_empty() {
+        report.notes.push(
+            "bypassed flows: counted at this host's intermediary (client to backend straight, and the packets still sent toward the LB); the backend's answers go to the client directly".into(),
+        );
+    }
     let (sent, dropped) = bal.datapath().event_stats()?;
     report.events = EventStats {
         sent,
