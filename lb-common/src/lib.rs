@@ -228,7 +228,9 @@ pub const VIP_BYPASS_SOURCE: u32 = 1 << 0;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BypassEntry {
     pub backend_id: u32,
-    pub _pad: u32,
+    /// Packets of the flow sent toward the LB since the entry was made: the
+    /// refreshes (see `BYPASS_REFRESH_NS`) and the closing FIN or RST.
+    pub lb_packets: u32,
     /// Packets and bytes received from the client and sent straight to the
     /// backend (bytes as received, before the outer header).
     pub packets: u64,
@@ -238,12 +240,21 @@ pub struct BypassEntry {
 }
 
 /// Index into `BYPASS_STATS`: packets sent straight to a backend; packets of
-/// bypass VIPs passed toward the LB (no entry); entries the datapath ended
-/// (FIN/RST, or a backend no longer usable).
+/// bypass VIPs passed toward the LB (no entry, refreshes and endings
+/// included); entries the datapath ended (FIN/RST, or a backend no longer
+/// usable); packets of bypassed flows sent toward the LB as refreshes.
 pub const BYPASS_SENT_DIRECT: u32 = 0;
 pub const BYPASS_PASSED: u32 = 1;
 pub const BYPASS_ENDED: u32 = 2;
-pub const BYPASS_STAT_COUNT: u32 = 3;
+pub const BYPASS_REFRESHED: u32 = 3;
+pub const BYPASS_STAT_COUNT: u32 = 4;
+
+/// A bypassed flow sends one of its packets toward the LB when its last
+/// such packet is this old, so the LB's connection table keeps the flow:
+/// the LB counts it among its backend's flows (a drain waits for it), and
+/// a revoked entry finds the LB's entry still there. The LB's idle timeouts
+/// must be longer (300 s and 60 s by default).
+pub const BYPASS_REFRESH_NS: u64 = 2_000_000_000;
 
 /// Key of `BYPASS_CLIENTS` (an LPM trie): a client prefix, IPv4 as
 /// `::ffff:a.b.c.d` (prefix length + 96).

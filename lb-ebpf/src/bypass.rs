@@ -3,12 +3,16 @@
 //! straight to the entry's backend; any other packet is recorded in
 //! `BYPASS_SENT` (so the agent accepts instructions only for flows this host
 //! sent) and passed to the stack, which routes it to the LB as before.
+//! A bypassed flow still sends a packet toward the LB every
+//! `BYPASS_REFRESH_NS`, and its closing FIN or RST, so the LB's connection
+//! table keeps it and sees it end (drains wait for it).
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
 use lb_common::{
-    flow_hash, FlowKey, Outcome, BACKEND_USABLE, BYPASS_ENDED, BYPASS_PASSED, BYPASS_SENT_DIRECT,
-    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, TCP_FIN, TCP_RST, VIP_BYPASS_SOURCE,
+    flow_hash, FlowKey, Outcome, BACKEND_USABLE, BYPASS_ENDED, BYPASS_PASSED, BYPASS_REFRESHED,
+    BYPASS_REFRESH_NS, BYPASS_SENT_DIRECT, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, TCP_FIN,
+    TCP_RST, VIP_BYPASS_SOURCE,
 };
 
 use crate::{
@@ -131,6 +135,23 @@ fn direct(ctx: &XdpContext, key: &FlowKey, ip_len: u16, tcp_flags: u8) -> Verdic
     let Some(entry) = BYPASS.get_ptr_mut(key) else {
         return to_lb(key, now);
     };
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        // The client ends the flow: this packet and what follows take the LB
+        // path, whose table (kept by the refreshes) still has the flow and
+        // so sees it close.
+        let _ = BYPASS.remove(key);
+        count(BYPASS_ENDED);
+        return to_lb(key, now);
+    }
+    // A forgotten "sent" time (a full LRU) counts as due.
+    // SAFETY: u64 values; a stale copy only moves a refresh.
+    let last_to_lb = unsafe { BYPASS_SENT.get(key) }.copied().unwrap_or(0);
+    if now.saturating_sub(last_to_lb) >= BYPASS_REFRESH_NS {
+        // SAFETY: as below.
+        unsafe { (*entry).lb_packets += 1 };
+        count(BYPASS_REFRESHED);
+        return to_lb(key, now);
+    }
     // SAFETY: a valid entry pointer; BypassEntry is plain data.
     let backend_id = unsafe { (*entry).backend_id };
     let backend = match BACKENDS.get(backend_id) {
@@ -180,13 +201,6 @@ fn direct(ctx: &XdpContext, key: &FlowKey, ip_len: u16, tcp_flags: u8) -> Verdic
         (*entry).last_ns = now;
     }
     count(BYPASS_SENT_DIRECT);
-    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        // The client ended the flow: this packet goes straight on, what
-        // follows (the last ACKs) takes the LB path, whose table still has
-        // the flow.
-        let _ = BYPASS.remove(key);
-        count(BYPASS_ENDED);
-    }
     let outcome = if redirected {
         Outcome::Redirected
     } else {

@@ -309,6 +309,11 @@ pub struct BypassStatus {
     pub packets_direct: u64,
     pub packets_to_lb: u64,
     pub ended_by_datapath: u64,
+    /// Packets of bypassed flows sent toward the LB so that its connection
+    /// table keeps them (one per flow every 2 s of traffic; counted in
+    /// `packets_to_lb` too).
+    #[serde(default)]
+    pub packets_refreshed: u64,
     /// Backend host: instructions sent, and those that could not be.
     pub sent: u64,
     pub send_errors: u64,
@@ -420,8 +425,34 @@ pub struct Report {
     /// The largest flows by bytes in, at the last collection.
     pub top_flows: Vec<FlowRecord>,
     pub events: EventStats,
+    /// A source intermediary's bypassed flows, counted at the intermediary
+    /// (empty elsewhere).
+    #[serde(default)]
+    pub bypassed_flows: Vec<BypassedFlow>,
     /// What the report cannot show, and why.
     pub notes: Vec<String>,
+}
+
+/// A flow the source intermediary sends straight to its backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BypassedFlow {
+    pub client: std::net::SocketAddr,
+    pub vip: std::net::SocketAddr,
+    pub protocol: String,
+    /// `None` if the backend id is no longer the balancer's (the sweep ends
+    /// such entries).
+    pub backend: Option<IpAddr>,
+    /// Always true: the flow is bypassed (a field so that flow listings
+    /// can be told apart in JSON).
+    pub bypassed: bool,
+    /// Client to backend straight, as received from the client (the
+    /// packets the intermediary encapsulated).
+    pub client_to_backend: crate::collector::Leg,
+    /// Packets of the flow sent toward the LB since the entry was made
+    /// (refreshes of the LB's entry, the closing FIN or RST).
+    pub client_to_lb_packets: u64,
+    /// Seconds since the flow's last packet sent straight (`None`: none yet).
+    pub idle_s: Option<f64>,
 }
 
 #[cfg(test)]

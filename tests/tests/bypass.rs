@@ -11,103 +11,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{hosts::pause, topology::*};
+use lb_tests::{bypass::*, hosts::pause, topology::*};
 use lb_userspace::bypass::{Flow, Instruction, KeyRing, Kind, Sealer};
-use serde_json::Value;
 
-const KEY: &str = "5f1e6a3c9b2d47e8a0c4f6b8d2e1a3c5b7d9f0e2a4c6b8d0f1e3a5c7b9d1f3e5";
 const FORGED_KEY: &str = "0f1e6a3c9b2d47e8a0c4f6b8d2e1a3c5b7d9f0e2a4c6b8d0f1e3a5c7b9d1f3e5";
-const AFTER_PACKETS: u32 = 2;
-const PORT: u16 = 7470;
 const MIB: usize = 1 << 20;
-
-fn vip() -> SocketAddr {
-    SocketAddr::new(VIP_V4.parse().unwrap(), 80)
-}
-
-fn key_file(secret: &str) -> String {
-    format!("[[keys]]\nid = 1\nsecret = \"{secret}\"\n")
-}
-
-/// The topology with bypass configured on the backends; the host agent is
-/// started by the test (before it runs, every packet takes the LB path).
-fn topology() -> Topology {
-    let mut t = Topology::new(2);
-    t.add_host(0, 1);
-    let keys = t.write("bypass-keys.toml", &key_file(KEY));
-    let intermediary = format!("{}:{PORT}", t.host_v4(0));
-    t.start_edited(
-        &[100, 100],
-        |c| c,
-        |_, c| {
-            format!(
-                "{c}[bypass]\nkey_file = \"{}\"\nintermediaries = [{{ prefix = \"198.18.20.0/22\", address = \"{intermediary}\" }}]\n\
-                 vips = [{{ address = \"{VIP_V4}\", port = 80, protocol = \"tcp\", after_packets = {AFTER_PACKETS} }}]\n",
-                keys.display()
-            )
-        },
-    );
-    // The host resolves the backends' MACs from its neighbour table: a
-    // connection from the host fills it.
-    for i in 0..2 {
-        let b: SocketAddr = format!("{}:80", t.backend_v4(i)).parse().unwrap();
-        in_netns(&t.ns("h0"), move || {
-            connect_once(b).expect("host to backend")
-        })
-        .join()
-        .unwrap();
-    }
-    t
-}
-
-fn start_host(t: &mut Topology) {
-    let backends: Vec<String> = (0..2)
-        .map(|i| format!("{{ address = \"{}\", weight = 100 }}", t.backend_v4(i)))
-        .collect();
-    let vips = format!(
-        "[[vips]]\nname = \"web\"\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nbackends = [{}]\n\
-         bypass = {{ after_packets = {AFTER_PACKETS} }}\n\
-         health = {{ kind = \"tcp\", interval_ms = 300, timeout_ms = 200, rise = 2, fall = 2 }}\n",
-        backends.join(", ")
-    );
-    let keys = t.dir.join("bypass-keys.toml");
-    let bypass = format!(
-        "key_file = \"{}\"\nlisten = \"{}:{PORT}\"",
-        keys.display(),
-        t.host_v4(0)
-    );
-    t.start_intermediary(0, 1, &vips, &bypass);
-}
-
-fn host_status(t: &Topology) -> Value {
-    let out = t.lbctl_at(&t.host_socket(0), &["status", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status JSON")
-}
-
-fn bypass_field(t: &Topology, field: &str) -> u64 {
-    host_status(t)["bypass"][field].as_u64().unwrap_or(0)
-}
 
 fn refused(t: &Topology, reason: &str) -> u64 {
     host_status(t)["bypass"]["refused"][reason]
         .as_u64()
         .unwrap_or(0)
-}
-
-/// Packets the LB node forwarded for the VIP.
-fn lb_packets(t: &Topology) -> u64 {
-    t.status_json()["vips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| v["name"] == "web")
-        .map(|v| v["counters"]["packets"].as_u64().unwrap())
-        .sum()
 }
 
 /// One connection from the guest: `bytes` up, echoed back down; returns
@@ -142,18 +55,9 @@ fn transfer(t: &Topology, bytes: usize) -> (String, SocketAddr) {
     })
 }
 
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
-}
-
 #[test]
 fn bypass_end_to_end() {
-    let mut t = topology();
+    let mut t = topology(|c| c);
 
     // Without the intermediary every packet crosses the LB node.
     let before = lb_packets(&t);

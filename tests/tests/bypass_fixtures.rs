@@ -3,10 +3,14 @@
 //! BPF_PROG_TEST_RUN: packets of a bypass VIP's flows are passed toward the
 //! LB and recorded until an accepted instruction sends the flow straight to
 //! its backend; refused instructions change nothing; an entry ends with its
-//! flow (FIN/RST) or when its backend leaves the VIP.
+//! flow (FIN/RST) or when its backend leaves the VIP; a bypassed flow sends
+//! a packet toward the LB now and then, which keeps its entry there.
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use lb_common::{BYPASS_ENDED, BYPASS_PASSED, BYPASS_SENT_DIRECT, PROTO_IPIP, PROTO_TCP};
+use lb_common::{
+    BYPASS_ENDED, BYPASS_PASSED, BYPASS_REFRESHED, BYPASS_REFRESH_NS, BYPASS_SENT_DIRECT,
+    PROTO_IPIP, PROTO_TCP,
+};
 use lb_tests::{fixture::*, packet::*};
 use lb_userspace::{
     bypass::{
@@ -246,10 +250,11 @@ fn entries_end_with_the_flow_or_when_the_backend_leaves() {
         let sealed = Sealer::new(&t.ring).seal(bypass(sport, backend), NOW + sport as u64);
         t.receive(&sealed, NOW + sport as u64).expect("accepted");
     }
-    // The client's FIN goes straight on and ends the entry; what follows
-    // takes the LB path.
+    // The client's FIN ends the entry and takes the LB path (whose table
+    // sees the flow close), as does what follows.
     let fin = frame(40010, 80, TCP_FIN | TCP_ACK);
-    assert_direct(&t.f.source(&fin), &fin, B4[0]);
+    assert_eq!(t.f.source(&fin).action, XDP_PASS);
+    assert_eq!(t.f.source(&fin).output, fin, "unchanged");
     let ack = frame(40010, 80, TCP_ACK);
     assert_eq!(t.f.source(&ack).action, XDP_PASS);
     assert_eq!(t.stat(BYPASS_ENDED), 1);
@@ -276,4 +281,26 @@ fn entries_end_with_the_flow_or_when_the_backend_leaves() {
     t.receive(&sealed, NOW + 101).expect("revoke accepted");
     assert!(t.maps.entries().unwrap().is_empty());
     assert_eq!(t.intermediary.revoked(), 1);
+}
+
+#[test]
+fn a_bypassed_flow_refreshes_its_entry_at_the_lb() {
+    let mut t = Bypass::new();
+    t.f.source(&frame(40020, 80, TCP_SYN));
+    let sealed = Sealer::new(&t.ring).seal(bypass(40020, B4[2]), NOW);
+    t.receive(&sealed, NOW).expect("accepted");
+    let ack = frame(40020, 80, TCP_ACK);
+    assert_direct(&t.f.source(&ack), &ack, B4[2]);
+    // Once the last packet toward the LB is older than the refresh time,
+    // one packet takes the LB path (unchanged); the next goes straight on.
+    std::thread::sleep(std::time::Duration::from_nanos(
+        BYPASS_REFRESH_NS + 200_000_000,
+    ));
+    let run = t.f.source(&ack);
+    assert_eq!(run.action, XDP_PASS, "a refresh toward the LB");
+    assert_eq!(run.output, ack, "unchanged");
+    assert_direct(&t.f.source(&ack), &ack, B4[2]);
+    assert_eq!(t.stat(BYPASS_REFRESHED), 1);
+    let entries = t.maps.entries().unwrap();
+    assert_eq!((entries[0].1.packets, entries[0].1.lb_packets), (2, 1));
 }

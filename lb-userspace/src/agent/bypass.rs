@@ -339,7 +339,45 @@ pub(crate) fn status(st: &super::state::State) -> Result<Option<crate::api::Bypa
         packets_direct: stats[lb_common::BYPASS_SENT_DIRECT as usize],
         packets_to_lb: stats[lb_common::BYPASS_PASSED as usize],
         ended_by_datapath: stats[lb_common::BYPASS_ENDED as usize],
+        packets_refreshed: stats[lb_common::BYPASS_REFRESHED as usize],
         sent,
         send_errors,
     }))
+}
+
+/// The intermediary's bypassed flows for `lbctl report`, largest first,
+/// with what it sent on each leg; empty on an agent that is none.
+pub(crate) fn bypassed_flows(
+    st: &super::state::State,
+    backends: &[(u32, std::net::IpAddr)],
+    now_ns: u64,
+) -> Result<Vec<crate::api::BypassedFlow>> {
+    let Some(source) = &st.bypass else {
+        return Ok(Vec::new());
+    };
+    let mut entries = source.maps.entries()?;
+    entries.sort_unstable_by_key(|(_, e)| std::cmp::Reverse(e.bytes));
+    Ok(entries
+        .iter()
+        .map(|(key, e)| {
+            let flow = flow_of(key);
+            crate::api::BypassedFlow {
+                client: flow.client,
+                vip: flow.vip,
+                protocol: crate::config::Protocol::from_number(key.proto)
+                    .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
+                backend: backends
+                    .iter()
+                    .find(|(id, _)| *id == e.backend_id)
+                    .map(|(_, a)| *a),
+                bypassed: true,
+                client_to_backend: crate::collector::Leg {
+                    packets: e.packets,
+                    bytes: e.bytes,
+                },
+                client_to_lb_packets: u64::from(e.lb_packets),
+                idle_s: (e.last_ns != 0).then(|| now_ns.saturating_sub(e.last_ns) as f64 / 1e9),
+            }
+        })
+        .collect())
 }

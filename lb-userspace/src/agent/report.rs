@@ -122,6 +122,7 @@ pub(crate) async fn report(state: &Shared, q: &ReportQuery) -> Result<Report> {
         .iter()
         .map(|(k, s)| flow_record(k, s, backends.address(s.backend_id), now))
         .collect();
+    add_bypassed(&st, &backends, now, &mut report)?;
     let (sent, dropped) = bal.datapath().event_stats()?;
     report.events = EventStats {
         sent,
@@ -137,6 +138,22 @@ pub(crate) async fn report(state: &Shared, q: &ReportQuery) -> Result<Report> {
             .push("backend figures cover all VIPs a backend serves".into());
     }
     Ok(report)
+}
+
+/// A source intermediary's bypassed flows, with a note on what they count.
+fn add_bypassed(
+    st: &super::state::State,
+    backends: &BackendIds,
+    now: u64,
+    report: &mut Report,
+) -> Result<()> {
+    report.bypassed_flows = super::bypass::bypassed_flows(st, &backends.0, now)?;
+    if !report.bypassed_flows.is_empty() {
+        report.notes.push(
+            "bypassed flows: counted at this host's intermediary (client to backend straight, and the packets still sent toward the LB); the backend's answers go to the client directly".into(),
+        );
+    }
+    Ok(())
 }
 
 pub(crate) async fn flows(state: &Shared, q: &FlowQuery) -> Result<Response> {

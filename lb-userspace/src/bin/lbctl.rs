@@ -323,8 +323,8 @@ fn print_status(s: &Status) {
             b.entries, b.accepted, b.revoked, b.sent, b.send_errors
         );
         println!(
-            "  packets straight to backends {}, toward the LB {}; entries ended by the datapath {}, by the agent {}",
-            b.packets_direct, b.packets_to_lb, b.ended_by_datapath, b.ended_by_agent
+            "  packets straight to backends {}, toward the LB {} (refreshes of bypassed flows {}); entries ended by the datapath {}, by the agent {}",
+            b.packets_direct, b.packets_to_lb, b.packets_refreshed, b.ended_by_datapath, b.ended_by_agent
         );
         for (reason, n) in &b.refused {
             println!("  refused {reason:<16} {n:>10}");
@@ -527,6 +527,22 @@ fn print_report(r: &Report) {
         println!();
         println!("largest flows:");
         print_flows(&r.top_flows);
+    }
+    if !r.bypassed_flows.is_empty() {
+        println!();
+        println!("bypassed flows (sent straight to their backend by this host):");
+        for f in &r.bypassed_flows {
+            let backend = f.backend.map_or("?".to_string(), |b| b.to_string());
+            let idle = f.idle_s.map_or("-".to_string(), |s| format!("{s:.1} s"));
+            println!(
+                "  {} {} -> {} via {backend}: bypassed, straight {}, toward the LB {} packets, idle {idle}",
+                f.protocol,
+                f.client,
+                f.vip,
+                leg(&f.client_to_backend),
+                f.client_to_lb_packets
+            );
+        }
     }
     println!();
     println!(

@@ -36,6 +36,15 @@ impl BypassMaps {
         }
     }
 
+    /// Records the flow as sent toward the LB at `at_ns` (coarse monotonic
+    /// time): the datapath's next refresh of it is due `BYPASS_REFRESH_NS`
+    /// later. For tests and benchmarks, which time the direct path alone.
+    pub fn set_sent(&mut self, key: &FlowKey, at_ns: u64) -> Result<()> {
+        self.sent
+            .insert(key, at_ns, 0)
+            .context("writing BYPASS_SENT")
+    }
+
     /// Sends the flow straight to `backend_id` from its next packet on.
     pub fn set(&mut self, key: &FlowKey, backend_id: u32) -> Result<()> {
         let entry = BypassEntry {

@@ -24,8 +24,12 @@ use super::{loader, max_entries, MapSizes};
 /// Where every instance's directory is.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/lb-agent";
 
-/// Every map the programs and the agent share, pinned.
-pub const PINNED_MAPS: [&str; 15] = [
+/// Every map the programs and the agent share, pinned. The bypass maps
+/// that hold flows (entries, flows sent toward the LB, flows `lb_decap`
+/// counts) and the bypass counters are pinned too, so an intermediary whose
+/// agent restarts keeps sending its bypassed flows straight on; the client
+/// prefixes and policies are not: the agent writes them afresh.
+pub const PINNED_MAPS: [&str; 19] = [
     "SETTINGS",
     "VIPS",
     "MAGLEV",
@@ -41,6 +45,10 @@ pub const PINNED_MAPS: [&str; 15] = [
     "ICMP_TOO_BIG_TOKENS",
     "DECAP_ADDRS",
     "DECAP_OUTCOMES",
+    "BYPASS",
+    "BYPASS_SENT",
+    "BYPASS_STATS",
+    "BYPASS_SEEN",
 ];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -235,13 +243,15 @@ mod tests {
             size_of::<MaglevChunk>(),
             OUTCOME_COUNT as usize,
             DECAP_OUTCOME_COUNT as usize,
+            size_of::<BypassEntry>(),
+            BYPASS_STAT_COUNT as usize,
             super::PINNED_MAPS.len(),
         ];
         assert_eq!(
             (LAYOUT_VERSION, abi),
             (
                 3,
-                [20, 24, 40, 40, 56, 64, 20, 48, 16, 48, 16, 32, 15, 5, 15]
+                [20, 24, 40, 40, 56, 64, 20, 48, 16, 48, 16, 32, 15, 5, 32, 4, 19]
             ),
             "the map ABI changed: raise LAYOUT_VERSION and update this list"
         );

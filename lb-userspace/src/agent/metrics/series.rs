@@ -565,6 +565,7 @@ fn bypass_series(out: &mut Exposition, b: &crate::api::BypassStatus) {
         ("lb_bypass_entries", "Flows sent straight to their backend now.", b.entries),
         ("lb_bypass_packets_direct_total", "Packets the intermediary sent straight to a backend.", b.packets_direct),
         ("lb_bypass_packets_to_lb_total", "Packets of bypass VIPs the intermediary passed toward the LB.", b.packets_to_lb),
+        ("lb_bypass_packets_refreshed_total", "Packets of bypassed flows sent toward the LB so that its connection table keeps them.", b.packets_refreshed),
         ("lb_bypass_entries_ended_total", "Entries ended by the datapath (FIN/RST, unusable backend) and by the agent (backend left the VIP, idle).", b.ended_by_datapath + b.ended_by_agent),
         ("lb_bypass_instructions_sent_total", "Bypass instructions this backend host sent.", b.sent),
         ("lb_bypass_send_errors_total", "Bypass instructions this backend host could not send.", b.send_errors),
