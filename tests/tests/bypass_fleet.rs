@@ -382,7 +382,11 @@ fn bypass_through_the_fleet_store() {
     eprintln!(
         "LB node packets for a 1 MiB upload + 1 MiB download over IPv6 TCP with bypass: {v6}"
     );
-    assert!(v6 <= FEW, "{v6} LB packets of an IPv6 flow with bypass on");
+    assert!(
+        v6 <= FEW,
+        "{v6} LB packets of an IPv6 flow with bypass on; host: {}",
+        inner(&t)["bypass"]
+    );
 
     let before = lb_packets(&t, "b-udp");
     let answers = udp_exchange(&t, 200);
@@ -395,7 +399,11 @@ fn bypass_through_the_fleet_store() {
             .all(|a| a == &answers[0] && a.starts_with('b')),
         "{answers:?}"
     );
-    assert!(udp <= FEW, "{udp} LB packets of a UDP flow with bypass on");
+    assert!(
+        udp <= FEW,
+        "{udp} LB packets of a UDP flow with bypass on; host: {}",
+        inner(&t)["bypass"]
+    );
 
     rotation(&t, &f);
     invalid_records(&t, &f);

@@ -58,6 +58,8 @@ struct BypassView {
     keys_revision: Option<i64>,
     intermediaries: Vec<IntermediaryRecord>,
     senders: Vec<SenderStatus>,
+    /// Records that do not validate (the agents keep their last good state).
+    invalid: Vec<String>,
 }
 
 pub async fn run(file: Option<&Path>, action: BypassAction) -> Result<()> {
@@ -126,14 +128,21 @@ pub async fn run(file: Option<&Path>, action: BypassAction) -> Result<()> {
 
 async fn show(store: &mut lb_userspace::fleet::Store) -> Result<BypassView> {
     let parse = |what: &str, k: &str, text: &str| anyhow!("{what}{k}: not readable: {text}");
+    let mut invalid = Vec::new();
     let mut policies = Vec::new();
     for (k, v) in store.list(&store.keys.bypass_policies()).await? {
-        policies.push(PolicyRecord::from_json(&k, &v.text)?);
+        match PolicyRecord::from_json(&k, &v.text) {
+            Ok(p) => policies.push(p),
+            Err(e) => invalid.push(e.to_string()),
+        }
     }
     let keys = store.get(&store.keys.bypass_keys()).await?;
     let mut intermediaries = Vec::new();
     for (k, v) in store.list(&store.keys.bypass_intermediaries()).await? {
-        intermediaries.push(IntermediaryRecord::from_json(&k, &v.text)?);
+        match IntermediaryRecord::from_json(&k, &v.text) {
+            Ok(r) => intermediaries.push(r),
+            Err(e) => invalid.push(e.to_string()),
+        }
     }
     let mut senders = Vec::new();
     for (k, v) in store.list(&store.keys.bypass_senders()).await? {
@@ -151,6 +160,7 @@ async fn show(store: &mut lb_userspace::fleet::Store) -> Result<BypassView> {
         keys_revision: keys.map(|k| k.revision),
         intermediaries,
         senders,
+        invalid,
     })
 }
 
@@ -176,6 +186,9 @@ fn print_view(v: &BypassView) {
             prefixes.join(" "),
             i.address
         );
+    }
+    for e in &v.invalid {
+        println!("invalid {e}");
     }
     for s in &v.senders {
         let state = match &s.error {
