@@ -7,7 +7,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use crate::topology::{attach_pass_through, in_netns, must, Topology, LB_V4};
+use crate::topology::{attach_pass_through, in_netns, must, Topology, LB_V4, LB_V6};
 
 impl Topology {
     pub fn host_v4(&self, h: usize) -> String {
@@ -16,6 +16,14 @@ impl Topology {
 
     pub fn guest_v4(&self, h: usize, g: usize) -> String {
         format!("198.18.{}.2", 20 + 2 * h + g)
+    }
+
+    pub fn host_v6(&self, h: usize) -> String {
+        format!("fd00::{}", 21 + h)
+    }
+
+    pub fn guest_v6(&self, h: usize, g: usize) -> String {
+        format!("fd00:{}::2", 20 + 2 * h + g)
     }
 
     /// The control socket of host `h`'s source-side balancer.
@@ -44,8 +52,13 @@ impl Topology {
         ]);
         let addr = format!("{}/24", self.host_v4(h));
         must(&["ip", "-n", &host, "addr", "add", &addr, "dev", "eth0"]);
+        let addr6 = format!("{}/64", self.host_v6(h));
+        must(&[
+            "ip", "-n", &host, "addr", "add", &addr6, "dev", "eth0", "nodad",
+        ]);
         for s in [
             "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.default.rp_filter=0",
         ] {
@@ -61,6 +74,17 @@ impl Topology {
             "198.18.10.0/24",
             "via",
             LB_V4,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &host,
+            "-6",
+            "route",
+            "add",
+            "fd00:10::/64",
+            "via",
+            LB_V6,
         ]);
         // Frames the source-side balancer redirects to eth0 arrive only if
         // the peer runs XDP (see `Topology::build_with`).
@@ -96,6 +120,28 @@ impl Topology {
                 "dev",
                 "eth0",
             ]);
+            must(&[
+                "ip",
+                "-n",
+                &host,
+                "addr",
+                "add",
+                &format!("fd00:{net}::1/64"),
+                "dev",
+                &dev,
+                "nodad",
+            ]);
+            must(&[
+                "ip",
+                "-n",
+                &guest,
+                "addr",
+                "add",
+                &format!("fd00:{net}::2/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
             must(&["ip", "-n", &guest, "link", "set", "eth0", "up"]);
             // As on the LB's clients: checksums computed in software.
             must(&[
@@ -112,6 +158,17 @@ impl Topology {
                 "via",
                 &format!("198.18.{net}.1"),
             ]);
+            must(&[
+                "ip",
+                "-n",
+                &guest,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:{net}::1"),
+            ]);
             for i in 0..self.backends {
                 let b = self.ns(&format!("b{i}"));
                 must(&[
@@ -124,6 +181,17 @@ impl Topology {
                     "via",
                     &self.host_v4(h),
                 ]);
+                must(&[
+                    "ip",
+                    "-n",
+                    &b,
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("fd00:{net}::/64"),
+                    "via",
+                    &self.host_v6(h),
+                ]);
             }
         }
     }
@@ -131,13 +199,20 @@ impl Topology {
     /// Starts host `h`'s agent: the host role with `fleet` (a `[fleet]`
     /// section), its source-side balancer's socket and state in the test dir.
     pub fn start_host(&mut self, h: usize, fleet: &str) {
+        self.start_host_with(h, "", fleet);
+    }
+
+    /// Like `start_host`, with more lines (`host_lines`) in its `[host]`
+    /// section; the host encapsulates from its IPv6 address too.
+    pub fn start_host_with(&mut self, h: usize, host_lines: &str, fleet: &str) {
         let role = format!("h{h}");
         let socket = self.dir.join(format!("{role}.sock"));
         let config = format!(
-            "socket = \"{}\"\n[host]\nsocket = \"{}\"\nencap_source_v4 = \"{}/32\"\nstate_file = \"{}\"\n{fleet}",
+            "socket = \"{}\"\n[host]\nsocket = \"{}\"\nencap_source_v4 = \"{}/32\"\nencap_source_v6 = \"{}/128\"\nstate_file = \"{}\"\n{host_lines}\n{fleet}",
             socket.display(),
             self.host_balancer_socket(h).display(),
             self.host_v4(h),
+            self.host_v6(h),
             self.dir.join(format!("{role}-host.json")).display(),
         );
         self.spawn_agent(&role, &config, &[]);

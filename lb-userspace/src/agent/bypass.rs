@@ -119,14 +119,19 @@ pub(crate) fn load_source(ebpf: &mut Ebpf, pins: &Pins) -> Result<()> {
 }
 
 fn start_source(ebpf: &mut Ebpf, bp: &BypassConfig) -> Result<Source> {
-    let ring = read_keys(&bp.key_file)?;
+    // Validation made sure a source intermediary has its key file.
+    let key_file = bp
+        .key_file
+        .as_deref()
+        .context("bypass.key_file: a source intermediary needs it")?;
+    let ring = read_keys(key_file)?;
     info!(keys = ?ring, "bypass: source intermediary");
     Ok(Source {
         maps: BypassMaps::new(ebpf)?,
         intermediary: Intermediary::new(Verifier::new(ring, bp.window_ms, DEFAULT_MAX_NONCES)),
         idle: HashMap::new(),
         revoked_by_sweep: 0,
-        keys: KeyFile::new(&bp.key_file),
+        keys: KeyFile::new(key_file),
     })
 }
 
@@ -135,24 +140,25 @@ pub(crate) struct Parts {
     source: Option<Source>,
     socket: Option<UdpSocket>,
     sender: Option<super::bypass_send::Sender>,
+    follower: Option<super::bypass_fleet::Follower>,
 }
 
 /// Fills the bypass maps, reads the keys and binds the instruction socket.
 pub(crate) async fn start(ebpf: &mut Ebpf, config: &Config) -> Result<Parts> {
+    let (sender, follower) = match super::bypass_send::start(ebpf, config)? {
+        Some((sender, follower)) => (Some(sender), follower),
+        None => (None, None),
+    };
     let Some(bp) = &config.bypass else {
         return Ok(Parts {
             source: None,
             socket: None,
-            sender: None,
+            sender,
+            follower,
         });
     };
     let source = if is_source(config) {
         Some(start_source(ebpf, bp)?)
-    } else {
-        None
-    };
-    let sender = if config.decap.is_some() && !bp.intermediaries.is_empty() {
-        Some(super::bypass_send::start(ebpf, bp)?)
     } else {
         None
     };
@@ -165,6 +171,7 @@ pub(crate) async fn start(ebpf: &mut Ebpf, config: &Config) -> Result<Parts> {
         source,
         socket,
         sender,
+        follower,
     })
 }
 
@@ -182,6 +189,12 @@ pub(crate) async fn spawn(
     }
     if let Some(sender) = parts.sender {
         tasks.push(tokio::spawn(super::bypass_send::run(sender)));
+    }
+    if let (Some(follower), Some(fleet)) = (parts.follower, &config.fleet) {
+        tasks.push(tokio::spawn(super::bypass_fleet::follow(
+            follower,
+            fleet.clone(),
+        )));
     }
     if let (Some(socket), Some(bp)) = (parts.socket, &config.bypass) {
         tasks.push(tokio::spawn(receive(state.clone(), socket)));

@@ -2,7 +2,8 @@
 //! `lb_decap` reports flows of bypass VIPs from client prefixes that have an
 //! intermediary once they reach the VIP's `after_packets`; this loop seals
 //! the instruction "flow → this backend" and sends it straight to that
-//! intermediary (not through the LB).
+//! intermediary (not through the LB). In a fleet, `bypass_fleet` fills the
+//! maps and the keys from the store.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -26,7 +27,7 @@ use super::{bypass::read_keys, state::wall_ms};
 use crate::{
     balancer::vip_key,
     bypass::{Instruction, KeyRing, Kind, Sealer},
-    config::BypassConfig,
+    config::Config,
     datapath::DestMaps,
     limits::LogEvery,
 };
@@ -40,35 +41,65 @@ pub(crate) struct SendStats {
 
 pub(crate) struct Sender {
     ring: RingBuf<MapData>,
-    keys: KeyRing,
+    /// The ring in use; `None` until the store gives one (events are then
+    /// counted as send errors).
+    keys: SharedKeys,
     pub(crate) stats: Arc<SendStats>,
-    key_file: super::bypass::KeyFile,
-    _maps: DestMaps,
+    key_file: Option<super::bypass::KeyFile>,
 }
 
-/// Fills the destination maps from `[bypass]`.
-pub(crate) fn start(ebpf: &mut Ebpf, bp: &BypassConfig) -> Result<Sender> {
-    let keys = read_keys(&bp.key_file)?;
-    let (mut maps, ring) = DestMaps::new(ebpf)?;
-    for (prefix, at) in &bp.intermediaries {
-        maps.add_client_prefix(*prefix, *at)?;
+pub(crate) type SharedKeys = Arc<std::sync::Mutex<Option<KeyRing>>>;
+
+/// A backend host's part in bypass, if it has one: with `[decap]`, from its
+/// file's `[bypass] intermediaries` and `vips`, or, with `[fleet]`, from the
+/// store (the `Follower` fills the maps and, without a key file, the keys).
+pub(crate) fn start(
+    ebpf: &mut Ebpf,
+    config: &Config,
+) -> Result<Option<(Sender, Option<super::bypass_fleet::Follower>)>> {
+    let bp = config.bypass.as_ref();
+    let from_file = bp.is_some_and(|b| !b.intermediaries.is_empty());
+    if config.decap.is_none() || !(from_file || config.fleet.is_some()) {
+        return Ok(None);
     }
-    for (address, port, protocol, after) in &bp.vips {
-        maps.add_policy(&vip_key(*address, *port, *protocol), *after)?;
+    let key_file = bp.and_then(|b| b.key_file.as_deref());
+    let keys = key_file.map(read_keys).transpose()?;
+    let (mut maps, ring) = DestMaps::new(ebpf)?;
+    if let Some(bp) = bp {
+        for (prefix, at) in &bp.intermediaries {
+            maps.add_client_prefix(*prefix, *at)?;
+        }
+        for (address, port, protocol, after) in &bp.vips {
+            maps.add_policy(&vip_key(*address, *port, *protocol), *after)?;
+        }
     }
     info!(
-        intermediaries = bp.intermediaries.len(),
-        vips = bp.vips.len(),
+        intermediaries = bp.map_or(0, |b| b.intermediaries.len()),
+        vips = bp.map_or(0, |b| b.vips.len()),
         keys = ?keys,
+        fleet = config.fleet.is_some(),
         "bypass: sending instructions for this backend"
     );
-    Ok(Sender {
-        ring,
-        keys,
-        stats: Arc::new(SendStats::default()),
-        key_file: super::bypass::KeyFile::new(&bp.key_file),
-        _maps: maps,
-    })
+    let keys: SharedKeys = Arc::new(std::sync::Mutex::new(keys));
+    let follower = config
+        .fleet
+        .as_ref()
+        .map(|f| super::bypass_fleet::Follower {
+            maps,
+            keys: keys.clone(),
+            keys_from_store: key_file.is_none(),
+            node: f.node.clone(),
+            status: Default::default(),
+        });
+    Ok(Some((
+        Sender {
+            ring,
+            keys,
+            stats: Arc::new(SendStats::default()),
+            key_file: key_file.map(super::bypass::KeyFile::new),
+        },
+        follower,
+    )))
 }
 
 fn instruction(e: &BypassEvent) -> (Instruction, SocketAddr) {
@@ -95,10 +126,9 @@ fn instruction(e: &BypassEvent) -> (Instruction, SocketAddr) {
 pub(crate) async fn run(sender: Sender) {
     let Sender {
         ring,
-        mut keys,
+        keys,
         stats,
         mut key_file,
-        ..
     } = sender;
     let socket4 = UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).await;
     let socket6 = UdpSocket::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)).await;
@@ -130,13 +160,30 @@ pub(crate) async fn run(sender: Sender) {
             }
         }
         guard.clear_ready();
-        if let Some(ring) = key_file.changed() {
-            keys = ring;
+        if let Some(ring) = key_file.as_mut().and_then(|k| k.changed()) {
+            *keys.lock().unwrap_or_else(|p| p.into_inner()) = Some(ring);
         }
-        let sealer = Sealer::new(&keys);
-        for e in batch {
-            let (i, to) = instruction(&e);
-            let datagram = sealer.seal(i, wall_ms());
+        let sealed: Vec<_> = {
+            let keys = keys.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(ring) = keys.as_ref() else {
+                stats
+                    .errors
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                if log.ready().is_some() {
+                    warn!("bypass: no keys in the store (lbctl bypass keys set): instructions not sent");
+                }
+                continue;
+            };
+            let sealer = Sealer::new(ring);
+            batch
+                .iter()
+                .map(|e| {
+                    let (i, to) = instruction(e);
+                    (sealer.seal(i, wall_ms()), to)
+                })
+                .collect()
+        };
+        for (datagram, to) in sealed {
             let socket = if to.is_ipv4() { &socket4 } else { &socket6 };
             let result = match socket {
                 Ok(s) => s.send_to(&datagram, to).await.map(|_| ()),

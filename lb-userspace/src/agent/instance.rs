@@ -92,6 +92,7 @@ async fn own_link(
     interface: &str,
 ) -> Result<Option<FdLink>> {
     let pin = pins.link(program, interface);
+    adopt_sibling_link(pins, program, interface)?;
     let attached = resolver.xdp_program(interface).await?.map(|(id, _)| id);
     let pinned = match PinnedLink::from_pin(&pin) {
         Ok(p) => Some(FdLink::from(p)),
@@ -114,6 +115,30 @@ async fn own_link(
         }
         (None, None) => Ok(None),
     }
+}
+
+/// `lb_ingress` and `lb_source` take each other's place on an interface
+/// when bypass is turned on or off: the link the other one pinned becomes
+/// this program's, so the swap happens inside the kept link (one atomic
+/// replacement, no moment without a program, flows kept).
+fn adopt_sibling_link(pins: &Pins, program: &str, interface: &str) -> Result<()> {
+    let sibling = match program {
+        "lb_ingress" => "lb_source",
+        "lb_source" => "lb_ingress",
+        _ => return Ok(()),
+    };
+    let (pin, other) = (pins.link(program, interface), pins.link(sibling, interface));
+    if !pin.exists() && other.exists() {
+        std::fs::rename(&other, &pin)
+            .with_context(|| format!("renaming {} to {}", other.display(), pin.display()))?;
+        info!(
+            interface,
+            from = sibling,
+            to = program,
+            "the pinned link is kept: the program is swapped inside it"
+        );
+    }
+    Ok(())
 }
 
 /// Refuses, before anything is loaded or written, interfaces that carry an

@@ -17,6 +17,7 @@
 
 mod announce;
 mod bypass;
+mod bypass_fleet;
 mod bypass_send;
 mod control;
 mod dashboard;

@@ -1,5 +1,7 @@
 //! `lbctl`: the operator's CLI against a running `lb-agent`, and against a
-//! fleet's etcd store (`lbctl fleet`, `lbctl service`).
+//! fleet's etcd store (`lbctl fleet`, `lbctl service`, `lbctl bypass`).
+#[path = "lbctl/bypass.rs"]
+mod bypass;
 #[path = "lbctl/fleet.rs"]
 mod fleet;
 #[path = "lbctl/install.rs"]
@@ -131,6 +133,12 @@ enum Command {
     Service {
         #[command(subcommand)]
         action: fleet::ServiceAction,
+    },
+    /// Bypass in the fleet store: per-service policies, the key ring,
+    /// registered intermediaries.
+    Bypass {
+        #[command(subcommand)]
+        action: bypass::BypassAction,
     },
     /// Balance FROM's calls to TO's VIPs on the hosts of FROM's instances
     /// (source-side balancing; the fleet store carries the instruction).
@@ -671,6 +679,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Node { action } => node::run_node(socket, action).await,
         Command::Fleet { action } => fleet::run_fleet(cli.fleet.as_deref(), action).await,
         Command::Service { action } => fleet::run_service(cli.fleet.as_deref(), action).await,
+        Command::Bypass { action } => bypass::run(cli.fleet.as_deref(), action).await,
         Command::Install { from, to } => install::install(cli.fleet.as_deref(), from, to).await,
         Command::Uninstall { from, to } => install::uninstall(cli.fleet.as_deref(), from, to).await,
         Command::Installs { json } => install::show(cli.fleet.as_deref(), json).await,

@@ -139,6 +139,37 @@ mod tests {
         assert_eq!(bp.vips[0].3, 1);
     }
 
+    const FLEET: &str = "[fleet]\nendpoints = [\"127.0.0.1:2379\"]\nca = \"/c\"\ncert = \"/d\"\nkey = \"/e\"\nnode = \"b0\"\n";
+
+    #[test]
+    fn in_a_fleet_the_store_gives_prefixes_policies_and_keys() {
+        // A backend host in a fleet needs no [bypass] section at all; with
+        // one, the key file is optional and the lists come from the store.
+        let c = parse(&format!("{DECAP}{FLEET}")).unwrap();
+        assert!(c.bypass.is_none());
+        let c = parse(&format!("{DECAP}{FLEET}[bypass]\nwindow_ms = 2000\n")).unwrap();
+        assert_eq!(c.bypass.unwrap().key_file, None);
+        let cases = [
+            (
+                format!("{DECAP}{FLEET}[bypass]\nintermediaries = [{{ prefix = \"198.18.20.0/22\", address = \"198.18.0.21:7470\" }}]\n"),
+                "bypass.intermediaries",
+            ),
+            (
+                format!("{DECAP}{FLEET}[bypass]\nvips = [{{ address = \"198.18.10.1\", port = 80, protocol = \"tcp\" }}]\n"),
+                "bypass.vips",
+            ),
+            (format!("{DECAP}[bypass]\nwindow_ms = 2000\n"), "bypass.key_file"),
+            (
+                format!("{SOURCE}{FLEET}[bypass]\nlisten = \"198.18.0.21:7470\"\n{VIP}"),
+                "bypass.key_file",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = parse(&text).expect_err(&text);
+            assert_eq!(e.field, field, "{text}: {e}");
+        }
+    }
+
     #[test]
     fn bad_sections_name_the_field() {
         let key = "key_file = \"/etc/k.toml\"\n";
@@ -193,7 +224,7 @@ mod tests {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBypassSection {
-    pub key_file: String,
+    pub key_file: Option<String>,
     pub listen: Option<String>,
     pub window_ms: Option<i64>,
     pub idle_timeout_s: Option<i64>,
@@ -221,7 +252,8 @@ pub struct RawBypassVip {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BypassConfig {
-    pub key_file: std::path::PathBuf,
+    /// `None` in a fleet: the keys come from the store (`PREFIX/bypass/keys`).
+    pub key_file: Option<std::path::PathBuf>,
     pub listen: Option<std::net::SocketAddr>,
     pub window_ms: u64,
     /// A bypassed flow without packets for this long loses its entry.
@@ -248,6 +280,12 @@ pub fn check_roles(
         }
         return Ok(());
     };
+    if bypass_source && bp.key_file.is_none() {
+        return err(
+            "bypass.key_file",
+            "a source intermediary configured in its file needs a key file",
+        );
+    }
     if bp.listen.is_some() != bypass_source {
         return err(
             "bypass.listen",
@@ -263,12 +301,33 @@ pub fn check_roles(
     Ok(())
 }
 
-pub fn validate_bypass_section(raw: RawBypassSection) -> Result<BypassConfig, ConfigError> {
-    let key_file = std::path::PathBuf::from(&raw.key_file);
-    if !key_file.is_absolute() {
+/// `fleet`: the agent has `[fleet]`, where the client prefixes, the
+/// policies and (without `key_file`) the keys come from.
+pub fn validate_bypass_section(
+    raw: RawBypassSection,
+    fleet: bool,
+) -> Result<BypassConfig, ConfigError> {
+    let key_file = match &raw.key_file {
+        Some(k) if std::path::Path::new(k).is_absolute() => Some(std::path::PathBuf::from(k)),
+        Some(k) => return err("bypass.key_file", format!("{k:?} is not an absolute path")),
+        None if fleet => None,
+        None => {
+            return err(
+                "bypass.key_file",
+                "missing: the keys come from a key file (or, with [fleet], from the store)",
+            )
+        }
+    };
+    if fleet && !raw.intermediaries.is_empty() {
         return err(
-            "bypass.key_file",
-            format!("{:?} is not an absolute path", raw.key_file),
+            "bypass.intermediaries",
+            "with [fleet] the intermediaries come from the store (the host agents register them)",
+        );
+    }
+    if fleet && !raw.vips.is_empty() {
+        return err(
+            "bypass.vips",
+            "with [fleet] the bypass policies come from the store (lbctl bypass set)",
         );
     }
     let listen = match raw.listen {

@@ -7,7 +7,7 @@
 
 use std::{net::IpAddr, path::PathBuf};
 
-use super::{err, Config, ConfigError, FleetConfig, Protocol, RawHost};
+use super::{err, BypassPolicy, Config, ConfigError, FleetConfig, Protocol, RawHost};
 
 /// How this host's source-side balancer is set up; what it balances comes
 /// from the store.
@@ -25,6 +25,9 @@ pub struct HostConfig {
     pub flow_table_size: u32,
     /// The source-side balancer's lifecycle state file.
     pub state_file: PathBuf,
+    /// Where bypass instructions for this host's guests arrive; without it
+    /// the host is no bypass intermediary.
+    pub bypass_listen: Option<std::net::SocketAddr>,
 }
 
 /// One VIP of the target service, with the instances to balance over.
@@ -36,6 +39,8 @@ pub struct HostVip {
     pub protocol: Protocol,
     /// (address, weight)
     pub backends: Vec<(IpAddr, u32)>,
+    /// The service's bypass policy for this VIP, from the store.
+    pub bypass: Option<BypassPolicy>,
 }
 
 /// The instance name of the source-side balancer of agent `instance`.
@@ -44,10 +49,30 @@ pub fn host_instance(instance: &str) -> String {
 }
 
 impl HostConfig {
-    /// The source-side balancer's configuration file, as TOML text.
-    pub fn render(&self, instance: &str, interfaces: &[String], vips: &[HostVip]) -> String {
+    /// The key file the host writes for its source intermediary (the ring
+    /// of the store, readable by root only).
+    pub fn bypass_key_file(&self) -> PathBuf {
+        self.state_file.with_extension("bypass-keys.toml")
+    }
+
+    /// The source-side balancer's configuration file, as TOML text. With
+    /// `bypass` (the keys are there), VIPs with a policy make it a source
+    /// intermediary: `lb_source` on the interfaces, instructions received
+    /// on `bypass_listen`.
+    pub fn render(
+        &self,
+        instance: &str,
+        interfaces: &[String],
+        vips: &[HostVip],
+        bypass: bool,
+    ) -> String {
         use toml::{Table, Value};
+        let bypass =
+            bypass && self.bypass_listen.is_some() && vips.iter().any(|v| v.bypass.is_some());
         let mut dp = Table::new();
+        if bypass {
+            dp.insert("bypass_source".into(), Value::from(true));
+        }
         dp.insert("interfaces".into(), Value::from(interfaces.to_vec()));
         dp.insert("xdp_mode".into(), Value::from(self.xdp_mode.clone()));
         dp.insert(
@@ -88,6 +113,20 @@ impl HostConfig {
                     })
                     .collect();
                 t.insert("backends".into(), Value::from(backends));
+                if let (true, Some(p)) = (bypass, &v.bypass) {
+                    let mut b = Table::new();
+                    b.insert(
+                        "after_packets".into(),
+                        Value::from(i64::from(p.after_packets)),
+                    );
+                    let names: Vec<Value> = p
+                        .protocols
+                        .iter()
+                        .map(|x| Value::from(x.to_string()))
+                        .collect();
+                    b.insert("protocols".into(), Value::from(names));
+                    t.insert("bypass".into(), Value::from(b));
+                }
                 Value::from(t)
             })
             .collect();
@@ -106,6 +145,15 @@ impl HostConfig {
         root.insert("encap".into(), Value::from(encap));
         root.insert("vips".into(), Value::from(vips));
         root.insert("lifecycle".into(), Value::from(lifecycle));
+        if let (true, Some(listen)) = (bypass, self.bypass_listen) {
+            let mut b = Table::new();
+            b.insert(
+                "key_file".into(),
+                Value::from(self.bypass_key_file().display().to_string()),
+            );
+            b.insert("listen".into(), Value::from(listen.to_string()));
+            root.insert("bypass".into(), Value::from(b));
+        }
         toml::to_string(&root).unwrap_or_default()
     }
 
@@ -115,8 +163,9 @@ impl HostConfig {
         instance: &str,
         interfaces: &[String],
         vips: &[HostVip],
+        bypass: bool,
     ) -> Result<(Config, String), ConfigError> {
-        let text = self.render(instance, interfaces, vips);
+        let text = self.render(instance, interfaces, vips, bypass);
         Ok((Config::from_toml(&text)?, text))
     }
 }
@@ -131,6 +180,7 @@ fn host_field(field: &str) -> String {
         "encap.source_v6" => "encap_source_v6",
         "lifecycle.state_file" => "state_file",
         "socket" => "socket",
+        "bypass.listen" => "bypass_listen",
         other => other,
     };
     format!("host.{name}")
@@ -180,6 +230,18 @@ pub(super) fn validate_host(
                 host_instance(instance)
             )
         })),
+        bypass_listen: match h.bypass_listen {
+            Some(l) => match l.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => Some(a),
+                _ => {
+                    return err(
+                        "host.bypass_listen",
+                        format!("{l:?} is not an address:port the backends' hosts can reach"),
+                    )
+                }
+            },
+            None => None,
+        },
     };
     if host.source_v4.is_none() && host.source_v6.is_none() {
         return err(
@@ -189,7 +251,7 @@ pub(super) fn validate_host(
     }
     // Every setting is checked by rendering a balancer on a placeholder
     // interface and validating it as a file.
-    host.config(instance, &["lo".to_string()], &[])
+    host.config(instance, &["lo".to_string()], &[], false)
         .map_err(|e| ConfigError {
             field: host_field(&e.field),
             message: e.message,
@@ -246,13 +308,51 @@ mod tests {
             port: 80,
             protocol: Protocol::Tcp,
             backends: vec![("198.18.0.11".parse().unwrap(), 100)],
+            bypass: None,
         }];
         let h = c.host.unwrap();
-        let (inner, _) = h.config("h", &["g0".into(), "g1".into()], &vips).unwrap();
+        let (inner, _) = h
+            .config("h", &["g0".into(), "g1".into()], &vips, false)
+            .unwrap();
         assert_eq!(inner.instance, "h-host");
         let b = inner.balancer.unwrap();
         assert_eq!(b.datapath.interfaces, ["g0", "g1"]);
         assert_eq!(b.vips[0].backends[0].weight, 100);
         assert!(inner.fleet.is_none() && inner.host.is_none());
+        assert!(!b.datapath.bypass_source && inner.bypass.is_none());
+    }
+
+    #[test]
+    fn a_vip_with_bypass_makes_the_balancer_a_source_intermediary() {
+        let c = host("encap_source_v4 = \"198.18.0.21/32\"\nbypass_listen = \"198.18.0.21:7470\"")
+            .unwrap();
+        let h = c.host.unwrap();
+        let mut vips = vec![HostVip {
+            name: "b".into(),
+            address: "198.18.10.1".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            backends: vec![("198.18.0.11".parse().unwrap(), 100)],
+            bypass: None,
+        }];
+        // No policy, or no keys: lb_ingress as before.
+        let (inner, _) = h.config("h", &["g0".into()], &vips, true).unwrap();
+        assert!(!inner.balancer.unwrap().datapath.bypass_source);
+        vips[0].bypass = Some(BypassPolicy {
+            after_packets: 2,
+            protocols: vec![Protocol::Tcp],
+        });
+        let (inner, _) = h.config("h", &["g0".into()], &vips, false).unwrap();
+        assert!(!inner.balancer.unwrap().datapath.bypass_source);
+        let (inner, _) = h.config("h", &["g0".into()], &vips, true).unwrap();
+        let bp = inner.bypass.unwrap();
+        assert_eq!(bp.listen, h.bypass_listen);
+        assert_eq!(bp.key_file, Some(h.bypass_key_file()));
+        let b = inner.balancer.unwrap();
+        assert!(b.datapath.bypass_source);
+        assert_eq!(b.vips[0].bypass.as_ref().unwrap().after_packets, 2);
+        let e = host("encap_source_v4 = \"198.18.0.21/32\"\nbypass_listen = \"0.0.0.0:7470\"")
+            .unwrap_err();
+        assert_eq!(e.field, "host.bypass_listen");
     }
 }

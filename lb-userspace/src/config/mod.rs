@@ -19,7 +19,8 @@ mod validate;
 
 pub use announce::AnnounceConfig;
 pub use bypass::{
-    BypassConfig, BypassPolicy, RawBypass, DEFAULT_WINDOW_MS as DEFAULT_BYPASS_WINDOW_MS,
+    validate_bypass, BypassConfig, BypassPolicy, RawBypass,
+    DEFAULT_WINDOW_MS as DEFAULT_BYPASS_WINDOW_MS, MAX_AFTER_PACKETS as MAX_BYPASS_AFTER_PACKETS,
 };
 pub use fleet::{check_name, FleetConfig, DEFAULT_FLEET_PREFIX};
 pub use host::{host_instance, HostConfig, HostVip};

@@ -43,6 +43,7 @@ pub struct RawHost {
     pub maglev_table_size: Option<i64>,
     pub flow_table_size: Option<i64>,
     pub state_file: Option<String>,
+    pub bypass_listen: Option<String>,
 }
 
 /// `[fleet]`: the etcd store this agent registers with (and, for a

@@ -123,7 +123,7 @@ impl RawConfig {
             .transpose()?;
         let bypass = self
             .bypass
-            .map(super::bypass::validate_bypass_section)
+            .map(|b| super::bypass::validate_bypass_section(b, fleet.is_some()))
             .transpose()?;
         super::bypass::check_roles(
             bypass.as_ref(),

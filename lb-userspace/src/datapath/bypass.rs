@@ -110,10 +110,7 @@ impl DestMaps {
         prefix: ipnet::IpNet,
         intermediary: std::net::SocketAddr,
     ) -> Result<()> {
-        let (data, len) = match prefix {
-            ipnet::IpNet::V4(p) => (p.addr().to_ipv6_mapped().octets(), 96 + p.prefix_len()),
-            ipnet::IpNet::V6(p) => (p.addr().octets(), p.prefix_len()),
-        };
+        let (len, data) = prefix_key(prefix);
         let (addr, family) = lb_common::addr_bytes(intermediary.ip());
         let value = lb_common::BypassIntermediary {
             addr,
@@ -122,7 +119,7 @@ impl DestMaps {
             _pad: 0,
         };
         self.clients
-            .insert(&aya::maps::lpm_trie::Key::new(len.into(), data), value, 0)
+            .insert(&aya::maps::lpm_trie::Key::new(len, data), value, 0)
             .context("writing BYPASS_CLIENTS")
     }
 
@@ -130,5 +127,59 @@ impl DestMaps {
         self.policy
             .insert(vip, after_packets, 0)
             .context("writing BYPASS_POLICY")
+    }
+}
+
+impl DestMaps {
+    /// Makes the maps hold exactly these client prefixes and policies: new
+    /// entries are written first, then those no longer wanted removed, so a
+    /// prefix or VIP in both states never goes missing.
+    pub fn replace(
+        &mut self,
+        intermediaries: &[(ipnet::IpNet, std::net::SocketAddr)],
+        vips: &[(lb_common::VipKey, u32)],
+    ) -> Result<()> {
+        for (prefix, at) in intermediaries {
+            self.add_client_prefix(*prefix, *at)?;
+        }
+        for (vip, after) in vips {
+            self.add_policy(vip, *after)?;
+        }
+        let wanted: Vec<(u32, [u8; 16])> =
+            intermediaries.iter().map(|(p, _)| prefix_key(*p)).collect();
+        let stale: Vec<_> = self
+            .clients
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for k in stale {
+            self.clients
+                .remove(&k)
+                .context("removing from BYPASS_CLIENTS")?;
+        }
+        let stale: Vec<_> = self
+            .policy
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !vips.iter().any(|(v, _)| v == k))
+            .collect();
+        for k in stale {
+            self.policy
+                .remove(&k)
+                .context("removing from BYPASS_POLICY")?;
+        }
+        Ok(())
+    }
+}
+
+/// The LPM key of a client prefix: IPv4 as IPv4-mapped IPv6.
+fn prefix_key(prefix: ipnet::IpNet) -> (u32, [u8; 16]) {
+    match prefix {
+        ipnet::IpNet::V4(p) => (
+            u32::from(96 + p.prefix_len()),
+            p.addr().to_ipv6_mapped().octets(),
+        ),
+        ipnet::IpNet::V6(p) => (u32::from(p.prefix_len()), p.addr().octets()),
     }
 }

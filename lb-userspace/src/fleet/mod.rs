@@ -13,11 +13,15 @@
 //! | `PREFIX/installs/FROM/TO` | [`Install`] (JSON) | none |
 //! | `PREFIX/health/NODE` | [`HealthRecord`] (JSON): a checker's verdicts | the checker's |
 //! | `PREFIX/hosts/NODE` | [`HostStatus`] (JSON): what a host applied | the host's |
+//! | `PREFIX/bypass/...` | bypass policies, keys, intermediaries (see `bypass`) | |
 //!
 //! - `service`: the service registry's records and their validation.
+//! - `bypass`: bypass policies, keys and intermediaries, and what a
+//!   backend host works out from them.
 //! - `install`: installs, published health, host status, and the plan a
 //!   host works out from them.
 
+pub mod bypass;
 mod install;
 mod service;
 
@@ -133,6 +137,27 @@ impl Keys {
     }
     pub fn host(&self, node: &str) -> String {
         format!("{}{node}", self.hosts())
+    }
+    pub fn bypass_policies(&self) -> String {
+        format!("{}/bypass/policies/", self.prefix)
+    }
+    pub fn bypass_policy(&self, service: &str) -> String {
+        format!("{}{service}", self.bypass_policies())
+    }
+    pub fn bypass_keys(&self) -> String {
+        format!("{}/bypass/keys", self.prefix)
+    }
+    pub fn bypass_intermediaries(&self) -> String {
+        format!("{}/bypass/intermediaries/", self.prefix)
+    }
+    pub fn bypass_intermediary(&self, node: &str) -> String {
+        format!("{}{node}", self.bypass_intermediaries())
+    }
+    pub fn bypass_senders(&self) -> String {
+        format!("{}/bypass/senders/", self.prefix)
+    }
+    pub fn bypass_sender(&self, node: &str) -> String {
+        format!("{}{node}", self.bypass_senders())
     }
     /// Every key of the fleet (a watch on it sees every change).
     pub fn all(&self) -> String {
@@ -296,6 +321,12 @@ impl Store {
     /// Ends lease `id`: the keys written under it go at once.
     pub async fn revoke(&mut self, id: i64) -> Result<()> {
         timed("lease revoke", self.client.lease_revoke(id)).await?;
+        Ok(())
+    }
+
+    /// Deletes `key` (no error if it does not exist).
+    pub async fn delete(&mut self, key: &str) -> Result<()> {
+        timed("delete", self.client.delete(key, None)).await?;
         Ok(())
     }
 

@@ -9,7 +9,10 @@
 //! balancer forwards with its last state.
 //!
 //! - `inner`: starting, updating and stopping the source-side balancer.
+//! - `bypass`: the host as bypass source intermediary (policies and keys
+//!   from the store, its registration).
 
+mod bypass;
 mod inner;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -70,6 +73,7 @@ impl HostRole {
             resolver,
             inner: None,
             status: HostStatus::default(),
+            intermediary: None,
         };
         let task = tokio::spawn(run(role, stop.clone()));
         HostRole { stop, task }
@@ -94,6 +98,8 @@ struct Host {
     resolver: Arc<Resolver>,
     inner: Option<Inner>,
     status: HostStatus,
+    /// The intermediary record this host registers (bypass on), if any.
+    intermediary: Option<crate::fleet::bypass::IntermediaryRecord>,
 }
 
 /// Where the configuration of the balancer in force is kept, so that an
@@ -104,9 +110,10 @@ fn cache_path(host: &HostConfig) -> PathBuf {
 
 /// Removes what the host role leaves behind (`lb-agent --cleanup`).
 pub(super) fn cleanup(instance: &str, host: &HostConfig) -> Result<()> {
-    let config = host.config(instance, &["lo".to_string()], &[])?.0;
+    let config = host.config(instance, &["lo".to_string()], &[], false)?.0;
     inner::remove(&config)?;
     let _ = std::fs::remove_file(cache_path(host));
+    let _ = std::fs::remove_file(host.bypass_key_file());
     Ok(())
 }
 
@@ -144,9 +151,15 @@ async fn run(mut role: Host, stop: Arc<Notify>) {
 
 /// What a store event means to a host.
 fn concerns(keys: &fleet::Keys, key: &str) -> bool {
-    [keys.installs(), keys.services(), keys.healths()]
-        .iter()
-        .any(|p| key.starts_with(p.as_str()))
+    [
+        keys.installs(),
+        keys.services(),
+        keys.healths(),
+        keys.bypass_policies(),
+        keys.bypass_keys(),
+    ]
+    .iter()
+    .any(|p| key.starts_with(p.as_str()))
 }
 
 impl Host {
@@ -229,16 +242,31 @@ impl Host {
                 .collect()
         };
         let (installs, services, health) = (part("installs/"), part("services/"), part("health/"));
+        let policies = part("bypass/policies/");
+        let keys: Vec<(String, Versioned)> = all
+            .iter()
+            .filter(|(k, _)| k == "bypass/keys")
+            .cloned()
+            .collect();
         // The generation: the newest record a host follows, so that it moves
         // only when what it follows does.
-        let generation = [&installs, &services, &health]
+        let generation = [&installs, &services, &health, &policies, &keys]
             .iter()
             .flat_map(|p| p.iter().map(|(_, v)| v.revision))
             .max()
             .unwrap_or(0);
-        let plan = fleet::plan(&self.fleet.node, &installs, &services, &health);
+        let plan =
+            fleet::plan(&self.fleet.node, &installs, &services, &health).and_then(|mut plan| {
+                if let Some(p) = plan.as_mut() {
+                    fleet::bypass::set_host_policies(&mut p.vips, &services, &policies)?;
+                }
+                Ok(plan)
+            });
         let outcome = match plan {
-            Ok(plan) => self.follow(plan).await,
+            Ok(plan) => {
+                let keys = keys.first().map(|(_, v)| v.text.as_str());
+                self.follow(plan, keys).await
+            }
             Err(e) => Err(e.into()),
         };
         match outcome {
@@ -263,9 +291,11 @@ impl Host {
         Ok(revision)
     }
 
-    /// Runs, updates or stops the balancer for `plan`.
-    async fn follow(&mut self, plan: Option<HostPlan>) -> Result<()> {
+    /// Runs, updates or stops the balancer for `plan`; `keys`: the store's
+    /// bypass key ring.
+    async fn follow(&mut self, plan: Option<HostPlan>, keys: Option<&str>) -> Result<()> {
         let Some(plan) = plan else {
+            self.set_intermediary(None);
             if let Some(inner) = self.inner.take() {
                 inner.stop(true).await?;
                 info!("no install concerns this host: source-side balancer removed");
@@ -289,11 +319,13 @@ impl Host {
         }
         interfaces.sort();
         interfaces.dedup();
+        let with_bypass = self.bypass_keys(&plan, keys)?;
         let (config, text) = self
             .host
-            .config(&self.instance, &interfaces, &plan.vips)
+            .config(&self.instance, &interfaces, &plan.vips, with_bypass)
             .map_err(|e: ConfigError| anyhow!("the source-side balancer's configuration: {e}"))?;
         self.run_balancer(config, text).await?;
+        self.set_intermediary(with_bypass.then_some(&plan));
         let kept = cache_path(&self.host);
         if let Some(dir) = kept.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -342,6 +374,7 @@ impl Host {
     async fn report(&mut self, store: &mut Store, lease: i64) -> Result<()> {
         self.status.node = self.fleet.node.clone();
         self.status.updated_ms = wall_ms();
+        self.register(store, lease).await?;
         let key = store.keys.host(&self.fleet.node);
         store
             .put(&key, &serde_json::to_string(&self.status)?, Some(lease))

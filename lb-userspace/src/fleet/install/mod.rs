@@ -150,6 +150,10 @@ pub struct HostStatus {
     pub interfaces: Vec<String>,
     /// The instances balanced over (`address weight`), each once, sorted.
     pub backends: Vec<String>,
+    /// The source intermediary, if this host is one: the intermediary
+    /// record it registered (prefixes, address) and the key ids.
+    #[serde(default)]
+    pub bypass: Option<String>,
     /// Why the newest state was not applied (the revision read, the error).
     pub error: Option<StatusError>,
     pub updated_ms: u64,
@@ -273,6 +277,7 @@ fn add_target(
             port: v.port,
             protocol: v.protocol,
             backends: up.clone(),
+            bypass: None,
         };
         match plan
             .vips

@@ -232,9 +232,10 @@ fn packet_cost(report: &mut Report) {
         backends: (0..3)
             .map(|i| (IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11 + i)), 100))
             .collect(),
+        bypass: None,
     }];
     let (config, _) = host
-        .config("bench", &["lo".into()], &vips)
+        .config("bench", &["lo".into()], &vips, false)
         .expect("rendered");
     let b = config.balancer.expect("a balancer");
     let sizes = MapSizes {
