@@ -26,6 +26,7 @@ use lb_userspace::{datapath::MapSizes, maglev};
 use serde_json::{json, Value};
 
 mod bypass;
+mod dlog;
 mod srcside;
 
 const ROUNDS: usize = 5;
@@ -1246,6 +1247,7 @@ fn main() {
     let sections: [Section; 8] = [
         ("datapath", |r| {
             datapath_cost(r);
+            dlog::run(r);
         }),
         ("conntrack", connection_table),
         ("maglev", |r| {
