@@ -100,20 +100,33 @@ impl log::Log for Forwarder {
             warn!(target: "lb_datapath", record = message, "datapath log record of an unknown shape");
             return;
         };
-        info!(
-            target: "lb_datapath",
-            program = r.program,
-            outcome = r.outcome,
-            action = r.action,
-            proto = r.proto,
-            src = r.src,
-            dst = r.dst,
-            ether_type = r.ether_type,
-            "{} {}: {}",
-            r.program,
-            r.action,
-            r.outcome
-        );
+        if r.ether_type.is_empty() {
+            info!(
+                target: "lb_datapath",
+                program = r.program,
+                outcome = r.outcome,
+                action = r.action,
+                proto = r.proto,
+                src = r.src,
+                dst = r.dst,
+                "{} {}: {}",
+                r.program,
+                r.action,
+                r.outcome
+            );
+        } else {
+            info!(
+                target: "lb_datapath",
+                program = r.program,
+                outcome = r.outcome,
+                action = r.action,
+                ether_type = r.ether_type,
+                "{} {}: {}",
+                r.program,
+                r.action,
+                r.outcome
+            );
+        }
     }
 
     fn flush(&self) {}
