@@ -17,7 +17,7 @@ use lb_common::{
 
 use crate::{
     balance::lookup_vip,
-    counters,
+    counters, datapath_log,
     encap::{encapsulate, send},
     forward::{drop, pass, Verdict},
     headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, ETH_P_IPV4, IPV4_LEN, IPV6_LEN},
@@ -118,7 +118,7 @@ pub fn lb_source(ctx: XdpContext) -> u32 {
         if lookup_vip(&key).is_some_and(|v| v.flags & VIP_BYPASS_SOURCE != 0) {
             let (action, outcome) = direct(&ctx, &key, ip_len, tcp_flags);
             counters::outcome(outcome, bytes);
-            return action;
+            return datapath_log::ingress(&ctx, datapath_log::PROGRAM_SOURCE, action, outcome);
         }
     }
     // SAFETY: the helper either does not return (the next program runs) or

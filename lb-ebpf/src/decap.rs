@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::{DecapOutcome, HostAddr, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6};
 
 use crate::{
-    bypass_dest, counters,
+    bypass_dest, counters, datapath_log,
     headers::{
         len_from, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN,
         IPV6_LEN,
@@ -19,10 +19,20 @@ use crate::{
 
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
+    let verdict = decap(&ctx);
+    datapath_log::exit(&ctx, datapath_log::PROGRAM_DECAP, verdict)
+}
+
+/// The pipeline, as a call of its own (see `datapath_log::exit`); returns
+/// the `pack`ed verdict.
+#[inline(never)]
+fn decap(ctx: &XdpContext) -> u32 {
+    // Opaque to LLVM: see `ingress::ingress`.
+    let ctx = core::hint::black_box(ctx);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let (action, outcome) = try_decap(&ctx);
+    let (action, outcome) = try_decap(ctx);
     counters::decap_outcome(outcome, bytes);
-    action
+    datapath_log::pack(action, outcome as u32)
 }
 
 /// Where the outer header ends and which family the inner packet is.

@@ -6,7 +6,7 @@ use lb_common::{
 
 use crate::{
     balance::{is_vip_address, lookup_vip},
-    counters,
+    counters, datapath_log,
     forward::{drop, forward, pass, Verdict},
     headers::{
         ip_len_in_frame, l4_min_len, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, ETH_P_IPV4,
@@ -17,15 +17,27 @@ use crate::{
 
 #[xdp]
 pub fn lb_ingress(ctx: XdpContext) -> u32 {
+    let verdict = ingress(&ctx);
+    datapath_log::exit(&ctx, datapath_log::PROGRAM_INGRESS, verdict)
+}
+
+/// The pipeline, as a call of its own (see `datapath_log::exit`); returns
+/// the `pack`ed verdict.
+#[inline(never)]
+fn ingress(ctx: &XdpContext) -> u32 {
+    // Opaque to LLVM, which would otherwise pass `data` and `data_end` as
+    // 32-bit arguments instead of the context, and the verifier refuses
+    // the zero extension of `data_end` that the callee then does.
+    let ctx = core::hint::black_box(ctx);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let (action, outcome) = match ctx_ethertype(&ctx) {
-        Some(ETH_P_IPV4) => ipv4(&ctx),
-        Some(ETH_P_IPV6) => ipv6(&ctx),
+    let (action, outcome) = match ctx_ethertype(ctx) {
+        Some(ETH_P_IPV4) => ipv4(ctx),
+        Some(ETH_P_IPV6) => ipv6(ctx),
         Some(_) => pass(Outcome::PassNotIp),
         None => pass(Outcome::PassMalformed),
     };
     counters::outcome(outcome, bytes);
-    action
+    datapath_log::pack(action, outcome as u32)
 }
 
 #[inline(always)]

@@ -14,6 +14,8 @@
 //!   table does not know, carried in the outer header; `lb_decap` sends
 //!   packets no local socket owns on to it.
 //! - `trace`: connection and traffic tracers, flow events.
+//! - `datapath_log`: aya-log records of packets dropped or passed, when the
+//!   agent runs with `--datapath-log` (removed by the verifier otherwise).
 //! - `bypass`: the `lb_source` entry point, the source intermediary of a
 //!   client host (flows sent straight to their backend on instruction,
 //!   others recorded and passed to the LB; the rest as `lb_ingress`).
@@ -28,6 +30,7 @@ mod balance;
 mod bypass;
 mod bypass_dest;
 mod counters;
+mod datapath_log;
 mod decap;
 mod encap;
 mod forward;

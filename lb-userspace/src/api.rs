@@ -358,12 +358,9 @@ async fn call_within(
 }
 
 async fn exchange(socket: &Path, request: &Request) -> Result<Response> {
-    let stream = UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "cannot reach lb-agent at {}: is the agent running (and are you root)?",
-            socket.display()
-        )
-    })?;
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", unreachable(socket, &e)))?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
@@ -455,11 +452,51 @@ pub struct BypassedFlow {
     pub idle_s: Option<f64>,
 }
 
+/// Why the agent's socket could not be reached, and what to do about it.
+fn unreachable(socket: &Path, e: &std::io::Error) -> String {
+    let at = socket.display();
+    match e.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "no lb-agent socket at {at}: the agent is not running (start it: `systemctl start lb-agent`, or `lb-agent --config FILE`), or it serves another socket (the `socket` setting of its configuration; give it with `lbctl --socket PATH` or LBCTL_SOCKET)"
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "permission denied on {at}: the control socket is root's only; run lbctl as root (`sudo lbctl ...`)"
+        ),
+        std::io::ErrorKind::ConnectionRefused => format!(
+            "nothing answers on {at}: the agent that made it has stopped (its datapath keeps forwarding); start it again (`systemctl start lb-agent`, or `lb-agent --config FILE`)"
+        ),
+        _ => format!("cannot reach lb-agent at {at}: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::AsyncReadExt as _;
 
     use super::*;
+
+    /// The operator's usual mistakes, each with what to do next.
+    #[tokio::test]
+    async fn an_unreachable_agent_says_what_to_do() {
+        let missing = crate::limits::testing::socket_path("api-missing");
+        let e = call(&missing, &Request::Status).await.unwrap_err();
+        let text = format!("{e:#}");
+        assert!(text.contains("the agent is not running"), "{text}");
+        assert!(text.contains("lbctl --socket PATH"), "{text}");
+
+        // A socket its agent left behind: nobody listens.
+        let stale = crate::limits::testing::socket_path("api-stale");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let e = call(&stale, &Request::Status).await.unwrap_err();
+        let text = format!("{e:#}");
+        assert!(text.contains("has stopped"), "{text}");
+        assert!(text.contains("systemctl start lb-agent"), "{text}");
+        let _ = std::fs::remove_file(&stale);
+
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let text = unreachable(Path::new("/run/lb-agent/lb.sock"), &denied);
+        assert!(text.contains("run lbctl as root"), "{text}");
+    }
 
     /// An agent that refuses a request before reading all of it still gets
     /// its answer through.

@@ -11,7 +11,7 @@ use lb_common::{addr_bytes, FlowKey, FlowState, Outcome, PacketCounter};
 use lb_userspace::{
     balancer::Balancer,
     config::{BalancerConfig, Config},
-    datapath::{load, Datapath as _, DecapMaps, KernelDatapath, MapSizes},
+    datapath::{load_logging, Datapath as _, DecapMaps, KernelDatapath, MapSizes},
     nexthop::NextHop,
 };
 
@@ -97,7 +97,13 @@ impl Fixture {
     }
 
     pub fn with_sizes(sizes: MapSizes, vips: &str) -> Fixture {
-        let mut ebpf = load(&sizes).expect("the eBPF object loads");
+        Fixture::with_datapath_log(sizes, vips, false)
+    }
+
+    /// `with_sizes`, with the datapath logs (`lb-agent --datapath-log`) on or
+    /// off.
+    pub fn with_datapath_log(sizes: MapSizes, vips: &str, datapath_log: bool) -> Fixture {
+        let mut ebpf = load_logging(&sizes, datapath_log).expect("the eBPF object loads");
         for name in ["lb_ingress", "lb_decap"] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)

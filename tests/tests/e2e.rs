@@ -255,7 +255,7 @@ fn bad_config_attaches_nothing_and_shutdown_keeps_forwarding() {
     // lbctl without an agent says so.
     let out = t.lbctl(&["status"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is the agent running"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the agent is not running"));
 
     t.start(&[100]);
     assert!(xdp_on_lb());

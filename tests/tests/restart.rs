@@ -458,3 +458,89 @@ fn cleanup_removes_everything_and_a_second_agent_is_refused() {
     assert_eq!(lb_prog_id(&t), None, "the program is detached");
     assert!(!t.lb_socket().exists());
 }
+
+/// One UDP datagram from the client to the VIP's address on `port`, which
+/// no VIP serves: `lb_ingress` passes it to the stack (`passed_not_vip`).
+fn probe(t: &Topology, port: u16) {
+    let to = SocketAddr::new(VIP_V4.parse().unwrap(), port);
+    t.from_client(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+        s.send_to(b"probe", to).expect("send");
+    });
+}
+
+/// The datapath records in the LB agent's JSON log since its last start.
+fn datapath_records(t: &Topology) -> Vec<serde_json::Value> {
+    t.log("lb")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "lb_datapath")
+        .collect()
+}
+
+#[test]
+fn datapath_logs_follow_each_start_and_keep_the_flows() {
+    let mut t = Topology::new(2);
+    t.start(&[100, 100]);
+    let load = Load::start(&t, web(), 50);
+    let vip = VIP_V4;
+
+    // Without --datapath-log: no record, whatever the programs pass.
+    t.stop_lb();
+    t.start_lb_with(&["--log-format", "json"]);
+    probe(&t, 4242);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        datapath_records(&t).is_empty(),
+        "records without --datapath-log: {:?}",
+        datapath_records(&t)
+    );
+
+    // With it: the next agent's program logs the passed datagram.
+    t.stop_lb();
+    t.start_lb_with(&["--datapath-log", "--log-format", "json"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dst = format!("{vip}:4243");
+    let record = loop {
+        probe(&t, 4243);
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(r) = datapath_records(&t).into_iter().find(|r| r["dst"] == dst) {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no datapath record for {dst}:\n{}",
+            t.log("lb")
+        );
+    };
+    assert_eq!(record["program"], "lb_ingress", "{record}");
+    assert_eq!(record["outcome"], "passed_not_vip", "{record}");
+    assert_eq!(record["action"], "pass", "{record}");
+    assert_eq!(record["proto"], "17", "{record}");
+    // Forwarded packets (the load's) are not logged.
+    let web_dst = format!("{vip}:80");
+    assert!(
+        !datapath_records(&t).iter().any(|r| r["dst"] == web_dst),
+        "a forwarded packet was logged"
+    );
+
+    // And off again with the next start.
+    t.stop_lb();
+    t.start_lb_with(&["--log-format", "json"]);
+    probe(&t, 4244);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        datapath_records(&t).is_empty(),
+        "records after a restart without --datapath-log: {:?}",
+        datapath_records(&t)
+    );
+
+    let (_, rounds, failures) = load.stop();
+    assert!(
+        failures.is_empty(),
+        "{} failures over the restarts: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    assert!(rounds > 0, "the long connections made no round");
+}

@@ -268,7 +268,11 @@ fn attach_new(
             }
         },
     };
-    attached.with_context(|| format!("attaching to {interface}"))
+    attached.with_context(|| {
+        format!(
+            "attaching to {interface}: if its driver has no native XDP, set xdp_mode = \"generic\" or \"native-or-generic\"; if another XDP program is attached, `ip link set dev {interface} xdp off` removes it"
+        )
+    })
 }
 
 /// `lb-agent --cleanup`: with no agent running the instance, removes its

@@ -14,6 +14,8 @@
 //! - `host`: the host intermediary role: source-side balancers installed
 //!   through the store, on the guests' interfaces.
 //! - `status`, `report`, `metrics`: what the agent shows, read from the state.
+//! - `datapath_log`: the programs' log records (`--datapath-log`) forwarded
+//!   to the agent's logs.
 
 mod announce;
 mod bypass;
@@ -21,6 +23,7 @@ mod bypass_fleet;
 mod bypass_send;
 mod control;
 mod dashboard;
+mod datapath_log;
 mod fleet;
 mod host;
 mod instance;
@@ -202,8 +205,13 @@ async fn start_decap(ebpf: &mut Ebpf, d: &DecapConfig, resolver: &Resolver) -> R
 
 /// Loads the object over the instance's pinned maps, and both programs (the
 /// verifier runs here).
-fn load_programs(pins: &Pins, sizes: &MapSizes, object: &[u8]) -> Result<(Ebpf, Origin)> {
-    let (mut ebpf, origin) = pins.load(sizes, object)?;
+fn load_programs(
+    pins: &Pins,
+    sizes: &MapSizes,
+    object: &[u8],
+    datapath_log: bool,
+) -> Result<(Ebpf, Origin)> {
+    let (mut ebpf, origin) = pins.load(sizes, object, datapath_log)?;
     for name in ["lb_ingress", "lb_decap"] {
         let prog: &mut Xdp = ebpf
             .program_mut(name)
@@ -276,7 +284,12 @@ pub async fn run_object(
     instance::check_interfaces(&config, &pins, &resolver).await?;
     instance::remove_stale_socket(&config.socket)?;
     let sizes = sizes(&config);
-    let (mut ebpf, origin) = load_programs(&pins, &sizes, object)?;
+    let (mut ebpf, origin) = load_programs(&pins, &sizes, object, config.datapath_log)?;
+    let datapath_log = if config.datapath_log {
+        Some(datapath_log::forward(&mut ebpf)?)
+    } else {
+        None
+    };
     if bypass::is_source(&config) {
         bypass::load_source(&mut ebpf, &pins)?;
     }
@@ -328,7 +341,7 @@ pub async fn run_object(
     if let Some(h) = host_role {
         h.leave().await;
     }
-    for t in tasks {
+    for t in tasks.into_iter().chain(datapath_log) {
         t.abort();
     }
     announce::withdraw_all(&state).await;

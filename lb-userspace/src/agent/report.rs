@@ -54,7 +54,9 @@ fn filters(
                 .iter()
                 .find(|(_, a)| *a == addr)
                 .map(|(id, _)| *id)
-                .with_context(|| format!("no backend {addr}"))?,
+                .with_context(|| {
+                    format!("no backend {addr}; `lbctl status` lists every VIP's backends")
+                })?,
         ),
         None => None,
     };

@@ -10,6 +10,8 @@ mod install;
 mod node;
 #[path = "lbctl/progress.rs"]
 mod progress;
+#[path = "lbctl/report.rs"]
+mod report;
 
 use std::{
     fmt,
@@ -21,7 +23,7 @@ use anyhow::{anyhow, Context as _, Result};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
     api::{
-        call, BackendStatus, EventRecord, EventStats, FlowQuery, FlowRecord, FlowReport, Leg,
+        call, BackendStatus, EventRecord, EventStats, FlowQuery, FlowRecord, Leg,
         MaintenanceCommand, OutcomeStatus, Report, ReportQuery, Request, Response, Status,
         VipMaintenance, VipStatus, XdpErrors,
     },
@@ -285,7 +287,7 @@ fn print_maintenance(vips: &[VipMaintenance]) {
     }
 }
 
-fn human_bytes(b: u64) -> String {
+pub(crate) fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut u = 0;
@@ -449,119 +451,6 @@ fn print_outcome(o: &OutcomeStatus) {
     );
 }
 
-fn leg(l: &Leg) -> String {
-    format!("{} packets {}", l.packets, human_bytes(l.bytes))
-}
-
-fn print_flow_report(f: &FlowReport) {
-    println!(
-        "  new flows {:.1}/s ({})  active {}  half-open {}  closing {}  closed fin {} rst {}  expired {} (half-open {})",
-        f.new_flows_per_s, f.new_flows, f.active, f.half_open, f.closing, f.closed_fin, f.closed_rst, f.expired, f.half_open_expired
-    );
-    println!(
-        "  client→LB {}   LB→backend {}",
-        leg(&f.client_to_lb),
-        leg(&f.lb_to_backend)
-    );
-}
-
-fn print_flows(flows: &[FlowRecord]) {
-    println!(
-        "  {:<46} {:<5} {:<20} {:<10} {:<16} {:>8} {:>8} {:>10} {:>11}",
-        "client → vip",
-        "proto",
-        "backend",
-        "state",
-        "flags",
-        "age s",
-        "idle s",
-        "packets",
-        "bytes in"
-    );
-    for f in flows {
-        println!(
-            "  {:<46} {:<5} {:<20} {:<10} {:<16} {:>8.1} {:>8.1} {:>10} {:>11}",
-            format!("{} → {}", f.client, f.vip),
-            f.protocol,
-            f.backend
-                .map(|b| b.to_string())
-                .unwrap_or_else(|| "-".into()),
-            f.state,
-            f.tcp_flags,
-            f.age_s,
-            f.idle_s,
-            f.client_to_lb.packets,
-            human_bytes(f.client_to_lb.bytes)
-        );
-    }
-}
-
-fn print_report(r: &Report) {
-    println!(
-        "report over the last {:.1} s; {} flows in the connection table (collected {:.1} s ago)",
-        r.window_s, r.flows_in_table, r.collected_ago_s
-    );
-    for v in &r.vips {
-        println!();
-        println!(
-            "VIP {} {} {}",
-            v.name,
-            v.protocol,
-            socket_text(v.address, v.port)
-        );
-        print_flow_report(&v.flows);
-    }
-    for b in &r.backends {
-        println!();
-        println!("backend {}", b.address);
-        print_flow_report(&b.flows);
-        match &b.delivered {
-            Some(d) => {
-                let lost = b.sent_total.packets.saturating_sub(d.packets);
-                println!(
-                    "  since start: sent {}   delivered {}   lost {} packets",
-                    leg(&b.sent_total),
-                    leg(d),
-                    lost
-                );
-            }
-            None => println!(
-                "  since start: sent {}   delivered: unknown (see --decap-socket)",
-                leg(&b.sent_total)
-            ),
-        }
-    }
-    if !r.top_flows.is_empty() {
-        println!();
-        println!("largest flows:");
-        print_flows(&r.top_flows);
-    }
-    if !r.bypassed_flows.is_empty() {
-        println!();
-        println!("bypassed flows (sent straight to their backend by this host):");
-        for f in &r.bypassed_flows {
-            let backend = f.backend.map_or("?".to_string(), |b| b.to_string());
-            let idle = f.idle_s.map_or("-".to_string(), |s| format!("{s:.1} s"));
-            println!(
-                "  {} {} -> {} via {backend}: bypassed, straight {}, toward the LB {} packets, idle {idle}",
-                f.protocol,
-                f.client,
-                f.vip,
-                leg(&f.client_to_backend),
-                f.client_to_lb_packets
-            );
-        }
-    }
-    println!();
-    println!(
-        "flow events: {} sent, {} dropped (ring buffer full), {} received",
-        r.events.sent, r.events.dropped, r.events.received
-    );
-    for n in &r.notes {
-        println!("note: {n}");
-    }
-}
-
 /// `value` as pretty JSON when `json`, otherwise as `text` prints it.
 fn print<T: Serialize + ?Sized>(json: bool, value: &T, text: impl FnOnce(&T)) -> Result<()> {
     if json {
@@ -713,7 +602,9 @@ async fn run_status(socket: &Path, json: bool) -> Result<()> {
     print(json, &*status, print_status)
 }
 
-/// The report, once or, with `watch`, every `watch` seconds until interrupted.
+/// The report, once or, with `watch`, every `watch` seconds until
+/// interrupted: redrawn in place on a terminal, one after the other when
+/// piped or with `--json`.
 async fn run_report(
     socket: &Path,
     query: ReportQuery,
@@ -721,35 +612,45 @@ async fn run_report(
     watch: Option<u64>,
     decap_sockets: &[PathBuf],
 ) -> Result<()> {
+    let Some(secs) = watch else {
+        let r = fetch_report(socket, &query, decap_sockets).await?;
+        return print(json, &r, |r| print!("{}", report::render(r)));
+    };
+    let secs = secs.max(1);
+    let screen =
+        (!json && std::io::IsTerminal::is_terminal(&std::io::stdout())).then(report::Screen::enter);
     loop {
-        let mut report = expect(
-            call(socket, &Request::Report(query.clone())).await?,
-            |r| match r {
-                Response::Report(r) => Ok(r),
-                other => Err(other),
-            },
-        )?;
-        add_delivered(&mut report, decap_sockets).await?;
-        print(json, &*report, |r| {
-            if let Some(secs) = watch {
-                // On a terminal the report is redrawn in place; piped, each
-                // one follows the last.
-                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-                    print!("\x1b[H\x1b[2J");
-                }
-                println!(
-                    "every {}s, at {} (Ctrl-C stops)\n",
-                    secs.max(1),
-                    humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                );
-            }
-            print_report(r);
-        })?;
-        match watch {
-            Some(secs) => tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))).await,
-            None => return Ok(()),
+        let r = fetch_report(socket, &query, decap_sockets).await?;
+        let header = format!(
+            "every {secs}s, at {} (Ctrl-C stops)\n\n",
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        );
+        match &screen {
+            Some(s) => s.draw(&(header + &report::render(&r))),
+            None if json => println!("{}", serde_json::to_string_pretty(&r)?),
+            None => print!("{header}{}", report::render(&r)),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(secs)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
+}
+
+async fn fetch_report(
+    socket: &Path,
+    query: &ReportQuery,
+    decap_sockets: &[PathBuf],
+) -> Result<Report> {
+    let mut report = expect(
+        call(socket, &Request::Report(query.clone())).await?,
+        |r| match r {
+            Response::Report(r) => Ok(r),
+            other => Err(other),
+        },
+    )?;
+    add_delivered(&mut report, decap_sockets).await?;
+    Ok(*report)
 }
 
 /// What `lbctl flows` prints: the largest flows, and how many matched.
@@ -777,7 +678,9 @@ async fn run_flows(socket: &Path, query: FlowQuery, json: bool) -> Result<()> {
     };
     print(json, &list, |l| {
         println!("{} flows match; the {} largest:", l.matched, l.flows.len());
-        print_flows(l.flows);
+        let mut out = String::new();
+        report::flows(&mut out, l.flows);
+        print!("{out}");
     })
 }
 

@@ -74,6 +74,10 @@ pub struct Config {
     pub host: Option<HostConfig>,
     /// Bypass: instructions received (client host) or sent (backend host).
     pub bypass: Option<BypassConfig>,
+    /// The programs log why they drop or pass packets, and the agent
+    /// forwards the records to its logs (`lb-agent --datapath-log`; not in
+    /// the file: it is for debugging, and set by each start).
+    pub datapath_log: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -156,6 +156,7 @@ impl RawConfig {
             announce,
             host,
             bypass,
+            datapath_log: false,
         })
     }
 }

@@ -111,18 +111,31 @@ pub(crate) fn max_entries(sizes: &MapSizes) -> Result<[(&'static str, u32); 6]> 
     ])
 }
 
-fn loader(sizes: &MapSizes) -> Result<aya::EbpfLoader<'static>> {
+/// The `.rodata` constant that switches the datapath logs on (see
+/// `lb-ebpf/src/datapath_log.rs`).
+const DATAPATH_LOG: &str = "DATAPATH_LOG";
+
+/// A loader with the map sizes and the datapath-log switch. Logs off, an
+/// object built without them (an older `--ebpf-object`) loads as well.
+fn loader(sizes: &MapSizes, datapath_log: bool) -> Result<aya::EbpfLoader<'static>> {
     let mut loader = aya::EbpfLoader::new();
     for (name, size) in max_entries(sizes)? {
         loader.map_max_entries(name, size);
     }
+    let value: &'static u8 = if datapath_log { &1 } else { &0 };
+    loader.override_global(DATAPATH_LOG, value, datapath_log);
     Ok(loader)
 }
 
 /// Loads the embedded object with the given sizes and maps of its own (not
 /// pinned: for tests and benchmarks). Programs are not attached.
 pub fn load(sizes: &MapSizes) -> Result<Ebpf> {
-    loader(sizes)?
+    load_logging(sizes, false)
+}
+
+/// `load`, with the datapath logs on or off.
+pub fn load_logging(sizes: &MapSizes, datapath_log: bool) -> Result<Ebpf> {
+    loader(sizes, datapath_log)?
         .load(EBPF_OBJECT)
         .context("loading the eBPF object")
 }

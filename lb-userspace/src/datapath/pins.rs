@@ -99,8 +99,14 @@ impl Pins {
     }
 
     /// Loads `object` (the embedded one, or one an operator gave) over the
-    /// pinned maps (see `Origin`).
-    pub fn load(&self, sizes: &MapSizes, object: &[u8]) -> Result<(Ebpf, Origin)> {
+    /// pinned maps (see `Origin`), with the datapath logs on or off: each
+    /// load sets them anew, so the next agent's choice replaces this one's.
+    pub fn load(
+        &self,
+        sizes: &MapSizes,
+        object: &[u8],
+        datapath_log: bool,
+    ) -> Result<(Ebpf, Origin)> {
         ensure_bpffs()?;
         let origin = self.origin(sizes)?;
         let dir = match &origin {
@@ -114,7 +120,7 @@ impl Pins {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::create_dir_all(self.dir.join("links"))?;
         let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|n| (*n, dir.join(n))).collect();
-        let mut loader = loader(sizes)?;
+        let mut loader = loader(sizes, datapath_log)?;
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }

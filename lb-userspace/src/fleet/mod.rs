@@ -211,7 +211,10 @@ impl Store {
                 Err(e) => errors.push(format!("{endpoint}: {e:#}")),
             }
         }
-        Err(anyhow!("no etcd endpoint answered: {}", errors.join("; ")))
+        Err(anyhow!(
+            "no etcd endpoint answered: {}. Check that etcd runs and is reachable from this host (`etcdctl --endpoints ... endpoint health` with the same certificates), and the [fleet] endpoints, ca, cert and key settings",
+            errors.join("; ")
+        ))
     }
 
     async fn connect_one(endpoint: &str, tls: TlsOptions, prefix: &str) -> Result<Store> {

@@ -26,6 +26,7 @@ use lb_userspace::datapath::MapSizes;
 use serde_json::{json, Value};
 
 mod bypass;
+mod dlog;
 mod maglev;
 mod srcside;
 
@@ -1126,6 +1127,7 @@ fn main() {
     let sections: [Section; 8] = [
         ("datapath", |r| {
             datapath_cost(r);
+            dlog::run(r);
         }),
         ("conntrack", connection_table),
         ("maglev", maglev::run),
