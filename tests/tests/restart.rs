@@ -1,9 +1,9 @@
 //! End to end: the datapath is pinned, so it forwards while no agent runs.
 //! An agent stopped (SIGTERM) or killed (SIGKILL) under load is restarted
 //! with no failed or stalled connection and no forwarding gap; a new program
-//! replaces the running one in its link; a changed map size migrates the
-//! connection table; cleanup removes everything and a second agent is
-//! refused without touching the first.
+//! replaces the running one in its link; a changed map size, and an upgrade
+//! from map layouts 1 and 2, migrate the connection table; cleanup removes
+//! everything and a second agent is refused without touching the first.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
@@ -362,6 +362,123 @@ fn a_changed_flow_table_size_migrates_the_connections() {
     let info = aya::maps::MapInfo::from_pin(maps.join("FLOWS")).expect("pinned FLOWS");
     assert_eq!(info.max_entries(), 131072);
     assert!(!pins_of(&t, "lb").join(format!("{layout}-next")).exists());
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, _, failures) = load.stop();
+    assert!(
+        failures.is_empty(),
+        "{} failures: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+}
+
+/// Turns the stopped LB's pinned maps into the shape an agent of map layout
+/// `old` (1 or 2) left: the directory is `maps-vOLD` and its VIP table has
+/// that layout's entries (12 or 16 bytes, the VIP id first). The running
+/// program keeps the maps it holds, so forwarding goes on meanwhile.
+fn pin_as_layout(t: &Topology, old: u32) {
+    let pins = pins_of(t, "lb");
+    let current = pins.join(format!("maps-v{}", lb_common::LAYOUT_VERSION));
+    let dir = pins.join(format!("maps-v{old}"));
+    std::fs::rename(&current, &dir).expect("renaming the maps directory");
+    let vips = dir.join("VIPS");
+    let dump = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&vips)
+        .output()
+        .unwrap();
+    assert!(dump.status.success(), "{dump:?}");
+    let entries: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    let entries = entries.as_array().expect("VIPS entries");
+    assert!(!entries.is_empty(), "no VIP entry to convert");
+    std::fs::remove_file(&vips).unwrap();
+    let path = vips.to_str().unwrap();
+    let size = if old == 1 { 12 } else { 16 };
+    let size_text = size.to_string();
+    must(&[
+        "bpftool", "map", "create", path, "type", "hash", "key", "20", "value", &size_text,
+        "entries", "128", "name", "VIPS",
+    ]);
+    let bytes = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .expect("hex bytes")
+            .iter()
+            .map(|b| b.as_str().unwrap().trim_start_matches("0x").to_string())
+            .collect()
+    };
+    for e in entries {
+        let (key, value) = (bytes(&e["key"]), bytes(&e["value"]));
+        assert_eq!(key.len(), 20, "{e}");
+        // The VIP id, then zeros: the old ring fields are not carried over.
+        let mut old_value: Vec<String> = value[..4].to_vec();
+        old_value.resize(size, "00".to_string());
+        let mut args = vec!["bpftool", "map", "update", "pinned", path, "key", "hex"];
+        args.extend(key.iter().map(String::as_str));
+        args.extend(["value", "hex"]);
+        args.extend(old_value.iter().map(String::as_str));
+        must(&args);
+    }
+}
+
+#[test]
+fn upgrades_from_layouts_1_and_2_keep_the_connections() {
+    let mut t = Topology::new(3);
+    t.start(&[100, 100, 100]);
+    let load = Load::start(&t, web(), 100);
+    std::thread::sleep(Duration::from_secs(1));
+    let pins = pins_of(&t, "lb");
+    let current = pins.join(format!("maps-v{}", lb_common::LAYOUT_VERSION));
+    for old in [2, 1] {
+        let flows_before = flow_packets(&t);
+        t.stop_lb();
+        pin_as_layout(&t, old);
+        t.start_lb();
+        // Each start writes its own log.
+        let log = t.log("lb");
+        assert!(
+            log.contains("connection table migrated") && log.contains(&format!("layout: {old} }}")),
+            "layout {old}: {log}"
+        );
+        assert!(current.join("FLOWS").exists());
+        assert!(
+            !pins.join(format!("maps-v{old}")).exists(),
+            "layout {old}'s maps stay"
+        );
+        assert!(!pins
+            .join(format!("maps-v{}-next", lb_common::LAYOUT_VERSION))
+            .exists());
+        std::thread::sleep(Duration::from_secs(1));
+        // The long-lived flows kept their entries (and so their backends).
+        let flows_after = flow_packets(&t);
+        let kept = flows_before
+            .iter()
+            .filter(|(c, p)| flows_after.get(*c).is_some_and(|a| a > *p))
+            .count();
+        println!(
+            "layout {old}: {kept} of {} flows kept counting",
+            flows_before.len()
+        );
+        assert!(
+            kept >= 100,
+            "layout {old}: {kept} of {} flows kept counting",
+            flows_before.len()
+        );
+    }
+
+    // A layout this agent cannot convert is refused, and nothing is touched.
+    t.stop_lb();
+    let unknown = pins.join("maps-v99");
+    std::fs::create_dir(&unknown).unwrap();
+    let out = t.run_agent("lb", &t.dir.join("lb.toml"), &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("map layout 99") && err.contains("--cleanup"),
+        "{err}"
+    );
+    assert!(current.join("FLOWS").exists());
+    std::fs::remove_dir(&unknown).unwrap();
+    t.start_lb();
     std::thread::sleep(Duration::from_secs(1));
     let (_, _, failures) = load.stop();
     assert!(

@@ -145,8 +145,8 @@ async fn start_balancer(
             let (vips, backends) = bal.adopt()?;
             info!(vips, backends, "adopted the running datapath");
         }
-        Origin::Migrating { old } => {
-            let old = datapath::OldMaps::open(old)?;
+        Origin::Migrating { old, layout } => {
+            let old = datapath::OldMaps::open(old, *layout)?;
             let (vips, backends) = bal.adopt_from(&old)?;
             info!(vips, backends, "migrating the running datapath to new maps");
         }
@@ -303,15 +303,15 @@ pub async fn run_object(
         None => None,
     };
     let listener = bind_socket(&config.socket).await?;
-    if let (Origin::Migrating { old }, Some(b)) = (&origin, balancing.as_mut()) {
+    if let (Origin::Migrating { old, layout }, Some(b)) = (&origin, balancing.as_mut()) {
         // Flows last, just before the switch: few start in between.
-        let old = datapath::OldMaps::open(old)?;
+        let old = datapath::OldMaps::open(old, *layout)?;
         let moved = b.balancer.datapath_mut().copy_flows_from(&old)?;
         info!(flows = moved, "connection table migrated");
     }
     let interfaces = instance::attach_all(&mut ebpf, &config, &pins, &resolver).await?;
-    if let Origin::Migrating { .. } = origin {
-        pins.finish_migration()?;
+    if let Origin::Migrating { old, .. } = &origin {
+        pins.finish_migration(old)?;
         info!("migration complete");
     }
     let socket = config.socket.clone();

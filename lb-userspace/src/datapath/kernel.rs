@@ -92,9 +92,9 @@ pub struct KernelDatapath {
 }
 
 /// Every entry of a VIPS map (this datapath's, or one being migrated).
-pub(super) fn vip_entries(
-    map: &HashMap<MapData, VipKey, VipInfo>,
-) -> Result<Vec<(VipKey, VipInfo)>> {
+pub(super) fn vip_entries<V: aya::Pod>(
+    map: &HashMap<MapData, VipKey, V>,
+) -> Result<Vec<(VipKey, V)>> {
     map.iter().map(|e| e.context("reading VIPS")).collect()
 }
 

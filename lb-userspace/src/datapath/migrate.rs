@@ -1,21 +1,52 @@
 //! Moving a running datapath into new maps (see `pins`): the old maps, opened
 //! from their pins, and what is copied from them: backend entries, counters
 //! and the connection table. VIP entries and Maglev rings are not copied: the
-//! agent rebuilds every table into the new maps before the switch.
+//! agent rebuilds every table into the new maps before the switch. Maps of an
+//! earlier layout (an upgrade, see `pins::MIGRATABLE_LAYOUTS`) are read in
+//! their own types and converted.
 
 use std::path::Path;
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    BackendInfo, FlowKey, FlowState, PacketCounter, TrafficCounters, VipInfo, VipKey, OUTCOME_COUNT,
+    BackendInfo, FlowKey, FlowState, PacketCounter, TrafficCounters, VipInfo, VipKey,
+    LAYOUT_VERSION, OUTCOME_COUNT,
 };
 
 use super::{batch, kernel, KernelDatapath};
 
+/// The VIP entry of map layout 1 (12 bytes: id, ring, flags) and of layout 2
+/// (16 bytes: the same and the previous ring), as `N` words. Only the VIP id
+/// is carried over: rings are not copied (the agent builds every table into
+/// the new maps) and the flags are the agent's to set again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OldVipInfo<const N: usize>(pub [u32; N]);
+
+// SAFETY: plain old data, `repr(C)`, no padding.
+unsafe impl<const N: usize> aya::Pod for OldVipInfo<N> {}
+
+impl<const N: usize> OldVipInfo<N> {
+    /// The entry in this layout: the same VIP id, no table yet.
+    pub fn convert(self) -> VipInfo {
+        VipInfo {
+            vip_id: self.0[0],
+            ..VipInfo::default()
+        }
+    }
+}
+
+/// The VIP table, in the types of its layout.
+enum OldVips {
+    Current(HashMap<MapData, VipKey, VipInfo>),
+    V1(HashMap<MapData, VipKey, OldVipInfo<3>>),
+    V2(HashMap<MapData, VipKey, OldVipInfo<4>>),
+}
+
 /// The maps of the datapath being replaced.
 pub struct OldMaps {
-    vips: HashMap<MapData, VipKey, VipInfo>,
+    vips: OldVips,
     backends: Array<MapData, BackendInfo>,
     flows: MapData,
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
@@ -31,9 +62,21 @@ fn open(dir: &Path, name: &str) -> Result<MapData> {
 }
 
 impl OldMaps {
-    pub fn open(dir: &Path) -> Result<OldMaps> {
+    /// Opens the maps pinned in `dir`, of map layout `layout`.
+    pub fn open(dir: &Path, layout: u32) -> Result<OldMaps> {
+        let vips = Map::HashMap(open(dir, "VIPS")?);
+        let vips = match layout {
+            LAYOUT_VERSION => OldVips::Current(HashMap::try_from(vips)?),
+            1 => OldVips::V1(
+                HashMap::try_from(vips).context("the VIP table of layout 1 has another shape")?,
+            ),
+            2 => OldVips::V2(
+                HashMap::try_from(vips).context("the VIP table of layout 2 has another shape")?,
+            ),
+            other => bail!("no conversion from map layout {other}"),
+        };
         Ok(OldMaps {
-            vips: HashMap::try_from(Map::HashMap(open(dir, "VIPS")?))?,
+            vips,
             backends: Array::try_from(Map::Array(open(dir, "BACKENDS")?))?,
             flows: open(dir, "FLOWS")?,
             vip_stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "VIP_STATS")?))?,
@@ -44,13 +87,22 @@ impl OldMaps {
         })
     }
 
+    /// The VIP entries, converted to this layout.
     pub fn vip_entries(&self) -> Result<Vec<(VipKey, VipInfo)>> {
-        kernel::vip_entries(&self.vips)
+        match &self.vips {
+            OldVips::Current(vips) => kernel::vip_entries(vips),
+            OldVips::V1(vips) => Ok(converted(kernel::vip_entries(vips)?)),
+            OldVips::V2(vips) => Ok(converted(kernel::vip_entries(vips)?)),
+        }
     }
 
     pub fn backend_entries(&self) -> Result<Vec<(u32, BackendInfo)>> {
         kernel::backend_entries(&self.backends)
     }
+}
+
+fn converted<const N: usize>(entries: Vec<(VipKey, OldVipInfo<N>)>) -> Vec<(VipKey, VipInfo)> {
+    entries.into_iter().map(|(k, v)| (k, v.convert())).collect()
 }
 
 impl KernelDatapath {

@@ -5,9 +5,11 @@
 //!
 //! The layout version (`lb_common::LAYOUT_VERSION`) names the maps directory,
 //! so maps of another layout are never read as this agent's own. Maps of this
-//! layout but other sizes (a changed `flow_table_size`, say) are migrated: new
-//! maps are pinned beside them (`maps-vLAYOUT-next`: bpffs names have no dots), filled, and switched in
-//! with the program; then the old ones go.
+//! layout but other sizes (a changed `flow_table_size`, say), and maps of an
+//! earlier layout this agent can convert (`MIGRATABLE_LAYOUTS`, an upgrade),
+//! are migrated: new maps are pinned beside them (`maps-vLAYOUT-next`: bpffs
+//! names have no dots), filled, and switched in with the program; then the
+//! old ones go.
 
 use std::{
     ffi::CString,
@@ -51,6 +53,12 @@ pub const PINNED_MAPS: [&str; 19] = [
     "BYPASS_SEEN",
 ];
 
+/// Earlier layouts whose maps `migrate::OldMaps` converts (an upgrade keeps
+/// the connection table). Layout 1 had 12-byte VIP entries (two rings per
+/// VIP) and one decap outcome fewer; layout 2 had 16-byte VIP entries (a
+/// previous ring of the one global size) and its bypass tables unpinned.
+pub const MIGRATABLE_LAYOUTS: [u32; 2] = [1, 2];
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// What a load found pinned.
@@ -60,10 +68,10 @@ pub enum Origin {
     Fresh,
     /// Maps of this layout and sizes: the object uses them as they are.
     Adopted,
-    /// Maps of this layout and other sizes, in `old`: the object has new maps;
-    /// the agent moves what it keeps, switches the links, then calls
-    /// `Pins::finish_migration`.
-    Migrating { old: PathBuf },
+    /// Maps of this layout and other sizes, or of an earlier layout, in `old`
+    /// (of map layout `layout`): the object has new maps; the agent moves what
+    /// it keeps, switches the links, then calls `Pins::finish_migration`.
+    Migrating { old: PathBuf, layout: u32 },
 }
 
 /// One instance's pinned datapath.
@@ -131,46 +139,95 @@ impl Pins {
         Ok((ebpf, origin))
     }
 
+    /// The maps directory of `layout`.
+    fn maps_of(&self, layout: u32) -> PathBuf {
+        self.dir.join(format!("maps-v{layout}"))
+    }
+
     /// What is pinned for this layout, and whether its sizes are `sizes`.
     fn origin(&self, sizes: &MapSizes) -> Result<Origin> {
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let other = name
-                    .strip_prefix("maps-v")
-                    .and_then(|v| v.parse::<u32>().ok())
-                    .filter(|v| *v != LAYOUT_VERSION);
-                if let Some(v) = other {
-                    bail!(
-                        "{} holds a datapath of map layout {v}; this agent has layout {LAYOUT_VERSION} and cannot migrate it. `lb-agent --cleanup` removes it (its connection table is lost)",
-                        self.dir.display()
-                    );
-                }
+        let maps = self.maps();
+        if let Some(v) = self.other_layout()? {
+            if maps.exists() && MIGRATABLE_LAYOUTS.contains(&v) {
+                // A migration from it finished but was cut off before the
+                // old maps went: nothing uses them.
+                info!(layout = v, "removing the maps of a finished upgrade");
+                remove_tree(&self.maps_of(v))?;
+            } else if MIGRATABLE_LAYOUTS.contains(&v) {
+                return Ok(Origin::Migrating {
+                    old: self.maps_of(v),
+                    layout: v,
+                });
+            } else {
+                bail!(
+                    "{} holds a datapath of map layout {v}; this agent has layout {LAYOUT_VERSION} and converts only layouts {MIGRATABLE_LAYOUTS:?}. Upgrade through a release that converts it, or run `lb-agent --cleanup` to remove it (its connection table is lost)",
+                    self.dir.display()
+                );
             }
         }
-        let maps = self.maps();
+        if !maps.exists() && self.maps_next().exists() {
+            // A migration was cut off between removing the old maps and
+            // renaming the new ones, which the programs already use.
+            info!("completing a migration that was cut off");
+            std::fs::rename(self.maps_next(), &maps).context("renaming the migrated maps")?;
+        }
         if !maps.exists() {
             return Ok(Origin::Fresh);
         }
         let wanted = max_entries(sizes)?;
         for name in PINNED_MAPS {
             let path = maps.join(name);
+            let migrating = Origin::Migrating {
+                old: maps.clone(),
+                layout: LAYOUT_VERSION,
+            };
             let Ok(info) = MapInfo::from_pin(&path) else {
-                return Ok(Origin::Migrating { old: maps });
+                return Ok(migrating);
             };
             let size = wanted.iter().find(|(n, _)| *n == name).map(|(_, s)| *s);
             if size.is_some_and(|s| s != info.max_entries()) {
-                return Ok(Origin::Migrating { old: maps });
+                return Ok(migrating);
             }
         }
         Ok(Origin::Adopted)
     }
 
-    /// After a migration's switch: the old maps go and the new ones take
-    /// their place.
-    pub fn finish_migration(&self) -> Result<()> {
-        remove_tree(&self.maps())?;
-        std::fs::rename(self.maps_next(), self.maps()).context("renaming the migrated maps")
+    /// The layout of another maps directory of the instance, if any.
+    fn other_layout(&self) -> Result<Option<u32>> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Ok(None);
+        };
+        let mut found = None;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let other = name
+                .strip_prefix("maps-v")
+                .and_then(|v| v.parse::<u32>().ok())
+                .filter(|v| *v != LAYOUT_VERSION);
+            if let Some(v) = other {
+                if found.is_some_and(|f| f != v) {
+                    bail!(
+                        "{} holds maps of two other layouts ({} and {v}); `lb-agent --cleanup` removes them (the connection table is lost)",
+                        self.dir.display(),
+                        found.unwrap_or_default()
+                    );
+                }
+                found = Some(v);
+            }
+        }
+        Ok(found)
+    }
+
+    /// After a migration's switch: the new maps take the place of this
+    /// layout's, then the old maps (`old`, of this layout or an earlier one) go.
+    pub fn finish_migration(&self, old: &Path) -> Result<()> {
+        if old == self.maps() {
+            remove_tree(old)?;
+            return std::fs::rename(self.maps_next(), self.maps())
+                .context("renaming the migrated maps");
+        }
+        std::fs::rename(self.maps_next(), self.maps()).context("renaming the migrated maps")?;
+        remove_tree(old)
     }
 
     /// Whether anything of the instance is pinned.
