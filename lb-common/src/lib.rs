@@ -70,6 +70,38 @@ pub struct VipKey {
     pub family: u8,
 }
 
+/// Slots of the datapath's VIP address filter (`VIP_FILTER`, a power of two).
+pub const VIP_FILTER_SLOTS: u32 = 4096;
+
+/// The `VIP_FILTER` slot of an address, given as its four native-endian
+/// words: a fold cheap enough for every packet. The agent sets the slot of
+/// every VIP address; a packet whose slot is clear is not to a VIP.
+#[inline(always)]
+pub fn vip_filter_slot(words: [u32; 4]) -> u32 {
+    let x = words[0] ^ words[1] ^ words[2] ^ words[3];
+    (x ^ (x >> 12) ^ (x >> 24)) & (VIP_FILTER_SLOTS - 1)
+}
+
+/// The four native-endian words at a 4-aligned address field.
+///
+/// # Safety
+/// `addr` must be 4-aligned (a field at a 4-aligned offset of a
+/// `#[repr(C, align(4))]` key).
+#[inline(always)]
+unsafe fn words_at(addr: &[u8; 16]) -> [u32; 4] {
+    // SAFETY: aligned, as the caller promises; 16 bytes of integers.
+    unsafe { core::ptr::read(addr.as_ptr().cast::<[u32; 4]>()) }
+}
+
+impl VipKey {
+    /// The address as four words, read with word loads.
+    #[inline(always)]
+    pub fn addr_words(&self) -> [u32; 4] {
+        // SAFETY: `addr` is at offset 0 of this 4-aligned struct.
+        unsafe { words_at(&self.addr) }
+    }
+}
+
 /// Value of the VIP table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -532,6 +564,13 @@ pub const fn flow_hash(k: &FlowKey) -> u32 {
 }
 
 impl FlowKey {
+    /// The destination address as four words, read with word loads.
+    #[inline(always)]
+    pub fn dst_words(&self) -> [u32; 4] {
+        // SAFETY: `dst` is at offset 16 of this 4-aligned struct.
+        unsafe { words_at(&self.dst) }
+    }
+
     /// An IPv4 flow key, built as ten native-endian words so that the datapath
     /// writes it with word stores (a byte-wise build costs `memset` calls in BPF).
     /// Ports are in network byte order, as on the wire.

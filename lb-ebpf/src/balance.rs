@@ -1,10 +1,40 @@
 //! Backend choice: VIP lookup, the connection table, then the VIP's Maglev ring.
 use lb_common::{
-    flow_hash, BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE, FLOW_CLOSED_FIN,
-    FLOW_CLOSED_RST, MAGLEV_LANES, NO_BACKEND, SETTING_NO_EVERY_PORT_VIPS, TCP_ACK, TCP_SYN,
+    flow_hash, vip_filter_slot, BackendInfo, FlowKey, FlowState, VipInfo, VipKey, BACKEND_USABLE,
+    FLOW_CLOSED_FIN, FLOW_CLOSED_RST, MAGLEV_LANES, NO_BACKEND, SETTING_NO_EVERY_PORT_VIPS,
+    TCP_ACK, TCP_SYN,
 };
 
-use crate::maps::{BACKENDS, FLOWS, MAGLEV, SETTINGS, VIPS};
+use crate::maps::{BACKENDS, FLOWS, MAGLEV, SETTINGS, VIPS, VIP_BY_ID, VIP_FILTER};
+
+/// Whether the flow's destination may be a VIP address: its `VIP_FILTER`
+/// slot is set (an array read, no hashing). A clear slot means it is not.
+#[inline(always)]
+pub fn may_be_vip(key: &FlowKey) -> bool {
+    match VIP_FILTER.get(vip_filter_slot(key.dst_words())) {
+        Some(n) => *n != 0,
+        None => true,
+    }
+}
+
+/// Whether the VIP a connection-table entry was recorded for (`vip_id`) is
+/// still the VIP the flow is addressed to: `VIP_BY_ID` holds each live VIP's
+/// key by id (the agent clears an id's entry when its VIP goes). Lets an
+/// established flow skip the VIP table.
+#[inline(always)]
+pub fn vip_is_live(key: &FlowKey, vip_id: u32) -> bool {
+    let Some(v) = VIP_BY_ID.get(vip_id) else {
+        return false;
+    };
+    let (a, b) = (v.addr_words(), key.dst_words());
+    a[0] == b[0]
+        && a[1] == b[1]
+        && a[2] == b[2]
+        && a[3] == b[3]
+        && v.proto == key.proto
+        && v.family == key.family
+        && (v.port == key.dport || v.port == 0)
+}
 
 /// The VIP a flow is addressed to: exact port first, then the every-port VIP
 /// (unless the agent said there is none).
@@ -45,42 +75,53 @@ pub fn is_vip_address(addr: &[u8; 16], family: u8) -> bool {
 
 pub struct Choice {
     pub backend_id: u32,
-    pub backend: BackendInfo,
+    /// The backend's entry in `BACKENDS` (read in place, not copied).
+    pub backend: &'static BackendInfo,
     /// The flow's connection-table entry, or `None` for a flow not yet recorded.
     pub flow: Option<*mut FlowState>,
     /// The flow hash (remembered in the connection table, computed otherwise).
     pub hash: u32,
+    /// The VIP the entry was recorded for (0 for a flow not yet recorded).
+    pub vip_id: u32,
 }
 
-/// Picks the flow's backend. An entry in the connection table whose backend is
-/// still usable wins, so established flows survive Maglev changes; otherwise the
-/// VIP's Maglev ring decides (and the caller records the flow). A SYN without
+/// The backend of a flow the connection table knows, when that backend is
+/// still usable, so established flows survive Maglev changes. A SYN without
 /// ACK on an entry whose connection closed is a new connection reusing the
-/// 5-tuple: it is balanced and recorded afresh, like any new flow, while the
-/// closed connection's late packets still follow the entry.
+/// 5-tuple: `None`, so it is balanced and recorded afresh like any new flow,
+/// while the closed connection's late packets still follow the entry.
 #[inline(always)]
-pub fn choose_backend(key: &FlowKey, vip: &VipInfo, tcp_flags: u8) -> Option<Choice> {
-    if let Some(state) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: a valid entry pointer; FlowState is plain data.
-        let (id, closed) = unsafe {
-            (
-                (*state).backend_id,
-                (*state).state & (FLOW_CLOSED_FIN | FLOW_CLOSED_RST) != 0,
-            )
-        };
-        let reopened = closed && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        if let Some(b) = BACKENDS.get(id) {
-            if b.flags & BACKEND_USABLE != 0 && !reopened {
-                return Some(Choice {
-                    backend_id: id,
-                    backend: *b,
-                    flow: Some(state),
-                    // SAFETY: as above.
-                    hash: unsafe { (*state).hash },
-                });
-            }
-        }
+pub fn known_flow(key: &FlowKey, tcp_flags: u8) -> Option<Choice> {
+    let state = FLOWS.get_ptr_mut(key)?;
+    // SAFETY: a valid entry pointer; FlowState is plain data.
+    let (id, closed, hash, vip_id) = unsafe {
+        (
+            (*state).backend_id,
+            (*state).state & (FLOW_CLOSED_FIN | FLOW_CLOSED_RST) != 0,
+            (*state).hash,
+            (*state).vip_id,
+        )
+    };
+    if closed && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return None;
     }
+    let b = BACKENDS.get(id)?;
+    if b.flags & BACKEND_USABLE == 0 {
+        return None;
+    }
+    Some(Choice {
+        backend_id: id,
+        backend: b,
+        flow: Some(state),
+        hash,
+        vip_id,
+    })
+}
+
+/// The backend the VIP's Maglev ring gives a flow the connection table does
+/// not know (or whose entry `known_flow` set aside); the caller records it.
+#[inline(always)]
+pub fn maglev_choice(key: &FlowKey, vip: &VipInfo) -> Option<Choice> {
     // Each VIP's ring has a size of its own, read from the entry already
     // loaded: the same one division the single global size took.
     let size = vip.ring_size;
@@ -94,7 +135,7 @@ pub fn choose_backend(key: &FlowKey, vip: &VipInfo, tcp_flags: u8) -> Option<Cho
     if id == NO_BACKEND {
         return None;
     }
-    let backend = *BACKENDS.get(id)?;
+    let backend = BACKENDS.get(id)?;
     if backend.flags & BACKEND_USABLE == 0 {
         return None;
     }
@@ -103,5 +144,6 @@ pub fn choose_backend(key: &FlowKey, vip: &VipInfo, tcp_flags: u8) -> Option<Cho
         backend,
         flow: None,
         hash,
+        vip_id: vip.vip_id,
     })
 }

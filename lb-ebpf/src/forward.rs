@@ -6,7 +6,7 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{FlowKey, Outcome, VipInfo, FAMILY_V4};
 
 use crate::{
-    balance::choose_backend,
+    balance::{maglev_choice, Choice},
     counters,
     encap::{encapsulate, send},
     headers::{IPV4_LEN, IPV6_LEN},
@@ -28,13 +28,16 @@ pub const fn drop(o: Outcome) -> Verdict {
 }
 
 /// Sends the IP packet after the Ethernet header to the backend of the flow
-/// `key` of `vip`. `icmp` marks an ICMP error about the flow: it follows the
-/// flow but is neither recorded nor traced as part of it.
+/// `key` of `vip`: `known`, the connection table's choice (`known_flow`),
+/// or else the VIP's Maglev ring's. `icmp` marks an ICMP error about the
+/// flow: it follows the flow but is neither recorded nor traced as part of it.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     ctx: &XdpContext,
     key: &FlowKey,
     vip: &VipInfo,
+    known: Option<Choice>,
     ip_len: u16,
     tcp_flags: u8,
     icmp: bool,
@@ -42,13 +45,13 @@ pub fn forward(
     let Some(settings) = SETTINGS.get(0) else {
         return drop(Outcome::DropNoBackend);
     };
-    let Some(choice) = choose_backend(key, vip, tcp_flags) else {
+    let Some(choice) = known.or_else(|| maglev_choice(key, vip)) else {
         return drop(Outcome::DropNoBackend);
     };
     if choice.backend.ifindex == 0 {
         return drop(Outcome::DropNoNextHop);
     }
-    if let Some(refused) = mtu::fit(ctx, key, &choice.backend, settings, ip_len, tcp_flags, icmp) {
+    if let Some(refused) = mtu::fit(ctx, key, choice.backend, settings, ip_len, tcp_flags, icmp) {
         return refused;
     }
     // Counted as received, before the outer header is added.
@@ -60,7 +63,7 @@ pub fn forward(
     } as u64;
     if encapsulate(
         ctx,
-        &choice.backend,
+        choice.backend,
         settings,
         choice.hash,
         key.family == FAMILY_V4,
@@ -81,7 +84,7 @@ pub fn forward(
         new_flow = added == 0;
         bytes_out += added;
     }
-    let Some((action, redirected)) = send(ctx, &choice.backend) else {
+    let Some((action, redirected)) = send(ctx, choice.backend) else {
         return drop(Outcome::DropRedirectFailed);
     };
     counters::forwarded(vip.vip_id, choice.backend_id, bytes_in, bytes_out, new_flow);

@@ -13,7 +13,7 @@
 use lb_common::{FlowKey, Outcome, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
-    balance::{is_vip_address, lookup_vip},
+    balance::{is_vip_address, known_flow, lookup_vip},
     forward::{drop, forward, pass, Verdict},
     headers::{
         ip_len_in_frame, l4_min_len, ptr_at, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, IPV4_LEN, IPV6_LEN,
@@ -169,7 +169,7 @@ fn forward_icmp(
         return drop(Outcome::DropMalformed);
     }
     match lookup_vip(key) {
-        Some(vip) => forward(ctx, key, &vip, ip_len, 0, true),
+        Some(vip) => forward(ctx, key, &vip, known_flow(key, 0), ip_len, 0, true),
         None => pass(Outcome::PassNotVip),
     }
 }

@@ -1,11 +1,11 @@
 //! `lb_ingress`: parse, find the VIP and the backend, encapsulate, send.
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
-    FlowKey, Outcome, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    FlowKey, Outcome, VipInfo, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    balance::{is_vip_address, lookup_vip},
+    balance::{is_vip_address, known_flow, lookup_vip, may_be_vip, vip_is_live},
     counters, datapath_log,
     forward::{drop, forward, pass, Verdict},
     headers::{
@@ -140,21 +140,38 @@ fn forward_l4(ctx: &XdpContext, mut key: FlowKey, l4: usize, ip_len: Option<u16>
     let ports = unsafe { *ports };
     key.sport = ports.src;
     key.dport = ports.dst;
-    let Some(vip) = lookup_vip(&key) else {
+    // Most traffic that is not a VIP's stops here, before any hashing.
+    if !may_be_vip(&key) {
         return pass(Outcome::PassNotVip);
+    }
+    let tcp_flags = if key.proto == PROTO_TCP {
+        // SAFETY: ptr_at checked bounds.
+        ptr_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET).map(|f| unsafe { *f })
+    } else {
+        Some(0)
     };
-    let Some(ip_len) = ip_len else {
+    // A flow the connection table knows, whose VIP is still the one it was
+    // recorded for, needs no VIP lookup: one hash lookup per packet.
+    let known = match (ip_len, tcp_flags) {
+        (Some(_), Some(flags)) => known_flow(&key, flags),
+        _ => None,
+    };
+    let vip = match &known {
+        Some(choice) if vip_is_live(&key, choice.vip_id) => VipInfo {
+            vip_id: choice.vip_id,
+            ..VipInfo::default()
+        },
+        _ => match lookup_vip(&key) {
+            Some(vip) => vip,
+            None => return pass(Outcome::PassNotVip),
+        },
+    };
+    // (`known` is only set when both are.)
+    let (Some(ip_len), Some(tcp_flags)) = (ip_len, tcp_flags) else {
         return drop(Outcome::DropMalformed);
     };
-    let mut tcp_flags = 0;
-    if key.proto == PROTO_TCP {
-        let Some(flags) = ptr_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET) else {
-            return drop(Outcome::DropMalformed);
-        };
-        // SAFETY: ptr_at checked bounds.
-        tcp_flags = unsafe { *flags };
-    }
-    forward(ctx, &key, &vip, ip_len, tcp_flags, false)
+    // One call site: the pipeline is inlined once.
+    forward(ctx, &key, &vip, known, ip_len, tcp_flags, false)
 }
 
 /// Offset of the flags byte in the TCP header.

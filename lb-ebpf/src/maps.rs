@@ -8,13 +8,26 @@ use aya_ebpf::{
 use lb_common::{
     BackendInfo, BypassEntry, BypassIntermediary, BypassPrefix, FlowKey, FlowState, HostAddr,
     IcmpTokens, MaglevChunk, PacketCounter, Settings, TrafficCounters, VipInfo, VipKey,
-    BYPASS_STAT_COUNT, DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT,
+    BYPASS_STAT_COUNT, DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT, VIP_FILTER_SLOTS,
 };
 
 /// VIPs keyed by (address, port, protocol); also one marker per VIP address
 /// (port 0, protocol 0) so fragments can be recognised. Written by the agent.
 #[map]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(128, 0);
+
+/// Each live VIP's key by VIP id (an all-zero key: no VIP), so that a
+/// connection-table entry can be checked against its VIP without the VIP
+/// table; see `balance::vip_is_live`. Written by the agent, filled at each
+/// load (not pinned); sized to `max_vips` by the agent.
+#[map]
+pub static VIP_BY_ID: Array<VipKey> = Array::with_max_entries(64, 0);
+
+/// How many VIP addresses fold into each slot (`lb_common::vip_filter_slot`).
+/// A packet whose slot is 0 is not to a VIP. Written by the agent, filled
+/// at each load (not pinned).
+#[map]
+pub static VIP_FILTER: Array<u32> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
 
 /// Maglev rings of every size, one after another: slot `g = ring_base +
 /// hash % ring_size` (from the VIP's entry) holds a backend id, at lane

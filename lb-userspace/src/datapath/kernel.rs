@@ -13,7 +13,7 @@ use lb_common::{
     VipInfo, VipKey, MAGLEV_LANES, OUTCOME_COUNT,
 };
 
-use super::{Datapath, MapSizes};
+use super::{vip_index::VipIndexMaps, Datapath, MapSizes};
 
 /// The Maglev ring array, mapped into the agent's memory (the map is created
 /// with `BPF_F_MMAPABLE`): writing a ring is one copy, where a syscall per slot
@@ -81,6 +81,7 @@ pub struct KernelDatapath {
     backends: Array<MapData, BackendInfo>,
     maglev: MappedRings,
     vips: HashMap<MapData, VipKey, VipInfo>,
+    vip_index: VipIndexMaps,
     tx_ports: DevMapHash<MapData>,
     pub(super) vip_stats: PerCpuArray<MapData, TrafficCounters>,
     pub(super) backend_stats: PerCpuArray<MapData, TrafficCounters>,
@@ -148,11 +149,19 @@ impl KernelDatapath {
     pub fn new(ebpf: &mut Ebpf, sizes: &MapSizes) -> Result<Self> {
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         let slots = sizes.maglev_slots as usize;
+        let vips = take(ebpf, "VIPS")?;
+        // Filled from the VIP table a previous agent left, if any.
+        let vip_index = VipIndexMaps::new(
+            take(ebpf, "VIP_BY_ID")?,
+            take(ebpf, "VIP_FILTER")?,
+            &vip_entries(&vips)?,
+        )?;
         Ok(Self {
             settings: take(ebpf, "SETTINGS")?,
             backends: take(ebpf, "BACKENDS")?,
             maglev: MappedRings::new(take(ebpf, "MAGLEV")?, slots)?,
-            vips: take(ebpf, "VIPS")?,
+            vips,
+            vip_index,
             tx_ports: take(ebpf, "TX_PORTS")?,
             vip_stats: take(ebpf, "VIP_STATS")?,
             backend_stats: take(ebpf, "BACKEND_STATS")?,
@@ -211,11 +220,13 @@ impl Datapath for KernelDatapath {
     }
 
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        self.vip_index.before_set(key, info)?;
         self.vips.insert(key, info, 0).context("writing a VIP")
     }
 
     fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
-        self.vips.remove(key).context("removing a VIP")
+        self.vips.remove(key).context("removing a VIP")?;
+        self.vip_index.after_remove(key)
     }
 
     fn clear_vip_counters(&mut self, vip_id: u32) -> Result<()> {

@@ -23,6 +23,7 @@ mod flows;
 mod kernel;
 mod migrate;
 mod pins;
+mod vip_index;
 
 use anyhow::{Context as _, Result};
 use aya::Ebpf;
@@ -37,7 +38,7 @@ pub use decap::DecapMaps;
 pub use flows::{FlowSource, FlowTable};
 pub use kernel::{sum_packets, KernelDatapath};
 pub use migrate::OldMaps;
-pub use pins::{Origin, Pins, PINNED_MAPS, PIN_ROOT};
+pub use pins::{ensure_bpffs, Origin, Pins, PINNED_MAPS, PIN_ROOT};
 
 /// What the balancer logic needs from the datapath.
 pub trait Datapath {
@@ -96,7 +97,7 @@ impl MapSizes {
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
 
 /// `max_entries` of the maps whose size the configuration sets.
-pub(crate) fn max_entries(sizes: &MapSizes) -> Result<[(&'static str, u32); 6]> {
+pub(crate) fn max_entries(sizes: &MapSizes) -> Result<[(&'static str, u32); 7]> {
     let chunks = u64::from(sizes.maglev_slots).div_ceil(u64::from(MAGLEV_LANES));
     let chunks = u32::try_from(chunks).context("Maglev rings do not fit a BPF array")?;
     Ok([
@@ -107,6 +108,7 @@ pub(crate) fn max_entries(sizes: &MapSizes) -> Result<[(&'static str, u32); 6]> 
         ("BACKENDS", sizes.max_backends),
         ("FLOWS", sizes.flow_table_size),
         ("VIP_STATS", sizes.max_vips),
+        ("VIP_BY_ID", sizes.max_vips),
         ("BACKEND_STATS", sizes.max_backends),
     ])
 }

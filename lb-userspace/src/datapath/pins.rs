@@ -252,7 +252,7 @@ fn remove_tree(dir: &Path) -> Result<()> {
 }
 
 /// Mounts bpffs on /sys/fs/bpf unless it is there (as systemd does at boot).
-fn ensure_bpffs() -> Result<()> {
+pub fn ensure_bpffs() -> Result<()> {
     let path = CString::new("/sys/fs/bpf").expect("no NUL");
     // SAFETY: statfs on a valid C string into a zeroed struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };

@@ -139,6 +139,7 @@ impl Katran {
             "/sys/fs/bpf/lb-bench-katran-{}",
             std::process::id()
         ));
+        lb_userspace::datapath::ensure_bpffs()?;
         let _ = std::fs::remove_dir_all(&pin_dir);
         std::fs::create_dir_all(&pin_dir).context("bpffs directory")?;
         let out = Command::new("bpftool")

@@ -466,7 +466,13 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
     let mut traced = true;
     let mut peer_ratios = BTreeMap::new();
     let mut katran = peer::load();
+    // LB_BENCH_CASES=key,key runs only those cases (for profiling one path).
+    let only = std::env::var("LB_BENCH_CASES").ok();
+    let only: Option<Vec<&str>> = only.as_deref().map(|s| s.split(',').collect());
     for c in cases {
+        if c.key != "floor" && only.as_ref().is_some_and(|o| !o.contains(&c.key)) {
+            continue;
+        }
         if c.untraced && traced {
             f.apply(&format!(
                 "[visibility]\ntrace_flows = false\nevent_sample = 0\n{}",
@@ -571,7 +577,9 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
         ),
     ];
     for (key, name, target) in names {
-        let ratio = ratios[key];
+        let Some(&ratio) = ratios.get(key) else {
+            continue;
+        };
         let (t, met) = match target {
             Some(x) => (format!("≤ {x}× floor"), Some(ratio <= x)),
             None => (String::new(), None),
@@ -605,7 +613,10 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             "tracer and event cost, new flow",
         ),
     ] {
-        let delta = ratios[on] - ratios[off];
+        let (Some(r_on), Some(r_off)) = (ratios.get(on), ratios.get(off)) else {
+            continue;
+        };
+        let delta = r_on - r_off;
         report.row(
             "datapath",
             what,
@@ -1127,7 +1138,10 @@ fn main() {
     let sections: [Section; 8] = [
         ("datapath", |r| {
             datapath_cost(r);
-            dlog::run(r);
+            // A run filtered to some cases (LB_BENCH_CASES) is for one path.
+            if std::env::var_os("LB_BENCH_CASES").is_none() {
+                dlog::run(r);
+            }
         }),
         ("conntrack", connection_table),
         ("maglev", maglev::run),
