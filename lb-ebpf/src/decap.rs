@@ -10,8 +10,8 @@ use lb_common::{DecapOutcome, HostAddr, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_
 use crate::{
     bypass_dest, counters, datapath_log,
     headers::{
-        len_from, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN,
-        IPV6_LEN,
+        len_from, ptr_at, write_header, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6,
+        IPV4_LEN, IPV6_LEN,
     },
     maps::DECAP_ADDRS,
     second_chance,
@@ -175,6 +175,6 @@ fn try_decap(ctx: &XdpContext) -> (u32, DecapOutcome) {
         return (xdp_action::XDP_DROP, DecapOutcome::DroppedAdjustFailed);
     };
     // SAFETY: ptr_at checked bounds.
-    unsafe { eth.write_unaligned(eth_hdr) };
+    unsafe { write_header(eth, eth_hdr) };
     (xdp_action::XDP_PASS, DecapOutcome::Decapsulated)
 }

@@ -5,7 +5,8 @@ use lb_common::{BackendInfo, Settings, FAMILY_V4, PROTO_IPIP, PROTO_IPV6};
 
 use crate::{
     headers::{
-        ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN, IPV6_LEN,
+        ptr_at, write_header, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN,
+        IPV6_LEN,
     },
     maps::TX_PORTS,
 };
@@ -65,7 +66,7 @@ pub fn encapsulate(
         ether_type: (if outer_v4 { ETH_P_IPV4 } else { ETH_P_IPV6 }).to_be(),
     };
     // SAFETY: ptr_at checked that the header fits in the packet.
-    unsafe { eth.write_unaligned(eth_hdr) };
+    unsafe { write_header(eth, eth_hdr) };
 
     if outer_v4 {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN).ok_or(EncapError::AdjustFailed)?;
@@ -90,7 +91,7 @@ pub fn encapsulate(
         };
         hdr.check = ipv4_checksum(&hdr);
         // SAFETY: ptr_at checked that the header fits in the packet.
-        unsafe { ip.write_unaligned(hdr) };
+        unsafe { write_header(ip, hdr) };
     } else {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_LEN).ok_or(EncapError::AdjustFailed)?;
         let mut src = settings.src_v6;
@@ -112,7 +113,7 @@ pub fn encapsulate(
             dst: backend.addr,
         };
         // SAFETY: ptr_at checked that the header fits in the packet.
-        unsafe { ip.write_unaligned(hdr) };
+        unsafe { write_header(ip, hdr) };
     }
     Ok(())
 }

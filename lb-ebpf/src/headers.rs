@@ -63,6 +63,20 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
+/// Writes a header into the packet with the header's own (16-bit)
+/// alignment: `write_unaligned` stores byte by byte in BPF, twice the
+/// instructions. Headers here are written at even offsets of a frame that
+/// starts at an even address (XDP headroom), so the stores are aligned.
+///
+/// # Safety
+/// `dst` must come from `ptr_at` for this frame (bounds checked) at an even offset.
+#[inline(always)]
+pub unsafe fn write_header<T: Copy>(dst: *mut T, value: T) {
+    const { assert!(core::mem::align_of::<T>() == 2) };
+    // SAFETY: in bounds (ptr_at) and 2-aligned, as the caller promises.
+    unsafe { dst.write(value) }
+}
+
 /// Bytes from `off` to the end of the packet.
 #[inline(always)]
 pub fn len_from(ctx: &XdpContext, off: usize) -> usize {

@@ -26,7 +26,8 @@ use lb_common::{
 use crate::{
     encap::ipv4_checksum,
     headers::{
-        ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN, IPV6_LEN,
+        ptr_at, write_header, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN,
+        IPV6_LEN,
     },
     maps::{ICMP_TOO_BIG_TOKENS, MSS_CLAMPED},
 };
@@ -320,7 +321,7 @@ fn turn_around(ctx: &XdpContext, received: &EthHdr, ether_type: u16) -> Option<(
         ether_type: ether_type.to_be(),
     };
     // SAFETY: ptr_at checked bounds.
-    unsafe { eth.write_unaligned(hdr) };
+    unsafe { write_header(eth, hdr) };
     Some(())
 }
 
@@ -364,7 +365,7 @@ fn frag_needed_quoting<const QUOTE: usize, const ICMP_LEN: usize>(
     hdr.check = ipv4_checksum(&hdr);
     let out_ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
     // SAFETY: ptr_at checked bounds.
-    unsafe { out_ip.write_unaligned(hdr) };
+    unsafe { write_header(out_ip, hdr) };
     let icmp_off = ETH_LEN + IPV4_LEN;
     let icmp = ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, icmp_off)?;
     let m = mtu.to_be_bytes();
@@ -414,7 +415,7 @@ fn packet_too_big_quoting<const QUOTE: usize, const ICMP_LEN: usize>(
     };
     let out_ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)?;
     // SAFETY: ptr_at checked bounds.
-    unsafe { out_ip.write_unaligned(hdr) };
+    unsafe { write_header(out_ip, hdr) };
     let icmp_off = ETH_LEN + IPV6_LEN;
     let icmp = ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, icmp_off)?;
     let m = mtu.to_be_bytes();

@@ -3,7 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    flow_hash, DecapOutcome, FlowKey, Outcome, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP,
+    flow_hash, vip_filter_slot, DecapOutcome, FlowKey, Outcome, PROTO_IPIP, PROTO_IPV6, PROTO_TCP,
+    PROTO_UDP,
 };
 use lb_tests::{fixture::*, packet::*};
 use lb_userspace::{datapath::Datapath as _, maglev};
@@ -329,6 +330,64 @@ fn ipv4_client_to_ipv6_backend() {
     let ip = ipv4(CLIENT4, vip2, PROTO_TCP, &tcp(40000, 80, TCP_SYN, b"x"));
     let key = flow_key(IpAddr::V4(CLIENT4), IpAddr::V4(vip2), 40000, 80, PROTO_TCP);
     assert_balanced(&f, &ip, &key, &[(B6[0], 1), (B6[1], 1)]);
+}
+
+/// An established flow skips the VIP table: its entry is checked against
+/// the VIP its id names (`VIP_BY_ID`). Once the VIP is gone its packets
+/// pass like any traffic that is not a VIP's; back, they follow the entry.
+#[test]
+fn flows_of_a_removed_vip_pass_and_follow_their_entry_once_it_is_back() {
+    let mut f = Fixture::new(&standard());
+    let syn = eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(40100, 80, TCP_SYN));
+    assert_eq!(f.ingress(&syn).action, XDP_TX);
+    let key = key4(40100, 80, PROTO_TCP);
+    let ack = eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(40100, 80, TCP_ACK));
+    let forwarded = f.ingress(&ack);
+    assert_eq!(forwarded.action, XDP_TX);
+
+    // Without VIP4:80; the address keeps its every-port UDP VIP, so its
+    // filter slot stays set and the entry's check is what stops the flow.
+    let without = standard().replacen(&vip("198.18.10.1", 80, "tcp", &THREE), "", 1);
+    f.apply(&without);
+    assert!(f.flow(&key).is_some(), "the entry outlives its VIP");
+    let passed = f.outcome(Outcome::PassNotVip);
+    let r = f.ingress(&ack);
+    assert_eq!(r.action, XDP_PASS);
+    assert_eq!(r.output, ack, "passed unchanged");
+    assert_eq!(f.outcome(Outcome::PassNotVip), passed + 1);
+
+    f.apply(&standard());
+    let r = f.ingress(&ack);
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(r.output, forwarded.output, "same backend as before");
+}
+
+/// The VIP address filter only lets packets on to the lookups: an address
+/// that is no VIP's but folds into a VIP address's slot still passes.
+#[test]
+fn an_address_sharing_a_vip_addresses_filter_slot_passes() {
+    let f = Fixture::new(&standard());
+    // VIP4's address words are [w, 0, 0, 0]; [0, w, 0, 0] folds the same.
+    let o = VIP4.octets();
+    let mut bytes = [0u8; 16];
+    bytes[4..8].copy_from_slice(&o);
+    let other = Ipv6Addr::from(bytes);
+    let k = flow_key(IpAddr::V6(CLIENT6), IpAddr::V6(other), 1, 80, PROTO_TCP);
+    assert_eq!(
+        vip_filter_slot(k.dst_words()),
+        vip_filter_slot(key4(1, 80, PROTO_TCP).dst_words())
+    );
+    let frame = eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV6,
+        &ipv6(CLIENT6, other, PROTO_TCP, 0, 64, &tcp(1, 80, TCP_SYN, b"")),
+    );
+    let r = f.ingress(&frame);
+    assert_eq!(r.action, XDP_PASS);
+    assert_eq!(r.output, frame);
+    assert_eq!(f.outcome(Outcome::PassNotVip), 1);
+    assert!(f.flows().is_empty());
 }
 
 #[test]
