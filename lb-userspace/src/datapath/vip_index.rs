@@ -5,7 +5,8 @@
 //!   names its VIP by id, and the datapath checks that the id still holds
 //!   the key the flow is addressed to;
 //! - `VIP_FILTER`: per slot (`lb_common::vip_filter_slot`), how many VIP
-//!   addresses fold into it; a packet whose slot is 0 is not to a VIP.
+//!   entries have an address that folds into it; a packet whose slot is 0
+//!   is not to a VIP.
 //!
 //! Neither is pinned: each load starts them empty and the agent fills them
 //! from the VIP table before the programs are attached. Writes keep them a
@@ -34,9 +35,7 @@ pub struct VipIndex {
     ids: HashMap<VipKey, u32>,
     /// Key held at each id of `VIP_BY_ID`.
     by_id: HashMap<u32, VipKey>,
-    /// VIP entries per address.
-    addresses: HashMap<([u8; 16], u8), u32>,
-    /// Addresses per filter slot.
+    /// VIP entries per filter slot.
     slots: HashMap<u32, u32>,
 }
 
@@ -50,17 +49,13 @@ impl VipIndex {
     pub fn set(&mut self, key: &VipKey, info: &VipInfo) -> Vec<Write> {
         let mut out = Vec::new();
         if !self.ids.contains_key(key) {
-            let n = self.addresses.entry((key.addr, key.family)).or_default();
-            *n += 1;
-            if *n == 1 {
-                let slot = vip_filter_slot(key.addr_words());
-                let count = self.slots.entry(slot).or_default();
-                *count += 1;
-                out.push(Write::Filter {
-                    slot,
-                    count: *count,
-                });
-            }
+            let slot = vip_filter_slot(key.addr_words());
+            let count = self.slots.entry(slot).or_default();
+            *count += 1;
+            out.push(Write::Filter {
+                slot,
+                count: *count,
+            });
         }
         let previous = self.ids.insert(*key, info.vip_id);
         if is_vip(key) {
@@ -86,21 +81,15 @@ impl VipIndex {
         if is_vip(key) {
             out.extend(self.clear_id(id, key));
         }
-        let addr = (key.addr, key.family);
-        let n = self.addresses.entry(addr).or_default();
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            self.addresses.remove(&addr);
-            let slot = vip_filter_slot(key.addr_words());
-            let count = self.slots.entry(slot).or_default();
-            *count = count.saturating_sub(1);
-            out.push(Write::Filter {
-                slot,
-                count: *count,
-            });
-            if *count == 0 {
-                self.slots.remove(&slot);
-            }
+        let slot = vip_filter_slot(key.addr_words());
+        let count = self.slots.entry(slot).or_default();
+        *count = count.saturating_sub(1);
+        out.push(Write::Filter {
+            slot,
+            count: *count,
+        });
+        if *count == 0 {
+            self.slots.remove(&slot);
         }
         out
     }
