@@ -55,8 +55,10 @@ pub const BACKEND_ALLOCATED: u32 = 1 << 2;
 
 /// Version of the map layout (key and value types, map set). Pinned maps
 /// live under a directory named after it, so an agent with another layout
-/// never reads them as its own.
-pub const LAYOUT_VERSION: u32 = 3;
+/// never reads them as its own. Layout 4 made the connection table a
+/// preallocated hash the agent expires (it was a kernel LRU) and added
+/// `FLOWS_UNRECORDED`.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Key of the VIP table: (address, port, protocol). Port 0 matches every port.
 /// Aligned to 4 bytes so the datapath reads and writes it in words.
@@ -180,7 +182,8 @@ pub struct FlowState {
     pub state: u8,
     pub _pad: [u8; 2],
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the first and
-    /// last packet; 0 when tracers are off.
+    /// last packet, kept with tracers off too: the agent expires idle flows
+    /// by `last_ns` (the table does not evict).
     pub first_ns: u64,
     pub last_ns: u64,
     /// Incoming leg (client to LB, as received).

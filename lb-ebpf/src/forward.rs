@@ -87,8 +87,10 @@ pub fn forward(
     let Some((action, redirected)) = send(ctx, choice.backend) else {
         return drop(Outcome::DropRedirectFailed);
     };
-    counters::forwarded(vip.vip_id, choice.backend_id, bytes_in, bytes_out, new_flow);
-    // Flows sent with a second candidate stay out of the connection table.
+    // Flows sent with a second candidate stay out of the connection table;
+    // a new flow counts once it is recorded (not each packet of a flow the
+    // full table had no room for).
+    let mut recorded = false;
     if !icmp && (choice.flow.is_some() || new_flow) {
         let packet = trace::Packet {
             key,
@@ -101,9 +103,10 @@ pub fn forward(
         };
         match choice.flow {
             Some(state) => trace::known_flow(&packet, settings, state),
-            None => trace::new_flow(&packet, settings),
+            None => recorded = trace::new_flow(&packet, settings),
         }
     }
+    counters::forwarded(vip.vip_id, choice.backend_id, bytes_in, bytes_out, recorded);
     let outcome = if icmp {
         Outcome::IcmpForwarded
     } else if redirected {

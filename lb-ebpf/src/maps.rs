@@ -42,9 +42,19 @@ pub static MAGLEV: Array<MaglevChunk> =
 #[map]
 pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(4096, 0);
 
-/// Connection table keyed by the client's 5-tuple. Written by the datapath.
+/// Connection table keyed by the client's 5-tuple. Written by the datapath,
+/// expired by the agent's collector (idle times from `last_ns`, shortened
+/// while the table is nearly full). A preallocated hash, not an LRU: an
+/// insert takes a free entry without the LRU's shared lists, and a flood of
+/// new flows cannot evict established ones. When it is full a new flow is
+/// forwarded by Maglev alone and counted in `FLOWS_UNRECORDED`.
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(1_000_000, 0);
+pub static FLOWS: HashMap<FlowKey, FlowState> = HashMap::with_max_entries(1_000_000, 0);
+
+/// Packets of flows the connection table had no room for (index 0): sent to
+/// the Maglev ring's backend without an entry. Written by the datapath.
+#[map]
+pub static FLOWS_UNRECORDED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Global settings, index 0. Written by the agent.
 #[map]

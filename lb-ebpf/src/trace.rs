@@ -9,7 +9,7 @@ use lb_common::{
 
 use crate::{
     counters,
-    maps::{CLOCK_CACHE, EVENT_STATS, FLOWS, FLOW_EVENTS},
+    maps::{CLOCK_CACHE, EVENT_STATS, FLOWS, FLOWS_UNRECORDED, FLOW_EVENTS},
 };
 
 /// One forwarded packet of a VIP flow, as the tracers see it.
@@ -73,19 +73,34 @@ fn coarse_now() -> u64 {
     }
 }
 
-/// Records a flow the connection table did not know.
+/// The `FLOW_CLOSED_*` bit a packet's flags close its flow with, if any.
 #[inline(always)]
-pub fn new_flow(p: &Packet, settings: &Settings) {
-    let trace = settings.flags & SETTING_TRACE_FLOWS != 0;
+fn close_bit(tcp_flags: u8) -> u8 {
+    if tcp_flags & TCP_RST != 0 {
+        FLOW_CLOSED_RST
+    } else if tcp_flags & TCP_FIN != 0 {
+        FLOW_CLOSED_FIN
+    } else {
+        0
+    }
+}
+
+/// Records a flow the connection table did not know. Returns whether it is
+/// now recorded: a full table (the agent expires flows, the table does not
+/// evict) leaves it to Maglev alone, counted in `FLOWS_UNRECORDED`.
+#[inline(always)]
+pub fn new_flow(p: &Packet, settings: &Settings) -> bool {
     // The coarse clock (a tick's precision) is plenty for ages and idle
-    // times and much cheaper per packet.
-    let now = if trace { coarse_now() } else { 0 };
+    // times and much cheaper per packet. Stamped with tracers off too: the
+    // agent expires flows by it.
+    let now = coarse_now();
+    let closed = close_bit(p.tcp_flags);
     let state = FlowState {
         backend_id: p.backend_id,
         vip_id: p.vip_id,
         hash: p.hash,
         tcp_flags: p.tcp_flags,
-        state: 0,
+        state: closed,
         _pad: [0; 2],
         first_ns: now,
         last_ns: now,
@@ -93,55 +108,63 @@ pub fn new_flow(p: &Packet, settings: &Settings) {
         bytes_in: p.bytes_in,
         bytes_out: p.bytes_out,
     };
-    // A full LRU evicts its oldest entry; an error here only means the flow
-    // is re-hashed next packet, which Maglev answers the same way.
-    let _ = FLOWS.insert(p.key, state, 0);
-    if trace {
-        event(p, settings, EVENT_OPEN, now);
-        closes(p, settings, None, now);
+    if FLOWS.insert(p.key, state, 0).is_err() {
+        if let Some(c) = FLOWS_UNRECORDED.get_ptr_mut(0) {
+            // SAFETY: per-CPU value.
+            unsafe { *c += 1 };
+        }
+        return false;
     }
+    if settings.flags & SETTING_TRACE_FLOWS != 0 {
+        event(p, settings, EVENT_OPEN, now);
+        if closed != 0 {
+            closes(p, settings, closed, now);
+        }
+    }
+    true
 }
 
-/// Updates a known flow's tracers.
+/// Updates a known flow: its last packet's time and close state always (the
+/// agent expires flows by them), its tracers when they are on.
 #[inline(always)]
 pub fn known_flow(p: &Packet, settings: &Settings, state: *mut FlowState) {
-    if settings.flags & SETTING_TRACE_FLOWS == 0 {
-        return;
-    }
     let now = coarse_now();
+    let trace = settings.flags & SETTING_TRACE_FLOWS != 0;
     // SAFETY: a connection-table entry; racing updates from two CPUs can lose
     // an increment, never corrupt the entry (a flow normally stays on one queue).
     unsafe {
-        (*state).last_ns = now;
-        (*state).tcp_flags |= p.tcp_flags;
-        (*state).packets_in += 1;
-        (*state).bytes_in += p.bytes_in;
-        (*state).bytes_out += p.bytes_out;
+        if trace {
+            (*state).last_ns = now;
+            (*state).tcp_flags |= p.tcp_flags;
+            (*state).packets_in += 1;
+            (*state).bytes_in += p.bytes_in;
+            (*state).bytes_out += p.bytes_out;
+        } else if (*state).last_ns != now {
+            // Without tracers the entry is written once per clock tick.
+            (*state).last_ns = now;
+        }
     }
-    closes(p, settings, Some(state), now);
-}
-
-/// Counts the first FIN or RST of a flow as its close.
-#[inline(always)]
-fn closes(p: &Packet, settings: &Settings, state: Option<*mut FlowState>, now: u64) {
-    let closing = p.tcp_flags & (TCP_FIN | TCP_RST);
+    let closing = close_bit(p.tcp_flags);
     if closing == 0 {
         return;
     }
-    if let Some(s) = state {
-        // SAFETY: as in known_flow.
-        unsafe {
-            if (*s).state & (FLOW_CLOSED_FIN | FLOW_CLOSED_RST) != 0 {
-                return;
-            }
-            (*s).state |= if closing & TCP_RST != 0 {
-                FLOW_CLOSED_RST
-            } else {
-                FLOW_CLOSED_FIN
-            };
+    // SAFETY: as above.
+    unsafe {
+        if (*state).state & (FLOW_CLOSED_FIN | FLOW_CLOSED_RST) != 0 {
+            return;
         }
+        (*state).state |= closing;
     }
-    let rst = closing & TCP_RST != 0;
+    if trace {
+        closes(p, settings, closing, now);
+    }
+}
+
+/// Counts a flow's first FIN or RST (`closed`, its `FLOW_CLOSED_*` bit) as
+/// its close, with tracers on.
+#[inline(always)]
+fn closes(p: &Packet, settings: &Settings, closed: u8, now: u64) {
+    let rst = closed == FLOW_CLOSED_RST;
     counters::closed(p.vip_id, p.backend_id, rst);
     event(
         p,

@@ -283,6 +283,15 @@ pub struct Status {
     /// are counted under their outcome too).
     #[serde(default)]
     pub mss_clamped: u64,
+    /// Packets of flows the full connection table had no room for: sent to
+    /// the Maglev ring's backend without an entry (they are counted under
+    /// their outcome too).
+    #[serde(default)]
+    pub flows_unrecorded: u64,
+    /// What the connection table's idle timeouts are divided by while it is
+    /// nearly full (1: the configured ones).
+    #[serde(default)]
+    pub flow_timeout_divisor: u64,
     #[serde(default)]
     pub xdp_errors: Vec<XdpErrors>,
     /// The bypass intermediary of a client host, or the sender of a

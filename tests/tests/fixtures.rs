@@ -7,7 +7,10 @@ use lb_common::{
     PROTO_UDP,
 };
 use lb_tests::{fixture::*, packet::*};
-use lb_userspace::{datapath::Datapath as _, maglev};
+use lb_userspace::{
+    datapath::{Datapath as _, MapSizes},
+    maglev,
+};
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 1);
@@ -858,10 +861,14 @@ fn tracers_and_events_can_be_switched_off() {
     }
     let state = f.flow(&key).unwrap();
     assert_eq!(
-        (state.packets_in, state.first_ns, state.state),
-        (1, 0, 0),
-        "only the first packet is recorded"
+        (state.packets_in, state.tcp_flags),
+        (1, TCP_SYN),
+        "the tracers count only the first packet"
     );
+    // Times and the close state are kept all the same: the agent expires
+    // flows by them.
+    assert!(state.first_ns > 0 && state.last_ns >= state.first_ns);
+    assert_eq!(state.state, lb_common::FLOW_CLOSED_FIN);
     assert_eq!(
         f.vip_counters(state.vip_id).packets,
         3,
@@ -1460,4 +1467,63 @@ fn the_verifier_work_stays_far_below_its_limit() {
     println!("lb_ingress: {verified} instructions verified");
     // The limit is 1,000,000; walking TCP options the wrong way costs most of it.
     assert!(verified < 200_000, "{verified} instructions verified");
+}
+
+#[test]
+fn a_full_connection_table_forwards_new_flows_by_maglev_and_counts_them() {
+    let sizes = MapSizes {
+        flow_table_size: 8,
+        ..SIZES
+    };
+    let mut f = Fixture::with_sizes(sizes, &standard());
+    let syn = |sport| eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(sport, 80, TCP_SYN));
+    let ack = |sport| eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(sport, 80, TCP_ACK));
+    let backend_of = |out: &[u8]| [out[30], out[31], out[32], out[33]];
+    let mut first = Vec::new();
+    for sport in 40000..40008u16 {
+        let run = f.ingress(&syn(sport));
+        assert_eq!(run.action, XDP_TX);
+        first.push(backend_of(&run.output));
+    }
+    assert_eq!(f.flows().len(), 8);
+    let vip_id = f.flow(&key4(40000, 80, PROTO_TCP)).unwrap().vip_id;
+    assert_eq!(f.vip_counters(vip_id).new_flows, 8);
+    assert_eq!(f.balancer.datapath().flows_unrecorded().unwrap(), 0);
+
+    // The table is full: a ninth flow is still forwarded, to its Maglev
+    // backend, on every packet, without an entry, and counted per packet.
+    let expected: Ipv4Addr = maglev_pick(&f, &THREE, &key4(41000, 80, PROTO_TCP))
+        .parse()
+        .unwrap();
+    let expected = expected.octets();
+    for frame in [syn(41000), ack(41000), ack(41000)] {
+        let run = f.ingress(&frame);
+        assert_eq!(run.action, XDP_TX);
+        assert_eq!(backend_of(&run.output), expected);
+    }
+    assert!(f.flow(&key4(41000, 80, PROTO_TCP)).is_none());
+    assert_eq!(f.flows().len(), 8, "nothing was evicted");
+    assert_eq!(f.balancer.datapath().flows_unrecorded().unwrap(), 3);
+    assert_eq!(
+        f.vip_counters(vip_id).new_flows,
+        8,
+        "a flow counts as new once it is recorded"
+    );
+    assert_eq!(f.vip_counters(vip_id).packets, 11);
+    // The recorded flows keep their backends.
+    for (i, sport) in (40000..40008u16).enumerate() {
+        assert_eq!(backend_of(&f.ingress(&ack(sport)).output), first[i]);
+    }
+
+    // Once the agent expires a flow there is room: the ninth flow's next
+    // packet records it.
+    f.balancer
+        .datapath_mut()
+        .remove_flow(&key4(40000, 80, PROTO_TCP))
+        .unwrap();
+    assert_eq!(backend_of(&f.ingress(&ack(41000)).output), expected);
+    let state = f.flow(&key4(41000, 80, PROTO_TCP)).expect("recorded now");
+    assert_eq!(state.packets_in, 1);
+    assert_eq!(f.vip_counters(vip_id).new_flows, 9);
+    assert_eq!(f.balancer.datapath().flows_unrecorded().unwrap(), 3);
 }

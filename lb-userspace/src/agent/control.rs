@@ -324,7 +324,8 @@ pub(super) async fn switch(
     lifecycle.sync(b, wall_ms());
     lifecycle.place_all(bal)?;
     st.save_lifecycle();
-    st.collector.timeouts = Some((&b.visibility).into());
+    st.collector
+        .set_timeouts(&b.visibility, u64::from(b.datapath.flow_table_size));
     st.config = new;
     Ok(summary)
 }

@@ -306,8 +306,17 @@ pub async fn run_object(
     if let (Origin::Migrating { old, layout }, Some(b)) = (&origin, balancing.as_mut()) {
         // Flows last, just before the switch: few start in between.
         let old = datapath::OldMaps::open(old, *layout)?;
-        let moved = b.balancer.datapath_mut().copy_flows_from(&old)?;
-        info!(flows = moved, "connection table migrated");
+        let now = crate::collector::monotonic_ns();
+        let (moved, left) = b.balancer.datapath_mut().copy_flows_from(&old, now)?;
+        if left > 0 {
+            warn!(
+                flows = moved,
+                left_out = left,
+                "connection table migrated; the new flow_table_size holds fewer flows: the least recently used were left out"
+            );
+        } else {
+            info!(flows = moved, "connection table migrated");
+        }
     }
     let interfaces = instance::attach_all(&mut ebpf, &config, &pins, &resolver).await?;
     if let Origin::Migrating { old, .. } = &origin {
@@ -372,7 +381,7 @@ fn shared_state(
     let collector = config
         .balancer
         .as_ref()
-        .map(|b| Collector::new(&b.visibility))
+        .map(|b| Collector::new(&b.visibility, u64::from(b.datapath.flow_table_size)))
         .unwrap_or_default();
     let (balancer, lifecycle, tables, flows) = match balancing {
         Some(b) => (

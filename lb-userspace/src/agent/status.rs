@@ -30,6 +30,8 @@ pub(crate) fn status(st: &State) -> anyhow::Result<Status> {
         status.backends = backends(bal, &st.collector)?;
         status.outcomes = ingress_outcomes(bal)?;
         status.mss_clamped = bal.datapath().mss_clamped()?;
+        status.flows_unrecorded = bal.datapath().flows_unrecorded()?;
+        status.flow_timeout_divisor = st.collector.timeouts.map_or(1, |t| t.divisor);
     }
     if let Some(d) = &st.decap {
         status.decap = Some(decap(d)?);

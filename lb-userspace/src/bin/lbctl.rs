@@ -324,6 +324,18 @@ fn print_status(s: &Status) {
                 "mss_clamped", s.mss_clamped
             );
         }
+        if s.flows_unrecorded > 0 {
+            println!(
+                "  {:<24} {:>12} packets (forwarded by Maglev alone: the connection table was full)",
+                "flows_unrecorded", s.flows_unrecorded
+            );
+        }
+        if s.flow_timeout_divisor > 1 {
+            println!(
+                "  connection table nearly full: idle timeouts divided by {}",
+                s.flow_timeout_divisor
+            );
+        }
     }
     print_xdp_errors(&s.xdp_errors);
     if let Some(b) = &s.bypass {

@@ -12,6 +12,7 @@ use lb_common::{
     FlowEvent, FlowKey, FlowState, TrafficCounters, EVENT_CLOSE_FIN, EVENT_CLOSE_RST,
     FLOW_CLOSED_FIN, FLOW_CLOSED_RST, PROTO_TCP, TCP_SYN,
 };
+use tracing::{info, warn};
 
 use crate::{
     config::VisibilityConfig,
@@ -170,22 +171,63 @@ fn sample(samples: &[Sample], id: u32) -> (Option<TrafficCounters>, Expired) {
 }
 
 /// Idle times after which flows are removed from the connection table.
+/// The table does not evict (the datapath forwards a flow it has no room
+/// for by Maglev alone), so while it is nearly full the idle times are
+/// divided (`divisor`, see `next_divisor`): the least recently used flows
+/// go first, as an LRU would drop them, but a scan at a time.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub tcp_idle_ns: u64,
     pub udp_idle_ns: u64,
     pub closed_ns: u64,
     pub half_open_ns: u64,
+    /// Entries the table holds (`flow_table_size`); 0: unknown, never shortened.
+    pub table_size: u64,
+    /// What every idle time is divided by now (1: the configured times).
+    pub divisor: u64,
 }
 
-impl From<&VisibilityConfig> for Timeouts {
-    fn from(v: &VisibilityConfig) -> Self {
+impl Timeouts {
+    pub fn new(v: &VisibilityConfig, table_size: u64) -> Self {
         Timeouts {
             tcp_idle_ns: v.tcp_idle_timeout_s * NS,
             udp_idle_ns: v.udp_idle_timeout_s * NS,
             closed_ns: v.closed_timeout_s * NS,
             half_open_ns: v.half_open_timeout_s * NS,
+            table_size,
+            divisor: 1,
         }
+    }
+
+    /// The idle time `limit` as shortened now: never below a second (or
+    /// `limit` itself, if shorter), so that flows alive between two
+    /// collections stay.
+    fn shortened(&self, limit: u64) -> u64 {
+        (limit / self.divisor.max(1)).max(limit.min(NS))
+    }
+}
+
+/// Above this share of the table (per mille) after a collection, idle times
+/// are halved again; below `RELAX_PER_MILLE` they are doubled back toward
+/// the configured ones.
+pub const PRESSURE_PER_MILLE: u64 = 900;
+pub const RELAX_PER_MILLE: u64 = 750;
+/// The most idle times are divided by (300 s becomes 0.3 s).
+pub const MAX_DIVISOR: u64 = 1024;
+
+/// The divisor of idle times after a collection left `present` flows in a
+/// table of `table_size`.
+pub fn next_divisor(divisor: u64, present: u64, table_size: u64) -> u64 {
+    if table_size == 0 {
+        return 1;
+    }
+    let per_mille = present.saturating_mul(1000) / table_size;
+    if per_mille >= PRESSURE_PER_MILLE {
+        (divisor * 2).min(MAX_DIVISOR)
+    } else if per_mille < RELAX_PER_MILLE {
+        (divisor / 2).max(1)
+    } else {
+        divisor
     }
 }
 
@@ -209,6 +251,8 @@ pub fn scan(flows: &dyn FlowSource, timeouts: Option<Timeouts>, now_ns: u64) -> 
         udp_idle_ns: u64::MAX,
         closed_ns: u64::MAX,
         half_open_ns: u64::MAX,
+        table_size: 0,
+        divisor: 1,
     });
     let mut out = Scan {
         at_ns: now_ns,
@@ -217,20 +261,17 @@ pub fn scan(flows: &dyn FlowSource, timeouts: Option<Timeouts>, now_ns: u64) -> 
     let mut top: Vec<(FlowKey, FlowState)> = Vec::new();
     let scanned = flows.scan_flows(&mut |key, state| {
         let phase = FlowPhase::of(key, state);
-        // Without tracers (first_ns = 0) there is no idle time: the LRU
-        // alone retires such flows.
-        if state.first_ns != 0 {
-            let idle = now_ns.saturating_sub(state.last_ns);
-            let limit = match phase {
-                FlowPhase::ClosedFin | FlowPhase::ClosedRst => timeouts.closed_ns,
-                FlowPhase::HalfOpen => timeouts.half_open_ns,
-                FlowPhase::Open if key.proto == PROTO_TCP => timeouts.tcp_idle_ns,
-                FlowPhase::Open => timeouts.udp_idle_ns,
-            };
-            if idle > limit {
-                out.expired.push((*key, *state, phase));
-                return;
-            }
+        // The datapath stamps `last_ns` with tracers off too.
+        let idle = now_ns.saturating_sub(state.last_ns);
+        let limit = match phase {
+            FlowPhase::ClosedFin | FlowPhase::ClosedRst => timeouts.closed_ns,
+            FlowPhase::HalfOpen => timeouts.half_open_ns,
+            FlowPhase::Open if key.proto == PROTO_TCP => timeouts.tcp_idle_ns,
+            FlowPhase::Open => timeouts.udp_idle_ns,
+        };
+        if idle > timeouts.shortened(limit) {
+            out.expired.push((*key, *state, phase));
+            return;
         }
         let p = out
             .pair_presence
@@ -294,11 +335,21 @@ pub struct Collector {
 }
 
 impl Collector {
-    pub fn new(visibility: &VisibilityConfig) -> Self {
+    /// A collector for a connection table of `table_size` entries.
+    pub fn new(visibility: &VisibilityConfig, table_size: u64) -> Self {
         Collector {
-            timeouts: Some(visibility.into()),
+            timeouts: Some(Timeouts::new(visibility, table_size)),
             ..Collector::default()
         }
+    }
+
+    /// New configured idle times (a reload); the shortening in force stays.
+    pub fn set_timeouts(&mut self, visibility: &VisibilityConfig, table_size: u64) {
+        let divisor = self.timeouts.map_or(1, |t| t.divisor);
+        self.timeouts = Some(Timeouts {
+            divisor,
+            ..Timeouts::new(visibility, table_size)
+        });
     }
 
     /// One collection at `now_ns`: scan, expire, aggregate, snapshot counters.
@@ -341,6 +392,23 @@ impl Collector {
         }
         self.top = scan.top;
         self.flows_in_table = scan.present;
+        if let Some(t) = self.timeouts.as_mut() {
+            let divisor = next_divisor(t.divisor, scan.present, t.table_size);
+            if divisor > t.divisor {
+                warn!(
+                    flows = scan.present,
+                    flow_table_size = t.table_size,
+                    divisor,
+                    "the connection table is nearly full: idle timeouts divided by {divisor} (least recently used flows go first)"
+                );
+            } else if divisor < t.divisor {
+                info!(
+                    flows = scan.present,
+                    divisor, "connection table pressure easing: idle timeouts divided by {divisor}"
+                );
+            }
+            t.divisor = divisor;
+        }
         let mut vip_presence: BTreeMap<u32, Presence> = BTreeMap::new();
         let mut backend_presence: BTreeMap<u32, Presence> = BTreeMap::new();
         for ((vip, backend), p) in &scan.pair_presence {

@@ -66,7 +66,7 @@ fn a_flow_that_wakes_up_between_scan_and_expiry_stays() {
         key(2, PROTO_TCP),
         flow(TCP_SYN | TCP_ACK, 0, now - 400, 500),
     );
-    let mut scan = scan(&t, Some((&visibility()).into()), now * NS).unwrap();
+    let mut scan = scan(&t, Some(Timeouts::new(&visibility(), 0)), now * NS).unwrap();
     assert_eq!((scan.expired.len(), scan.present), (2, 0));
     // A packet for flow 2 arrives before the expiry.
     t.0.get_mut(&key(2, PROTO_TCP)).unwrap().last_ns = now * NS;
@@ -74,7 +74,7 @@ fn a_flow_that_wakes_up_between_scan_and_expiry_stays() {
     assert_eq!(t.0.len(), 1, "only the idle flow went");
     assert!(t.0.contains_key(&key(2, PROTO_TCP)));
     assert_eq!((scan.expired.len(), scan.present), (1, 1));
-    let mut c = Collector::new(&visibility());
+    let mut c = Collector::new(&visibility(), 0);
     c.absorb(scan, &FakeDatapath::default(), now * NS, &[], &[])
         .unwrap();
     assert_eq!(c.vip_presence[&1].active, 1, "the woken flow counts");
@@ -103,7 +103,7 @@ fn counts_presence_and_expires_by_phase() {
         .insert(key(6, lb_common::PROTO_UDP), flow(0, 0, now - 61, 40)); // expired
     dp.flows
         .insert(key(7, PROTO_TCP), flow(TCP_ACK, 0, now - 299, 40));
-    let mut c = Collector::new(&visibility());
+    let mut c = Collector::new(&visibility(), 0);
     c.collect(&mut dp, now * NS, &[1], &[3]).unwrap();
     assert_eq!(dp.flows.len(), 4, "three flows expired");
     assert_eq!(c.flows_in_table, 4);
@@ -124,20 +124,78 @@ fn counts_presence_and_expires_by_phase() {
 }
 
 #[test]
-fn flows_without_tracers_are_left_to_the_lru() {
+fn flows_without_tracers_expire_by_their_last_packet() {
+    // With tracers off the datapath still stamps the times and close state.
     let mut dp = FakeDatapath::default();
-    let mut f = flow(TCP_SYN, 0, 0, 60);
-    f.first_ns = 0;
-    dp.flows.insert(key(1, PROTO_TCP), f);
-    let mut c = Collector::new(&visibility());
-    c.collect(&mut dp, 1_000_000 * NS, &[1], &[3]).unwrap();
+    let now = 1000;
+    let untraced = |last_s| FlowState {
+        packets_in: 1,
+        bytes_in: 60,
+        bytes_out: 80,
+        ..flow(TCP_SYN, 0, last_s, 60)
+    };
+    dp.flows.insert(key(1, PROTO_TCP), untraced(now - 31));
+    dp.flows.insert(key(2, PROTO_TCP), untraced(now - 29));
+    let mut c = Collector::new(&visibility(), 0);
+    c.collect(&mut dp, now * NS, &[1], &[3]).unwrap();
     assert_eq!(dp.flows.len(), 1);
+    assert!(dp.flows.contains_key(&key(2, PROTO_TCP)));
+}
+
+#[test]
+fn idle_times_shorten_while_the_table_is_nearly_full_and_recover() {
+    assert_eq!(next_divisor(1, 899, 1000), 1);
+    assert_eq!(next_divisor(1, 900, 1000), 2);
+    assert_eq!(next_divisor(512, 1000, 1000), MAX_DIVISOR);
+    assert_eq!(next_divisor(MAX_DIVISOR, 1000, 1000), MAX_DIVISOR);
+    assert_eq!(next_divisor(8, 800, 1000), 8, "between the marks it holds");
+    assert_eq!(next_divisor(8, 749, 1000), 4);
+    assert_eq!(next_divisor(1, 0, 1000), 1);
+    assert_eq!(
+        next_divisor(64, 1000, 0),
+        1,
+        "an unknown size never shortens"
+    );
+
+    // A table of 10: 9 open TCP flows idle 200 s (under 300 s), and one
+    // idle 20 s.
+    let mut dp = FakeDatapath::default();
+    let now = 10_000;
+    for sport in 1..=9 {
+        dp.flows.insert(
+            key(sport, PROTO_TCP),
+            flow(TCP_SYN | TCP_ACK, 0, now - 200, 1),
+        );
+    }
+    dp.flows
+        .insert(key(10, PROTO_TCP), flow(TCP_SYN | TCP_ACK, 0, now - 20, 1));
+    let mut c = Collector::new(&visibility(), 10);
+    c.collect(&mut dp, now * NS, &[1], &[3]).unwrap();
+    assert_eq!(dp.flows.len(), 10, "nothing is idle past 300 s");
+    assert_eq!(c.timeouts.unwrap().divisor, 2);
+    // 300 s / 2 = 150 s: the nine least recently used flows go, the recent one stays.
+    c.collect(&mut dp, now * NS, &[1], &[3]).unwrap();
+    assert_eq!(dp.flows.len(), 1);
+    assert!(dp.flows.contains_key(&key(10, PROTO_TCP)));
+    assert_eq!(c.vip_expired(1).flows, 9);
+    assert_eq!(c.timeouts.unwrap().divisor, 1, "room again: back to 300 s");
+    // A reload keeps the divisor in force.
+    c.timeouts.as_mut().unwrap().divisor = 4;
+    c.set_timeouts(&visibility(), 10);
+    assert_eq!(c.timeouts.unwrap().divisor, 4);
+    // Never below a second: a flow idle half a second stays at any divisor.
+    let t = Timeouts {
+        divisor: MAX_DIVISOR,
+        ..Timeouts::new(&visibility(), 10)
+    };
+    assert_eq!(t.shortened(300 * NS), NS);
+    assert_eq!(t.shortened(NS / 2), NS / 2);
 }
 
 #[test]
 fn windows_give_deltas_and_rates() {
     let mut dp = FakeDatapath::default();
-    let mut c = Collector::new(&visibility());
+    let mut c = Collector::new(&visibility(), 0);
     c.collect(&mut dp, 10 * NS, &[1], &[3]).unwrap();
     dp.vip_stats.insert(
         1,
@@ -191,7 +249,7 @@ fn the_history_stays_within_its_budget() {
     let vips: Vec<u32> = (1..=1000).collect();
     let backends: Vec<u32> = (1..=4000).collect();
     let mut dp = FakeDatapath::default();
-    let mut c = Collector::new(&visibility());
+    let mut c = Collector::new(&visibility(), 0);
     let peak = crate::limits::testing::PeakRss::start();
     for s in 1..=1500 {
         // VIP 1 opens a flow a second.
@@ -229,7 +287,7 @@ fn the_history_stays_within_its_budget() {
 #[test]
 fn a_long_history_reaches_back_to_the_start() {
     let mut dp = FakeDatapath::default();
-    let mut c = Collector::new(&visibility());
+    let mut c = Collector::new(&visibility(), 0);
     for s in 1..=9000 {
         c.collect(&mut dp, s * NS, &[1], &[3]).unwrap();
     }

@@ -122,4 +122,7 @@ impl Datapath for FakeDatapath {
     fn mss_clamped(&self) -> Result<u64> {
         Ok(0)
     }
+    fn flows_unrecorded(&self) -> Result<u64> {
+        Ok(0)
+    }
 }

@@ -44,7 +44,7 @@ impl KernelDatapath {
             .try_clone_to_owned()
             .context("duplicating the connection table's fd")?;
         let data = MapData::from_fd(fd).context("opening the connection table again")?;
-        let flows = HashMap::try_from(aya::maps::Map::LruHashMap(data))
+        let flows = HashMap::try_from(aya::maps::Map::HashMap(data))
             .context("the connection table has an unexpected type")?;
         Ok(FlowTable { flows })
     }

@@ -89,6 +89,7 @@ pub struct KernelDatapath {
     pub(super) flows: HashMap<MapData, FlowKey, FlowState>,
     pub(super) event_stats: PerCpuArray<MapData, u64>,
     pub(super) mss_clamped: PerCpuArray<MapData, u64>,
+    pub(super) flows_unrecorded: PerCpuArray<MapData, u64>,
     cpus: usize,
 }
 
@@ -169,6 +170,7 @@ impl KernelDatapath {
             flows: take(ebpf, "FLOWS")?,
             event_stats: take(ebpf, "EVENT_STATS")?,
             mss_clamped: take(ebpf, "MSS_CLAMPED")?,
+            flows_unrecorded: take(ebpf, "FLOWS_UNRECORDED")?,
             cpus,
         })
     }
@@ -285,5 +287,9 @@ impl Datapath for KernelDatapath {
 
     fn mss_clamped(&self) -> Result<u64> {
         Ok(self.mss_clamped.get(&0, 0)?.iter().sum())
+    }
+
+    fn flows_unrecorded(&self) -> Result<u64> {
+        Ok(self.flows_unrecorded.get(&0, 0)?.iter().sum())
     }
 }

@@ -3,7 +3,8 @@
 //! and the connection table. VIP entries and Maglev rings are not copied: the
 //! agent rebuilds every table into the new maps before the switch. Maps of an
 //! earlier layout (an upgrade, see `pins::MIGRATABLE_LAYOUTS`) are read in
-//! their own types and converted.
+//! their own types and converted: layout 3's VIP entries are this layout's,
+//! and every earlier connection table (a kernel LRU) has this table's entries.
 
 use std::path::Path;
 
@@ -28,7 +29,7 @@ pub struct OldVipInfo<const N: usize>(pub [u32; N]);
 unsafe impl<const N: usize> aya::Pod for OldVipInfo<N> {}
 
 impl<const N: usize> OldVipInfo<N> {
-    /// The entry in this layout: the same VIP id, no table yet.
+    /// The entry in this layout: the same VIP id, no ring yet.
     pub fn convert(self) -> VipInfo {
         VipInfo {
             vip_id: self.0[0],
@@ -54,6 +55,8 @@ pub struct OldMaps {
     outcomes: PerCpuArray<MapData, PacketCounter>,
     event_stats: PerCpuArray<MapData, u64>,
     mss_clamped: PerCpuArray<MapData, u64>,
+    /// Absent before layout 4.
+    flows_unrecorded: Option<PerCpuArray<MapData, u64>>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<MapData> {
@@ -66,7 +69,9 @@ impl OldMaps {
     pub fn open(dir: &Path, layout: u32) -> Result<OldMaps> {
         let vips = Map::HashMap(open(dir, "VIPS")?);
         let vips = match layout {
-            LAYOUT_VERSION => OldVips::Current(HashMap::try_from(vips)?),
+            // Layout 3 differs from this one only in its connection table's
+            // type, whose entries are the same.
+            LAYOUT_VERSION | 3 => OldVips::Current(HashMap::try_from(vips)?),
             1 => OldVips::V1(
                 HashMap::try_from(vips).context("the VIP table of layout 1 has another shape")?,
             ),
@@ -84,6 +89,13 @@ impl OldMaps {
             outcomes: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "OUTCOMES")?))?,
             event_stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "EVENT_STATS")?))?,
             mss_clamped: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "MSS_CLAMPED")?))?,
+            flows_unrecorded: match layout {
+                LAYOUT_VERSION => Some(PerCpuArray::try_from(Map::PerCpuArray(open(
+                    dir,
+                    "FLOWS_UNRECORDED",
+                )?))?),
+                _ => None,
+            },
         })
     }
 
@@ -152,20 +164,46 @@ impl KernelDatapath {
         self.mss_clamped
             .set(0, v, 0)
             .context("writing the MSS counter")?;
+        if let Some(old) = &old.flows_unrecorded {
+            let v = old
+                .get(&0, 0)
+                .context("reading the old unrecorded-flow counter")?;
+            self.flows_unrecorded
+                .set(0, v, 0)
+                .context("writing the unrecorded-flow counter")?;
+        }
         Ok(())
     }
 
-    /// Copies the connection table (a smaller new table keeps what fits, as
-    /// its LRU decides). Returns how many flows were copied.
-    pub fn copy_flows_from(&mut self, old: &OldMaps) -> Result<usize> {
+    /// Copies the connection table, the most recently used flows first: a
+    /// smaller new table keeps the newest that fit (a full table refuses
+    /// the rest). Flows without times (an older agent's, tracers off) are
+    /// stamped `now_ns`, so the collector expires them like the others.
+    /// Returns how many flows were copied and how many did not fit.
+    pub fn copy_flows_from(&mut self, old: &OldMaps, now_ns: u64) -> Result<(usize, usize)> {
         let mut flows = Vec::new();
         batch::for_each(&old.flows, 8192, |k: &FlowKey, v: &FlowState| {
             flows.push((*k, *v))
         })
         .context("reading the old connection table")?;
-        for (k, v) in &flows {
-            self.flows.insert(k, v, 0).context("writing a flow")?;
+        flows.sort_unstable_by_key(|(_, v)| std::cmp::Reverse(v.last_ns));
+        let mut copied = 0;
+        for (k, mut v) in flows.iter().copied() {
+            if v.first_ns == 0 {
+                v.first_ns = now_ns;
+                v.last_ns = now_ns;
+            }
+            match self.flows.insert(k, v, 0) {
+                Ok(()) => copied += 1,
+                // E2BIG: the new table is full.
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    break
+                }
+                Err(e) => return Err(e).context("writing a flow"),
+            }
         }
-        Ok(flows.len())
+        Ok((copied, flows.len() - copied))
     }
 }

@@ -68,6 +68,9 @@ pub trait Datapath {
     fn backend_entries(&self) -> Result<Vec<(u32, BackendInfo)>>;
     /// TCP SYNs whose MSS option was lowered to fit a backend's link.
     fn mss_clamped(&self) -> Result<u64>;
+    /// Packets of flows the full connection table had no room for
+    /// (forwarded by Maglev alone).
+    fn flows_unrecorded(&self) -> Result<u64>;
 }
 
 /// Map sizes set before the object is loaded.

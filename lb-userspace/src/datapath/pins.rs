@@ -31,12 +31,13 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/lb-agent";
 /// counts) and the bypass counters are pinned too, so an intermediary whose
 /// agent restarts keeps sending its bypassed flows straight on; the client
 /// prefixes and policies are not: the agent writes them afresh.
-pub const PINNED_MAPS: [&str; 19] = [
+pub const PINNED_MAPS: [&str; 20] = [
     "SETTINGS",
     "VIPS",
     "MAGLEV",
     "BACKENDS",
     "FLOWS",
+    "FLOWS_UNRECORDED",
     "TX_PORTS",
     "VIP_STATS",
     "BACKEND_STATS",
@@ -56,8 +57,10 @@ pub const PINNED_MAPS: [&str; 19] = [
 /// Earlier layouts whose maps `migrate::OldMaps` converts (an upgrade keeps
 /// the connection table). Layout 1 had 12-byte VIP entries (two rings per
 /// VIP) and one decap outcome fewer; layout 2 had 16-byte VIP entries (a
-/// previous ring of the one global size) and its bypass tables unpinned.
-pub const MIGRATABLE_LAYOUTS: [u32; 2] = [1, 2];
+/// previous ring of the one global size) and its bypass tables unpinned;
+/// layouts 1 to 3 had a kernel LRU for a connection table, and no
+/// `FLOWS_UNRECORDED`.
+pub const MIGRATABLE_LAYOUTS: [u32; 3] = [1, 2, 3];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -313,8 +316,8 @@ mod tests {
         assert_eq!(
             (LAYOUT_VERSION, abi),
             (
-                3,
-                [20, 24, 40, 40, 56, 64, 20, 48, 16, 48, 16, 32, 15, 5, 32, 4, 19]
+                4,
+                [20, 24, 40, 40, 56, 64, 20, 48, 16, 48, 16, 32, 15, 5, 32, 4, 20]
             ),
             "the map ABI changed: raise LAYOUT_VERSION and update this list"
         );

@@ -427,6 +427,26 @@ fn datapath_series(out: &mut Exposition, st: &State) -> Result<()> {
         "TCP SYNs whose MSS option was lowered to fit the backend's link (also counted under their outcome).",
     );
     out.sample("lb_datapath_mss_clamped_total", &[], dp.mss_clamped()?);
+    out.family(
+        "lb_datapath_flows_unrecorded_total",
+        "counter",
+        "Packets of flows the full connection table had no room for, forwarded by Maglev alone (also counted under their outcome).",
+    );
+    out.sample(
+        "lb_datapath_flows_unrecorded_total",
+        &[],
+        dp.flows_unrecorded()?,
+    );
+    out.family(
+        "lb_connection_table_timeout_divisor",
+        "gauge",
+        "What the idle timeouts are divided by while the connection table is nearly full (1: as configured).",
+    );
+    out.sample(
+        "lb_connection_table_timeout_divisor",
+        &[],
+        c.timeouts.map_or(1, |t| t.divisor),
+    );
     let (sent, dropped) = dp.event_stats()?;
     out.family(
         "lb_flow_events_total",

@@ -827,8 +827,10 @@ fn connection_table(report: &mut Report) {
     let vip_ids: Vec<u32> = f.balancer.vips().iter().map(|(id, _)| *id).collect();
     let backend_ids: Vec<u32> = f.balancer.backend_ids().iter().map(|(id, _)| *id).collect();
     let mut passes = Vec::new();
-    let mut collector =
-        lb_userspace::collector::Collector::new(&lb_userspace::config::VisibilityConfig::default());
+    let mut collector = lb_userspace::collector::Collector::new(
+        &lb_userspace::config::VisibilityConfig::default(),
+        1_000_000,
+    );
     for _ in 0..ROUNDS {
         let t = Instant::now();
         collector
