@@ -96,11 +96,13 @@ pub static MSS_CLAMPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static ICMP_TOO_BIG_TOKENS: PerCpuArray<IcmpTokens> = PerCpuArray::with_max_entries(1, 0);
 
-/// Each CPU's last coarse clock reading and the jiffy it was taken in
-/// (`[jiffies, ns]`, index 0); see `trace::coarse_now`. Private to the
-/// programs of one load (not pinned): an empty cache only costs a clock read.
+/// Each CPU's last coarse clock reading and the jiffy it was taken in, and
+/// the jiffy in which its last connection-table insert found the table full
+/// (`[jiffies, ns, full_jiffy]`, index 0); see `trace::coarse_now` and
+/// `trace::new_flow`. Private to the programs of one load (not pinned): an
+/// empty cache only costs a clock read.
 #[map]
-pub static CLOCK_CACHE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+pub static CLOCK_CACHE: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Addresses of this backend host that encapsulated packets arrive at. Written
 /// by the agent running on the backend.

@@ -68,7 +68,8 @@ fn coarse_now() -> u64 {
             return (*c)[1];
         }
         let now = bpf_ktime_get_coarse_ns();
-        *c = [jiffy, now];
+        (*c)[0] = jiffy;
+        (*c)[1] = now;
         now
     }
 }
@@ -85,6 +86,17 @@ fn close_bit(tcp_flags: u8) -> u8 {
     }
 }
 
+/// `-E2BIG`: a map update found a full table.
+const E2BIG: i64 = 7;
+
+#[inline(always)]
+fn unrecorded() {
+    if let Some(c) = FLOWS_UNRECORDED.get_ptr_mut(0) {
+        // SAFETY: per-CPU value.
+        unsafe { *c += 1 };
+    }
+}
+
 /// Records a flow the connection table did not know. Returns whether it is
 /// now recorded: a full table (the agent expires flows, the table does not
 /// evict) leaves it to Maglev alone, counted in `FLOWS_UNRECORDED`.
@@ -94,6 +106,18 @@ pub fn new_flow(p: &Packet, settings: &Settings) -> bool {
     // times and much cheaper per packet. Stamped with tracers off too: the
     // agent expires flows by it.
     let now = coarse_now();
+    let cache = CLOCK_CACHE.get_ptr_mut(0);
+    // A CPU whose insert found the table full does not try again in the
+    // same clock tick: an insert into a full table still hashes, locks and
+    // walks a bucket, which a flood of new flows would pay per packet. The
+    // flow is recorded by a later packet once the collector made room.
+    // SAFETY: per-CPU value, filled by `coarse_now` just above.
+    if let Some(c) = cache {
+        if unsafe { (*c)[2] != 0 && (*c)[2] == (*c)[0] } {
+            unrecorded();
+            return false;
+        }
+    }
     let closed = close_bit(p.tcp_flags);
     let state = FlowState {
         backend_id: p.backend_id,
@@ -108,11 +132,14 @@ pub fn new_flow(p: &Packet, settings: &Settings) -> bool {
         bytes_in: p.bytes_in,
         bytes_out: p.bytes_out,
     };
-    if FLOWS.insert(p.key, state, 0).is_err() {
-        if let Some(c) = FLOWS_UNRECORDED.get_ptr_mut(0) {
-            // SAFETY: per-CPU value.
-            unsafe { *c += 1 };
+    if let Err(e) = FLOWS.insert(p.key, state, 0) {
+        if i64::from(e) == -E2BIG {
+            if let Some(c) = cache {
+                // SAFETY: as above.
+                unsafe { (*c)[2] = (*c)[0] };
+            }
         }
+        unrecorded();
         return false;
     }
     if settings.flags & SETTING_TRACE_FLOWS != 0 {

@@ -1516,11 +1516,13 @@ fn a_full_connection_table_forwards_new_flows_by_maglev_and_counts_them() {
     }
 
     // Once the agent expires a flow there is room: the ninth flow's next
-    // packet records it.
+    // packet records it (from the next clock tick: a CPU whose insert found
+    // the table full does not try again in the same tick).
     f.balancer
         .datapath_mut()
         .remove_flow(&key4(40000, 80, PROTO_TCP))
         .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(30));
     assert_eq!(backend_of(&f.ingress(&ack(41000)).output), expected);
     let state = f.flow(&key4(41000, 80, PROTO_TCP)).expect("recorded now");
     assert_eq!(state.packets_in, 1);

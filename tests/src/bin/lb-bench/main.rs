@@ -303,7 +303,10 @@ fn pin_to_cpu0() {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(0, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!("could not pin to CPU 0: {}", std::io::Error::last_os_error());
+            eprintln!(
+                "could not pin to CPU 0: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
