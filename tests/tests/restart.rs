@@ -2,7 +2,7 @@
 //! An agent stopped (SIGTERM) or killed (SIGKILL) under load is restarted
 //! with no failed or stalled connection and no forwarding gap; a new program
 //! replaces the running one in its link; a changed map size, and an upgrade
-//! from map layouts 1 and 2, migrate the connection table; cleanup removes
+//! from map layouts 1 to 3, migrate the connection table; cleanup removes
 //! everything and a second agent is refused without touching the first.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -363,6 +363,31 @@ fn a_changed_flow_table_size_migrates_the_connections() {
     assert_eq!(info.max_entries(), 131072);
     assert!(!pins_of(&t, "lb").join(format!("{layout}-next")).exists());
     std::thread::sleep(Duration::from_secs(1));
+
+    // A table too small for the flows: the most recently used are kept,
+    // the rest are left out (and said so); those are forwarded by Maglev
+    // alone, to the same backends, so no connection breaks.
+    t.stop_lb();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("flow_table_size = 131072", "flow_table_size = 64"),
+    )
+    .unwrap();
+    t.start_lb();
+    let log = t.log("lb");
+    assert!(
+        log.contains("connection table migrated") && log.contains("left_out"),
+        "{log}"
+    );
+    let info = aya::maps::MapInfo::from_pin(maps.join("FLOWS")).expect("pinned FLOWS");
+    assert_eq!(info.max_entries(), 64);
+    std::thread::sleep(Duration::from_secs(2));
+    let status = t.status_json();
+    assert!(
+        status["flows_unrecorded"].as_u64().unwrap_or(0) > 0,
+        "flows beyond the table are counted: {status}"
+    );
     let (_, _, failures) = load.stop();
     assert!(
         failures.is_empty(),
@@ -372,33 +397,15 @@ fn a_changed_flow_table_size_migrates_the_connections() {
     );
 }
 
-/// Turns the stopped LB's pinned maps into the shape an agent of map layout
-/// `old` (1 or 2) left: the directory is `maps-vOLD` and its VIP table has
-/// that layout's entries (12 or 16 bytes, the VIP id first). The running
-/// program keeps the maps it holds, so forwarding goes on meanwhile.
-fn pin_as_layout(t: &Topology, old: u32) {
-    let pins = pins_of(t, "lb");
-    let current = pins.join(format!("maps-v{}", lb_common::LAYOUT_VERSION));
-    let dir = pins.join(format!("maps-v{old}"));
-    std::fs::rename(&current, &dir).expect("renaming the maps directory");
-    let vips = dir.join("VIPS");
+/// `bpftool -j map dump pinned PATH`: the entries as (key, value) hex bytes.
+fn dump_pinned(path: &Path) -> Vec<(Vec<String>, Vec<String>)> {
     let dump = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
-        .arg(&vips)
+        .arg(path)
         .output()
         .unwrap();
     assert!(dump.status.success(), "{dump:?}");
     let entries: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
-    let entries = entries.as_array().expect("VIPS entries");
-    assert!(!entries.is_empty(), "no VIP entry to convert");
-    std::fs::remove_file(&vips).unwrap();
-    let path = vips.to_str().unwrap();
-    let size = if old == 1 { 12 } else { 16 };
-    let size_text = size.to_string();
-    must(&[
-        "bpftool", "map", "create", path, "type", "hash", "key", "20", "value", &size_text,
-        "entries", "128", "name", "VIPS",
-    ]);
     let bytes = |v: &serde_json::Value| -> Vec<String> {
         v.as_array()
             .expect("hex bytes")
@@ -406,29 +413,101 @@ fn pin_as_layout(t: &Topology, old: u32) {
             .map(|b| b.as_str().unwrap().trim_start_matches("0x").to_string())
             .collect()
     };
-    for e in entries {
-        let (key, value) = (bytes(&e["key"]), bytes(&e["value"]));
-        assert_eq!(key.len(), 20, "{e}");
-        // The VIP id, then zeros: the old ring fields are not carried over.
-        let mut old_value: Vec<String> = value[..4].to_vec();
-        old_value.resize(size, "00".to_string());
-        let mut args = vec!["bpftool", "map", "update", "pinned", path, "key", "hex"];
-        args.extend(key.iter().map(String::as_str));
-        args.extend(["value", "hex"]);
-        args.extend(old_value.iter().map(String::as_str));
-        must(&args);
+    entries
+        .as_array()
+        .expect("map entries")
+        .iter()
+        .map(|e| (bytes(&e["key"]), bytes(&e["value"])))
+        .collect()
+}
+
+/// Replaces the map pinned at `path` by a new map of `spec` (bpftool's
+/// `type … key … value … entries …` words) holding `entries`.
+fn repin(path: &Path, spec: &[&str], entries: &[(Vec<String>, Vec<String>)]) {
+    std::fs::remove_file(path).unwrap();
+    let p = path.to_str().unwrap();
+    let mut create = vec!["bpftool", "map", "create", p];
+    create.extend(spec);
+    must(&create);
+    if entries.is_empty() {
+        return;
     }
+    // One bpftool for every entry.
+    let batch: String = entries
+        .iter()
+        .map(|(key, value)| {
+            format!(
+                "map update pinned {p} key hex {} value hex {}\n",
+                key.join(" "),
+                value.join(" ")
+            )
+        })
+        .collect();
+    let file = path.with_extension("batch");
+    let file = std::env::temp_dir().join(file.file_name().unwrap());
+    std::fs::write(&file, batch).unwrap();
+    must(&["bpftool", "batch", "file", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).unwrap();
+}
+
+/// Turns the stopped LB's pinned maps into the shape an agent of map layout
+/// `old` (1 to 3) left: the directory is `maps-vOLD`, the connection table
+/// is a kernel LRU with the same entries, there is no `FLOWS_UNRECORDED`,
+/// and for layouts 1 and 2 the VIP table has that layout's entries (12 or
+/// 16 bytes, the VIP id first). The running program keeps the maps it
+/// holds, so forwarding goes on meanwhile.
+fn pin_as_layout(t: &Topology, old: u32) {
+    let pins = pins_of(t, "lb");
+    let current = pins.join(format!("maps-v{}", lb_common::LAYOUT_VERSION));
+    let dir = pins.join(format!("maps-v{old}"));
+    std::fs::rename(&current, &dir).expect("renaming the maps directory");
+    std::fs::remove_file(dir.join("FLOWS_UNRECORDED")).unwrap();
+    let flows = dir.join("FLOWS");
+    let entries = dump_pinned(&flows);
+    assert!(!entries.is_empty(), "no flow to convert");
+    repin(
+        &flows,
+        &[
+            "type", "lru_hash", "key", "40", "value", "56", "entries", "65536", "name", "FLOWS",
+        ],
+        &entries,
+    );
+    if old == 3 {
+        return;
+    }
+    let vips = dir.join("VIPS");
+    let entries = dump_pinned(&vips);
+    assert!(!entries.is_empty(), "no VIP entry to convert");
+    let size = if old == 1 { 12 } else { 16 };
+    // The VIP id, then zeros: the old ring fields are not carried over.
+    let entries: Vec<_> = entries
+        .into_iter()
+        .map(|(key, value)| {
+            assert_eq!(key.len(), 20);
+            let mut old_value: Vec<String> = value[..4].to_vec();
+            old_value.resize(size, "00".to_string());
+            (key, old_value)
+        })
+        .collect();
+    let size_text = size.to_string();
+    repin(
+        &vips,
+        &[
+            "type", "hash", "key", "20", "value", &size_text, "entries", "128", "name", "VIPS",
+        ],
+        &entries,
+    );
 }
 
 #[test]
-fn upgrades_from_layouts_1_and_2_keep_the_connections() {
+fn upgrades_from_layouts_1_to_3_keep_the_connections() {
     let mut t = Topology::new(3);
     t.start(&[100, 100, 100]);
     let load = Load::start(&t, web(), 100);
     std::thread::sleep(Duration::from_secs(1));
     let pins = pins_of(&t, "lb");
     let current = pins.join(format!("maps-v{}", lb_common::LAYOUT_VERSION));
-    for old in [2, 1] {
+    for old in [3, 2, 1] {
         let flows_before = flow_packets(&t);
         t.stop_lb();
         pin_as_layout(&t, old);
