@@ -598,6 +598,29 @@ impl FlowKey {
         // padding; the words are laid out exactly as its fields.
         unsafe { core::mem::transmute::<[u32; 10], FlowKey>(words) }
     }
+
+    /// An IPv6 flow key from its addresses as native-endian words (each
+    /// word holds four address bytes in memory order), built like `v4`.
+    #[inline(always)]
+    pub fn v6(src: [u32; 4], dst: [u32; 4], sport: u16, dport: u16, proto: u8) -> FlowKey {
+        let words: [u32; 10] = [
+            src[0],
+            src[1],
+            src[2],
+            src[3],
+            dst[0],
+            dst[1],
+            dst[2],
+            dst[3],
+            u32::from_ne_bytes({
+                let (s, d) = (sport.to_ne_bytes(), dport.to_ne_bytes());
+                [s[0], s[1], d[0], d[1]]
+            }),
+            u32::from_ne_bytes([proto, FAMILY_V6, 0, 0]),
+        ];
+        // SAFETY: as in `v4`.
+        unsafe { core::mem::transmute::<[u32; 10], FlowKey>(words) }
+    }
 }
 
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);

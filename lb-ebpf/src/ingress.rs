@@ -1,7 +1,7 @@
 //! `lb_ingress`: parse, find the VIP and the backend, encapsulate, send.
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
-    FlowKey, Outcome, VipInfo, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    FlowKey, Outcome, VipInfo, FAMILY_V4, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -9,8 +9,8 @@ use crate::{
     counters, datapath_log,
     forward::{drop, forward, pass, Verdict},
     headers::{
-        ip_len_in_frame, l4_min_len, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, ETH_P_IPV4,
-        ETH_P_IPV6, IPV6_LEN,
+        addr6_words, ip_len_in_frame, l4_min_len, ptr_at, Addr6, EthHdr, Ipv4Hdr, Ipv6Hdr, Ports,
+        ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV6_DST, IPV6_LEN, IPV6_SRC,
     },
     icmp,
 };
@@ -77,69 +77,92 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
     }
     let ip_len = ip_len_in_frame(ctx, tot_len as usize)
         .filter(|&len| len as usize >= ihl + l4_min_len(ip.proto));
-    // The key is built with its ports: with them left zero, LLVM merges the
-    // key's zero words into a `memset`, which BPF calls as a byte loop.
+    // The key is built with its ports, in words: with them left zero, LLVM
+    // merges the key's zero words into a `memset`, which BPF calls as a byte
+    // loop; written in afterwards, the key's word reads wait on them.
     let l4 = ETH_LEN + ihl;
-    let (sport, dport) = match ptr_at::<Ports>(ctx, l4) {
-        // SAFETY: ptr_at checked bounds.
-        Some(p) => unsafe { ((*p).src, (*p).dst) },
-        None => (0, 0),
-    };
+    let ports = ports_at(ctx, l4);
+    let (sport, dport) = ports.unwrap_or((0, 0));
     forward_l4(
         ctx,
         FlowKey::v4(ip.src, ip.dst, sport, dport, ip.proto),
+        ports.is_some(),
         l4,
         ip_len,
     )
+}
+
+/// The source and destination ports at `l4`, if the packet holds them.
+#[inline(always)]
+fn ports_at(ctx: &XdpContext, l4: usize) -> Option<(u16, u16)> {
+    let p = ptr_at::<Ports>(ctx, l4)?;
+    // SAFETY: ptr_at checked bounds.
+    Some(unsafe { ((*p).src, (*p).dst) })
 }
 
 fn ipv6(ctx: &XdpContext) -> Verdict {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
         return pass(Outcome::PassMalformed);
     };
-    // SAFETY: ptr_at checked bounds.
-    let ip = unsafe { *ip };
-    if ip.vtc_flow[0] >> 4 != 6 {
+    // SAFETY: ptr_at checked bounds; only the fields used are read.
+    let (version, payload_len, next_hdr) = unsafe {
+        (
+            (*ip).vtc_flow[0] >> 4,
+            u16::from_be((*ip).payload_len),
+            (*ip).next_hdr,
+        )
+    };
+    if version != 6 {
         return pass(Outcome::PassMalformed);
     }
-    let payload_len = u16::from_be(ip.payload_len);
-    let key = FlowKey {
-        src: ip.src,
-        dst: ip.dst,
-        sport: 0,
-        dport: 0,
-        proto: ip.next_hdr,
-        family: FAMILY_V6,
-        _pad: [0; 2],
+    let (Some(src), Some(dst)) = (
+        ptr_at::<Addr6>(ctx, ETH_LEN + IPV6_SRC),
+        ptr_at::<Addr6>(ctx, ETH_LEN + IPV6_DST),
+    ) else {
+        return pass(Outcome::PassMalformed);
     };
-    if ip.next_hdr == PROTO_ICMPV6 {
-        return icmp::icmp6(ctx, &key, payload_len);
+    // SAFETY: ptr_at checked bounds, at even offsets.
+    let (src, dst) = unsafe { (addr6_words(src), addr6_words(dst)) };
+    if next_hdr == PROTO_ICMPV6 {
+        return icmp::icmp6(ctx, &FlowKey::v6(src, dst, 0, 0, next_hdr), payload_len);
     }
     // Extension headers are not walked: such packets are not balanced.
-    if ip.next_hdr != PROTO_TCP && ip.next_hdr != PROTO_UDP {
+    if next_hdr != PROTO_TCP && next_hdr != PROTO_UDP {
         return pass(Outcome::PassNotVip);
     }
     // Summed in usize: a payload length near 65,535 must not wrap to a short packet.
     let ip_len = ip_len_in_frame(ctx, payload_len as usize + IPV6_LEN)
-        .filter(|_| payload_len as usize >= l4_min_len(ip.next_hdr));
-    forward_l4(ctx, key, ETH_LEN + IPV6_LEN, ip_len)
+        .filter(|_| payload_len as usize >= l4_min_len(next_hdr));
+    let l4 = ETH_LEN + IPV6_LEN;
+    let ports = ports_at(ctx, l4);
+    let (sport, dport) = ports.unwrap_or((0, 0));
+    forward_l4(
+        ctx,
+        FlowKey::v6(src, dst, sport, dport, next_hdr),
+        ports.is_some(),
+        l4,
+        ip_len,
+    )
 }
 
-/// TCP or UDP: read the ports, then balance if the flow is for a VIP.
-/// `ip_len` is the IP packet's length, `None` if the frame does not hold it or
-/// it cannot hold the transport header.
+/// TCP or UDP: balance if the flow is for a VIP. `key` holds the ports,
+/// if the packet has them (`has_ports`). `ip_len` is the IP packet's
+/// length, `None` if the frame does not hold it or it cannot hold the
+/// transport header.
 #[inline(always)]
-fn forward_l4(ctx: &XdpContext, mut key: FlowKey, l4: usize, ip_len: Option<u16>) -> Verdict {
-    let Some(ports) = ptr_at::<Ports>(ctx, l4) else {
+fn forward_l4(
+    ctx: &XdpContext,
+    key: FlowKey,
+    has_ports: bool,
+    l4: usize,
+    ip_len: Option<u16>,
+) -> Verdict {
+    if !has_ports {
         if is_vip_address(&key.dst, key.family) {
             return drop(Outcome::DropMalformed);
         }
         return pass(Outcome::PassNotVip);
-    };
-    // SAFETY: ptr_at checked bounds.
-    let ports = unsafe { *ports };
-    key.sport = ports.src;
-    key.dport = ports.dst;
+    }
     // Most traffic that is not a VIP's stops here, before any hashing.
     if !may_be_vip(&key) {
         return pass(Outcome::PassNotVip);
