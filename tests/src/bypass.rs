@@ -3,7 +3,8 @@
 //! `lb_decap` with `[bypass]` (client prefix 198.18.20.0/22 → h0's
 //! intermediary); the LB node carries the flows' first packets.
 use std::{
-    net::SocketAddr,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -110,4 +111,37 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Dur
         std::thread::sleep(Duration::from_millis(20));
     }
     start.elapsed()
+}
+
+/// One connection from host h0's guest to `vip`: `bytes` up, echoed back
+/// down (every byte checked); returns the backend's name and the client's
+/// local address.
+pub fn transfer(t: &Topology, vip: SocketAddr, bytes: usize) -> (String, SocketAddr) {
+    t.from_guest(0, 0, move || {
+        let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let local = stream.local_addr().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut name = String::new();
+        reader.read_line(&mut name).expect("backend's name");
+        let mut writer = stream.try_clone().unwrap();
+        let up = std::thread::spawn(move || {
+            let chunk = vec![0x5au8; 16 * 1024];
+            for _ in 0..bytes / chunk.len() {
+                writer.write_all(&chunk).expect("upload");
+            }
+        });
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < bytes {
+            let n = reader.read(&mut buf).expect("download");
+            assert!(n > 0, "closed after {got} bytes");
+            assert!(buf[..n].iter().all(|b| *b == 0x5a));
+            got += n;
+        }
+        up.join().unwrap();
+        (name.trim().to_string(), local)
+    })
 }

@@ -23,45 +23,13 @@ fn refused(t: &Topology, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// One connection from the guest: `bytes` up, echoed back down; returns
-/// the backend's name and the client's local address.
-fn transfer(t: &Topology, bytes: usize) -> (String, SocketAddr) {
-    t.from_guest(0, 0, move || {
-        let stream = TcpStream::connect_timeout(&vip(), Duration::from_secs(3)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let local = stream.local_addr().unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut name = String::new();
-        reader.read_line(&mut name).expect("backend's name");
-        let mut writer = stream.try_clone().unwrap();
-        let up = std::thread::spawn(move || {
-            let chunk = vec![0x5au8; 16 * 1024];
-            for _ in 0..bytes / chunk.len() {
-                writer.write_all(&chunk).expect("upload");
-            }
-        });
-        let mut got = 0;
-        let mut buf = vec![0u8; 64 * 1024];
-        while got < bytes {
-            let n = reader.read(&mut buf).expect("download");
-            assert!(n > 0, "closed after {got} bytes");
-            assert!(buf[..n].iter().all(|b| *b == 0x5a));
-            got += n;
-        }
-        up.join().unwrap();
-        (name.trim().to_string(), local)
-    })
-}
-
 #[test]
 fn bypass_end_to_end() {
     let mut t = topology(|c| c);
 
     // Without the intermediary every packet crosses the LB node.
     let before = lb_packets(&t);
-    transfer(&t, MIB);
+    transfer(&t, vip(), MIB);
     let without = lb_packets(&t) - before;
     assert!(
         without > 700,
@@ -70,7 +38,7 @@ fn bypass_end_to_end() {
 
     start_host(&mut t);
     let before = lb_packets(&t);
-    let (name, _) = transfer(&t, MIB);
+    let (name, _) = transfer(&t, vip(), MIB);
     let with = lb_packets(&t) - before;
     eprintln!("LB node packets for a 1 MiB upload + 1 MiB download: {without} without bypass, {with} with");
     assert!(

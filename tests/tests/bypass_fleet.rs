@@ -19,6 +19,7 @@ use std::{
 };
 
 use lb_tests::{
+    bypass::transfer,
     etcd::{store_put, Etcd},
     topology::*,
 };
@@ -153,36 +154,6 @@ fn lb_packets(t: &Topology, name: &str) -> u64 {
         .filter(|v| v["name"] == name)
         .map(|v| v["counters"]["packets"].as_u64().unwrap())
         .sum()
-}
-
-/// One connection from the guest to `vip`: `bytes` up, echoed back down;
-/// the backend's name.
-fn transfer(t: &Topology, vip: SocketAddr, bytes: usize) -> String {
-    t.from_guest(0, 0, move || {
-        let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut name = String::new();
-        reader.read_line(&mut name).expect("backend's name");
-        let mut writer = stream.try_clone().unwrap();
-        let up = std::thread::spawn(move || {
-            let chunk = vec![0x5au8; 16 * 1024];
-            for _ in 0..bytes / chunk.len() {
-                writer.write_all(&chunk).expect("upload");
-            }
-        });
-        let mut got = 0;
-        let mut buf = vec![0u8; 64 * 1024];
-        while got < bytes {
-            let n = reader.read(&mut buf).expect("download");
-            assert!(n > 0, "closed after {got} bytes");
-            got += n;
-        }
-        up.join().unwrap();
-        name.trim().to_string()
-    })
 }
 
 /// A 1 MiB transfer through `vip` (LB VIP `name`): the LB node's packets.

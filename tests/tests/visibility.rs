@@ -306,6 +306,9 @@ fn a_known_workload_is_reported_exactly() {
         100.0
     );
     assert!(value("lb_datapath_packets_total", &[("outcome", "forwarded")]) >= packets as f64);
+    // The table had room for every flow, and no pressure shortened the timeouts.
+    assert_eq!(value("lb_datapath_flows_unrecorded_total", &[]), 0.0);
+    assert_eq!(value("lb_connection_table_timeout_divisor", &[]), 1.0);
     // Lifecycle series: one state per backend is 1, the others 0.
     let b0 = [("vip", "web"), ("backend", "198.18.0.11")];
     let state = |s: &str| value("lb_backend_state", &[b0[0], b0[1], ("state", s)]);

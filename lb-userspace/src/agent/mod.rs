@@ -223,6 +223,24 @@ fn load_programs(
     Ok((ebpf, origin))
 }
 
+/// Copies the connection table of the datapath being replaced (`old`, of
+/// map layout `layout`) into the new maps.
+fn migrate_flows(dp: &mut KernelDatapath, old: &std::path::Path, layout: u32) -> Result<()> {
+    let old = datapath::OldMaps::open(old, layout)?;
+    let now = crate::collector::monotonic_ns();
+    let (moved, left) = dp.copy_flows_from(&old, now)?;
+    if left > 0 {
+        warn!(
+            flows = moved,
+            left_out = left,
+            "connection table migrated; the new flow_table_size holds fewer flows: the least recently used were left out"
+        );
+    } else {
+        info!(flows = moved, "connection table migrated");
+    }
+    Ok(())
+}
+
 /// Starts the loops the configuration needs.
 async fn spawn_loops(
     state: &Shared,
@@ -305,18 +323,7 @@ pub async fn run_object(
     let listener = bind_socket(&config.socket).await?;
     if let (Origin::Migrating { old, layout }, Some(b)) = (&origin, balancing.as_mut()) {
         // Flows last, just before the switch: few start in between.
-        let old = datapath::OldMaps::open(old, *layout)?;
-        let now = crate::collector::monotonic_ns();
-        let (moved, left) = b.balancer.datapath_mut().copy_flows_from(&old, now)?;
-        if left > 0 {
-            warn!(
-                flows = moved,
-                left_out = left,
-                "connection table migrated; the new flow_table_size holds fewer flows: the least recently used were left out"
-            );
-        } else {
-            info!(flows = moved, "connection table migrated");
-        }
+        migrate_flows(b.balancer.datapath_mut(), old, *layout)?;
     }
     let interfaces = instance::attach_all(&mut ebpf, &config, &pins, &resolver).await?;
     if let Origin::Migrating { old, .. } = &origin {
