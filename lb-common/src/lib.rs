@@ -95,6 +95,24 @@ unsafe fn words_at(addr: &[u8; 16]) -> [u32; 4] {
     unsafe { core::ptr::read(addr.as_ptr().cast::<[u32; 4]>()) }
 }
 
+impl BackendInfo {
+    /// The address as four words, read with word loads.
+    #[inline(always)]
+    pub fn addr_words(&self) -> [u32; 4] {
+        // SAFETY: `addr` is at offset 0 of this 4-aligned struct.
+        unsafe { words_at(&self.addr) }
+    }
+}
+
+impl Settings {
+    /// The IPv6 encapsulation source prefix as four words.
+    #[inline(always)]
+    pub fn src_v6_words(&self) -> [u32; 4] {
+        // SAFETY: `src_v6` is at offset 16 of this 4-aligned struct.
+        unsafe { words_at(&self.src_v6) }
+    }
+}
+
 impl VipKey {
     /// The address as four words, read with word loads.
     #[inline(always)]
@@ -624,6 +642,9 @@ impl FlowKey {
 }
 
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+// The word reads of `BackendInfo::addr_words` and `Settings::src_v6_words`.
+const _: () = assert!(core::mem::offset_of!(BackendInfo, addr) == 0);
+const _: () = assert!(core::mem::offset_of!(Settings, src_v6) == 16);
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<BackendInfo>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);

@@ -5,8 +5,8 @@ use lb_common::{BackendInfo, Settings, FAMILY_V4, PROTO_IPIP, PROTO_IPV6};
 
 use crate::{
     headers::{
-        ptr_at, write_header, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN,
-        IPV6_LEN,
+        ptr_at, write_addr6, write_header, Addr6, EthHdr, Ipv4Hdr, Ipv6Fixed, Ipv6Hdr, ETH_LEN,
+        ETH_P_IPV4, ETH_P_IPV6, IPV4_LEN, IPV6_LEN,
     },
     maps::TX_PORTS,
 };
@@ -94,26 +94,30 @@ pub fn encapsulate(
         unsafe { write_header(ip, hdr) };
     } else {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_LEN).ok_or(EncapError::AdjustFailed)?;
-        let mut src = settings.src_v6;
-        let low = u32::from_be_bytes([src[12], src[13], src[14], src[15]]);
+        // The source prefix's last word carries the hash in its host bits.
+        let mut src = settings.src_v6_words();
         let mask = u32::from_be(settings.src_v6_hostmask);
-        let low = ((low & !mask) | (hash & mask)).to_be_bytes();
-        src[12] = low[0];
-        src[13] = low[1];
-        src[14] = low[2];
-        src[15] = low[3];
+        src[3] = ((u32::from_be(src[3]) & !mask) | (hash & mask)).to_be();
         // The flow label also carries the hash so that ECMP on the way spreads flows.
         let label = hash & 0x000f_ffff;
-        let hdr = Ipv6Hdr {
+        let fixed = Ipv6Fixed {
             vtc_flow: (0x6000_0000u32 | label).to_be_bytes(),
             payload_len: inner_len.to_be(),
             next_hdr: inner_proto,
             hop_limit: 64,
-            src,
-            dst: backend.addr,
         };
-        // SAFETY: ptr_at checked that the header fits in the packet.
-        unsafe { write_header(ip, hdr) };
+        // Written in place, field by field, from words: no header built on
+        // the stack and copied.
+        // SAFETY: ptr_at checked that the whole header fits in the packet;
+        // its fields are at even offsets of it.
+        unsafe {
+            write_header(ip.cast::<Ipv6Fixed>(), fixed);
+            write_addr6(core::ptr::addr_of_mut!((*ip).src).cast::<Addr6>(), src);
+            write_addr6(
+                core::ptr::addr_of_mut!((*ip).dst).cast::<Addr6>(),
+                backend.addr_words(),
+            );
+        }
     }
     Ok(())
 }

@@ -70,6 +70,37 @@ pub unsafe fn addr6_words(addr: *const Addr6) -> [u32; 4] {
     [word(0), word(2), word(4), word(6)]
 }
 
+/// Writes an IPv6 address given as four words (as `addr6_words` reads
+/// them) into the packet in 16-bit stores.
+///
+/// # Safety
+/// `dst` must come from `ptr_at` for this frame (bounds checked) at an even
+/// offset, or point into such a header.
+#[inline(always)]
+pub unsafe fn write_addr6(dst: *mut Addr6, words: [u32; 4]) {
+    let mut halves = [0u16; 8];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        halves[2 * i] = u16::from_ne_bytes([b[0], b[1]]);
+        halves[2 * i + 1] = u16::from_ne_bytes([b[2], b[3]]);
+        i += 1;
+    }
+    // SAFETY: in bounds and 2-aligned, as the caller promises.
+    unsafe { dst.write(halves) }
+}
+
+/// The first eight bytes of an IPv6 header (version, class, flow label,
+/// payload length, next header, hop limit), written before the addresses.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Fixed {
+    pub vtc_flow: [u8; 4],
+    pub payload_len: u16,
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+}
+
 /// The first four bytes of TCP and UDP headers.
 #[repr(C)]
 #[derive(Clone, Copy)]
