@@ -6,7 +6,7 @@
 //! flow's first packets went through the LB node, the backend's host tells
 //! the intermediary to send the rest straight to the backend.
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };

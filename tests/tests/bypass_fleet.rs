@@ -11,7 +11,7 @@
 //! and on swaps the host's program inside its kept XDP link, and an open
 //! connection carries on.
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Output},
