@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::Result;
 use tracing::{info, warn};
 
 use super::{bypass_send::SharedKeys, state::wall_ms};
@@ -19,7 +19,7 @@ use crate::{
     datapath::DestMaps,
     fleet::{
         bypass::{keys_from_store, sender_plan, SenderStatus},
-        StatusError, Store, Versioned,
+        lease_answer, under, watch_answer, StatusError, Store, Versioned,
     },
     limits::LogEvery,
 };
@@ -68,23 +68,11 @@ impl Follower {
         loop {
             let dirty = tokio::select! {
                 _ = renew.tick() => { keeper.keep_alive().await?; false }
-                msg = alive.message() => match msg? {
-                    Some(r) if r.ttl() > 0 => false,
-                    Some(_) => bail!("the lease expired"),
-                    None => bail!("the lease keep-alive stream ended"),
-                },
-                msg = watch.message() => {
-                    let resp = msg?.ok_or_else(|| anyhow!("the watch ended"))?;
-                    if resp.canceled() {
-                        bail!("the watch was cancelled: {}", resp.cancel_reason());
-                    }
-                    resp.events().iter().filter_map(|e| e.kv()).any(|kv| {
-                        kv.key_str().is_ok_and(|k| {
-                            (k.starts_with(&bypass_prefix) && !k.starts_with(&store.keys.bypass_senders()))
-                                || k.starts_with(&services)
-                        })
-                    })
-                }
+                msg = alive.message() => { lease_answer(msg)?; false }
+                msg = watch.message() => watch_answer(msg, |k| {
+                    (k.starts_with(&bypass_prefix) && !k.starts_with(&store.keys.bypass_senders()))
+                        || k.starts_with(&services)
+                })?,
             };
             if dirty {
                 let before = self.status.clone();
@@ -99,11 +87,7 @@ impl Follower {
     /// One read of the store, applied if every record is valid.
     async fn converge(&mut self, store: &mut Store) -> Result<i64> {
         let (all, revision) = store.list_at(&store.keys.all()).await?;
-        let part = |prefix: &str| -> Vec<(String, Versioned)> {
-            all.iter()
-                .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
-                .collect()
-        };
+        let part = |prefix: &str| under(&all, prefix);
         let services = part("services/");
         let policies = part("bypass/policies/");
         let intermediaries = part("bypass/intermediaries/");

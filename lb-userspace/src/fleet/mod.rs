@@ -30,8 +30,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _, Result};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity,
-    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
-    WatchStream,
+    LeaseKeepAliveResponse, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp,
+    WatchOptions, WatchResponse, WatchStream,
 };
 use serde::{Deserialize, Serialize};
 
@@ -85,6 +85,44 @@ pub struct StatusError {
 pub struct Versioned {
     pub text: String,
     pub revision: i64,
+}
+
+/// The entries of `all` (a `list_at` of every key) under `prefix`, with the
+/// prefix taken off.
+pub fn under(all: &[(String, Versioned)], prefix: &str) -> Vec<(String, Versioned)> {
+    all.iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
+        .collect()
+}
+
+/// A lease keep-alive answer (`LeaseKeepAliveStream::message`): an error
+/// once the lease expired or its stream ended.
+pub fn lease_answer(
+    msg: std::result::Result<Option<LeaseKeepAliveResponse>, etcd_client::Error>,
+) -> Result<()> {
+    match msg? {
+        Some(r) if r.ttl() > 0 => Ok(()),
+        Some(_) => bail!("the lease expired"),
+        None => bail!("the lease keep-alive stream ended"),
+    }
+}
+
+/// A watch answer (`WatchStream::message`): whether one of its events is
+/// for a key `concerns` accepts; an error once the watch ended or was
+/// cancelled.
+pub fn watch_answer(
+    msg: std::result::Result<Option<WatchResponse>, etcd_client::Error>,
+    concerns: impl Fn(&str) -> bool,
+) -> Result<bool> {
+    let resp = msg?.ok_or_else(|| anyhow!("the watch ended"))?;
+    if resp.canceled() {
+        bail!("the watch was cancelled: {}", resp.cancel_reason());
+    }
+    Ok(resp
+        .events()
+        .iter()
+        .filter_map(|e| e.kv())
+        .any(|kv| kv.key_str().is_ok_and(&concerns)))
 }
 
 /// The store's keys under one prefix.

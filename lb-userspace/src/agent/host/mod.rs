@@ -17,14 +17,17 @@ mod inner;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::state::wall_ms;
 use crate::{
     config::{Config, ConfigError, FleetConfig, HostConfig},
-    fleet::{self, HostPlan, HostStatus, StatusError, Store, Versioned},
+    fleet::{
+        self, lease_answer, under, watch_answer, HostPlan, HostStatus, StatusError, Store,
+        Versioned,
+    },
     limits::LogEvery,
     nexthop::Resolver,
 };
@@ -205,21 +208,9 @@ impl Host {
                     return Ok(());
                 }
                 _ = renew.tick() => { keeper.keep_alive().await?; false }
-                msg = alive.message() => match msg? {
-                    Some(r) if r.ttl() > 0 => false,
-                    Some(_) => bail!("the lease expired"),
-                    None => bail!("the lease keep-alive stream ended"),
-                },
+                msg = alive.message() => { lease_answer(msg)?; false }
                 _ = recheck.tick() => true,
-                msg = watch.message() => {
-                    let resp = msg?.ok_or_else(|| anyhow!("the watch ended"))?;
-                    if resp.canceled() {
-                        bail!("the watch was cancelled: {}", resp.cancel_reason());
-                    }
-                    resp.events().iter().filter_map(|e| e.kv()).any(|kv| {
-                        kv.key_str().is_ok_and(|k| concerns(&store.keys, k))
-                    })
-                }
+                msg = watch.message() => watch_answer(msg, |k| concerns(&store.keys, k))?,
             };
             if dirty {
                 tokio::time::sleep(SETTLE).await;
@@ -236,11 +227,7 @@ impl Host {
     /// it. Returns the revision read; only store errors are errors here.
     async fn converge(&mut self, store: &mut Store) -> Result<i64> {
         let (all, revision) = store.list_at(&store.keys.all()).await?;
-        let part = |prefix: &str| -> Vec<(String, Versioned)> {
-            all.iter()
-                .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
-                .collect()
-        };
+        let part = |prefix: &str| under(&all, prefix);
         let (installs, services, health) = (part("installs/"), part("services/"), part("health/"));
         let policies = part("bypass/policies/");
         let keys: Vec<(String, Versioned)> = all
