@@ -151,8 +151,10 @@ pub fn new_flow(p: &Packet, settings: &Settings) -> bool {
     true
 }
 
-/// Updates a known flow: its last packet's time and close state always (the
-/// agent expires flows by them), its tracers when they are on.
+/// Updates a known flow: its last packet's time, the union of its TCP flags
+/// and its close state always (the agent expires flows by them: a flow
+/// whose flags are a lone SYN is half-open), its counters when the tracers
+/// are on.
 #[inline(always)]
 pub fn known_flow(p: &Packet, settings: &Settings, state: *mut FlowState) {
     let now = coarse_now();
@@ -166,9 +168,15 @@ pub fn known_flow(p: &Packet, settings: &Settings, state: *mut FlowState) {
             (*state).packets_in += 1;
             (*state).bytes_in += p.bytes_in;
             (*state).bytes_out += p.bytes_out;
-        } else if (*state).last_ns != now {
-            // Without tracers the entry is written once per clock tick.
-            (*state).last_ns = now;
+        } else {
+            // Without tracers the entry is written once per clock tick, and
+            // when a flag not seen before arrives.
+            if (*state).last_ns != now {
+                (*state).last_ns = now;
+            }
+            if (*state).tcp_flags | p.tcp_flags != (*state).tcp_flags {
+                (*state).tcp_flags |= p.tcp_flags;
+            }
         }
     }
     let closing = close_bit(p.tcp_flags);
