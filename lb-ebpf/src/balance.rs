@@ -90,9 +90,18 @@ pub struct Choice {
 /// ACK on an entry whose connection closed is a new connection reusing the
 /// 5-tuple: `None`, so it is balanced and recorded afresh like any new flow,
 /// while the closed connection's late packets still follow the entry.
+/// The flag says whether there is an entry at all (`true` with `None`: one
+/// set aside, which the new choice replaces).
 #[inline(always)]
-pub fn known_flow(key: &FlowKey, tcp_flags: u8) -> Option<Choice> {
-    let state = FLOWS.get_ptr_mut(key)?;
+pub fn known_flow(key: &FlowKey, tcp_flags: u8) -> (Option<Choice>, bool) {
+    let Some(state) = FLOWS.get_ptr_mut(key) else {
+        return (None, false);
+    };
+    (follow(state, tcp_flags), true)
+}
+
+#[inline(always)]
+fn follow(state: *mut FlowState, tcp_flags: u8) -> Option<Choice> {
     // SAFETY: a valid entry pointer; FlowState is plain data.
     let (id, closed, hash, vip_id) = unsafe {
         (

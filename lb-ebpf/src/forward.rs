@@ -29,7 +29,9 @@ pub const fn drop(o: Outcome) -> Verdict {
 
 /// Sends the IP packet after the Ethernet header to the backend of the flow
 /// `key` of `vip`: `known`, the connection table's choice (`known_flow`),
-/// or else the VIP's Maglev ring's. `icmp` marks an ICMP error about the
+/// or else the VIP's Maglev ring's (`has_entry`: the table holds an entry
+/// for the flow all the same, which that choice replaces). `icmp` marks an
+/// ICMP error about the
 /// flow: it follows the flow but is neither recorded nor traced as part of it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -38,6 +40,7 @@ pub fn forward(
     key: &FlowKey,
     vip: &VipInfo,
     known: Option<Choice>,
+    has_entry: bool,
     ip_len: u16,
     tcp_flags: u8,
     icmp: bool,
@@ -103,7 +106,7 @@ pub fn forward(
         };
         match choice.flow {
             Some(state) => trace::known_flow(&packet, settings, state),
-            None => recorded = trace::new_flow(&packet, settings),
+            None => recorded = trace::new_flow(&packet, settings, has_entry),
         }
     }
     counters::forwarded(vip.vip_id, choice.backend_id, bytes_in, bytes_out, recorded);

@@ -175,9 +175,9 @@ fn forward_l4(
     };
     // A flow the connection table knows, whose VIP is still the one it was
     // recorded for, needs no VIP lookup: one hash lookup per packet.
-    let known = match (ip_len, tcp_flags) {
+    let (known, has_entry) = match (ip_len, tcp_flags) {
         (Some(_), Some(flags)) => known_flow(&key, flags),
-        _ => None,
+        _ => (None, false),
     };
     let vip = match &known {
         Some(choice) if vip_is_live(&key, choice.vip_id) => VipInfo {
@@ -194,7 +194,7 @@ fn forward_l4(
         return drop(Outcome::DropMalformed);
     };
     // One call site: the pipeline is inlined once.
-    forward(ctx, &key, &vip, known, ip_len, tcp_flags, false)
+    forward(ctx, &key, &vip, known, has_entry, ip_len, tcp_flags, false)
 }
 
 /// Offset of the flags byte in the TCP header.

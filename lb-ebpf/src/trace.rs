@@ -97,11 +97,13 @@ fn unrecorded() {
     }
 }
 
-/// Records a flow the connection table did not know. Returns whether it is
+/// Records a flow the connection table did not follow (`replaces`: it has
+/// an entry, set aside, which this one overwrites). Returns whether it is
 /// now recorded: a full table (the agent expires flows, the table does not
-/// evict) leaves it to Maglev alone, counted in `FLOWS_UNRECORDED`.
+/// evict) leaves a flow without an entry to Maglev alone, counted in
+/// `FLOWS_UNRECORDED`.
 #[inline(always)]
-pub fn new_flow(p: &Packet, settings: &Settings) -> bool {
+pub fn new_flow(p: &Packet, settings: &Settings, replaces: bool) -> bool {
     // The coarse clock (a tick's precision) is plenty for ages and idle
     // times and much cheaper per packet. Stamped with tracers off too: the
     // agent expires flows by it.
@@ -110,10 +112,13 @@ pub fn new_flow(p: &Packet, settings: &Settings) -> bool {
     // A CPU whose insert found the table full does not try again in the
     // same clock tick: an insert into a full table still hashes, locks and
     // walks a bucket, which a flood of new flows would pay per packet. The
-    // flow is recorded by a later packet once the collector made room.
+    // flow is recorded by a later packet once the collector made room. An
+    // entry set aside (a closed connection's, whose 5-tuple a new SYN
+    // reuses) is always overwritten, full table or not: left in place, it
+    // would take the new connection's later packets elsewhere.
     // SAFETY: per-CPU value, filled by `coarse_now` just above.
     if let Some(c) = cache {
-        if unsafe { (*c)[2] != 0 && (*c)[2] == (*c)[0] } {
+        if !replaces && unsafe { (*c)[2] != 0 && (*c)[2] == (*c)[0] } {
             unrecorded();
             return false;
         }

@@ -1529,3 +1529,39 @@ fn a_full_connection_table_forwards_new_flows_by_maglev_and_counts_them() {
     assert_eq!(f.vip_counters(vip_id).new_flows, 9);
     assert_eq!(f.balancer.datapath().flows_unrecorded().unwrap(), 3);
 }
+
+#[test]
+fn a_new_syn_on_a_closed_entry_replaces_it_in_a_full_table() {
+    // One CPU, so that the failed insert below sets this CPU's "full" mark.
+    // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    let sizes = MapSizes {
+        flow_table_size: 4,
+        ..SIZES
+    };
+    let f = Fixture::with_sizes(sizes, &standard());
+    let frame = |sport, flags| eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &tcp4(sport, 80, flags));
+    for sport in 40000..40004u16 {
+        assert_eq!(f.ingress(&frame(sport, TCP_SYN)).action, XDP_TX);
+    }
+    // The first connection closes; its entry stays (closed) in the full table.
+    f.ingress(&frame(40000, TCP_ACK | TCP_FIN));
+    let key = key4(40000, 80, PROTO_TCP);
+    assert_eq!(f.flow(&key).unwrap().state, lb_common::FLOW_CLOSED_FIN);
+    // A new flow finds no room (and marks this CPU full for the tick) ...
+    f.ingress(&frame(41000, TCP_SYN));
+    assert!(f.flow(&key4(41000, 80, PROTO_TCP)).is_none());
+    // ... yet a new connection reusing the closed one's 5-tuple replaces
+    // its entry, so that its later packets follow the new choice.
+    f.ingress(&frame(40000, TCP_SYN));
+    let state = f.flow(&key).expect("the entry");
+    assert_eq!(
+        (state.state, state.packets_in, state.tcp_flags),
+        (0, 1, TCP_SYN)
+    );
+    assert_eq!(f.flows().len(), 4);
+}
