@@ -309,12 +309,15 @@ fn make_room(f: &mut Fixture, n: usize) {
     }
 }
 
-/// Keeps the benchmark on one CPU: the shim's per-CPU run counter (the
+/// Keeps the datapath cases on one CPU: the shim's per-CPU run counter (the
 /// source of new flows) and both sides' per-CPU state then stay the same
-/// from round to round.
-fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
+/// from round to round. Returns the CPUs allowed before, for `unpin`: the
+/// later sections start agents, which would inherit the pin.
+fn pin_to_cpu0() -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t values for this thread; zeroed is a valid empty set.
     unsafe {
+        let mut before: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut before);
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(0, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
@@ -323,12 +326,19 @@ fn pin_to_cpu0() {
                 std::io::Error::last_os_error()
             );
         }
+        before
     }
+}
+
+/// Allows the CPUs of `before` again.
+fn unpin(before: &libc::cpu_set_t) {
+    // SAFETY: a cpu_set_t that sched_getaffinity filled.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), before) };
 }
 
 fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
     println!("== datapath cost per packet (BPF_PROG_TEST_RUN, {REPEAT} runs per round, median of {ROUNDS})");
-    pin_to_cpu0();
+    let cpus = pin_to_cpu0();
     let mut f = Fixture::with_sizes(bench_sizes(1_000_000), &bench_vips());
     f.add_decap_address("198.18.0.11".parse().unwrap());
     let mut shim = Shim::load();
@@ -724,6 +734,7 @@ fn datapath_cost(report: &mut Report) -> BTreeMap<&'static str, f64> {
             .insert(format!("datapath.{on}.tracer_cost_ratio"), json!(delta));
     }
     peer::report(report, &peer_ratios);
+    unpin(&cpus);
     ns
 }
 
