@@ -54,12 +54,14 @@ fn event(p: &Packet, settings: &Settings, kind: u32, now: u64) {
 /// inlines `bpf_jiffies64` into a load, while the clock read is a helper call
 /// on every packet. A reading taken between a tick's jiffies update and its
 /// clock update stays one tick behind until the next tick: a tick more of
-/// imprecision on a clock that has a tick's precision anyway.
+/// imprecision on a clock that has a tick's precision anyway. `cache` is
+/// this CPU's `CLOCK_CACHE` entry (looked up once by the caller, which may
+/// use it too).
 #[inline(always)]
-fn coarse_now() -> u64 {
+fn coarse_now(cache: Option<*mut [u64; 3]>) -> u64 {
     // SAFETY: helpers without arguments.
     let jiffy = unsafe { bpf_jiffies64() };
-    let Some(c) = CLOCK_CACHE.get_ptr_mut(0) else {
+    let Some(c) = cache else {
         return unsafe { bpf_ktime_get_coarse_ns() };
     };
     // SAFETY: per-CPU value, only this CPU uses it while the program runs.
@@ -107,8 +109,8 @@ pub fn new_flow(p: &Packet, settings: &Settings, replaces: bool) -> bool {
     // The coarse clock (a tick's precision) is plenty for ages and idle
     // times and much cheaper per packet. Stamped with tracers off too: the
     // agent expires flows by it.
-    let now = coarse_now();
     let cache = CLOCK_CACHE.get_ptr_mut(0);
+    let now = coarse_now(cache);
     // A CPU whose insert found the table full does not try again in the
     // same clock tick: an insert into a full table still hashes, locks and
     // walks a bucket, which a flood of new flows would pay per packet. The
@@ -162,7 +164,7 @@ pub fn new_flow(p: &Packet, settings: &Settings, replaces: bool) -> bool {
 /// are on.
 #[inline(always)]
 pub fn known_flow(p: &Packet, settings: &Settings, state: *mut FlowState) {
-    let now = coarse_now();
+    let now = coarse_now(CLOCK_CACHE.get_ptr_mut(0));
     let trace = settings.flags & SETTING_TRACE_FLOWS != 0;
     // SAFETY: a connection-table entry; racing updates from two CPUs can lose
     // an increment, never corrupt the entry (a flow normally stays on one queue).
