@@ -41,9 +41,22 @@ fn bypass_end_to_end() {
     let (name, _) = transfer(&t, vip(), MIB);
     let with = lb_packets(&t) - before;
     eprintln!("LB node packets for a 1 MiB upload + 1 MiB download: {without} without bypass, {with} with");
+    // Measured once, a flow's count includes what crossed the LB before the
+    // instruction arrived, which load delays (15 seen once in CI, 4 on a
+    // quiet run): at most a tenth of the flow then, and a later transfer
+    // must show no more than the bypass's own few packets.
     assert!(
-        with <= 10,
+        with <= without / 10,
         "{with} packets of the flow crossed the LB with bypass on (backend {name})"
+    );
+    wait_for(
+        "a transfer with no more than the bypass's own LB packets",
+        Duration::from_secs(20),
+        || {
+            let before = lb_packets(&t);
+            transfer(&t, vip(), MIB);
+            lb_packets(&t) - before <= 10
+        },
     );
     assert!(bypass_field(&t, "accepted") >= 1);
     assert!(bypass_field(&t, "packets_direct") > 700);
