@@ -119,10 +119,12 @@ fn balancer_follows_the_store() {
         |i, c| format!("{c}\n{}", etcd.fleet_section_at(LB_V4, &format!("b{i}"), 3)),
     );
 
+    // Registered and reporting: the record is written before the first
+    // status report, so wait for the report, not only the record.
     let n = wait_for(
-        "the LB agent is registered",
+        "the LB agent is registered and has reported its status",
         Duration::from_secs(15),
-        || node(ns, &fleet, "lb-1"),
+        || node(ns, &fleet, "lb-1").filter(|n| !n["status"].is_null()),
     );
     for i in 0..3 {
         let b = wait_for(
