@@ -48,7 +48,14 @@ pub fn forward(
     let Some(settings) = SETTINGS.get(0) else {
         return drop(Outcome::DropNoBackend);
     };
-    let Some(choice) = known.or_else(|| maglev_choice(key, vip)) else {
+    // A match, not `or_else`: LLVM may leave a closure out of line, and
+    // its result then comes back through the stack with fields the verifier
+    // sees as never written.
+    let choice = match known {
+        Some(choice) => Some(choice),
+        None => maglev_choice(key, vip),
+    };
+    let Some(choice) = choice else {
         return drop(Outcome::DropNoBackend);
     };
     if choice.backend.ifindex == 0 {

@@ -199,6 +199,14 @@ fn store<const N: usize>(ctx: &XdpContext, off: usize, mut bytes: [u8; N]) -> Op
 /// is higher, and updates the TCP checksum. Returns whether it changed it.
 #[inline(never)]
 fn clamp_mss(ctx: &XdpContext, inner_v4: bool, limit: u16) -> bool {
+    let first = if inner_v4 {
+        clamp_first_mss::<{ ETH_LEN + IPV4_LEN }>(ctx, true, limit)
+    } else {
+        clamp_first_mss::<{ ETH_LEN + IPV6_LEN }>(ctx, false, limit)
+    };
+    if let Some(changed) = first {
+        return changed;
+    }
     let l4 = if inner_v4 {
         let Some([version_ihl]) = load::<1>(ctx, ETH_LEN) else {
             return false;
@@ -239,6 +247,46 @@ fn clamp_mss(ctx: &XdpContext, inner_v4: bool, limit: u16) -> bool {
         off += step as usize;
     }
     false
+}
+
+/// `clamp_mss` for the common SYN, with packet pointers at fixed offsets
+/// (no helper calls): no IPv4 options (the TCP header at `L4`), and no TCP
+/// options or the MSS as the first one, where the common stacks put it.
+/// `None` for any other layout, which `clamp_mss` walks.
+#[inline(always)]
+fn clamp_first_mss<const L4: usize>(ctx: &XdpContext, inner_v4: bool, limit: u16) -> Option<bool> {
+    if inner_v4 {
+        // SAFETY: ptr_at checked bounds.
+        let version_ihl = unsafe { *ptr_at::<u8>(ctx, ETH_LEN)? };
+        if version_ihl & 0x0f != 5 {
+            return None;
+        }
+    }
+    // SAFETY: ptr_at checked bounds.
+    let doff = unsafe { *ptr_at::<u8>(ctx, L4 + 12)? } >> 4;
+    if (doff as usize) * 4 <= TCP_LEN {
+        return Some(false);
+    }
+    // The option's kind and length, then its value: two 16-bit words at an
+    // even offset of the frame.
+    let option = ptr_at::<[u16; 2]>(ctx, L4 + TCP_LEN)?;
+    let check = ptr_at::<u16>(ctx, L4 + 16)?;
+    // SAFETY: ptr_at checked bounds.
+    let [kind_len, value] = unsafe { *option };
+    let [kind, len] = kind_len.to_ne_bytes();
+    if kind != TCP_OPT_MSS {
+        return None;
+    }
+    let old = u16::from_be(value);
+    if len != 4 || (doff as usize) * 4 < TCP_LEN + 4 || old <= limit {
+        return Some(false);
+    }
+    // SAFETY: ptr_at checked bounds; both are at even offsets.
+    unsafe {
+        (*option)[1] = limit.to_be();
+        *check = csum_replace(u16::from_be(*check), old, limit).to_be();
+    }
+    Some(true)
 }
 
 /// Writes `limit` into the MSS value at `at` bytes into the TCP header at

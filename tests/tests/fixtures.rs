@@ -1278,6 +1278,17 @@ fn syn_mss_is_clamped_to_what_fits_the_backend_link() {
     let (client, vip, port, backends) = V4_IN_V4;
     let plain = tcp_packet((client, 43000), (vip, port), TCP_SYN, &[1, 1, 4, 2], b"");
     assert_balanced(&f, &plain, &key4(43000, 80, PROTO_TCP), backends);
+    // An MSS option first with a wrong length is left alone (the common
+    // layout's direct path must judge it as the option walk does).
+    let bad_len = tcp_packet(
+        (client, 43003),
+        (vip, port),
+        TCP_SYN,
+        &[2, 3, 0x05, 0xb4],
+        b"",
+    );
+    assert_balanced(&f, &bad_len, &key4(43003, 80, PROTO_TCP), backends);
+    assert_eq!(f.mss_clamped(), clamped);
     // Switched off, the MSS is left alone.
     f.apply_full("clamp_mss = false", &standard());
     let syn = tcp_packet(

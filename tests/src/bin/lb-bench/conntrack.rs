@@ -48,7 +48,7 @@ pub fn connection_table(report: &mut Report) {
         .collect();
     // Fill: a new flow per run, twice the table's size, through lb_ingress.
     shim.target(Some((&f.ebpf, "lb_ingress")));
-    let data = pad(v4_tcp(V4_VIP, TCP_SYN));
+    let data = pad(v4_syn(V4_VIP));
     shim.frame(data, Some(V4_VARY));
     // The first 200,000 inserts find free entries; once the table is full,
     // later flows are forwarded without an entry (no collector runs here).
