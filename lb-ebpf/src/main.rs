@@ -25,6 +25,8 @@
 //! - `decap`: the `lb_decap` entry point for backend hosts.
 #![no_std]
 #![no_main]
+// Word loads and stores at 2-aligned packet offsets (`headers::addr6_words`).
+#![feature(asm_experimental_arch)]
 
 mod balance;
 mod bypass;
