@@ -312,6 +312,11 @@ fn restarts_and_an_upgrade_under_load_lose_no_connection() {
     );
     std::thread::sleep(Duration::from_secs(1));
 
+    // Shown if the checks below fail (see the datapath-log test).
+    println!(
+        "LB status at the end:\n{}",
+        String::from_utf8_lossy(&t.lbctl(&["status"]).stdout)
+    );
     let (new_ok, rounds, failures) = load.stop();
     assert!(
         failures.is_empty(),
@@ -731,6 +736,13 @@ fn datapath_logs_follow_each_start_and_keep_the_flows() {
         datapath_records(&t)
     );
 
+    // Shown if the checks below fail: the outcome counters (kept across
+    // the restarts in the pinned maps) say whether the datapath dropped
+    // or passed a packet of the load.
+    println!(
+        "LB status at the end:\n{}",
+        String::from_utf8_lossy(&t.lbctl(&["status"]).stdout)
+    );
     let (_, rounds, failures) = load.stop();
     assert!(
         failures.is_empty(),
