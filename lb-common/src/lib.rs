@@ -644,9 +644,6 @@ impl FlowKey {
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 // The word reads of `BackendInfo::addr_words` and `Settings::src_v6_words`.
 const _: () = assert!(core::mem::offset_of!(BackendInfo, addr) == 0);
-// The datapath copies the MACs in 16-bit words.
-const _: () = assert!(core::mem::offset_of!(BackendInfo, src_mac) % 2 == 0);
-const _: () = assert!(core::mem::offset_of!(BackendInfo, dst_mac) % 2 == 0);
 const _: () = assert!(core::mem::offset_of!(Settings, src_v6) == 16);
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<BackendInfo>() == 40);

@@ -60,9 +60,13 @@ pub fn encapsulate(
         return Err(EncapError::AdjustFailed);
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(EncapError::AdjustFailed)?;
-    let ether_type = if outer_v4 { ETH_P_IPV4 } else { ETH_P_IPV6 };
+    let eth_hdr = EthHdr {
+        dst: backend.dst_mac,
+        src: backend.src_mac,
+        ether_type: (if outer_v4 { ETH_P_IPV4 } else { ETH_P_IPV6 }).to_be(),
+    };
     // SAFETY: ptr_at checked that the header fits in the packet.
-    unsafe { write_eth(eth, backend, ether_type) };
+    unsafe { write_header(eth, eth_hdr) };
 
     if outer_v4 {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN).ok_or(EncapError::AdjustFailed)?;
@@ -116,39 +120,6 @@ pub fn encapsulate(
         }
     }
     Ok(())
-}
-
-/// Writes the Ethernet header toward `backend`'s next hop: its MACs copied
-/// from the map entry into the packet in 16-bit words (both are at even
-/// offsets of `BackendInfo`), not through a header built on the stack.
-///
-/// # Safety
-/// `eth` must come from `ptr_at` for this frame at offset 0.
-#[inline(always)]
-unsafe fn write_eth(eth: *mut EthHdr, backend: &BackendInfo, ether_type: u16) {
-    // SAFETY: 2-aligned fields of a map value; 6 bytes each.
-    let (dst, src) = unsafe {
-        (
-            core::ptr::addr_of!(backend.dst_mac)
-                .cast::<[u16; 3]>()
-                .read(),
-            core::ptr::addr_of!(backend.src_mac)
-                .cast::<[u16; 3]>()
-                .read(),
-        )
-    };
-    // SAFETY: in bounds and 2-aligned, as the caller promises.
-    unsafe {
-        eth.cast::<[u16; 7]>().write([
-            dst[0],
-            dst[1],
-            dst[2],
-            src[0],
-            src[1],
-            src[2],
-            ether_type.to_be(),
-        ])
-    };
 }
 
 /// Sends the encapsulated frame toward the backend's next hop: `XDP_TX` when it
