@@ -64,7 +64,14 @@ pub const IPV6_DST: usize = 24;
 pub unsafe fn addr6_words(addr: *const Addr6) -> [u32; 4] {
     let p = addr.cast::<u8>();
     // SAFETY: in bounds (ptr_at), as the caller promises.
-    unsafe { [load32(p), load32(p.add(4)), load32(p.add(8)), load32(p.add(12))] }
+    unsafe {
+        [
+            load32(p),
+            load32(p.add(4)),
+            load32(p.add(8)),
+            load32(p.add(12)),
+        ]
+    }
 }
 
 /// A 32-bit load from a packet address that may be only 2-aligned, as one

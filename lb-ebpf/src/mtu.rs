@@ -278,7 +278,8 @@ fn clamp_first_mss<const L4: usize>(ctx: &XdpContext, inner_v4: bool, limit: u16
         return None;
     }
     let old = u16::from_be(value);
-    if len != 4 || (doff as usize) * 4 < TCP_LEN + 4 || old <= limit {
+    // (doff is at least 6 here: the 4 bytes of the option are within it.)
+    if len != 4 || old <= limit {
         return Some(false);
     }
     // SAFETY: ptr_at checked bounds; both are at even offsets.

@@ -154,158 +154,130 @@ fn encapsulated() -> Vec<u8> {
     )
 }
 
+impl Case {
+    /// A packet `lb_ingress` forwards, run through the peer too.
+    fn forwarded(key: &'static str, name: &'static str, frame: Vec<u8>) -> Case {
+        Case {
+            key,
+            name,
+            program: Some("lb_ingress"),
+            frame,
+            vary: None,
+            verdict: XDP_TX,
+            counted: Some(Outcome::Forwarded),
+            untraced: false,
+            katran: true,
+            repeat: REPEAT,
+        }
+    }
+
+    /// A new flow each run (a fresh source port and address), in rounds the
+    /// peer's new-connection limit allows.
+    fn new_flows(self) -> Case {
+        Case {
+            vary: Some(V4_VARY),
+            repeat: NEW_FLOW_REPEAT,
+            ..self
+        }
+    }
+
+    fn untraced(self) -> Case {
+        Case {
+            untraced: true,
+            ..self
+        }
+    }
+
+    fn without_peer(self) -> Case {
+        Case {
+            katran: false,
+            ..self
+        }
+    }
+}
+
 /// The cases, the floor first and the untraced ones last.
 fn cases(encapsulated: Vec<u8>) -> Vec<Case> {
+    let v6 = eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV6,
+        &ipv6(
+            CLIENT6,
+            V6_VIP,
+            PROTO_TCP,
+            0,
+            64,
+            &tcp(40000, 443, TCP_ACK, b""),
+        ),
+    );
+    let udp = eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV4,
+        &ipv4(CLIENT, V4_VIP, PROTO_UDP, &udp(5000, 53, b"query")),
+    );
     vec![
         Case {
-            key: "floor",
-            name: "floor: swap MACs, XDP_TX",
             program: None,
-            frame: v4_tcp(V4_VIP, TCP_ACK),
-            vary: None,
-            verdict: XDP_TX,
             counted: None,
-            untraced: false,
-            katran: false,
-            repeat: REPEAT,
-        },
+            ..Case::forwarded("floor", "floor: swap MACs, XDP_TX", v4_tcp(V4_VIP, TCP_ACK))
+        }
+        .without_peer(),
+        Case::forwarded(
+            "v4_syn_new",
+            "IPv4 TCP SYN, new flow each run, the table with room",
+            v4_syn(V4_VIP),
+        )
+        .new_flows(),
+        Case::forwarded(
+            "v4_syn_full",
+            "IPv4 TCP SYN, new flow into the full 1M-entry table",
+            v4_syn(V4_VIP),
+        )
+        .new_flows(),
+        Case::forwarded(
+            "v4_established",
+            "IPv4 TCP established",
+            v4_tcp(V4_VIP, TCP_ACK),
+        ),
+        Case::forwarded("v4_udp", "IPv4 UDP", udp),
+        Case::forwarded("v6_established", "IPv6 TCP established", v6),
+        Case::forwarded(
+            "v4_to_v6",
+            "IPv4 client to IPv6 backend",
+            v4_tcp(V4_VIP_TO_V6, TCP_ACK),
+        ),
         Case {
-            key: "v4_syn_new",
-            name: "IPv4 TCP SYN, new flow each run, the table with room",
-            program: Some("lb_ingress"),
-            frame: v4_syn(V4_VIP),
-            vary: Some(V4_VARY),
-            verdict: XDP_TX,
-            counted: Some(Outcome::Forwarded),
-            untraced: false,
-            katran: true,
-            repeat: NEW_FLOW_REPEAT,
-        },
-        Case {
-            key: "v4_syn_full",
-            name: "IPv4 TCP SYN, new flow into the full 1M-entry table",
-            program: Some("lb_ingress"),
-            frame: v4_syn(V4_VIP),
-            vary: Some(V4_VARY),
-            verdict: XDP_TX,
-            counted: Some(Outcome::Forwarded),
-            untraced: false,
-            katran: true,
-            repeat: NEW_FLOW_REPEAT,
-        },
-        Case {
-            key: "v4_established",
-            name: "IPv4 TCP established",
-            program: Some("lb_ingress"),
-            frame: v4_tcp(V4_VIP, TCP_ACK),
-            vary: None,
-            verdict: XDP_TX,
-            counted: Some(Outcome::Forwarded),
-            untraced: false,
-            katran: true,
-            repeat: REPEAT,
-        },
-        Case {
-            key: "v4_udp",
-            name: "IPv4 UDP",
-            program: Some("lb_ingress"),
-            frame: eth(
-                LB_MAC,
-                CLIENT_MAC,
-                ETH_IPV4,
-                &ipv4(CLIENT, V4_VIP, PROTO_UDP, &udp(5000, 53, b"query")),
-            ),
-            vary: None,
-            verdict: XDP_TX,
-            counted: Some(Outcome::Forwarded),
-            untraced: false,
-            katran: true,
-            repeat: REPEAT,
-        },
-        Case {
-            key: "v6_established",
-            name: "IPv6 TCP established",
-            program: Some("lb_ingress"),
-            frame: eth(
-                LB_MAC,
-                CLIENT_MAC,
-                ETH_IPV6,
-                &ipv6(
-                    CLIENT6,
-                    V6_VIP,
-                    PROTO_TCP,
-                    0,
-                    64,
-                    &tcp(40000, 443, TCP_ACK, b""),
-                ),
-            ),
-            vary: None,
-            verdict: XDP_TX,
-            counted: Some(Outcome::Forwarded),
-            untraced: false,
-            katran: true,
-            repeat: REPEAT,
-        },
-        Case {
-            key: "v4_to_v6",
-            name: "IPv4 client to IPv6 backend",
-            program: Some("lb_ingress"),
-            frame: v4_tcp(V4_VIP_TO_V6, TCP_ACK),
-            vary: None,
-            verdict: XDP_TX,
-            counted: Some(Outcome::Forwarded),
-            untraced: false,
-            katran: true,
-            repeat: REPEAT,
-        },
-        Case {
-            key: "pass",
-            name: "non-VIP traffic passed",
-            program: Some("lb_ingress"),
-            frame: v4_tcp(Ipv4Addr::new(198, 18, 0, 99), TCP_ACK),
-            vary: None,
             verdict: XDP_PASS,
             counted: Some(Outcome::PassNotVip),
-            untraced: false,
-            katran: true,
-            repeat: REPEAT,
+            ..Case::forwarded(
+                "pass",
+                "non-VIP traffic passed",
+                v4_tcp(Ipv4Addr::new(198, 18, 0, 99), TCP_ACK),
+            )
         },
         Case {
-            key: "decap",
-            name: "lb_decap on an IPIP packet",
             program: Some("lb_decap"),
-            frame: encapsulated,
-            vary: None,
             verdict: XDP_PASS,
             counted: None,
-            untraced: false,
-            katran: false,
-            repeat: REPEAT,
-        },
-        Case {
-            key: "v4_syn_new_untraced",
-            name: "IPv4 TCP SYN, new flow, tracers and events off",
-            program: Some("lb_ingress"),
-            frame: v4_syn(V4_VIP),
-            vary: Some(V4_VARY),
-            verdict: XDP_TX,
-            counted: Some(Outcome::Forwarded),
-            untraced: true,
-            katran: false,
-            repeat: NEW_FLOW_REPEAT,
-        },
-        Case {
-            key: "v4_established_untraced",
-            name: "IPv4 TCP established, tracers off",
-            program: Some("lb_ingress"),
-            frame: v4_tcp(V4_VIP, TCP_ACK),
-            vary: None,
-            verdict: XDP_TX,
-            counted: Some(Outcome::Forwarded),
-            untraced: true,
-            katran: true,
-            repeat: REPEAT,
-        },
+            ..Case::forwarded("decap", "lb_decap on an IPIP packet", encapsulated)
+        }
+        .without_peer(),
+        Case::forwarded(
+            "v4_syn_new_untraced",
+            "IPv4 TCP SYN, new flow, tracers and events off",
+            v4_syn(V4_VIP),
+        )
+        .new_flows()
+        .untraced()
+        .without_peer(),
+        Case::forwarded(
+            "v4_established_untraced",
+            "IPv4 TCP established, tracers off",
+            v4_tcp(V4_VIP, TCP_ACK),
+        )
+        .untraced(),
     ]
 }
 
