@@ -221,12 +221,24 @@ pub fn build_table(entries: &[Entry], size: u32) -> Table {
     }
 }
 
+/// The fill's clock: `-ln(1 - k/M)` for each step k of a lap.
+///
+/// Agents on different hosts must build the same tables, and a walk's steps
+/// are compared with round boundaries, so a last-bit difference in a clock
+/// value can move a slot. `f64::ln_1p` is the system libm's `log1p`, whose
+/// last bits differ between C libraries (and between a glibc's variants for
+/// CPUs with and without FMA); the `libm` crate's is plain Rust arithmetic,
+/// the same bits on every host.
+pub(crate) fn clock(m: u64) -> Vec<f64> {
+    (0..m).map(|k| -libm::log1p(-(k as f64) / m as f64)).collect()
+}
+
 /// Runs the walks until every slot is taken. The caps add up to at least the
 /// table size and every skip visits every slot (the size is prime), so it ends.
 fn fill(table: &mut [u32], counts: &mut [u32], mut walks: Vec<Walk>) {
     let m = table.len() as u64;
     // Computed once for every walk: the costly part of a step's time.
-    let clock: Vec<f64> = (0..m).map(|k| -(-(k as f64) / m as f64).ln_1p()).collect();
+    let clock = clock(m);
     // Which slots are taken, one bit each: every step tests a slot at random,
     // and the bits (8 KB at M = 65,537) stay in the L1 cache where the table
     // (32 bits a slot) does not.
