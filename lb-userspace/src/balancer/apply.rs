@@ -236,6 +236,7 @@ impl<D: Datapath> Balancer<D> {
             .iter()
             .filter(|v| plan.rebuild.contains(&ident(v)))
             .collect();
+        let mut builds = maglev::Builds::default();
         for chunk in to_build.chunks(BUILD_CHUNK) {
             let jobs: Vec<(Vec<maglev::Entry>, u32)> = chunk
                 .iter()
@@ -244,7 +245,7 @@ impl<D: Datapath> Balancer<D> {
                     (entries, self.ring_size(vip))
                 })
                 .collect();
-            let tables = maglev::build_many(&jobs);
+            let tables = builds.build_many(&jobs);
             for (vip, table) in chunk.iter().zip(tables) {
                 self.switch_vip(vip, &table, &mut reusable_vip_ids, summary)?;
             }

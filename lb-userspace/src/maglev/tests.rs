@@ -238,3 +238,72 @@ fn clock_is_the_same_on_every_host() {
     }
     assert_eq!(clock[0], 0.0);
 }
+
+/// The by-slot finish gives the tables of stepping to the end, for pools
+/// of every size and weights far apart, in tables of several sizes.
+#[test]
+fn finishing_by_slot_builds_the_tables_stepping_does() {
+    let mut seed = 0x243f_6a88_85a3_08d3u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut checked = 0;
+    for size in [3u32, 7, 251, 1021, 4093, 65537] {
+        for n in [1u32, 2, 3, 5, 10, 33, 100, 400] {
+            if u64::from(n) > u64::from(size) * 4 {
+                continue;
+            }
+            let heavy = next() % 4 == 0;
+            let pool: Vec<Entry> = (0..n)
+                .map(|i| Entry {
+                    id: i,
+                    identity: (next() as u32).to_be_bytes().to_vec(),
+                    weight: if heavy && i == 0 {
+                        65_535
+                    } else {
+                        (next() % 300) as u32
+                    },
+                })
+                .collect();
+            let by_step = build_with(&pool, size, false);
+            let by_slot = build_table(&pool, size);
+            assert_eq!(by_slot.slots, by_step.slots, "N = {n}, M = {size}");
+            assert_eq!(by_slot.counts, by_step.counts, "N = {n}, M = {size}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 40);
+}
+
+/// VIPs with the same pool share one build; each table is the one its
+/// pool builds alone, counts in its entries' order.
+#[test]
+fn shared_pools_are_built_once() {
+    let a = backends(10, |i| 100 + i);
+    let mut b = a.clone();
+    b.reverse();
+    let jobs = vec![
+        (a.clone(), 251),
+        (b.clone(), 251),
+        (a.clone(), 251),
+        (a.clone(), 1021),
+    ];
+    let mut builds = Builds::default();
+    let tables = builds.build_many(&jobs);
+    assert!(Arc::ptr_eq(&tables[0], &tables[2]));
+    assert!(
+        !Arc::ptr_eq(&tables[0], &tables[1]),
+        "counts follow the order"
+    );
+    let again = builds.build_many(&jobs[..1]);
+    assert!(Arc::ptr_eq(&again[0], &tables[0]), "kept across calls");
+    for ((entries, size), table) in jobs.iter().zip(&tables) {
+        let alone = build_table(entries, *size);
+        assert_eq!(table.slots, alone.slots);
+        assert_eq!(table.counts, alone.counts);
+        assert_eq!(table.digest, alone.digest);
+    }
+}
