@@ -364,6 +364,9 @@ fn fill_with(table: &mut [u32], counts: &mut [u32], mut walks: Vec<Walk>, by_slo
     let mut taken = vec![0u64; (m as usize).div_ceil(64)];
     let mut filled = 0u64;
     let mut round = 0.0f64;
+    // The earliest next step of the walks under their caps (each walk's
+    // first step is at 0).
+    let mut first = 0.0f64;
     while filled < m {
         // Between rounds: every step before `round` is taken, and `walks`
         // holds the walks still under their caps.
@@ -372,8 +375,8 @@ fn fill_with(table: &mut [u32], counts: &mut [u32], mut walks: Vec<Walk>, by_slo
             return;
         }
         // The next round in which some walk steps (light backends wait).
-        let first = walks.iter().map(|w| w.next).fold(f64::INFINITY, f64::min);
         round = (round + 1.0).max(first.floor() + 1.0);
+        first = f64::INFINITY;
         let mut capped = false;
         for w in walks.iter_mut() {
             while w.next < round && counts[w.index] < w.cap {
@@ -389,7 +392,11 @@ fn fill_with(table: &mut [u32], counts: &mut [u32], mut walks: Vec<Walk>, by_slo
                     }
                 }
             }
-            capped |= counts[w.index] >= w.cap;
+            if counts[w.index] >= w.cap {
+                capped = true;
+            } else {
+                first = first.min(w.next);
+            }
         }
         if capped {
             walks.retain(|w| counts[w.index] < w.cap);
