@@ -565,3 +565,44 @@ fn an_adopting_agent_keeps_the_rings_in_use() {
         .to_string();
     assert!(e.contains("datapath.maglev_slots = 32768"), "{e}");
 }
+
+/// A datapath error in the middle of a large apply (tables of later chunks
+/// still being built) ends the apply with the error: the builder stops.
+#[test]
+fn a_datapath_error_mid_apply_stops_the_table_builder() {
+    let sizes = MapSizes {
+        max_vips: 300,
+        maglev_slots: 300 * 3 * 1031,
+        ..SIZES
+    };
+    let text: String = (0..300)
+        .map(|i| {
+            vip(
+                &format!("198.18.{}.{}", 10 + i / 200, 1 + i % 200),
+                80,
+                &[("198.18.0.11", 1 + i), ("198.18.0.12", 1)],
+            )
+        })
+        .collect();
+    let text = format!(
+        "[datapath]\ninterfaces=[\"eth0\"]\nmaglev_table_size=257\nmaglev_slots={}\nmax_vips=300\nmax_backends=8\n\
+         [encap]\nsource_v4=\"198.18.200.0/24\"\n{text}",
+        sizes.maglev_slots
+    );
+    let cfg = Config::from_toml(&text).unwrap().balancer.unwrap();
+    let dp = FakeDatapath {
+        vip_writes_until_error: Some(10),
+        ..FakeDatapath::default()
+    };
+    let mut b = Balancer::new(dp, sizes, BTreeSet::from([2]));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = b.apply_cfg(&cfg).map(|_| ()).map_err(|e| e.to_string());
+        let _ = tx.send(result);
+    });
+    let result = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the apply returned");
+    let e = result.unwrap_err();
+    assert!(e.contains("injected VIP write error"), "{e}");
+}
