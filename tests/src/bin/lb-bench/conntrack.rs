@@ -17,41 +17,32 @@ fn outer_dst_v4(frame: &[u8]) -> [u8; 4] {
     [frame[30], frame[31], frame[32], frame[33]]
 }
 
-pub fn connection_table(report: &mut Report) {
-    println!("== connection table at 1,000,000 flows");
-    let f = Fixture::with_sizes(bench_sizes(1_000_000), &bench_vips());
-    let mut shim = Shim::load();
-    // 1000 established flows, and the backend each was given.
-    let samples: Vec<(Vec<u8>, [u8; 4])> = (0..1000u16)
+/// Early flows: a SYN each through `lb_ingress`; returns each flow's ACK
+/// frame and the backend its SYN went to.
+fn early_flows(f: &Fixture) -> Vec<(Vec<u8>, [u8; 4])> {
+    (0..1000u16)
         .map(|i| {
-            let ip = ipv4(
-                Ipv4Addr::new(198, 18, 60, (i % 250) as u8 + 1),
-                V4_VIP,
-                PROTO_TCP,
-                &tcp(20000 + i, 80, TCP_SYN, b""),
-            );
-            let frame = eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ip);
-            let out = f.ingress(&frame).output;
-            let ack = eth(
-                LB_MAC,
-                CLIENT_MAC,
-                ETH_IPV4,
-                &ipv4(
-                    Ipv4Addr::new(198, 18, 60, (i % 250) as u8 + 1),
-                    V4_VIP,
-                    PROTO_TCP,
-                    &tcp(20000 + i, 80, TCP_ACK, b""),
-                ),
-            );
-            (ack, outer_dst_v4(&out))
+            let client = Ipv4Addr::new(198, 18, 60, (i % 250) as u8 + 1);
+            let packet = |flags| {
+                let ip = ipv4(client, V4_VIP, PROTO_TCP, &tcp(20000 + i, 80, flags, b""));
+                eth(LB_MAC, CLIENT_MAC, ETH_IPV4, &ip)
+            };
+            let out = f.ingress(&packet(TCP_SYN)).output;
+            (packet(TCP_ACK), outer_dst_v4(&out))
         })
-        .collect();
-    // Fill: a new flow per run, twice the table's size, through lb_ingress.
+        .collect()
+}
+
+/// The fill: a new flow per run, twice the table's size, through
+/// lb_ingress. The first 200,000 inserts find free entries; once the table
+/// is full, later flows are forwarded without an entry (no collector runs
+/// here). Returns the cost per new flow while filling, and the rate of new
+/// flows into the full table.
+fn fill(f: &Fixture) -> (f64, f64) {
+    let mut shim = Shim::load();
     shim.target(Some((&f.ebpf, "lb_ingress")));
     let data = pad(v4_syn(V4_VIP));
     shim.frame(data, Some(V4_VARY));
-    // The first 200,000 inserts find free entries; once the table is full,
-    // later flows are forwarded without an entry (no collector runs here).
     let (filling_ns, _) = shim.run(&data, 200_000);
     let mut rates = Vec::new();
     for _ in 0..ROUNDS {
@@ -59,12 +50,13 @@ pub fn connection_table(report: &mut Report) {
         assert_eq!(verdict, XDP_TX);
         rates.push(1e9 / ns);
     }
-    let rate = median(rates);
-    let entries = f.flows().len();
-    let flows_map = f.balancer.datapath().flows_map();
-    let flows_mem = memlock(flows_map);
-    let mut total_mem = flows_mem;
-    for name in [
+    (filling_ns, median(rates))
+}
+
+/// The connection table's memory, and all the balancer's maps'.
+fn memory(f: &Fixture) -> (u64, u64) {
+    let flows_mem = memlock(f.balancer.datapath().flows_map());
+    let others = [
         "VIPS",
         "MAGLEV",
         "BACKENDS",
@@ -72,11 +64,19 @@ pub fn connection_table(report: &mut Report) {
         "VIP_STATS",
         "BACKEND_STATS",
         "OUTCOMES",
-    ] {
-        if let Some(m) = f.ebpf.map(name) {
-            total_mem += memlock(map_data(m));
-        }
-    }
+    ];
+    let total_mem = flows_mem
+        + others
+            .iter()
+            .filter_map(|name| f.ebpf.map(name))
+            .map(|m| memlock(map_data(m)))
+            .sum::<u64>();
+    (flows_mem, total_mem)
+}
+
+/// How many early flows still have an entry, and how many still go to
+/// the backend their SYN went to.
+fn early_flows_kept(f: &Fixture, samples: &[(Vec<u8>, [u8; 4])]) -> (usize, usize) {
     let still_there = samples
         .iter()
         .filter(|(ack, _)| {
@@ -95,6 +95,17 @@ pub fn connection_table(report: &mut Report) {
         .iter()
         .filter(|(ack, backend)| outer_dst_v4(&f.ingress(ack).output) == *backend)
         .count();
+    (still_there, kept)
+}
+
+pub fn connection_table(report: &mut Report) {
+    println!("== connection table at 1,000,000 flows");
+    let f = Fixture::with_sizes(bench_sizes(1_000_000), &bench_vips());
+    let samples = early_flows(&f);
+    let (filling_ns, rate) = fill(&f);
+    let entries = f.flows().len();
+    let (flows_mem, total_mem) = memory(&f);
+    let (still_there, kept) = early_flows_kept(&f, &samples);
     report.row(
         "connection table",
         "new flow while the table fills (no eviction)",
@@ -151,23 +162,22 @@ pub fn connection_table(report: &mut Report) {
         "1000/1000",
         Some(kept == 1000),
     );
-    report
-        .json
-        .insert("conntrack.insert_rate_per_s".into(), json!(rate));
-    report
-        .json
-        .insert("conntrack.entries".into(), json!(entries));
-    report
-        .json
-        .insert("conntrack.flows_map_bytes".into(), json!(flows_mem));
-    report
-        .json
-        .insert("conntrack.all_maps_bytes".into(), json!(total_mem));
-    report
-        .json
-        .insert("conntrack.kept_backend".into(), json!(kept));
+    for (key, value) in [
+        ("conntrack.insert_rate_per_s", json!(rate)),
+        ("conntrack.entries", json!(entries)),
+        ("conntrack.flows_map_bytes", json!(flows_mem)),
+        ("conntrack.all_maps_bytes", json!(total_mem)),
+        ("conntrack.kept_backend", json!(kept)),
+    ] {
+        report.json.insert(key.into(), value);
+    }
+    report_scan(report, f);
+}
 
-    println!("== report scan of the connection table");
+/// Reading the full table: batch lookups against aya's element-wise walk
+/// (seconds each).
+fn read_whole_table(f: &Fixture) -> (f64, f64) {
+    let flows_map = f.balancer.datapath().flows_map();
     let n = f.flows().len();
     let mut batch = Vec::new();
     for _ in 0..ROUNDS {
@@ -190,13 +200,17 @@ pub fn connection_table(report: &mut Report) {
         assert!(count >= n * 99 / 100);
         t.elapsed().as_secs_f64()
     };
-    let batch = median(batch);
-    // What a report costs: one collector pass (scan, phases, expiry check,
-    // per-VIP and per-backend aggregates, top flows) over the whole table.
-    let mut f = f;
-    let vip_ids: Vec<u32> = f.balancer.vips().iter().map(|(id, _)| *id).collect();
-    let backend_ids: Vec<u32> = f.balancer.backend_ids().iter().map(|(id, _)| *id).collect();
-    let mut passes = Vec::new();
+    (median(batch), per_elem)
+}
+
+/// What a report costs: one collector pass (scan, phases, expiry check,
+/// per-VIP and per-backend aggregates, top flows) over the whole table.
+/// Returns the collector and the pass's time.
+fn collector_pass(
+    f: &mut Fixture,
+    vip_ids: &[u32],
+    backend_ids: &[u32],
+) -> (lb_userspace::collector::Collector, f64) {
     // No table size: the pass reads and aggregates the full table without
     // the early expiry a nearly full table would get (that would measure
     // deleting it).
@@ -204,38 +218,30 @@ pub fn connection_table(report: &mut Report) {
         &lb_userspace::config::VisibilityConfig::default(),
         0,
     );
+    let mut passes = Vec::new();
     for _ in 0..ROUNDS {
         let t = Instant::now();
         collector
             .collect(
                 f.balancer.datapath_mut(),
                 lb_userspace::collector::monotonic_ns(),
-                &vip_ids,
-                &backend_ids,
+                vip_ids,
+                backend_ids,
             )
             .expect("collect");
         passes.push(t.elapsed().as_secs_f64());
     }
-    let pass = median(passes);
-    report.row(
-        "report scan",
-        format!(
-            "collector pass (report data) over {} flows",
-            collector.flows_in_table
-        ),
-        format!("{:.0} ms", pass * 1e3),
-        format!(
-            "≈ {:.0} ms per 100,000 flows",
-            pass * 1e5 / collector.flows_in_table.max(1) as f64 * 1e3
-        ),
-        "≤ 1 s for 100,000",
-        Some(pass * 1e5 / (collector.flows_in_table.max(1) as f64) <= 1.0),
-    );
-    report
-        .json
-        .insert("scan.collector_pass_s".into(), json!(pass));
-    // The agent scans and expires outside its state lock and holds the lock
-    // only to take the result in: how long the lock is held per collection.
+    (collector, median(passes))
+}
+
+/// The agent scans and expires outside its state lock and holds the lock
+/// only to take the result in: the time outside and inside, per collection.
+fn lock_held(
+    f: &Fixture,
+    collector: &mut lb_userspace::collector::Collector,
+    vip_ids: &[u32],
+    backend_ids: &[u32],
+) -> (f64, f64) {
     let mut table = f.balancer.datapath().flow_table().expect("flow table");
     let (mut outside, mut inside) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
@@ -254,13 +260,40 @@ pub fn connection_table(report: &mut Report) {
                 scan,
                 f.balancer.datapath(),
                 lb_userspace::collector::monotonic_ns(),
-                &vip_ids,
-                &backend_ids,
+                vip_ids,
+                backend_ids,
             )
             .expect("absorb");
         inside.push(t.elapsed().as_secs_f64());
     }
-    let (outside, inside) = (median(outside), median(inside));
+    (median(outside), median(inside))
+}
+
+fn report_scan(report: &mut Report, mut f: Fixture) {
+    println!("== report scan of the connection table");
+    let n = f.flows().len();
+    let (batch, per_elem) = read_whole_table(&f);
+    let vip_ids: Vec<u32> = f.balancer.vips().iter().map(|(id, _)| *id).collect();
+    let backend_ids: Vec<u32> = f.balancer.backend_ids().iter().map(|(id, _)| *id).collect();
+    let (mut collector, pass) = collector_pass(&mut f, &vip_ids, &backend_ids);
+    report.row(
+        "report scan",
+        format!(
+            "collector pass (report data) over {} flows",
+            collector.flows_in_table
+        ),
+        format!("{:.0} ms", pass * 1e3),
+        format!(
+            "≈ {:.0} ms per 100,000 flows",
+            pass * 1e5 / collector.flows_in_table.max(1) as f64 * 1e3
+        ),
+        "≤ 1 s for 100,000",
+        Some(pass * 1e5 / (collector.flows_in_table.max(1) as f64) <= 1.0),
+    );
+    report
+        .json
+        .insert("scan.collector_pass_s".into(), json!(pass));
+    let (outside, inside) = lock_held(&f, &mut collector, &vip_ids, &backend_ids);
     report.row(
         "report scan",
         format!(
