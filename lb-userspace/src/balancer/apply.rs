@@ -7,7 +7,7 @@ use std::{
     net::IpAddr,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use lb_common::VipInfo;
 use serde::{Deserialize, Serialize};
 
@@ -44,8 +44,7 @@ struct Plan {
     rebuild: BTreeSet<VipIdent>,
 }
 
-/// Tables are built on all cores this many VIPs at a time (bounding memory:
-/// a chunk being written, one built, one being built).
+/// Tables are built on all cores this many VIPs at a time (bounding memory).
 const BUILD_CHUNK: usize = 64;
 
 impl<D: Datapath> Balancer<D> {
@@ -237,33 +236,20 @@ impl<D: Datapath> Balancer<D> {
             .iter()
             .filter(|v| plan.rebuild.contains(&ident(v)))
             .collect();
-        let jobs: Vec<(Vec<maglev::Entry>, u32)> = to_build
-            .iter()
-            .map(|vip| {
-                let entries = vip.backends.iter().map(|b| self.entry(vip, b)).collect();
-                (entries, self.ring_size(vip))
-            })
-            .collect();
-        // The next chunk's tables are built while this chunk's are written.
-        std::thread::scope(|scope| -> Result<()> {
-            // Dropped on the way out, error or not, which stops the builder.
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            scope.spawn(move || {
-                let mut builds = maglev::Builds::default();
-                for chunk in jobs.chunks(BUILD_CHUNK) {
-                    if tx.send(builds.build_many(chunk)).is_err() {
-                        return;
-                    }
-                }
-            });
-            for chunk in to_build.chunks(BUILD_CHUNK) {
-                let tables = rx.recv().context("the Maglev table builder stopped")?;
-                for (vip, table) in chunk.iter().zip(tables) {
-                    self.switch_vip(vip, &table, &mut reusable_vip_ids, summary)?;
-                }
+        let mut builds = maglev::Builds::default();
+        for chunk in to_build.chunks(BUILD_CHUNK) {
+            let jobs: Vec<(Vec<maglev::Entry>, u32)> = chunk
+                .iter()
+                .map(|vip| {
+                    let entries = vip.backends.iter().map(|b| self.entry(vip, b)).collect();
+                    (entries, self.ring_size(vip))
+                })
+                .collect();
+            let tables = builds.build_many(&jobs);
+            for (vip, table) in chunk.iter().zip(tables) {
+                self.switch_vip(vip, &table, &mut reusable_vip_ids, summary)?;
             }
-            Ok(())
-        })?;
+        }
         for id in reusable_vip_ids {
             self.vip_ids.rest(id);
         }

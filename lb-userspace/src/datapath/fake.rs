@@ -31,9 +31,6 @@ pub struct FakeDatapath {
     pub vip_stats: HashMap<u32, TrafficCounters>,
     pub backend_stats: HashMap<u32, TrafficCounters>,
     pub log: Vec<Op>,
-    /// VIP entry writes left before `set_vip` fails (a datapath error in
-    /// the middle of an apply); `None`: never.
-    pub vip_writes_until_error: Option<usize>,
 }
 
 impl FakeDatapath {
@@ -79,12 +76,6 @@ impl Datapath for FakeDatapath {
         Ok(())
     }
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
-        if let Some(left) = self.vip_writes_until_error.as_mut() {
-            if *left == 0 {
-                bail!("injected VIP write error");
-            }
-            *left -= 1;
-        }
         self.vips.insert(*key, *info);
         self.log.push(Op::Vip(*key, *info));
         Ok(())
