@@ -38,13 +38,10 @@ struct Visit {
     step: u64,
 }
 
-/// What a walk needs to find its next visit to a slot, computed once.
+/// What a walk needs to find its next visit to a slot, computed once: the
+/// inverse of its skip modulo M.
 struct Visitor {
-    /// The inverse of the walk's skip modulo M.
     inverse: u64,
-    /// The walk's next step number, as laps and the step within the lap.
-    lap: u64,
-    within: u64,
 }
 
 fn pow_mod(mut base: u64, mut exp: u64, m: u64) -> u64 {
@@ -60,44 +57,18 @@ fn pow_mod(mut base: u64, mut exp: u64, m: u64) -> u64 {
     result
 }
 
-/// `x mod m` for `x` below 2^50 and `m` below 2^25, without a division:
-/// the quotient from a float reciprocal is off by at most one.
-#[inline]
-fn reduce(x: u64, m: u64, reciprocal: f64) -> u64 {
-    let q = (x as f64 * reciprocal) as u64;
-    let r = x as i64 - (q * m) as i64;
-    if r < 0 {
-        (r + m as i64) as u64
-    } else if r as u64 >= m {
-        r as u64 - m
-    } else {
-        r as u64
-    }
-}
-
 /// The first step at or after the walk's current one that reaches `slot`.
-#[inline]
 fn visit(w: &Walk, v: &Visitor, order: usize, slot: u64, m: u64, clock: &[f64]) -> Visit {
-    let mut ahead = slot + m - w.pos;
-    if ahead >= m {
-        ahead -= m;
-    }
-    let d = reduce(ahead * v.inverse, m, 1.0 / m as f64);
-    // `Walk::time` of step `w.steps + d`, from its lap and place in the
-    // lap without dividing (the same operands, so the same bits).
-    let (mut lap, mut within) = (v.lap, v.within + d);
-    if within >= m {
-        within -= m;
-        lap += 1;
-    }
-    let time = super::lap_time(lap, within, w.pace, clock);
-    debug_assert_eq!(time.to_bits(), w.time(w.steps + d, m, clock).to_bits());
+    // Below 2^25 each (M up to 2^24): the product fits.
+    let d = (slot + m - w.pos) % m * v.inverse % m;
+    let step = w.steps + d;
+    let time = w.time(step, m, clock);
     Visit {
         // Non-negative and below 2^53 (weights up to 65,535, M up to 2^24):
         // the conversion truncates to the floor, exactly.
         round: time as u64 + 1,
         walk: order,
-        step: w.steps + d,
+        step,
     }
 }
 
@@ -135,8 +106,6 @@ pub(super) fn run(
         .iter()
         .map(|w| Visitor {
             inverse: pow_mod(w.skip, m - 2, m),
-            lap: w.lap,
-            within: w.within,
         })
         .collect();
     let mut queue = BinaryHeap::new();

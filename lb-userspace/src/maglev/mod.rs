@@ -203,9 +203,6 @@ struct Walk {
     /// Rounds per unit of `-ln(1 - k/M)`: M * max weight / weight.
     pace: f64,
     steps: u64,
-    /// `steps` as whole laps and the step within the lap (no division per step).
-    lap: u64,
-    within: u64,
     next: f64,
     pos: u64,
     skip: u64,
@@ -225,8 +222,6 @@ impl Walk {
             id: e.id,
             pace,
             steps: 0,
-            lap: 0,
-            within: 0,
             next: 0.0,
             pos: fnv1a(0x6c62_6f66_6673_6574, &e.identity) % m,
             skip: if m > 1 {
@@ -249,27 +244,17 @@ impl Walk {
             self.pos -= m;
         }
         self.steps += 1;
-        self.within += 1;
-        if self.within == m {
-            self.within = 0;
-            self.lap += 1;
-        }
-        self.next = lap_time(self.lap, self.within, self.pace, clock);
+        self.next = self.time(self.steps, m, clock);
         slot
     }
 
     /// When step number `step` (from 0) is taken: laps after the first are
-    /// 64 units of `clock` apart.
+    /// 64 units of `clock` apart. `finish` computes a step's time with this
+    /// too, so with the same bits.
     fn time(&self, step: u64, m: u64, clock: &[f64]) -> f64 {
-        lap_time(step / m, step % m, self.pace, clock)
+        let lap = (step / m) as f64;
+        (lap * 64.0 + clock[(step % m) as usize]) * self.pace
     }
-}
-
-/// `Walk::time` of the step `within` of lap `lap`: every caller computes it
-/// with these same operations, so with the same bits.
-#[inline]
-fn lap_time(lap: u64, within: u64, pace: f64, clock: &[f64]) -> f64 {
-    (lap as f64 * 64.0 + clock[within as usize]) * pace
 }
 
 /// `build`, also counting each entry's slots.
