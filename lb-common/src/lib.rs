@@ -7,6 +7,8 @@
 //! addresses are kept in network byte order, exactly as they appear on the wire.
 #![no_std]
 
+pub mod flow_table;
+
 /// Address family tags used in keys.
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -57,8 +59,9 @@ pub const BACKEND_ALLOCATED: u32 = 1 << 2;
 /// live under a directory named after it, so an agent with another layout
 /// never reads them as its own. Layout 4 made the connection table a
 /// preallocated hash the agent expires (it was a kernel LRU) and added
-/// `FLOWS_UNRECORDED`.
-pub const LAYOUT_VERSION: u32 = 4;
+/// `FLOWS_UNRECORDED`. Layout 5 made it an array the datapath indexes
+/// itself (`flow_table`).
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Key of the VIP table: (address, port, protocol). Port 0 matches every port.
 /// Aligned to 4 bytes so the datapath reads and writes it in words.
@@ -669,6 +672,8 @@ mod pod {
     unsafe impl aya::Pod for BackendInfo {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for flow_table::FlowSlot {}
+    unsafe impl aya::Pod for flow_table::FlowTableHeader {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for HostAddr {}

@@ -5,7 +5,7 @@ use lb_common::{
     TCP_ACK, TCP_SYN,
 };
 
-use crate::maps::{BACKENDS, FLOWS, MAGLEV, SETTINGS, VIPS, VIP_BY_ID, VIP_FILTER};
+use crate::maps::{BACKENDS, MAGLEV, SETTINGS, VIPS, VIP_BY_ID, VIP_FILTER};
 
 /// Whether the flow's destination may be a VIP address: its `VIP_FILTER`
 /// slot is set (an array read, no hashing). A clear slot means it is not.
@@ -90,14 +90,14 @@ pub struct Choice {
 /// ACK on an entry whose connection closed is a new connection reusing the
 /// 5-tuple: `None`, so it is balanced and recorded afresh like any new flow,
 /// while the closed connection's late packets still follow the entry.
-/// The flag says whether there is an entry at all (`true` with `None`: one
-/// set aside, which the new choice replaces).
+/// The entry is returned too, if there is one (with `None`: one set aside,
+/// which the new choice replaces).
 #[inline(always)]
-pub fn known_flow(key: &FlowKey, tcp_flags: u8) -> (Option<Choice>, bool) {
-    let Some(state) = FLOWS.get_ptr_mut(key) else {
-        return (None, false);
+pub fn known_flow(key: &FlowKey, tcp_flags: u8) -> (Option<Choice>, Option<*mut FlowState>) {
+    let Some(state) = crate::flows::find(key) else {
+        return (None, None);
     };
-    (follow(state, tcp_flags), true)
+    (follow(state, tcp_flags), Some(state))
 }
 
 #[inline(always)]

@@ -3,7 +3,7 @@
 //! Shared by `ingress` (TCP and UDP packets) and `icmp` (errors about those
 //! flows), so neither imports the other for it.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{FlowKey, Outcome, VipInfo, FAMILY_V4};
+use lb_common::{FlowKey, FlowState, Outcome, VipInfo, FAMILY_V4};
 
 use crate::{
     balance::{maglev_choice, Choice},
@@ -29,8 +29,8 @@ pub const fn drop(o: Outcome) -> Verdict {
 
 /// Sends the IP packet after the Ethernet header to the backend of the flow
 /// `key` of `vip`: `known`, the connection table's choice (`known_flow`),
-/// or else the VIP's Maglev ring's (`has_entry`: the table holds an entry
-/// for the flow all the same, which that choice replaces). `icmp` marks an
+/// or else the VIP's Maglev ring's (`has_entry`: the table's entry for the
+/// flow all the same, which that choice replaces). `icmp` marks an
 /// ICMP error about the
 /// flow: it follows the flow but is neither recorded nor traced as part of it.
 #[inline(always)]
@@ -40,7 +40,7 @@ pub fn forward(
     key: &FlowKey,
     vip: &VipInfo,
     known: Option<Choice>,
-    has_entry: bool,
+    has_entry: Option<*mut FlowState>,
     ip_len: u16,
     tcp_flags: u8,
     icmp: bool,

@@ -169,7 +169,7 @@ fn forward_icmp(
         return drop(Outcome::DropMalformed);
     }
     match lookup_vip(key) {
-        Some(vip) => forward(ctx, key, &vip, known_flow(key, 0).0, false, ip_len, 0, true),
+        Some(vip) => forward(ctx, key, &vip, known_flow(key, 0).0, None, ip_len, 0, true),
         None => pass(Outcome::PassNotVip),
     }
 }

@@ -174,10 +174,10 @@ fn forward_l4(
         Some(0)
     };
     // A flow the connection table knows, whose VIP is still the one it was
-    // recorded for, needs no VIP lookup: one hash lookup per packet.
+    // recorded for, needs no VIP lookup: one table lookup per packet.
     let (known, has_entry) = match (ip_len, tcp_flags) {
         (Some(_), Some(flags)) => known_flow(&key, flags),
-        _ => (None, false),
+        _ => (None, None),
     };
     let vip = match &known {
         Some(choice) if vip_is_live(&key, choice.vip_id) => VipInfo {

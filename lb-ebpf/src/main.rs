@@ -4,6 +4,7 @@
 //! - `maps`: every BPF map, what it is keyed by and who writes it.
 //! - `headers`: wire header layouts and the bounds-checked `ptr_at` accessor.
 //! - `counters`: per-CPU counters, updated in one place per packet.
+//! - `flows`: the connection table, an array the datapath indexes itself.
 //! - `balance`: VIP lookup, connection table and Maglev backend choice.
 //! - `encap`: IPIP / IPv6 encapsulation toward a backend and the send decision.
 //! - `forward`: `Verdict`, and sending a packet to its flow's backend.
@@ -27,6 +28,9 @@
 #![no_main]
 // Word loads and stores at 2-aligned packet offsets (`headers::addr6_words`).
 #![feature(asm_experimental_arch)]
+// BPF atomics (`flows`): the target has no atomic read-modify-write types.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod balance;
 mod bypass;
@@ -35,6 +39,7 @@ mod counters;
 mod datapath_log;
 mod decap;
 mod encap;
+mod flows;
 mod forward;
 mod headers;
 mod icmp;

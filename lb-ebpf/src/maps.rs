@@ -6,9 +6,10 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
-    BackendInfo, BypassEntry, BypassIntermediary, BypassPrefix, FlowKey, FlowState, HostAddr,
-    IcmpTokens, MaglevChunk, PacketCounter, Settings, TrafficCounters, VipInfo, VipKey,
-    BYPASS_STAT_COUNT, DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT, VIP_FILTER_SLOTS,
+    flow_table::{FlowSlot, FLOW_BUCKET_SLOTS},
+    BackendInfo, BypassEntry, BypassIntermediary, BypassPrefix, FlowKey, HostAddr, IcmpTokens,
+    MaglevChunk, PacketCounter, Settings, TrafficCounters, VipInfo, VipKey, BYPASS_STAT_COUNT,
+    DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT, VIP_FILTER_SLOTS,
 };
 
 /// VIPs keyed by (address, port, protocol); also one marker per VIP address
@@ -42,14 +43,15 @@ pub static MAGLEV: Array<MaglevChunk> =
 #[map]
 pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(4096, 0);
 
-/// Connection table keyed by the client's 5-tuple. Written by the datapath,
-/// expired by the agent's collector (idle times from `last_ns`, shortened
-/// while the table is nearly full). A preallocated hash, not an LRU: an
-/// insert takes a free entry without the LRU's shared lists, and a flood of
-/// new flows cannot evict established ones. When it is full a new flow is
-/// forwarded by Maglev alone and counted in `FLOWS_UNRECORDED`.
+/// Connection table: an array the datapath indexes itself, keyed by the
+/// client's 5-tuple (`flows`; layout in `lb_common::flow_table`). Written
+/// by the datapath, expired by the agent's collector (idle times from
+/// `last_ns`, shortened while the table is nearly full), which maps it into
+/// its memory. The table does not evict: when it is full a new flow is
+/// forwarded by Maglev alone and counted in `FLOWS_UNRECORDED`. The agent
+/// sizes it from `flow_table_size` and sets up its header.
 #[map]
-pub static FLOWS: HashMap<FlowKey, FlowState> = HashMap::with_max_entries(1_000_000, 0);
+pub static FLOWS: Array<FlowSlot> = Array::with_max_entries(1 + FLOW_BUCKET_SLOTS, BPF_F_MMAPABLE);
 
 /// Packets of flows the connection table had no room for (index 0): sent to
 /// the Maglev ring's backend without an entry. Written by the datapath.

@@ -9,7 +9,8 @@ use lb_common::{
 
 use crate::{
     counters,
-    maps::{CLOCK_CACHE, EVENT_STATS, FLOWS, FLOWS_UNRECORDED, FLOW_EVENTS},
+    flows::{self, Recorded},
+    maps::{CLOCK_CACHE, EVENT_STATS, FLOWS_UNRECORDED, FLOW_EVENTS},
 };
 
 /// One forwarded packet of a VIP flow, as the tracers see it.
@@ -88,9 +89,6 @@ fn close_bit(tcp_flags: u8) -> u8 {
     }
 }
 
-/// `-E2BIG`: a map update found a full table.
-const E2BIG: i64 = 7;
-
 #[inline(always)]
 fn unrecorded() {
     if let Some(c) = FLOWS_UNRECORDED.get_ptr_mut(0) {
@@ -105,7 +103,7 @@ fn unrecorded() {
 /// evict) leaves a flow without an entry to Maglev alone, counted in
 /// `FLOWS_UNRECORDED`.
 #[inline(always)]
-pub fn new_flow(p: &Packet, settings: &Settings, replaces: bool) -> bool {
+pub fn new_flow(p: &Packet, settings: &Settings, replaces: Option<*mut FlowState>) -> bool {
     // The coarse clock (a tick's precision) is plenty for ages and idle
     // times and much cheaper per packet. Stamped with tracers off too: the
     // agent expires flows by it.
@@ -120,7 +118,7 @@ pub fn new_flow(p: &Packet, settings: &Settings, replaces: bool) -> bool {
     // would take the new connection's later packets elsewhere.
     // SAFETY: per-CPU value, filled by `coarse_now` just above.
     if let Some(c) = cache {
-        if !replaces && unsafe { (*c)[2] != 0 && (*c)[2] == (*c)[0] } {
+        if replaces.is_none() && unsafe { (*c)[2] != 0 && (*c)[2] == (*c)[0] } {
             unrecorded();
             return false;
         }
@@ -139,15 +137,25 @@ pub fn new_flow(p: &Packet, settings: &Settings, replaces: bool) -> bool {
         bytes_in: p.bytes_in,
         bytes_out: p.bytes_out,
     };
-    if let Err(e) = FLOWS.insert(p.key, state, 0) {
-        if i64::from(e) == -E2BIG {
-            if let Some(c) = cache {
-                // SAFETY: as above.
-                unsafe { (*c)[2] = (*c)[0] };
+    if let Some(entry) = replaces {
+        // SAFETY: the entry `known_flow` found, plain data.
+        unsafe { *entry = state };
+    } else {
+        match flows::record(p.key, &state) {
+            Recorded::Yes => {}
+            Recorded::Full => {
+                if let Some(c) = cache {
+                    // SAFETY: as above.
+                    unsafe { (*c)[2] = (*c)[0] };
+                }
+                unrecorded();
+                return false;
+            }
+            Recorded::NoRoom => {
+                unrecorded();
+                return false;
             }
         }
-        unrecorded();
-        return false;
     }
     if settings.flags & SETTING_TRACE_FLOWS != 0 {
         event(p, settings, EVENT_OPEN, now);

@@ -365,7 +365,10 @@ fn a_changed_flow_table_size_migrates_the_connections() {
     let layout = format!("maps-v{}", lb_common::LAYOUT_VERSION);
     let maps = pins_of(&t, "lb").join(&layout);
     let info = aya::maps::MapInfo::from_pin(maps.join("FLOWS")).expect("pinned FLOWS");
-    assert_eq!(info.max_entries(), 131072);
+    assert_eq!(
+        info.max_entries(),
+        lb_common::flow_table::elements_for(131072)
+    );
     assert!(!pins_of(&t, "lb").join(format!("{layout}-next")).exists());
     std::thread::sleep(Duration::from_secs(1));
 
@@ -386,7 +389,7 @@ fn a_changed_flow_table_size_migrates_the_connections() {
         "{log}"
     );
     let info = aya::maps::MapInfo::from_pin(maps.join("FLOWS")).expect("pinned FLOWS");
-    assert_eq!(info.max_entries(), 64);
+    assert_eq!(info.max_entries(), lb_common::flow_table::elements_for(64));
     std::thread::sleep(Duration::from_secs(2));
     let status = t.status_json();
     assert!(
@@ -455,29 +458,54 @@ fn repin(path: &Path, spec: &[&str], entries: &[(Vec<String>, Vec<String>)]) {
     std::fs::remove_file(&file).unwrap();
 }
 
+/// The flows of a pinned connection table (an array of `FlowSlot`s, the
+/// header first) as a kernel hash's entries: the key (its claim word's tag
+/// cleared) and the state, for each recorded slot.
+fn slots_as_entries(path: &Path) -> Vec<(Vec<String>, Vec<String>)> {
+    dump_pinned(path)
+        .into_iter()
+        .skip(1)
+        .filter(|(_, slot)| {
+            assert_eq!(slot.len(), 96);
+            let claim = slot[36..40].join("");
+            claim != "00000000" && claim != "ffffffff"
+        })
+        .map(|(_, slot)| {
+            let mut key = slot[..40].to_vec();
+            key[38] = "00".into();
+            key[39] = "00".into();
+            (key, slot[40..].to_vec())
+        })
+        .collect()
+}
+
 /// Turns the stopped LB's pinned maps into the shape an agent of map layout
-/// `old` (1 to 3) left: the directory is `maps-vOLD`, the connection table
-/// is a kernel LRU with the same entries, there is no `FLOWS_UNRECORDED`,
-/// and for layouts 1 and 2 the VIP table has that layout's entries (12 or
-/// 16 bytes, the VIP id first). The running program keeps the maps it
-/// holds, so forwarding goes on meanwhile.
+/// `old` (1 to 4) left: the directory is `maps-vOLD`, the connection table
+/// is a kernel hash (layout 4) or LRU (1 to 3) with the same flows, there
+/// is no `FLOWS_UNRECORDED` before layout 4, and for layouts 1 and 2 the
+/// VIP table has that layout's entries (12 or 16 bytes, the VIP id first).
+/// The running program keeps the maps it holds, so forwarding goes on
+/// meanwhile.
 fn pin_as_layout(t: &Topology, old: u32) {
     let pins = pins_of(t, "lb");
     let current = pins.join(format!("maps-v{}", lb_common::LAYOUT_VERSION));
     let dir = pins.join(format!("maps-v{old}"));
     std::fs::rename(&current, &dir).expect("renaming the maps directory");
-    std::fs::remove_file(dir.join("FLOWS_UNRECORDED")).unwrap();
+    if old < 4 {
+        std::fs::remove_file(dir.join("FLOWS_UNRECORDED")).unwrap();
+    }
     let flows = dir.join("FLOWS");
-    let entries = dump_pinned(&flows);
+    let entries = slots_as_entries(&flows);
     assert!(!entries.is_empty(), "no flow to convert");
+    let kind = if old == 4 { "hash" } else { "lru_hash" };
     repin(
         &flows,
         &[
-            "type", "lru_hash", "key", "40", "value", "56", "entries", "65536", "name", "FLOWS",
+            "type", kind, "key", "40", "value", "56", "entries", "65536", "name", "FLOWS",
         ],
         &entries,
     );
-    if old == 3 {
+    if old >= 3 {
         return;
     }
     let vips = dir.join("VIPS");
@@ -505,14 +533,14 @@ fn pin_as_layout(t: &Topology, old: u32) {
 }
 
 #[test]
-fn upgrades_from_layouts_1_to_3_keep_the_connections() {
+fn upgrades_from_layouts_1_to_4_keep_the_connections() {
     let mut t = Topology::new(3);
     t.start(&[100, 100, 100]);
     let load = Load::start(&t, web(), 100);
     std::thread::sleep(Duration::from_secs(1));
     let pins = pins_of(&t, "lb");
     let current = pins.join(format!("maps-v{}", lb_common::LAYOUT_VERSION));
-    for old in [3, 2, 1] {
+    for old in [4, 3, 2, 1] {
         let flows_before = flow_packets(&t);
         t.stop_lb();
         pin_as_layout(&t, old);

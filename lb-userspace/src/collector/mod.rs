@@ -312,7 +312,7 @@ pub fn expire(flows: &mut dyn FlowSource, scan: &mut Scan) -> Result<()> {
         }
     }
     scan.expired = kept;
-    Ok(())
+    flows.settle()
 }
 
 #[derive(Default)]

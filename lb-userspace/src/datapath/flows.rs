@@ -1,13 +1,15 @@
 //! The connection table as the collector reads it: the datapath itself, or
 //! (in the agent) a second handle on its map that needs no lock.
 
-use std::os::fd::AsFd as _;
+use std::sync::Arc;
 
-use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, IterableMap as _, MapData};
+use anyhow::Result;
 use lb_common::{FlowKey, FlowState};
 
-use super::{Datapath, KernelDatapath};
+use super::{
+    flow_slots::{FlowSlots, Taken},
+    Datapath, KernelDatapath,
+};
 
 /// The connection table as the collector reads it.
 pub trait FlowSource {
@@ -15,6 +17,11 @@ pub trait FlowSource {
     /// Removes an idle flow unless a packet came since it was scanned
     /// (`last_ns` then moved). Returns whether it was removed.
     fn remove_idle_flow(&mut self, key: &FlowKey, last_ns: u64) -> Result<bool>;
+    /// Frees what the removals since the last call took (their flows are
+    /// already gone for packets).
+    fn settle(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl<D: Datapath> FlowSource for D {
@@ -29,43 +36,41 @@ impl<D: Datapath> FlowSource for D {
 }
 
 /// A second handle on the connection table, for the collector: it reads and
-/// expires flows without holding the agent's state lock.
+/// expires flows without holding the agent's state lock. Removed flows'
+/// slots are freed together by `settle`.
 pub struct FlowTable {
-    flows: HashMap<MapData, FlowKey, FlowState>,
+    slots: Arc<FlowSlots>,
+    taken: Vec<u32>,
 }
 
 impl KernelDatapath {
     pub fn flow_table(&self) -> Result<FlowTable> {
-        let fd = self
-            .flows
-            .map()
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .context("duplicating the connection table's fd")?;
-        let data = MapData::from_fd(fd).context("opening the connection table again")?;
-        let flows = HashMap::try_from(aya::maps::Map::HashMap(data))
-            .context("the connection table has an unexpected type")?;
-        Ok(FlowTable { flows })
+        Ok(FlowTable {
+            slots: self.flow_slots().clone(),
+            taken: Vec::new(),
+        })
     }
 }
 
 impl FlowSource for FlowTable {
     fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize> {
-        super::batch::for_each(self.flows.map(), 8192, |k, v| each(k, v))
-            .context("scanning the connection table")
+        Ok(self.slots.for_each(each))
     }
 
     fn remove_idle_flow(&mut self, key: &FlowKey, last_ns: u64) -> Result<bool> {
-        match self.flows.get(key, 0) {
-            Ok(state) if state.last_ns != last_ns => return Ok(false),
-            Ok(_) => {}
-            Err(aya::maps::MapError::KeyNotFound) => return Ok(true),
-            Err(e) => return Err(e).context("reading a flow"),
+        match self.slots.take(key, Some(last_ns)) {
+            Taken::Slot(i) => {
+                self.taken.push(i);
+                Ok(true)
+            }
+            Taken::Absent => Ok(true),
+            Taken::Moved => Ok(false),
         }
-        match self.flows.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(true),
-            Err(e) => Err(e).context("removing a flow"),
-        }
+    }
+
+    fn settle(&mut self) -> Result<()> {
+        self.slots.release(&self.taken);
+        self.taken.clear();
+        Ok(())
     }
 }

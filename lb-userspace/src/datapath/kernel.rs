@@ -1,6 +1,9 @@
 //! The balancer's maps in a loaded eBPF object, behind `Datapath`.
 
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::Arc,
+};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -13,7 +16,11 @@ use lb_common::{
     VipInfo, VipKey, MAGLEV_LANES, OUTCOME_COUNT,
 };
 
-use super::{vip_index::VipIndexMaps, Datapath, MapSizes};
+use super::{
+    flow_slots::{FlowSlots, Taken},
+    vip_index::VipIndexMaps,
+    Datapath, MapSizes,
+};
 
 /// The Maglev ring array, mapped into the agent's memory (the map is created
 /// with `BPF_F_MMAPABLE`): writing a ring is one copy, where a syscall per slot
@@ -86,7 +93,7 @@ pub struct KernelDatapath {
     pub(super) vip_stats: PerCpuArray<MapData, TrafficCounters>,
     pub(super) backend_stats: PerCpuArray<MapData, TrafficCounters>,
     pub(super) outcomes: PerCpuArray<MapData, PacketCounter>,
-    pub(super) flows: HashMap<MapData, FlowKey, FlowState>,
+    pub(super) flows: Arc<FlowSlots>,
     pub(super) event_stats: PerCpuArray<MapData, u64>,
     pub(super) mss_clamped: PerCpuArray<MapData, u64>,
     pub(super) flows_unrecorded: PerCpuArray<MapData, u64>,
@@ -112,6 +119,15 @@ pub(super) fn backend_entries(
         }
     }
     Ok(out)
+}
+
+/// A map of the object as it is (for the maps this side memory-maps).
+pub(super) fn take_data(ebpf: &mut Ebpf, name: &str) -> Result<MapData> {
+    match ebpf.take_map(name) {
+        Some(aya::maps::Map::Array(data)) => Ok(data),
+        Some(_) => anyhow::bail!("map {name} is not an array"),
+        None => anyhow::bail!("the eBPF object has no map {name}"),
+    }
 }
 
 pub(super) fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -167,7 +183,10 @@ impl KernelDatapath {
             vip_stats: take(ebpf, "VIP_STATS")?,
             backend_stats: take(ebpf, "BACKEND_STATS")?,
             outcomes: take(ebpf, "OUTCOMES")?,
-            flows: take(ebpf, "FLOWS")?,
+            flows: Arc::new(FlowSlots::open(
+                take_data(ebpf, "FLOWS")?,
+                Some(sizes.flow_table_size),
+            )?),
             event_stats: take(ebpf, "EVENT_STATS")?,
             mss_clamped: take(ebpf, "MSS_CLAMPED")?,
             flows_unrecorded: take(ebpf, "FLOWS_UNRECORDED")?,
@@ -177,16 +196,30 @@ impl KernelDatapath {
 
     /// One connection-table entry.
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowState>> {
-        match self.flows.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("reading a flow"),
-        }
+        Ok(self.flows.get(key))
     }
 
     /// The connection table itself (for benchmarks and tools).
     pub fn flows_map(&self) -> &MapData {
         self.flows.map()
+    }
+
+    /// The connection table, mapped.
+    pub fn flow_slots(&self) -> &Arc<FlowSlots> {
+        &self.flows
+    }
+
+    /// Removes flows, waiting for one RCU grace period for all of them
+    /// (`remove_flow` waits for one each).
+    pub fn remove_flows(&mut self, keys: &[FlowKey]) {
+        let taken: Vec<u32> = keys
+            .iter()
+            .filter_map(|k| match self.flows.take(k, None) {
+                Taken::Slot(i) => Some(i),
+                _ => None,
+            })
+            .collect();
+        self.flows.release(&taken);
     }
 
     fn zeros<T: aya::Pod + Default>(&self) -> Result<PerCpuValues<T>> {
@@ -266,15 +299,12 @@ impl Datapath for KernelDatapath {
     }
 
     fn scan_flows(&self, each: &mut dyn FnMut(&FlowKey, &FlowState)) -> Result<usize> {
-        super::batch::for_each(self.flows.map(), 8192, |k, v| each(k, v))
-            .context("scanning the connection table")
+        Ok(self.flows.for_each(each))
     }
 
     fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
-        match self.flows.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e).context("removing a flow"),
-        }
+        self.remove_flows(std::slice::from_ref(key));
+        Ok(())
     }
 
     fn event_stats(&self) -> Result<(u64, u64)> {

@@ -3,8 +3,9 @@
 //! and the connection table. VIP entries and Maglev rings are not copied: the
 //! agent rebuilds every table into the new maps before the switch. Maps of an
 //! earlier layout (an upgrade, see `pins::MIGRATABLE_LAYOUTS`) are read in
-//! their own types and converted: layout 3's VIP entries are this layout's,
-//! and every earlier connection table (a kernel LRU) has this table's entries.
+//! their own types and converted: the VIP entries of layouts 3 and 4 are this
+//! layout's, and every earlier connection table (a kernel hash or LRU) has
+//! this table's keys and states.
 
 use std::path::Path;
 
@@ -15,7 +16,7 @@ use lb_common::{
     LAYOUT_VERSION, OUTCOME_COUNT,
 };
 
-use super::{batch, kernel, KernelDatapath};
+use super::{batch, flow_slots::FlowSlots, kernel, KernelDatapath};
 
 /// The VIP entry of map layout 1 (12 bytes: id, ring, flags) and of layout 2
 /// (16 bytes: the same and the previous ring), as `N` words. Only the VIP id
@@ -45,11 +46,19 @@ enum OldVips {
     V2(HashMap<MapData, VipKey, OldVipInfo<4>>),
 }
 
+/// The connection table of the datapath being replaced.
+enum OldFlows {
+    /// This layout's (a table of other sizes).
+    Slots(FlowSlots),
+    /// Layouts 1 to 4: a kernel hash (an LRU before layout 4).
+    Hash(MapData),
+}
+
 /// The maps of the datapath being replaced.
 pub struct OldMaps {
     vips: OldVips,
     backends: Array<MapData, BackendInfo>,
-    flows: MapData,
+    flows: OldFlows,
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     outcomes: PerCpuArray<MapData, PacketCounter>,
@@ -71,7 +80,7 @@ impl OldMaps {
         let vips = match layout {
             // Layout 3 differs from this one only in its connection table's
             // type, whose entries are the same.
-            LAYOUT_VERSION | 3 => OldVips::Current(HashMap::try_from(vips)?),
+            LAYOUT_VERSION | 3 | 4 => OldVips::Current(HashMap::try_from(vips)?),
             1 => OldVips::V1(
                 HashMap::try_from(vips).context("the VIP table of layout 1 has another shape")?,
             ),
@@ -83,14 +92,17 @@ impl OldMaps {
         Ok(OldMaps {
             vips,
             backends: Array::try_from(Map::Array(open(dir, "BACKENDS")?))?,
-            flows: open(dir, "FLOWS")?,
+            flows: match layout {
+                LAYOUT_VERSION => OldFlows::Slots(FlowSlots::open(open(dir, "FLOWS")?, None)?),
+                _ => OldFlows::Hash(open(dir, "FLOWS")?),
+            },
             vip_stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "VIP_STATS")?))?,
             backend_stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "BACKEND_STATS")?))?,
             outcomes: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "OUTCOMES")?))?,
             event_stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "EVENT_STATS")?))?,
             mss_clamped: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "MSS_CLAMPED")?))?,
             flows_unrecorded: match layout {
-                LAYOUT_VERSION => Some(PerCpuArray::try_from(Map::PerCpuArray(open(
+                LAYOUT_VERSION | 4 => Some(PerCpuArray::try_from(Map::PerCpuArray(open(
                     dir,
                     "FLOWS_UNRECORDED",
                 )?))?),
@@ -182,10 +194,15 @@ impl KernelDatapath {
     /// Returns how many flows were copied and how many did not fit.
     pub fn copy_flows_from(&mut self, old: &OldMaps, now_ns: u64) -> Result<(usize, usize)> {
         let mut flows = Vec::new();
-        batch::for_each(&old.flows, 8192, |k: &FlowKey, v: &FlowState| {
-            flows.push((*k, *v))
-        })
-        .context("reading the old connection table")?;
+        match &old.flows {
+            OldFlows::Slots(table) => {
+                table.for_each(|k, v| flows.push((*k, *v)));
+            }
+            OldFlows::Hash(map) => {
+                batch::for_each(map, 8192, |k: &FlowKey, v: &FlowState| flows.push((*k, *v)))
+                    .context("reading the old connection table")?;
+            }
+        }
         flows.sort_unstable_by_key(|(_, v)| std::cmp::Reverse(v.last_ns));
         let mut copied = 0;
         for (k, mut v) in flows.iter().copied() {
@@ -193,15 +210,10 @@ impl KernelDatapath {
                 v.first_ns = now_ns;
                 v.last_ns = now_ns;
             }
-            match self.flows.insert(k, v, 0) {
-                Ok(()) => copied += 1,
-                // E2BIG: the new table is full.
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
-                {
-                    break
-                }
-                Err(e) => return Err(e).context("writing a flow"),
+            if self.flows.insert(&k, &v) {
+                copied += 1;
+            } else if self.flows.in_use() >= self.flows.capacity() {
+                break;
             }
         }
         Ok((copied, flows.len() - copied))

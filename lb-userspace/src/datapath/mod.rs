@@ -5,6 +5,7 @@
 //! kernel.
 //!
 //! - `kernel`: the balancer's maps in a loaded object (`KernelDatapath`).
+//! - `flow_slots`: the connection table mapped into memory (`FlowSlots`).
 //! - `flows`: the connection table as the collector reads it (`FlowSource`,
 //!   and `FlowTable`, a second handle read without the agent's lock).
 //! - `batch`: `BPF_MAP_LOOKUP_BATCH` scans.
@@ -19,6 +20,7 @@ mod bypass;
 mod decap;
 #[cfg(test)]
 pub mod fake;
+mod flow_slots;
 mod flows;
 mod kernel;
 mod migrate;
@@ -35,6 +37,7 @@ use lb_common::{
 pub use batch::for_each;
 pub use bypass::{BypassMaps, DestMaps};
 pub use decap::DecapMaps;
+pub use flow_slots::FlowSlots;
 pub use flows::{FlowSource, FlowTable};
 pub use kernel::{sum_packets, KernelDatapath};
 pub use migrate::OldMaps;
@@ -109,7 +112,7 @@ pub(crate) fn max_entries(sizes: &MapSizes) -> Result<[(&'static str, u32); 7]> 
         ("VIPS", 4 * sizes.max_vips),
         ("MAGLEV", chunks),
         ("BACKENDS", sizes.max_backends),
-        ("FLOWS", sizes.flow_table_size),
+        ("FLOWS", flow_slots::elements(sizes.flow_table_size)),
         ("VIP_STATS", sizes.max_vips),
         ("VIP_BY_ID", sizes.max_vips),
         ("BACKEND_STATS", sizes.max_backends),

@@ -59,8 +59,8 @@ pub const PINNED_MAPS: [&str; 20] = [
 /// VIP) and one decap outcome fewer; layout 2 had 16-byte VIP entries (a
 /// previous ring of the one global size) and its bypass tables unpinned;
 /// layouts 1 to 3 had a kernel LRU for a connection table, and no
-/// `FLOWS_UNRECORDED`.
-pub const MIGRATABLE_LAYOUTS: [u32; 3] = [1, 2, 3];
+/// `FLOWS_UNRECORDED`; layout 4's connection table was a kernel hash.
+pub const MIGRATABLE_LAYOUTS: [u32; 4] = [1, 2, 3, 4];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -312,12 +312,13 @@ mod tests {
             size_of::<BypassEntry>(),
             BYPASS_STAT_COUNT as usize,
             super::PINNED_MAPS.len(),
+            size_of::<lb_common::flow_table::FlowSlot>(),
         ];
         assert_eq!(
             (LAYOUT_VERSION, abi),
             (
-                4,
-                [20, 24, 40, 40, 56, 64, 20, 48, 16, 48, 16, 32, 15, 5, 32, 4, 20]
+                5,
+                [20, 24, 40, 40, 56, 64, 20, 48, 16, 48, 16, 32, 15, 5, 32, 4, 20, 96]
             ),
             "the map ABI changed: raise LAYOUT_VERSION and update this list"
         );

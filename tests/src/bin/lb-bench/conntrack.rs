@@ -1,6 +1,7 @@
 //! The connection table at 1,000,000 flows: insert cost with room and
 //! full, memory, early flows kept; and the report scan over it.
 use super::*;
+use lb_common::flow_table::FlowSlot;
 
 /// Memory the kernel charges for a map (fdinfo `memlock`).
 fn memlock(map: &aya::maps::MapData) -> u64 {
@@ -181,33 +182,27 @@ pub fn connection_table(report: &mut Report) {
     report_scan(report, f);
 }
 
-/// Reading the full table: batch lookups against aya's element-wise walk
-/// (seconds each).
+/// Reading the full table the collector's way (the mapped array) against
+/// batch lookups of the whole array, which copy every slot, used or not,
+/// through the syscall (seconds each).
 fn read_whole_table(f: &Fixture) -> (f64, f64) {
-    let flows_map = f.balancer.datapath().flows_map();
+    let slots = f.balancer.datapath().flow_slots();
     let n = f.flows().len();
-    let mut batch = Vec::new();
+    let mut mapped = Vec::new();
     for _ in 0..ROUNDS {
         let t = Instant::now();
-        let mut count = 0usize;
-        lb_userspace::datapath::for_each(flows_map, 8192, |_: &FlowKey, _: &FlowState| count += 1)
-            .expect("scan");
-        batch.push(t.elapsed().as_secs_f64());
+        let count = slots.for_each(|_, _| {});
+        mapped.push(t.elapsed().as_secs_f64());
         assert!(count >= n * 99 / 100, "scan saw {count} of {n}");
     }
-    let per_elem = {
-        use std::os::fd::AsFd as _;
-        // A second handle on the same kernel map, for aya's element-wise walk.
-        let fd = flows_map.fd().as_fd().try_clone_to_owned().expect("dup fd");
-        let data = aya::maps::MapData::from_fd(fd).expect("map from fd");
-        let map: aya::maps::HashMap<_, FlowKey, FlowState> =
-            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("map");
-        let t = Instant::now();
-        let count = map.iter().filter(|r| r.is_ok()).count();
-        assert!(count >= n * 99 / 100);
-        t.elapsed().as_secs_f64()
-    };
-    (median(batch), per_elem)
+    let t = Instant::now();
+    let mut count = 0usize;
+    lb_userspace::datapath::for_each(slots.map(), 8192, |_: &u32, s: &FlowSlot| {
+        count += usize::from(s.key[9] != 0);
+    })
+    .expect("batch scan");
+    assert!(count >= n * 99 / 100, "batch scan saw {count} of {n}");
+    (median(mapped), t.elapsed().as_secs_f64())
 }
 
 /// What a report costs: one collector pass (scan, phases, expiry check,
@@ -279,7 +274,7 @@ fn lock_held(
 fn report_scan(report: &mut Report, mut f: Fixture) {
     println!("== report scan of the connection table");
     let n = f.flows().len();
-    let (batch, per_elem) = read_whole_table(&f);
+    let (mapped, batch) = read_whole_table(&f);
     let vip_ids: Vec<u32> = f.balancer.vips().iter().map(|(id, _)| *id).collect();
     let backend_ids: Vec<u32> = f.balancer.backend_ids().iter().map(|(id, _)| *id).collect();
     let (mut collector, pass) = collector_pass(&mut f, &vip_ids, &backend_ids);
@@ -319,19 +314,17 @@ fn report_scan(report: &mut Report, mut f: Fixture) {
     report.json.insert("scan.lock_held_s".into(), json!(inside));
     report.row(
         "report scan",
-        format!("read {n} flows, batch lookups"),
-        format!("{:.0} ms", batch * 1e3),
+        format!("read {n} flows, the mapped table"),
+        format!("{:.0} ms", mapped * 1e3),
         format!(
-            "{:.0} ms per element ({:.1}×)",
-            per_elem * 1e3,
-            per_elem / batch
+            "{:.0} ms with batch lookups of the whole array ({:.1}×)",
+            batch * 1e3,
+            batch / mapped
         ),
         "≤ 1 s (for 1,000,000)",
-        Some(batch * 1e6 / n as f64 <= 1.0),
+        Some(mapped * 1e6 / n as f64 <= 1.0),
     );
     report.json.insert("scan.flows".into(), json!(n));
+    report.json.insert("scan.mapped_s".into(), json!(mapped));
     report.json.insert("scan.batch_s".into(), json!(batch));
-    report
-        .json
-        .insert("scan.per_element_s".into(), json!(per_elem));
 }

@@ -31,10 +31,7 @@ fn recycle_flows(
 /// Removes up to `n` connection-table entries.
 fn make_room(f: &mut Fixture, n: usize) {
     let keys: Vec<_> = f.flows().into_iter().take(n).map(|(k, _)| k).collect();
-    let dp = f.balancer.datapath_mut();
-    for k in &keys {
-        dp.remove_flow(k).expect("removing a flow");
-    }
+    f.balancer.datapath_mut().remove_flows(&keys);
 }
 
 /// Keeps the datapath cases on one CPU: the shim's per-CPU run counter (the

@@ -20,7 +20,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, Pod,
 };
-use lb_common::{DecapOutcome, FlowKey, FlowState, Outcome, PROTO_IPIP, PROTO_TCP, PROTO_UDP};
+use lb_common::{DecapOutcome, Outcome, PROTO_IPIP, PROTO_TCP, PROTO_UDP};
 use lb_tests::{fixture::*, packet::*, topology};
 use lb_userspace::datapath::{Datapath as _, MapSizes};
 use serde_json::{json, Value};

@@ -1,0 +1,198 @@
+//! The connection table's layout, shared by the datapath and the agent.
+//!
+//! The table is a BPF array the datapath indexes itself (`FLOWS`, created
+//! with `BPF_F_MMAPABLE`), not a kernel hash: an established packet finds
+//! its entry with array reads and word compares, without the kernel hash's
+//! calls (hash, bucket walk, `memcmp`), which were a third of the
+//! datapath's time per established packet.
+//!
+//! - Element 0 is the header (`FlowTableHeader`): how many flows the table
+//!   may hold (`capacity`, the configured `flow_table_size`), how many it
+//!   holds (`used`), its bucket count and the seed of its slot hash.
+//! - Then `buckets` buckets of `FLOW_BUCKET_SLOTS` slots (`FlowSlot`). A flow
+//!   lives in one of two buckets picked by a seeded hash of its key (so
+//!   that nobody outside can aim flows at one bucket), in the one with more
+//!   room when it is recorded. There are half again as many slots as the
+//!   capacity, so a flow almost never finds both of its buckets full before
+//!   the table holds `capacity` flows.
+//! - A slot's last key word is its claim word: `SLOT_FREE`, `SLOT_BUSY`
+//!   (being written or being removed), or the key's protocol and family
+//!   with a 16-bit tag of the slot hash in its upper half, which rejects
+//!   almost every other flow with one compare. A writer takes a free slot
+//!   with a compare-and-exchange to `SLOT_BUSY`, writes the state and the
+//!   other key words, then publishes the claim word; a reader compares the
+//!   claim word first. The agent removes a flow the same way (claim word to
+//!   `SLOT_BUSY`) and frees the slot only after an RCU grace period, when
+//!   no program can still hold it.
+use crate::{FlowKey, FlowState};
+
+/// Slots per bucket.
+pub const FLOW_BUCKET_SLOTS: u32 = 8;
+/// A free slot's claim word.
+pub const SLOT_FREE: u32 = 0;
+/// The claim word of a slot being written or removed (family 0xff: never a key's).
+pub const SLOT_BUSY: u32 = u32::MAX;
+
+/// One slot: the key's ten words (the last is the claim word), then the state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSlot {
+    pub key: [u32; 10],
+    pub state: FlowState,
+}
+
+/// Element 0 of the table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTableHeader {
+    /// Slots in use (claimed by a recorded flow, or removed and not yet freed).
+    pub used: u64,
+    /// Flows the table may hold: a new flow finds it full at this count.
+    pub capacity: u64,
+    /// Buckets after the header; 0 in a table not yet set up.
+    pub buckets: u32,
+    /// Seed of `slot_hash`, random per table.
+    pub seed: u32,
+    pub _pad: [u64; 9],
+}
+
+const _: () = assert!(core::mem::size_of::<FlowSlot>() == 96);
+const _: () = assert!(core::mem::size_of::<FlowTableHeader>() == 96);
+
+/// Buckets for a table of `capacity` flows: half again as many slots.
+pub const fn buckets_for(capacity: u32) -> u32 {
+    let slots = capacity as u64 + capacity as u64 / 2;
+    let b = slots.div_ceil(FLOW_BUCKET_SLOTS as u64);
+    if b == 0 {
+        1
+    } else if b > (u32::MAX / FLOW_BUCKET_SLOTS - 1) as u64 {
+        u32::MAX / FLOW_BUCKET_SLOTS - 1
+    } else {
+        b as u32
+    }
+}
+
+/// Array elements (`max_entries`) of a table of `capacity` flows: the header and the buckets.
+pub const fn elements_for(capacity: u32) -> u32 {
+    1 + buckets_for(capacity) * FLOW_BUCKET_SLOTS
+}
+
+#[inline(always)]
+const fn mix(h: u32, w: u32) -> u32 {
+    let k = w
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+/// The key's ten words, as the datapath reads them.
+#[inline(always)]
+pub fn key_words(k: &FlowKey) -> &[u32; 10] {
+    // SAFETY: FlowKey is #[repr(C, align(4))], 40 bytes of integers with no
+    // padding.
+    unsafe { &*(k as *const FlowKey as *const [u32; 10]) }
+}
+
+/// The key of a slot's words (the claim word's tag cleared).
+#[inline(always)]
+pub fn key_of(words: &[u32; 10]) -> FlowKey {
+    let mut w = *words;
+    w[9] &= 0xffff;
+    // SAFETY: as in `key_words`.
+    unsafe { core::mem::transmute::<[u32; 10], FlowKey>(w) }
+}
+
+/// The seeded hash that places a key (not the Maglev `flow_hash`, which
+/// every node must share and anybody can compute).
+#[inline(always)]
+pub fn slot_hash(w: &[u32; 10], seed: u32) -> u32 {
+    let mut h = seed;
+    h = mix(h, w[0]);
+    h = mix(h, w[1]);
+    h = mix(h, w[2]);
+    h = mix(h, w[3]);
+    h = mix(h, w[4]);
+    h = mix(h, w[5]);
+    h = mix(h, w[6]);
+    h = mix(h, w[7]);
+    h = mix(h, w[8]);
+    h = mix(h, w[9] & 0xffff);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The claim word a key's slot holds: its protocol and family, and the
+/// upper half of its slot hash.
+#[inline(always)]
+pub fn claim_word(w: &[u32; 10], h: u32) -> u32 {
+    (w[9] & 0xffff) | (h & 0xffff_0000)
+}
+
+/// The two buckets a hash may live in (the same one twice in a one-bucket
+/// table), as indices of their first slot's element.
+#[inline(always)]
+pub fn bucket_starts(h: u32, buckets: u32) -> (u32, u32) {
+    let first = ((h as u64 * buckets as u64) >> 32) as u32;
+    let g = h.wrapping_mul(0x9e37_79b1).rotate_left(16) ^ h;
+    let mut second = ((g as u64 * buckets as u64) >> 32) as u32;
+    if second == first && buckets > 1 {
+        second = if first + 1 == buckets { 0 } else { first + 1 };
+    }
+    (
+        1 + first * FLOW_BUCKET_SLOTS,
+        1 + second * FLOW_BUCKET_SLOTS,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(buckets_for(8), 2);
+        assert_eq!(elements_for(8), 17);
+        assert_eq!(buckets_for(1), 1);
+        assert_eq!(buckets_for(1_000_000), 187_500);
+        assert_eq!(buckets_for(u32::MAX), u32::MAX / FLOW_BUCKET_SLOTS - 1);
+    }
+
+    #[test]
+    fn two_buckets_differ_when_there_are_two() {
+        for h in [0u32, 1, 0x8000_0000, u32::MAX, 12345, 0xdead_beef] {
+            let (a, b) = bucket_starts(h, 2);
+            assert_ne!(a, b);
+            assert!(a == 1 || a == 9);
+            assert!(b == 1 || b == 9);
+            assert_eq!(bucket_starts(h, 1), (1, 1));
+        }
+    }
+
+    #[test]
+    fn claim_words_are_never_free_or_busy() {
+        let k = FlowKey::v4([10, 0, 0, 1], [10, 0, 0, 2], 1, 2, 6);
+        let w = key_words(&k);
+        for h in [0u32, u32::MAX, 0xffff_0000] {
+            let c = claim_word(w, h);
+            assert_ne!(c, SLOT_FREE);
+            assert_ne!(c, SLOT_BUSY);
+            let mut s = *w;
+            s[9] = c;
+            assert_eq!(key_of(&s), k);
+        }
+    }
+
+    #[test]
+    fn the_seed_moves_flows() {
+        let k = FlowKey::v4([10, 0, 0, 1], [10, 0, 0, 2], 1, 2, 6);
+        let w = key_words(&k);
+        assert_ne!(slot_hash(w, 1), slot_hash(w, 2));
+    }
+}

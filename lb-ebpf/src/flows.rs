@@ -1,0 +1,220 @@
+//! The connection table (`FLOWS`): finding a flow's entry and recording a
+//! new one. The layout and the slot protocol are `lb_common::flow_table`'s.
+use core::{
+    intrinsics::{atomic_cxchg, atomic_xadd, atomic_xchg, AtomicOrdering},
+    ptr::{addr_of_mut, read_volatile},
+};
+
+use lb_common::{
+    flow_table::{
+        bucket_starts, claim_word, key_words, slot_hash, FlowTableHeader, FLOW_BUCKET_SLOTS,
+        SLOT_BUSY, SLOT_FREE,
+    },
+    FlowKey, FlowState,
+};
+
+use crate::maps::FLOWS;
+
+// The target has no atomic read-modify-write types (`core::sync::atomic`
+// offers loads and stores only), but LLVM emits BPF's atomic instructions
+// (ISA v3, `-C target-cpu=v3`) for the intrinsics.
+
+/// Compare-and-exchange: whether `*p` was `old` and is now `new`.
+#[inline(always)]
+unsafe fn cas(p: *mut u32, old: u32, new: u32) -> bool {
+    // SAFETY: the caller's pointer, aligned, in a map value.
+    unsafe {
+        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new).1
+    }
+}
+
+/// Where a key lives: its words, claim word and the first slots of its two
+/// buckets (equal in a one-bucket table).
+struct Place<'a> {
+    words: &'a [u32; 10],
+    claim: u32,
+    first: u32,
+    second: u32,
+}
+
+/// The table's header and the key's place; `None` while the agent has not
+/// set the table up.
+#[inline(always)]
+fn place(key: &FlowKey) -> Option<(*mut FlowTableHeader, Place<'_>)> {
+    let header = FLOWS.get_ptr_mut(0)? as *mut FlowTableHeader;
+    // SAFETY: element 0 is the header; plain data.
+    let (buckets, seed) = unsafe { ((*header).buckets, (*header).seed) };
+    if buckets == 0 {
+        return None;
+    }
+    let words = key_words(key);
+    let h = slot_hash(words, seed);
+    let (first, second) = bucket_starts(h, buckets);
+    Some((
+        header,
+        Place {
+            claim: claim_word(words, h),
+            words,
+            first,
+            second,
+        },
+    ))
+}
+
+/// The element of `words`' slot in the bucket starting at `start`.
+#[inline(always)]
+fn find_in(start: u32, words: &[u32; 10], claim: u32) -> Option<u32> {
+    for i in 0..FLOW_BUCKET_SLOTS {
+        let slot = FLOWS.get_ptr_mut(start + i)?;
+        // SAFETY: an element of the array. The claim word is read once and
+        // first: a slot being written or removed holds `SLOT_BUSY`.
+        unsafe {
+            if read_volatile(addr_of_mut!((*slot).key[9])) != claim {
+                continue;
+            }
+            // One branch for the nine words: fewer paths to verify.
+            let k = &(*slot).key;
+            let differ = (k[0] ^ words[0])
+                | (k[1] ^ words[1])
+                | (k[2] ^ words[2])
+                | (k[3] ^ words[3])
+                | (k[4] ^ words[4])
+                | (k[5] ^ words[5])
+                | (k[6] ^ words[6])
+                | (k[7] ^ words[7])
+                | (k[8] ^ words[8]);
+            if differ == 0 {
+                return Some(start + i);
+            }
+        }
+    }
+    None
+}
+
+/// The entry of `key`, if the table holds one. Inlined: a global function
+/// (as `lb_flow_record` is) would cost a call per packet.
+#[inline(always)]
+pub fn find(key: &FlowKey) -> Option<*mut FlowState> {
+    let (_, p) = place(key)?;
+    let i = match find_in(p.first, p.words, p.claim) {
+        Some(i) => i,
+        None if p.second == p.first => return None,
+        None => find_in(p.second, p.words, p.claim)?,
+    };
+    let slot = FLOWS.get_ptr_mut(i)?;
+    // SAFETY: an element of the array.
+    Some(unsafe { addr_of_mut!((*slot).state) })
+}
+
+/// Free slots in the bucket starting at `start`.
+#[inline(never)]
+fn free_in(start: u32) -> u32 {
+    let mut n = 0;
+    for i in 0..FLOW_BUCKET_SLOTS {
+        if let Some(slot) = FLOWS.get_ptr_mut(start + i) {
+            // SAFETY: an element of the array.
+            if unsafe { read_volatile(addr_of_mut!((*slot).key[9])) } == SLOT_FREE {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Takes a free slot of the bucket starting at `start` for the key: claims
+/// it (`SLOT_FREE` to `SLOT_BUSY`, which one CPU only wins), writes the
+/// state and the key, then publishes the claim word. Like `free_in`, a
+/// subprogram of its own: `record`'s frame adds to the packet path's.
+#[inline(never)]
+fn claim_in(start: u32, words: &[u32; 10], claim_word: u32, state: &FlowState) -> bool {
+    for i in 0..FLOW_BUCKET_SLOTS {
+        let Some(slot) = FLOWS.get_ptr_mut(start + i) else {
+            return false;
+        };
+        // SAFETY: an element of the array, aligned; the claim word is only
+        // written with atomics, by the datapath and the agent alike.
+        unsafe {
+            let claim = addr_of_mut!((*slot).key[9]);
+            if read_volatile(claim) != SLOT_FREE || !cas(claim, SLOT_FREE, SLOT_BUSY) {
+                continue;
+            }
+            (*slot).state = *state;
+            let k = &mut (*slot).key;
+            k[0] = words[0];
+            k[1] = words[1];
+            k[2] = words[2];
+            k[3] = words[3];
+            k[4] = words[4];
+            k[5] = words[5];
+            k[6] = words[6];
+            k[7] = words[7];
+            k[8] = words[8];
+            // A full barrier: the words above are visible before the claim.
+            atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(claim, claim_word);
+        }
+        return true;
+    }
+    false
+}
+
+/// What `record` did.
+#[derive(PartialEq, Eq)]
+pub enum Recorded {
+    Yes,
+    /// The table holds its capacity (or is not set up).
+    Full,
+    /// Both of the key's buckets are full (the table is not).
+    NoRoom,
+}
+
+/// Records `state` for `key`, which the table did not hold when the packet
+/// looked it up.
+///
+/// Two CPUs recording the same new flow at once may both take a slot; the
+/// flow's packets then find the first, and the other, idle, is expired.
+#[inline(always)]
+pub fn record(key: &FlowKey, state: &FlowState) -> Recorded {
+    match lb_flow_record(key, state) {
+        0 => Recorded::Yes,
+        1 => Recorded::Full,
+        _ => Recorded::NoRoom,
+    }
+}
+
+/// `record`, as a global function (0: recorded, 1: full, 2: no room in
+/// the key's buckets). The verifier checks a global function once, on its
+/// own (the object carries BTF for that, `--btf`), where a static one is
+/// walked again on each of the many paths of the packet path into it: with
+/// this one static, the program's verification took three times the work.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_flow_record(key: *const FlowKey, state: *const FlowState) -> u32 {
+    if key.is_null() || state.is_null() {
+        return 1;
+    }
+    // SAFETY: a FlowKey and a FlowState the caller holds.
+    let (key, state) = unsafe { (&*key, &*state) };
+    let Some((header, p)) = place(key) else {
+        return 1;
+    };
+    // SAFETY: the header; `used` is only written with atomics.
+    let used = unsafe { addr_of_mut!((*header).used) };
+    // SAFETY: as above.
+    if unsafe { read_volatile(used) >= (*header).capacity } {
+        return 1;
+    }
+    // The bucket with more room first.
+    let (a, b) = if p.second != p.first && free_in(p.second) > free_in(p.first) {
+        (p.second, p.first)
+    } else {
+        (p.first, p.second)
+    };
+    let taken =
+        claim_in(a, p.words, p.claim, state) || (b != a && claim_in(b, p.words, p.claim, state));
+    if !taken {
+        return 2;
+    }
+    // SAFETY: as above.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(used, 1) };
+    0
+}
