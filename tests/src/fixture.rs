@@ -248,13 +248,13 @@ impl Fixture {
         self.decap.outcomes().expect("decap outcomes")
     }
 
-    /// Every connection-table entry, read with batch lookups.
+    /// Every connection-table entry, read through the mapped table.
     pub fn flows(&self) -> Vec<(FlowKey, FlowState)> {
         let mut out = Vec::new();
         self.balancer
             .datapath()
             .scan_flows(&mut |k, v| out.push((*k, *v)))
-            .expect("batch lookup");
+            .expect("scanning the connection table");
         out
     }
 
