@@ -9,21 +9,23 @@
 //! - Element 0 is the header (`FlowTableHeader`): how many flows the table
 //!   may hold (`capacity`, the configured `flow_table_size`), how many it
 //!   holds (`used`), its bucket count and the seed of its slot hash.
-//! - Then `buckets` buckets of `FLOW_BUCKET_SLOTS` slots (`FlowSlot`). A flow
-//!   lives in one of two buckets picked by a seeded hash of its key (so
-//!   that nobody outside can aim flows at one bucket), in the one with more
-//!   room when it is recorded. There are half again as many slots as the
-//!   capacity, so a flow almost never finds both of its buckets full before
-//!   the table holds `capacity` flows.
-//! - A slot's last key word is its claim word: `SLOT_FREE`, `SLOT_BUSY`
-//!   (being written or being removed), or the key's protocol and family
-//!   with a 16-bit tag of the slot hash in its upper half, which rejects
-//!   almost every other flow with one compare. A writer takes a free slot
-//!   with a compare-and-exchange to `SLOT_BUSY`, writes the state and the
-//!   other key words, then publishes the claim word; a reader compares the
-//!   claim word first. The agent removes a flow the same way (claim word to
-//!   `SLOT_BUSY`) and frees the slot only after an RCU grace period, when
-//!   no program can still hold it.
+//! - Then `buckets` buckets, each an element of claim words (`FlowTags`)
+//!   and `FLOW_BUCKET_SLOTS` elements of slots (`FlowSlot`: key and state).
+//!   A lookup reads the bucket's claim words from one element, at fixed
+//!   offsets, and a slot only where its claim word matches. A flow lives in
+//!   one of two buckets picked by a seeded hash of its key (so that nobody
+//!   outside can aim flows at one bucket), in the one with more room when
+//!   it is recorded. There are half again as many slots as the capacity,
+//!   so a flow almost never finds both of its buckets full before the table
+//!   holds `capacity` flows.
+//! - A slot's claim word is `SLOT_FREE`, `SLOT_BUSY` (being written or
+//!   being removed), or the key's protocol and family with a 16-bit tag of
+//!   the slot hash in its upper half, which rejects almost every other flow
+//!   with one compare. A writer takes a free slot with a compare-and-exchange
+//!   to `SLOT_BUSY`, writes the state and the key, then publishes the claim
+//!   word; a reader compares the claim word first. The agent removes a flow
+//!   the same way (claim word to `SLOT_BUSY`) and frees the slot only after
+//!   an RCU grace period, when no program can still hold it.
 use crate::{FlowKey, FlowState};
 
 /// Slots per bucket.
@@ -33,12 +35,21 @@ pub const SLOT_FREE: u32 = 0;
 /// The claim word of a slot being written or removed (family 0xff: never a key's).
 pub const SLOT_BUSY: u32 = u32::MAX;
 
-/// One slot: the key's ten words (the last is the claim word), then the state.
+/// One slot: the key's ten words (the last holds the claim word's value
+/// while the slot is in use), then the state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowSlot {
     pub key: [u32; 10],
     pub state: FlowState,
+}
+
+/// A bucket's claim words: the element before its slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTags {
+    pub claims: [u32; FLOW_BUCKET_SLOTS as usize],
+    pub _unused: [u32; 16],
 }
 
 /// Element 0 of the table.
@@ -58,6 +69,25 @@ pub struct FlowTableHeader {
 
 const _: () = assert!(core::mem::size_of::<FlowSlot>() == 96);
 const _: () = assert!(core::mem::size_of::<FlowTableHeader>() == 96);
+const _: () = assert!(core::mem::size_of::<FlowTags>() == 96);
+
+/// Elements per bucket: its claim words and its slots.
+pub const BUCKET_ELEMENTS: u32 = 1 + FLOW_BUCKET_SLOTS;
+
+/// The element of bucket `bucket`'s claim words.
+#[inline(always)]
+pub const fn tags_element(bucket: u32) -> u32 {
+    1 + bucket * BUCKET_ELEMENTS
+}
+
+/// The element of slot `slot` of bucket `bucket`.
+#[inline(always)]
+pub const fn slot_element(bucket: u32, slot: u32) -> u32 {
+    tags_element(bucket) + 1 + slot
+}
+
+/// The most buckets a table has (its elements fit a u32).
+pub const MAX_BUCKETS: u32 = u32::MAX / BUCKET_ELEMENTS - 1;
 
 /// Buckets for a table of `capacity` flows: half again as many slots.
 pub const fn buckets_for(capacity: u32) -> u32 {
@@ -65,16 +95,17 @@ pub const fn buckets_for(capacity: u32) -> u32 {
     let b = slots.div_ceil(FLOW_BUCKET_SLOTS as u64);
     if b == 0 {
         1
-    } else if b > (u32::MAX / FLOW_BUCKET_SLOTS - 1) as u64 {
-        u32::MAX / FLOW_BUCKET_SLOTS - 1
+    } else if b > MAX_BUCKETS as u64 {
+        MAX_BUCKETS
     } else {
         b as u32
     }
 }
 
-/// Array elements (`max_entries`) of a table of `capacity` flows: the header and the buckets.
+/// Array elements (`max_entries`) of a table of `capacity` flows: the
+/// header and the buckets.
 pub const fn elements_for(capacity: u32) -> u32 {
-    1 + buckets_for(capacity) * FLOW_BUCKET_SLOTS
+    1 + buckets_for(capacity) * BUCKET_ELEMENTS
 }
 
 #[inline(always)]
@@ -136,19 +167,16 @@ pub fn claim_word(w: &[u32; 10], h: u32) -> u32 {
 }
 
 /// The two buckets a hash may live in (the same one twice in a one-bucket
-/// table), as indices of their first slot's element.
+/// table).
 #[inline(always)]
-pub fn bucket_starts(h: u32, buckets: u32) -> (u32, u32) {
+pub fn buckets_of(h: u32, buckets: u32) -> (u32, u32) {
     let first = ((h as u64 * buckets as u64) >> 32) as u32;
     let g = h.wrapping_mul(0x9e37_79b1).rotate_left(16) ^ h;
     let mut second = ((g as u64 * buckets as u64) >> 32) as u32;
     if second == first && buckets > 1 {
         second = if first + 1 == buckets { 0 } else { first + 1 };
     }
-    (
-        1 + first * FLOW_BUCKET_SLOTS,
-        1 + second * FLOW_BUCKET_SLOTS,
-    )
+    (first, second)
 }
 
 #[cfg(test)]
@@ -158,20 +186,20 @@ mod tests {
     #[test]
     fn sizes() {
         assert_eq!(buckets_for(8), 2);
-        assert_eq!(elements_for(8), 17);
+        assert_eq!(elements_for(8), 19);
+        assert_eq!((tags_element(1), slot_element(1, 7)), (10, 18));
         assert_eq!(buckets_for(1), 1);
         assert_eq!(buckets_for(1_000_000), 187_500);
-        assert_eq!(buckets_for(u32::MAX), u32::MAX / FLOW_BUCKET_SLOTS - 1);
+        assert_eq!(buckets_for(u32::MAX), MAX_BUCKETS);
     }
 
     #[test]
     fn two_buckets_differ_when_there_are_two() {
         for h in [0u32, 1, 0x8000_0000, u32::MAX, 12345, 0xdead_beef] {
-            let (a, b) = bucket_starts(h, 2);
+            let (a, b) = buckets_of(h, 2);
             assert_ne!(a, b);
-            assert!(a == 1 || a == 9);
-            assert!(b == 1 || b == 9);
-            assert_eq!(bucket_starts(h, 1), (1, 1));
+            assert!(a < 2 && b < 2);
+            assert_eq!(buckets_of(h, 1), (0, 0));
         }
     }
 

@@ -673,6 +673,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for flow_table::FlowSlot {}
+    unsafe impl aya::Pod for flow_table::FlowTags {}
     unsafe impl aya::Pod for flow_table::FlowTableHeader {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for Settings {}

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
-    flow_table::{FlowSlot, FLOW_BUCKET_SLOTS},
+    flow_table::{FlowSlot, BUCKET_ELEMENTS},
     BackendInfo, BypassEntry, BypassIntermediary, BypassPrefix, FlowKey, HostAddr, IcmpTokens,
     MaglevChunk, PacketCounter, Settings, TrafficCounters, VipInfo, VipKey, BYPASS_STAT_COUNT,
     DECAP_OUTCOME_COUNT, MAGLEV_LANES, OUTCOME_COUNT, VIP_FILTER_SLOTS,
@@ -51,7 +51,7 @@ pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(4096, 0);
 /// forwarded by Maglev alone and counted in `FLOWS_UNRECORDED`. The agent
 /// sizes it from `flow_table_size` and sets up its header.
 #[map]
-pub static FLOWS: Array<FlowSlot> = Array::with_max_entries(1 + FLOW_BUCKET_SLOTS, BPF_F_MMAPABLE);
+pub static FLOWS: Array<FlowSlot> = Array::with_max_entries(1 + BUCKET_ELEMENTS, BPF_F_MMAPABLE);
 
 /// Packets of flows the connection table had no room for (index 0): sent to
 /// the Maglev ring's backend without an entry. Written by the datapath.

@@ -458,25 +458,28 @@ fn repin(path: &Path, spec: &[&str], entries: &[(Vec<String>, Vec<String>)]) {
     std::fs::remove_file(&file).unwrap();
 }
 
-/// The flows of a pinned connection table (an array of `FlowSlot`s, the
-/// header first) as a kernel hash's entries: the key (its claim word's tag
-/// cleared) and the state, for each recorded slot.
+/// The flows of a pinned connection table (an array of 96-byte elements:
+/// the header, then per bucket an element of eight claim words and eight
+/// `FlowSlot`s) as a kernel hash's entries: the key (its claim word's tag
+/// cleared) and the state, for each slot whose claim word is in use.
 fn slots_as_entries(path: &Path) -> Vec<(Vec<String>, Vec<String>)> {
-    dump_pinned(path)
-        .into_iter()
-        .skip(1)
-        .filter(|(_, slot)| {
+    let elements: Vec<Vec<String>> = dump_pinned(path).into_iter().map(|(_, v)| v).collect();
+    assert_eq!((elements.len() - 1) % 9, 0, "a header and whole buckets");
+    let mut entries = Vec::new();
+    for bucket in elements[1..].chunks(9) {
+        for (i, slot) in bucket[1..].iter().enumerate() {
             assert_eq!(slot.len(), 96);
-            let claim = slot[36..40].join("");
-            claim != "00000000" && claim != "ffffffff"
-        })
-        .map(|(_, slot)| {
+            let claim = bucket[0][i * 4..i * 4 + 4].join("");
+            if claim == "00000000" || claim == "ffffffff" {
+                continue;
+            }
             let mut key = slot[..40].to_vec();
             key[38] = "00".into();
             key[39] = "00".into();
-            (key, slot[40..].to_vec())
-        })
-        .collect()
+            entries.push((key, slot[40..].to_vec()));
+        }
+    }
+    entries
 }
 
 /// Turns the stopped LB's pinned maps into the shape an agent of map layout

@@ -12,16 +12,19 @@ use anyhow::{bail, Context as _, Result};
 use aya::maps::MapData;
 use lb_common::{
     flow_table::{
-        bucket_starts, buckets_for, claim_word, key_of, key_words, slot_hash, FlowSlot,
-        FlowTableHeader, FLOW_BUCKET_SLOTS, SLOT_BUSY, SLOT_FREE,
+        buckets_of, claim_word, elements_for, key_of, key_words, slot_element, slot_hash,
+        tags_element, FlowSlot, FlowTableHeader, FlowTags, BUCKET_ELEMENTS, FLOW_BUCKET_SLOTS,
+        SLOT_BUSY, SLOT_FREE,
     },
     FlowKey, FlowState,
 };
 
-/// The mapped table.
+/// The mapped table. Slots are numbered across buckets: slot `n` is slot
+/// `n % FLOW_BUCKET_SLOTS` of bucket `n / FLOW_BUCKET_SLOTS`.
 pub struct FlowSlots {
     ptr: *mut FlowSlot,
     elements: u32,
+    buckets: u32,
     // Keeps the map alive as long as the mapping.
     map: MapData,
 }
@@ -35,7 +38,7 @@ unsafe impl Sync for FlowSlots {}
 /// What `FlowSlots::take` found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Taken {
-    /// Held (`SLOT_BUSY`) for `release`: the slot's element.
+    /// Held (`SLOT_BUSY`) for `release`: the slot's number.
     Slot(u32),
     /// The flow saw a packet since it was scanned: left in place.
     Moved,
@@ -65,9 +68,10 @@ impl FlowSlots {
             );
         }
         let elements = info.max_entries();
-        if elements < 1 + FLOW_BUCKET_SLOTS || (elements - 1) % FLOW_BUCKET_SLOTS != 0 {
+        if elements < 1 + BUCKET_ELEMENTS || (elements - 1) % BUCKET_ELEMENTS != 0 {
             bail!("the connection table has {elements} entries: not a header and whole buckets");
         }
+        let buckets = (elements - 1) / BUCKET_ELEMENTS;
         let len = elements as usize * size_of::<FlowSlot>();
         let fd = map.fd().as_fd().as_raw_fd();
         // SAFETY: mapping a BPF array fd we hold, shared and writable; the
@@ -89,9 +93,9 @@ impl FlowSlots {
         let table = FlowSlots {
             ptr: ptr.cast(),
             elements,
+            buckets,
             map,
         };
-        let buckets = (elements - 1) / FLOW_BUCKET_SLOTS;
         let header = table.header();
         // SAFETY: the header, element 0 of the mapping.
         unsafe {
@@ -146,15 +150,26 @@ impl FlowSlots {
         self.used().load(Ordering::Relaxed)
     }
 
-    fn slot(&self, i: u32) -> *mut FlowSlot {
-        debug_assert!(i > 0 && i < self.elements);
-        // SAFETY: in the mapping (callers index buckets of this table).
-        unsafe { self.ptr.add(i as usize) }
+    /// Slot `n`'s element.
+    fn slot(&self, n: u32) -> *mut FlowSlot {
+        let e = slot_element(n / FLOW_BUCKET_SLOTS, n % FLOW_BUCKET_SLOTS);
+        assert!(e < self.elements, "slot {n} beyond the table");
+        // SAFETY: in the mapping (checked above).
+        unsafe { self.ptr.add(e as usize) }
     }
 
-    fn claim(&self, i: u32) -> &AtomicU32 {
-        // SAFETY: the slot's claim word, aligned, written with atomics only.
-        unsafe { AtomicU32::from_ptr(addr_of_mut!((*self.slot(i)).key[9])) }
+    /// Slot `n`'s claim word.
+    fn claim(&self, n: u32) -> &AtomicU32 {
+        let e = tags_element(n / FLOW_BUCKET_SLOTS);
+        assert!(e < self.elements, "slot {n} beyond the table");
+        // SAFETY: a claim word of the mapping, aligned, written with
+        // atomics only.
+        unsafe {
+            let tags = self.ptr.add(e as usize).cast::<FlowTags>();
+            AtomicU32::from_ptr(addr_of_mut!(
+                (*tags).claims[(n % FLOW_BUCKET_SLOTS) as usize]
+            ))
+        }
     }
 
     fn place(&self, key: &FlowKey) -> Place {
@@ -162,11 +177,11 @@ impl FlowSlots {
         let (buckets, seed) = unsafe { ((*self.header()).buckets, (*self.header()).seed) };
         let words = *key_words(key);
         let h = slot_hash(&words, seed);
-        let (a, b) = bucket_starts(h, buckets);
+        let (a, b) = buckets_of(h, buckets);
         Place {
             claim: claim_word(&words, h),
             words,
-            buckets: [a, b],
+            buckets: [a * FLOW_BUCKET_SLOTS, b * FLOW_BUCKET_SLOTS],
         }
     }
 
@@ -201,7 +216,7 @@ impl FlowSlots {
     /// flow's counters are read while its packets update them.
     pub fn for_each(&self, mut each: impl FnMut(&FlowKey, &FlowState)) -> usize {
         let mut n = 0;
-        for i in 1..self.elements {
+        for i in 0..self.buckets * FLOW_BUCKET_SLOTS {
             let claim = self.claim(i).load(Ordering::Acquire);
             if claim == SLOT_FREE || claim == SLOT_BUSY {
                 continue;
@@ -254,6 +269,7 @@ impl FlowSlots {
                     for (w, v) in p.words.iter().enumerate().take(9) {
                         std::ptr::write_volatile(addr_of_mut!((*slot).key[w]), *v);
                     }
+                    std::ptr::write_volatile(addr_of_mut!((*slot).key[9]), p.claim);
                 }
                 claim.store(p.claim, Ordering::SeqCst);
                 self.used().fetch_add(1, Ordering::Relaxed);
@@ -333,5 +349,5 @@ impl Drop for FlowSlots {
 
 /// `max_entries` of the table for `capacity` flows.
 pub fn elements(capacity: u32) -> u32 {
-    1 + buckets_for(capacity) * FLOW_BUCKET_SLOTS
+    elements_for(capacity)
 }
