@@ -26,7 +26,7 @@
 //!   word; a reader compares the claim word first. The agent removes a flow
 //!   the same way (claim word to `SLOT_BUSY`) and frees the slot only after
 //!   an RCU grace period, when no program can still hold it.
-use crate::{FlowKey, FlowState};
+use crate::{fmix32, mix, FlowKey, FlowState};
 
 /// Slots per bucket.
 pub const FLOW_BUCKET_SLOTS: u32 = 8;
@@ -108,18 +108,6 @@ pub const fn elements_for(capacity: u32) -> u32 {
     1 + buckets_for(capacity) * BUCKET_ELEMENTS
 }
 
-#[inline(always)]
-const fn mix(h: u32, w: u32) -> u32 {
-    let k = w
-        .wrapping_mul(0xcc9e_2d51)
-        .rotate_left(15)
-        .wrapping_mul(0x1b87_3593);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
-}
-
 /// The key's ten words, as the datapath reads them.
 #[inline(always)]
 pub fn key_words(k: &FlowKey) -> &[u32; 10] {
@@ -152,11 +140,7 @@ pub fn slot_hash(w: &[u32; 10], seed: u32) -> u32 {
     h = mix(h, w[7]);
     h = mix(h, w[8]);
     h = mix(h, w[9] & 0xffff);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+    fmix32(h)
 }
 
 /// The claim word a key's slot holds: its protocol and family, and the
