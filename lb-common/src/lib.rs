@@ -61,7 +61,7 @@ pub const BACKEND_ALLOCATED: u32 = 1 << 2;
 /// preallocated hash the agent expires (it was a kernel LRU) and added
 /// `FLOWS_UNRECORDED`. Layout 5 made it an array the datapath indexes
 /// itself (`flow_table`).
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Key of the VIP table: (address, port, protocol). Port 0 matches every port.
 /// Aligned to 4 bytes so the datapath reads and writes it in words.

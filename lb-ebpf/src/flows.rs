@@ -43,12 +43,13 @@ struct Place<'a> {
 fn place(key: &FlowKey) -> Option<(*mut FlowTableHeader, Place<'_>)> {
     let header = FLOWS.get_ptr_mut(0)? as *mut FlowTableHeader;
     // SAFETY: element 0 is the header; plain data.
-    let (buckets, seed) = unsafe { ((*header).buckets, (*header).seed) };
+    let buckets = unsafe { (*header).buckets };
     if buckets == 0 {
         return None;
     }
     let words = key_words(key);
-    let h = slot_hash(words, seed);
+    // SAFETY: as above.
+    let h = slot_hash(words, unsafe { &(*header).keys });
     let (first, second) = buckets_of(h, buckets);
     Some((
         header,

@@ -2,7 +2,7 @@
 //! An agent stopped (SIGTERM) or killed (SIGKILL) under load is restarted
 //! with no failed or stalled connection and no forwarding gap; a new program
 //! replaces the running one in its link; a changed map size, and an upgrade
-//! from map layouts 1 to 3, migrate the connection table; cleanup removes
+//! from map layouts 1 to 5, migrate the connection table; cleanup removes
 //! everything and a second agent is refused without touching the first.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -483,8 +483,11 @@ fn slots_as_entries(path: &Path) -> Vec<(Vec<String>, Vec<String>)> {
 }
 
 /// Turns the stopped LB's pinned maps into the shape an agent of map layout
-/// `old` (1 to 4) left: the directory is `maps-vOLD`, the connection table
-/// is a kernel hash (layout 4) or LRU (1 to 3) with the same flows, there
+/// `old` (1 to 5) left: the directory is `maps-vOLD`. Layout 5's maps are
+/// this layout's, with the connection table's flows placed by another slot
+/// hash: as the new agent sees it, a table whose keys it does not know,
+/// which is what the running table is once renamed. Before layout 5, the
+/// connection table is a kernel hash (layout 4) or LRU (1 to 3) with the same flows, there
 /// is no `FLOWS_UNRECORDED` before layout 4, and for layouts 1 and 2 the
 /// VIP table has that layout's entries (12 or 16 bytes, the VIP id first).
 /// The running program keeps the maps it holds, so forwarding goes on
@@ -494,6 +497,9 @@ fn pin_as_layout(t: &Topology, old: u32) {
     let current = pins.join(format!("maps-v{}", lb_common::LAYOUT_VERSION));
     let dir = pins.join(format!("maps-v{old}"));
     std::fs::rename(&current, &dir).expect("renaming the maps directory");
+    if old == 5 {
+        return;
+    }
     if old < 4 {
         std::fs::remove_file(dir.join("FLOWS_UNRECORDED")).unwrap();
     }
@@ -536,14 +542,14 @@ fn pin_as_layout(t: &Topology, old: u32) {
 }
 
 #[test]
-fn upgrades_from_layouts_1_to_4_keep_the_connections() {
+fn upgrades_from_layouts_1_to_5_keep_the_connections() {
     let mut t = Topology::new(3);
     t.start(&[100, 100, 100]);
     let load = Load::start(&t, web(), 100);
     std::thread::sleep(Duration::from_secs(1));
     let pins = pins_of(&t, "lb");
     let current = pins.join(format!("maps-v{}", lb_common::LAYOUT_VERSION));
-    for old in [4, 3, 2, 1] {
+    for old in [5, 4, 3, 2, 1] {
         let flows_before = flow_packets(&t);
         t.stop_lb();
         pin_as_layout(&t, old);

@@ -54,8 +54,8 @@ struct Place {
 
 impl FlowSlots {
     /// Maps the table. A table not yet set up (a new map) gets a header for
-    /// `capacity` flows and a random seed; one set up by an earlier agent
-    /// keeps its seed (its flows are placed by it) and takes `capacity`.
+    /// `capacity` flows and random hash keys; one set up by an earlier agent
+    /// keeps its keys (its flows are placed by them) and takes `capacity`.
     pub fn open(map: MapData, capacity: Option<u32>) -> Result<Self> {
         let info = map
             .info()
@@ -103,13 +103,14 @@ impl FlowSlots {
                 let Some(capacity) = capacity else {
                     bail!("the connection table was never set up");
                 };
-                let mut seed = [0u8; 4];
-                if libc::getrandom(seed.as_mut_ptr().cast(), 4, 0) != 4 {
+                let mut keys = [0u32; 10];
+                let len = size_of_val(&keys);
+                if libc::getrandom(keys.as_mut_ptr().cast(), len, 0) != len as isize {
                     return Err(std::io::Error::last_os_error())
-                        .context("drawing the connection table's seed");
+                        .context("drawing the connection table's hash keys");
                 }
                 (*header).capacity = u64::from(capacity);
-                (*header).seed = u32::from_ne_bytes(seed);
+                (*header).keys = keys;
                 // Last: the datapath uses the table once it has buckets.
                 AtomicU32::from_ptr(addr_of_mut!((*header).buckets))
                     .store(buckets, Ordering::SeqCst);
@@ -174,9 +175,9 @@ impl FlowSlots {
 
     fn place(&self, key: &FlowKey) -> Place {
         // SAFETY: the header, plain data.
-        let (buckets, seed) = unsafe { ((*self.header()).buckets, (*self.header()).seed) };
+        let (buckets, keys) = unsafe { ((*self.header()).buckets, (*self.header()).keys) };
         let words = *key_words(key);
-        let h = slot_hash(&words, seed);
+        let h = slot_hash(&words, &keys);
         let (a, b) = buckets_of(h, buckets);
         Place {
             claim: claim_word(&words, h),

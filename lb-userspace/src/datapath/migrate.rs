@@ -4,8 +4,9 @@
 //! agent rebuilds every table into the new maps before the switch. Maps of an
 //! earlier layout (an upgrade, see `pins::MIGRATABLE_LAYOUTS`) are read in
 //! their own types and converted: the VIP entries of layouts 3 and 4 are this
-//! layout's, and every earlier connection table (a kernel hash or LRU) has
-//! this table's keys and states.
+//! layout's, and every earlier connection table (a kernel hash or LRU, or
+//! layout 5's slots placed by another hash) has this table's keys and
+//! states.
 
 use std::path::Path;
 
@@ -48,7 +49,9 @@ enum OldVips {
 
 /// The connection table of the datapath being replaced.
 enum OldFlows {
-    /// This layout's (a table of other sizes).
+    /// This layout's (a table of other sizes), or layout 5's: the same
+    /// slots, placed by the slot hash of layout 5. They are read by
+    /// scanning the slots, which needs no hash.
     Slots(FlowSlots),
     /// Layouts 1 to 4: a kernel hash (an LRU before layout 4).
     Hash(MapData),
@@ -80,7 +83,7 @@ impl OldMaps {
         let vips = match layout {
             // Layout 3 differs from this one only in its connection table's
             // type, whose entries are the same.
-            LAYOUT_VERSION | 3 | 4 => OldVips::Current(HashMap::try_from(vips)?),
+            LAYOUT_VERSION | 3 | 4 | 5 => OldVips::Current(HashMap::try_from(vips)?),
             1 => OldVips::V1(
                 HashMap::try_from(vips).context("the VIP table of layout 1 has another shape")?,
             ),
@@ -93,7 +96,7 @@ impl OldMaps {
             vips,
             backends: Array::try_from(Map::Array(open(dir, "BACKENDS")?))?,
             flows: match layout {
-                LAYOUT_VERSION => OldFlows::Slots(FlowSlots::open(open(dir, "FLOWS")?, None)?),
+                LAYOUT_VERSION | 5 => OldFlows::Slots(FlowSlots::open(open(dir, "FLOWS")?, None)?),
                 _ => OldFlows::Hash(open(dir, "FLOWS")?),
             },
             vip_stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "VIP_STATS")?))?,
@@ -102,7 +105,7 @@ impl OldMaps {
             event_stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "EVENT_STATS")?))?,
             mss_clamped: PerCpuArray::try_from(Map::PerCpuArray(open(dir, "MSS_CLAMPED")?))?,
             flows_unrecorded: match layout {
-                LAYOUT_VERSION | 4 => Some(PerCpuArray::try_from(Map::PerCpuArray(open(
+                LAYOUT_VERSION | 4 | 5 => Some(PerCpuArray::try_from(Map::PerCpuArray(open(
                     dir,
                     "FLOWS_UNRECORDED",
                 )?))?),

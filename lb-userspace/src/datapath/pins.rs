@@ -59,8 +59,10 @@ pub const PINNED_MAPS: [&str; 20] = [
 /// VIP) and one decap outcome fewer; layout 2 had 16-byte VIP entries (a
 /// previous ring of the one global size) and its bypass tables unpinned;
 /// layouts 1 to 3 had a kernel LRU for a connection table, and no
-/// `FLOWS_UNRECORDED`; layout 4's connection table was a kernel hash.
-pub const MIGRATABLE_LAYOUTS: [u32; 4] = [1, 2, 3, 4];
+/// `FLOWS_UNRECORDED`; layout 4's connection table was a kernel hash;
+/// layout 5's placed its flows by another slot hash (a seeded murmur3 with
+/// the claim word's tag from the bits that also pick the bucket).
+pub const MIGRATABLE_LAYOUTS: [u32; 5] = [1, 2, 3, 4, 5];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -317,7 +319,7 @@ mod tests {
         assert_eq!(
             (LAYOUT_VERSION, abi),
             (
-                5,
+                6,
                 [20, 24, 40, 40, 56, 64, 20, 48, 16, 48, 16, 32, 15, 5, 32, 4, 20, 96]
             ),
             "the map ABI changed: raise LAYOUT_VERSION and update this list"
