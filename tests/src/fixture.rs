@@ -11,7 +11,7 @@ use lb_common::{addr_bytes, FlowKey, FlowState, Outcome, PacketCounter};
 use lb_userspace::{
     balancer::Balancer,
     config::{BalancerConfig, Config},
-    datapath::{load_logging, Datapath as _, DecapMaps, KernelDatapath, MapSizes},
+    datapath::{load_logging, load_with, Datapath as _, DecapMaps, KernelDatapath, MapSizes},
     nexthop::NextHop,
 };
 
@@ -103,7 +103,19 @@ impl Fixture {
     /// `with_sizes`, with the datapath logs (`lb-agent --datapath-log`) on or
     /// off.
     pub fn with_datapath_log(sizes: MapSizes, vips: &str, datapath_log: bool) -> Fixture {
-        let mut ebpf = load_logging(&sizes, datapath_log).expect("the eBPF object loads");
+        let ebpf = load_logging(&sizes, datapath_log).expect("the eBPF object loads");
+        Fixture::loaded(ebpf, sizes, vips)
+    }
+
+    /// `with_sizes`, with the datapath built as for a host whose CPUs may
+    /// reorder each other's stores (arm64): a new slot is published behind
+    /// a full barrier, whatever this host is.
+    pub fn with_store_barriers(sizes: MapSizes, vips: &str) -> Fixture {
+        let ebpf = load_with(&sizes, false, false).expect("the eBPF object loads");
+        Fixture::loaded(ebpf, sizes, vips)
+    }
+
+    fn loaded(mut ebpf: Ebpf, sizes: MapSizes, vips: &str) -> Fixture {
         for name in ["lb_ingress", "lb_decap"] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)

@@ -123,15 +123,32 @@ pub(crate) fn max_entries(sizes: &MapSizes) -> Result<[(&'static str, u32); 7]> 
 /// `lb-ebpf/src/datapath_log.rs`).
 const DATAPATH_LOG: &str = "DATAPATH_LOG";
 
-/// A loader with the map sizes and the datapath-log switch. Logs off, an
-/// object built without them (an older `--ebpf-object`) loads as well.
-fn loader(sizes: &MapSizes, datapath_log: bool) -> Result<aya::EbpfLoader<'static>> {
+/// The `.rodata` constant that tells the datapath this host's CPUs keep
+/// stores in order for each other (see `lb-ebpf/src/flows.rs`).
+const STORES_IN_ORDER: &str = "STORES_IN_ORDER";
+
+/// Whether this host's CPUs (the agent's own architecture) see each
+/// other's stores in program order: x86's total store order.
+const HOST_STORES_IN_ORDER: bool = cfg!(any(target_arch = "x86_64", target_arch = "x86"));
+
+/// A loader with the map sizes, the datapath-log switch and the host's
+/// store order (`stores_in_order`: `HOST_STORES_IN_ORDER` but in tests).
+/// Logs off, an object built without them (an older `--ebpf-object`) loads
+/// as well; one without the store-order constant publishes with a
+/// barrier, which is right everywhere.
+fn loader(
+    sizes: &MapSizes,
+    datapath_log: bool,
+    stores_in_order: bool,
+) -> Result<aya::EbpfLoader<'static>> {
     let mut loader = aya::EbpfLoader::new();
     for (name, size) in max_entries(sizes)? {
         loader.map_max_entries(name, size);
     }
     let value: &'static u8 = if datapath_log { &1 } else { &0 };
     loader.override_global(DATAPATH_LOG, value, datapath_log);
+    let in_order: &'static u8 = if stores_in_order { &1 } else { &0 };
+    loader.override_global(STORES_IN_ORDER, in_order, false);
     Ok(loader)
 }
 
@@ -143,7 +160,14 @@ pub fn load(sizes: &MapSizes) -> Result<Ebpf> {
 
 /// `load`, with the datapath logs on or off.
 pub fn load_logging(sizes: &MapSizes, datapath_log: bool) -> Result<Ebpf> {
-    loader(sizes, datapath_log)?
+    load_with(sizes, datapath_log, HOST_STORES_IN_ORDER)
+}
+
+/// `load_logging`, built as for a host whose CPUs do (`stores_in_order`)
+/// or do not keep each other's stores in order, whatever this one's: tests
+/// run the path of the other architecture with it.
+pub fn load_with(sizes: &MapSizes, datapath_log: bool, stores_in_order: bool) -> Result<Ebpf> {
+    loader(sizes, datapath_log, stores_in_order)?
         .load(EBPF_OBJECT)
         .context("loading the eBPF object")
 }

@@ -21,7 +21,7 @@ use aya::{maps::MapInfo, Ebpf};
 use lb_common::LAYOUT_VERSION;
 use tracing::info;
 
-use super::{loader, max_entries, MapSizes};
+use super::{loader, max_entries, MapSizes, HOST_STORES_IN_ORDER};
 
 /// Where every instance's directory is.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/lb-agent";
@@ -133,7 +133,7 @@ impl Pins {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::create_dir_all(self.dir.join("links"))?;
         let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|n| (*n, dir.join(n))).collect();
-        let mut loader = loader(sizes, datapath_log)?;
+        let mut loader = loader(sizes, datapath_log, HOST_STORES_IN_ORDER)?;
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
