@@ -3,7 +3,7 @@
 //! `lb_common::flow_table`, with atomics on the words the datapath claims.
 
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     ptr::{addr_of, addr_of_mut},
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
@@ -19,12 +19,16 @@ use lb_common::{
     FlowKey, FlowState,
 };
 
+use super::map_array;
+
 /// The mapped table. Slots are numbered across buckets: slot `n` is slot
 /// `n % FLOW_BUCKET_SLOTS` of bucket `n / FLOW_BUCKET_SLOTS`.
 pub struct FlowSlots {
     ptr: *mut FlowSlot,
     elements: u32,
     buckets: u32,
+    // Unmapped on drop.
+    _mapping: memmap2::MmapMut,
     // Keeps the map alive as long as the mapping.
     map: MapData,
 }
@@ -72,28 +76,16 @@ impl FlowSlots {
             bail!("the connection table has {elements} entries: not a header and whole buckets");
         }
         let buckets = (elements - 1) / BUCKET_ELEMENTS;
-        let len = elements as usize * size_of::<FlowSlot>();
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: mapping a BPF array fd we hold, shared and writable; the
-        // kernel checks the length against the map (created BPF_F_MMAPABLE).
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .context("memory-mapping the connection table");
-        }
+        let mut mapping = map_array(
+            map.fd().as_fd(),
+            elements as usize * size_of::<FlowSlot>(),
+            "the connection table",
+        )?;
         let table = FlowSlots {
-            ptr: ptr.cast(),
+            ptr: mapping.as_mut_ptr().cast(),
             elements,
             buckets,
+            _mapping: mapping,
             map,
         };
         let header = table.header();
@@ -333,18 +325,6 @@ fn rcu_grace_period() {
     let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
     if r != 0 {
         std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
-impl Drop for FlowSlots {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what open() mapped.
-        unsafe {
-            libc::munmap(
-                self.ptr.cast(),
-                self.elements as usize * size_of::<FlowSlot>(),
-            )
-        };
     }
 }
 

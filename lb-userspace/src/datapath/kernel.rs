@@ -1,9 +1,6 @@
 //! The balancer's maps in a loaded eBPF object, behind `Datapath`.
 
-use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
-    sync::Arc,
-};
+use std::{os::fd::AsFd as _, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -18,6 +15,7 @@ use lb_common::{
 
 use super::{
     flow_slots::{FlowSlots, Taken},
+    map_array,
     vip_index::VipIndexMaps,
     Datapath, MapSizes,
 };
@@ -29,6 +27,8 @@ struct MappedRings {
     ptr: *mut u32,
     /// Mapped length in slots (whole `MaglevChunk`s).
     slots: usize,
+    // Unmapped on drop.
+    _mapping: memmap2::MmapMut,
     // Keeps the map alive as long as the mapping.
     _map: Array<MapData, MaglevChunk>,
 }
@@ -39,26 +39,15 @@ unsafe impl Send for MappedRings {}
 impl MappedRings {
     fn new(map: Array<MapData, MaglevChunk>, slots: usize) -> Result<Self> {
         let slots = slots.div_ceil(MAGLEV_LANES as usize) * MAGLEV_LANES as usize;
-        let len = slots * std::mem::size_of::<u32>();
-        let fd = map.map().fd().as_fd().as_raw_fd();
-        // SAFETY: mapping a BPF array fd we own, shared and writable; the kernel
-        // checks the length against the map.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("memory-mapping MAGLEV");
-        }
+        let mut mapping = map_array(
+            map.map().fd().as_fd(),
+            slots * std::mem::size_of::<u32>(),
+            "MAGLEV",
+        )?;
         Ok(Self {
-            ptr: ptr.cast(),
+            ptr: mapping.as_mut_ptr().cast(),
             slots,
+            _mapping: mapping,
             _map: map,
         })
     }
@@ -72,13 +61,6 @@ impl MappedRings {
             std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(offset), values.len());
         }
         Ok(())
-    }
-}
-
-impl Drop for MappedRings {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.slots * std::mem::size_of::<u32>()) };
     }
 }
 

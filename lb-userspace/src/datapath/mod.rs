@@ -152,6 +152,19 @@ fn loader(
     Ok(loader)
 }
 
+/// Maps `len` bytes of a `BPF_F_MMAPABLE` array (`fd`) into the agent's
+/// memory, shared and writable; the kernel checks the length against the
+/// map. `what` names it in the error.
+fn map_array(fd: std::os::fd::BorrowedFd<'_>, len: usize, what: &str) -> Result<memmap2::MmapMut> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a map's memory, not a file that can shrink under the mapping;
+    // the datapath writes it concurrently, so its users read and write it
+    // only through raw pointers (volatile, atomic, or to memory the program
+    // does not write), never through references to the bytes.
+    unsafe { memmap2::MmapOptions::new().len(len).map_mut(fd.as_raw_fd()) }
+        .with_context(|| format!("memory-mapping {what}"))
+}
+
 /// Loads the embedded object with the given sizes and maps of its own (not
 /// pinned: for tests and benchmarks). Programs are not attached.
 pub fn load(sizes: &MapSizes) -> Result<Ebpf> {
