@@ -325,4 +325,28 @@ mod tests {
             "the map ABI changed: raise LAYOUT_VERSION and update this list"
         );
     }
+
+    /// Where a flow sits in the connection table is part of the ABI too: a
+    /// table placed by another slot hash, claim word or bucket choice finds
+    /// none of its flows. A change there must raise the layout version
+    /// (the previous layout's table is then scanned and placed again).
+    #[test]
+    fn the_layout_version_follows_the_connection_table_placement() {
+        use lb_common::flow_table::{buckets_of, claim_word, key_words, slot_hash};
+        let key = FlowKey::v4(
+            [192, 0, 2, 1],
+            [198, 51, 100, 1],
+            40000u16.to_be(),
+            443u16.to_be(),
+            6,
+        );
+        let keys = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+        let h = slot_hash(key_words(&key), &keys);
+        let placement = (claim_word(key_words(&key), h), buckets_of(h, 187_500));
+        assert_eq!(
+            (LAYOUT_VERSION, placement),
+            (6, (1_952_777_222, (173_602, 161_004))),
+            "the connection table's placement changed: raise LAYOUT_VERSION and update this test"
+        );
+    }
 }
