@@ -349,6 +349,19 @@ fn bypass_through_the_fleet_store() {
         },
     );
 
+    // The host's first instruction, right after its balancer started, was
+    // now and then applied late: 131 to 176 LB packets of the first
+    // transfer in 3 of 26 runs, against at most 17 in 36 runs once the
+    // host had run for 2 s. Short flows first, until the host has applied
+    // one; the transfer measured below is then one like any later.
+    wait_for(
+        "the host applied a first instruction",
+        Duration::from_secs(20),
+        || {
+            transfer(&t, vip4(), 64 * 1024);
+            bypass_field(&t, "accepted") >= 1
+        },
+    );
     let with = lb_packets_of_transfer(&t, vip4(), "b");
     eprintln!("LB node packets for a 1 MiB upload + 1 MiB download (IPv4 TCP, store-configured bypass): {without} without bypass, {with} with");
     assert!(with <= MOSTLY, "{with} LB packets with bypass on");
