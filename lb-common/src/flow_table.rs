@@ -25,9 +25,11 @@
 //!   with one compare. The tag is the hash's low half, while the first
 //!   bucket comes from its high bits: flows of one bucket have tags as
 //!   different as any (map layout 5 tagged with the high half, nearly the
-//!   same for all the flows of a first bucket). A writer takes a free slot with a compare-and-exchange
-//!   to `SLOT_BUSY`, writes the state and the key, then publishes the claim
-//!   word; a reader compares the claim word first. The agent removes a flow
+//!   same for all the flows of a first bucket). A writer counts the flow in
+//!   `used` (giving the place back if it finds no slot), takes a free slot
+//!   with a compare-and-exchange to `SLOT_BUSY`, writes the state and the
+//!   key, then publishes the claim word; a reader compares the claim word
+//!   first. The agent removes a flow
 //!   the same way (claim word to `SLOT_BUSY`) and frees the slot only after
 //!   an RCU grace period, when no program can still hold it.
 use crate::{fmix32, FlowKey, FlowState};

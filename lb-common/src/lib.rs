@@ -60,7 +60,8 @@ pub const BACKEND_ALLOCATED: u32 = 1 << 2;
 /// never reads them as its own. Layout 4 made the connection table a
 /// preallocated hash the agent expires (it was a kernel LRU) and added
 /// `FLOWS_UNRECORDED`. Layout 5 made it an array the datapath indexes
-/// itself (`flow_table`).
+/// itself (`flow_table`); layout 6 places its flows by a keyed NH hash,
+/// with the claim words' tags from bits the bucket choice does not use.
 pub const LAYOUT_VERSION: u32 = 6;
 
 /// Key of the VIP table: (address, port, protocol). Port 0 matches every port.

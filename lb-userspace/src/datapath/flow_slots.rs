@@ -12,9 +12,8 @@ use anyhow::{bail, Context as _, Result};
 use aya::maps::MapData;
 use lb_common::{
     flow_table::{
-        buckets_of, claim_word, elements_for, key_of, key_words, slot_element, slot_hash,
-        tags_element, FlowSlot, FlowTableHeader, FlowTags, BUCKET_ELEMENTS, FLOW_BUCKET_SLOTS,
-        SLOT_BUSY, SLOT_FREE,
+        buckets_of, claim_word, key_of, key_words, slot_element, slot_hash, tags_element, FlowSlot,
+        FlowTableHeader, FlowTags, BUCKET_ELEMENTS, FLOW_BUCKET_SLOTS, SLOT_BUSY, SLOT_FREE,
     },
     FlowKey, FlowState,
 };
@@ -230,7 +229,14 @@ impl FlowSlots {
     /// in the roomier of its buckets. Returns `false` if the table is full
     /// for it. The caller has checked that the table does not hold it.
     pub fn insert(&self, key: &FlowKey, state: &FlowState) -> bool {
-        if self.in_use() >= self.capacity() {
+        // The place in the count first, given back without a slot, as
+        // `lb_flow_record` does.
+        let capacity = self.capacity();
+        if self.in_use() >= capacity {
+            return false;
+        }
+        if self.used().fetch_add(1, Ordering::Relaxed) >= capacity {
+            self.used().fetch_sub(1, Ordering::Relaxed);
             return false;
         }
         let p = self.place(key);
@@ -265,10 +271,10 @@ impl FlowSlots {
                     std::ptr::write_volatile(addr_of_mut!((*slot).key[9]), p.claim);
                 }
                 claim.store(p.claim, Ordering::SeqCst);
-                self.used().fetch_add(1, Ordering::Relaxed);
                 return true;
             }
         }
+        self.used().fetch_sub(1, Ordering::Relaxed);
         false
     }
 
@@ -326,9 +332,4 @@ fn rcu_grace_period() {
     if r != 0 {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-}
-
-/// `max_entries` of the table for `capacity` flows.
-pub fn elements(capacity: u32) -> u32 {
-    elements_for(capacity)
 }

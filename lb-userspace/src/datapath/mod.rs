@@ -112,7 +112,10 @@ pub(crate) fn max_entries(sizes: &MapSizes) -> Result<[(&'static str, u32); 7]> 
         ("VIPS", 4 * sizes.max_vips),
         ("MAGLEV", chunks),
         ("BACKENDS", sizes.max_backends),
-        ("FLOWS", flow_slots::elements(sizes.flow_table_size)),
+        (
+            "FLOWS",
+            lb_common::flow_table::elements_for(sizes.flow_table_size),
+        ),
         ("VIP_STATS", sizes.max_vips),
         ("VIP_BY_ID", sizes.max_vips),
         ("BACKEND_STATS", sizes.max_backends),
